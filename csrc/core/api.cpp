@@ -1,0 +1,311 @@
+// The device-independent layer of the C++ API: checks every argument against the window's sizes (shape,
+// dtype, device, layout) with messages that name it, then hands the call to the backend of the arrays'
+// device. Backends may assume what is checked here.
+#include <sstream>
+#include <string>
+
+#include "conveyor/conveyor.h"
+#include "core/backends.h"
+
+#ifndef CONVEYOR_VERSION
+#define CONVEYOR_VERSION "0.0.0"
+#endif
+
+namespace conveyor {
+
+// ---------------------------------------------------------------------------------------------------------
+// TensorView and names
+
+int64_t TensorView::numel() const {
+  int64_t n = 1;
+  for (int d = 0; d < rank; ++d) n *= shape[d];
+  return n;
+}
+
+bool TensorView::is_contiguous() const {
+  int64_t expected = 1;
+  for (int d = rank - 1; d >= 0; --d) {
+    // A dimension of size 1 may carry any stride: no two elements are apart along it.
+    if (shape[d] != 1 && strides[d] != expected) return false;
+    expected *= shape[d];
+  }
+  return true;
+}
+
+TensorView TensorView::contiguous(void* data, DType dtype, std::initializer_list<int64_t> shape, Device device) {
+  if (shape.size() > static_cast<size_t>(kMaxRank)) {
+    throw ArgumentError("TensorView::contiguous: at most " + std::to_string(kMaxRank) + " dimensions, got " +
+                        std::to_string(shape.size()));
+  }
+  TensorView v;
+  v.data = data;
+  v.dtype = dtype;
+  v.device = device;
+  v.rank = static_cast<int>(shape.size());
+  int d = 0;
+  for (int64_t s : shape) v.shape[d++] = s;
+  int64_t stride = 1;
+  for (d = v.rank - 1; d >= 0; --d) {
+    v.strides[d] = stride;
+    stride *= v.shape[d];
+  }
+  return v;
+}
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::float32: return "float32";
+    case DType::float64: return "float64";
+    case DType::float16: return "float16";
+    case DType::bfloat16: return "bfloat16";
+  }
+  return "unknown";
+}
+
+std::string device_name(const Device& device) {
+  return device.kind == DeviceKind::cpu ? std::string("cpu") : "cuda:" + std::to_string(device.index);
+}
+
+namespace {
+
+std::string dims_string(std::initializer_list<int64_t> dims) {
+  std::ostringstream out;
+  out << '(';
+  int i = 0;
+  for (int64_t d : dims) out << (i++ ? ", " : "") << d;
+  out << (dims.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+}  // namespace
+
+std::string shape_string(const TensorView& view) {
+  std::ostringstream out;
+  out << '(';
+  for (int d = 0; d < view.rank; ++d) out << (d ? ", " : "") << view.shape[d];
+  out << (view.rank == 1 ? ",)" : ")");
+  return out.str();
+}
+
+const char* cell_name(CellType cell) {
+  switch (cell) {
+    case CellType::lstm: return "lstm";
+    case CellType::gru: return "gru";
+    case CellType::rnn: return "rnn";
+  }
+  return "unknown";
+}
+
+const char* activation_name(Activation activation) {
+  return activation == Activation::relu ? "relu" : "tanh";
+}
+
+int gate_count(const CellOptions& options) {
+  switch (options.cell) {
+    case CellType::lstm: return 4;
+    case CellType::gru: return 3;
+    case CellType::rnn: return 1;
+  }
+  throw ArgumentError("cell: unknown cell type " + std::to_string(static_cast<int>(options.cell)));
+}
+
+int cache_width(const CellOptions& options) {
+  switch (options.cell) {
+    case CellType::lstm: return 5;
+    case CellType::gru: return 4;
+    case CellType::rnn: return 0;
+  }
+  throw ArgumentError("cell: unknown cell type " + std::to_string(static_cast<int>(options.cell)));
+}
+
+const char* version() { return CONVEYOR_VERSION; }
+
+bool cuda_built() { return detail::cuda_backend_built(); }
+
+int cuda_device_count() { return detail::cuda_device_count_or_zero(); }
+
+bool cuda_available() {
+  if (!cuda_built() || cuda_device_count() == 0) return false;
+  try {
+    return detail::cuda_cell_check(0) < 1e-4;
+  } catch (const CudaError&) {
+    return false;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Argument checks
+
+namespace {
+
+void check_options(const CellOptions& options) {
+  gate_count(options);  // throws on an unknown cell
+  if (options.activation != Activation::tanh && options.activation != Activation::relu) {
+    throw ArgumentError("activation: expected tanh or relu, got " +
+                        std::to_string(static_cast<int>(options.activation)));
+  }
+}
+
+// Checks one view against the window: present (unless optional), the expected shape, the dtype and device of
+// x, C-contiguous.
+class ViewChecker {
+ public:
+  explicit ViewChecker(const TensorView& x) : x_(x) {}
+
+  void operator()(const char* name, const TensorView& v, std::initializer_list<int64_t> dims,
+                  const char* meaning, bool optional = false) const {
+    if (!v.present()) {
+      if (optional) return;
+      throw ArgumentError(std::string(name) + ": expected an array of shape " + dims_string(dims) + " " + meaning +
+                          ", got none");
+    }
+    if (v.data == nullptr) {
+      throw ArgumentError(std::string(name) + ": the array of shape " + shape_string(v) + " has no data pointer");
+    }
+    bool same = v.rank == static_cast<int>(dims.size());
+    int d = 0;
+    for (int64_t s : dims) same = same && v.shape[d++] == s;
+    if (!same) {
+      throw ArgumentError(std::string(name) + ": expected shape " + dims_string(dims) + " " + meaning + ", got " +
+                          shape_string(v));
+    }
+    if (v.dtype != x_.dtype) {
+      throw DTypeError(std::string(name) + ": expected dtype " + dtype_name(x_.dtype) + " (the dtype of x), got " +
+                       dtype_name(v.dtype));
+    }
+    if (v.device.kind != x_.device.kind || v.device.index != x_.device.index) {
+      throw ArgumentError(std::string(name) + ": expected an array on " + device_name(x_.device) +
+                          " (the device of x), got one on " + device_name(v.device));
+    }
+    if (!v.is_contiguous()) {
+      std::ostringstream strides;
+      for (int k = 0; k < v.rank; ++k) strides << (k ? ", " : "") << v.strides[k];
+      throw ArgumentError(std::string(name) + ": expected a C-contiguous array, got shape " + shape_string(v) +
+                          " with element strides (" + strides.str() + ")");
+    }
+  }
+
+ private:
+  const TensorView& x_;
+};
+
+void check_dtype_supported(const TensorView& x) {
+  if (x.device.kind == DeviceKind::cpu && x.dtype != DType::float32 && x.dtype != DType::float64) {
+    throw DTypeError(std::string("x: the CPU backend computes in float32 or float64, got ") + dtype_name(x.dtype));
+  }
+}
+
+void check_device_supported(const TensorView& x) {
+  if (x.device.kind == DeviceKind::cuda && !cuda_built()) {
+    throw ArgumentError("x: the array is on " + device_name(x.device) +
+                        " but this build of Conveyor has no CUDA backend (rebuild where nvcc is found)");
+  }
+  if (x.device.kind != DeviceKind::cpu && x.device.kind != DeviceKind::cuda) {
+    throw ArgumentError("x: unknown device kind " + std::to_string(static_cast<int>(x.device.kind)));
+  }
+}
+
+void check_no_cell_state_unless_lstm(const CellOptions& options, const char* name, const TensorView& v) {
+  if (options.cell != CellType::lstm && v.present()) {
+    throw ArgumentError(std::string(name) + ": only an LSTM has a cell state, but the cell is " +
+                        cell_name(options.cell));
+  }
+}
+
+}  // namespace
+
+WindowSizes window_sizes(const CellOptions& options, const TensorView& x, const TensorView& W, const TensorView& R) {
+  check_options(options);
+  const int64_t G = gate_count(options);
+  if (!x.present()) throw ArgumentError("x: expected an array of shape (T, B, input_size), got none");
+  if (x.rank != 3) {
+    throw ArgumentError("x: expected a 3-D array (T, B, input_size), got shape " + shape_string(x));
+  }
+  static const char* const kXDims[] = {"T (steps)", "B (batch)", "input_size"};
+  for (int d = 0; d < 3; ++d) {
+    if (x.shape[d] <= 0) {
+      throw ArgumentError(std::string("x: ") + kXDims[d] + " must be positive, got shape " + shape_string(x));
+    }
+  }
+  if (!R.present()) throw ArgumentError("R: expected an array of shape (G*hidden_size, hidden_size), got none");
+  if (R.rank != 2 || R.shape[1] <= 0 || R.shape[0] != G * R.shape[1]) {
+    throw ArgumentError(std::string("R: expected shape (") + std::to_string(G) + "*hidden_size, hidden_size) for a " +
+                        cell_name(options.cell) + " (" + std::to_string(G) + " gate blocks), got " + shape_string(R));
+  }
+  WindowSizes s;
+  s.steps = x.shape[0];
+  s.batch = x.shape[1];
+  s.input_size = x.shape[2];
+  s.hidden_size = R.shape[1];
+  if (!W.present()) throw ArgumentError("W: expected an array of shape (G*hidden_size, input_size), got none");
+  if (W.rank != 2 || W.shape[0] != G * s.hidden_size || W.shape[1] != s.input_size) {
+    throw ArgumentError("W: expected shape " + dims_string({G * s.hidden_size, s.input_size}) + " = (" +
+                        std::to_string(G) + "*hidden_size, input_size), got " + shape_string(W));
+  }
+  return s;
+}
+
+void forward(const CellOptions& options, const ForwardArgs& args, void* stream) {
+  const WindowSizes s = window_sizes(options, args.x, args.W, args.R);
+  const int64_t T = s.steps, B = s.batch, I = s.input_size, H = s.hidden_size, GH = gate_count(options) * H;
+  check_device_supported(args.x);
+  check_dtype_supported(args.x);
+  const ViewChecker check(args.x);
+  check("x", args.x, {T, B, I}, "[T, B, input_size]");
+  check("W", args.W, {GH, I}, "[G*hidden_size, input_size]");
+  check("R", args.R, {GH, H}, "[G*hidden_size, hidden_size]");
+  check("bW", args.bW, {GH}, "[G*hidden_size]", true);
+  check("bR", args.bR, {GH}, "[G*hidden_size]", true);
+  check("h0", args.h0, {B, H}, "[B, hidden_size]", true);
+  check_no_cell_state_unless_lstm(options, "c0", args.c0);
+  check("c0", args.c0, {B, H}, "[B, hidden_size]", true);
+  check("y", args.y, {T, B, H}, "[T, B, hidden_size]");
+  check("h_T", args.h_T, {B, H}, "[B, hidden_size]", true);
+  check_no_cell_state_unless_lstm(options, "c_T", args.c_T);
+  check("c_T", args.c_T, {B, H}, "[B, hidden_size]", true);
+  if (cache_width(options) > 0) {
+    check("cache", args.cache, {T, B, cache_width(options) * H}, "[T, B, cache_width*hidden_size]", true);
+  }
+  if (args.x.device.kind == DeviceKind::cuda) {
+    detail::cuda_forward(options, s, args, stream);
+  } else {
+    detail::cpu_forward(options, s, args);
+  }
+}
+
+void backward(const CellOptions& options, const BackwardArgs& args, void* stream) {
+  const WindowSizes s = window_sizes(options, args.x, args.W, args.R);
+  const int64_t T = s.steps, B = s.batch, I = s.input_size, H = s.hidden_size, GH = gate_count(options) * H;
+  check_device_supported(args.x);
+  check_dtype_supported(args.x);
+  const ViewChecker check(args.x);
+  check("x", args.x, {T, B, I}, "[T, B, input_size]");
+  check("W", args.W, {GH, I}, "[G*hidden_size, input_size]");
+  check("R", args.R, {GH, H}, "[G*hidden_size, hidden_size]");
+  check("h0", args.h0, {B, H}, "[B, hidden_size]", true);
+  check_no_cell_state_unless_lstm(options, "c0", args.c0);
+  check("c0", args.c0, {B, H}, "[B, hidden_size]", true);
+  check("y", args.y, {T, B, H}, "[T, B, hidden_size]");
+  if (cache_width(options) > 0) {
+    check("cache", args.cache, {T, B, cache_width(options) * H}, "[T, B, cache_width*hidden_size] from forward");
+  }
+  check("dy", args.dy, {T, B, H}, "[T, B, hidden_size]");
+  check("dh_T", args.dh_T, {B, H}, "[B, hidden_size]", true);
+  check_no_cell_state_unless_lstm(options, "dc_T", args.dc_T);
+  check("dc_T", args.dc_T, {B, H}, "[B, hidden_size]", true);
+  check("dx", args.dx, {T, B, I}, "[T, B, input_size]", true);
+  check("dh0", args.dh0, {B, H}, "[B, hidden_size]", true);
+  check_no_cell_state_unless_lstm(options, "dc0", args.dc0);
+  check("dc0", args.dc0, {B, H}, "[B, hidden_size]", true);
+  check("dW", args.dW, {GH, I}, "[G*hidden_size, input_size]", true);
+  check("dR", args.dR, {GH, H}, "[G*hidden_size, hidden_size]", true);
+  check("dbW", args.dbW, {GH}, "[G*hidden_size]", true);
+  check("dbR", args.dbR, {GH}, "[G*hidden_size]", true);
+  if (args.x.device.kind == DeviceKind::cuda) {
+    detail::cuda_backward(options, s, args, stream);
+  } else {
+    detail::cpu_backward(options, s, args);
+  }
+}
+
+}  // namespace conveyor

@@ -1,0 +1,21 @@
+// What the device-independent API layer (api.cpp) calls once every argument has been checked: one entry
+// point per backend and direction. Internal: not installed.
+#pragma once
+
+#include "conveyor/conveyor.h"
+
+namespace conveyor::detail {
+
+void cpu_forward(const CellOptions& options, const WindowSizes& sizes, const ForwardArgs& args);
+void cpu_backward(const CellOptions& options, const WindowSizes& sizes, const BackwardArgs& args);
+
+// Defined in cuda/ when the CUDA backend is built, else by stubs that throw.
+void cuda_forward(const CellOptions& options, const WindowSizes& sizes, const ForwardArgs& args, void* stream);
+void cuda_backward(const CellOptions& options, const WindowSizes& sizes, const BackwardArgs& args, void* stream);
+int cuda_device_count_or_zero();
+bool cuda_backend_built();
+// Runs the shared cell math on `device` and on the host and returns the largest difference (NaN if a
+// result is NaN). Throws CudaError when the kernel cannot run (no code for this GPU, no driver).
+double cuda_cell_check(int device);
+
+}  // namespace conveyor::detail

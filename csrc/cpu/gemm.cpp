@@ -1,0 +1,185 @@
+// The CPU matrix product, after the BLIS/GotoBLAS design: C is cut into tiles of MC x NC; each tile is one
+// task for the worker pool; a task walks K in slices of KC, packs its slice of A into MR-row strips and its
+// slice of B into NR-column strips (contiguous, zero-padded), and runs an MR x NR register-blocked kernel
+// over them. Packing makes every operand layout (plain or transposed) read the same way. Tasks share nothing.
+//
+// Products with fewer rows than a strip (the per-step recurrent products at batch 1 or 2) take a direct
+// path: with one or two rows, packing would waste most of the kernel on padding.
+#include "gemm.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "thread_pool.h"
+
+namespace conveyor::cpu {
+namespace {
+
+template <typename T>
+struct Blocking;
+template <>
+struct Blocking<float> {
+  static constexpr int MR = 6, NR = 16, KC = 256, MC = 96, NC = 256;
+};
+template <>
+struct Blocking<double> {
+  static constexpr int MR = 6, NR = 8, KC = 256, MC = 96, NC = 128;
+};
+
+template <typename T>
+void pack_a(const MatrixRef<T>& A, int64_t m0, int64_t mc, int64_t k0, int64_t kc, T* packed) {
+  constexpr int MR = Blocking<T>::MR;
+  for (int64_t strip = 0; strip < mc; strip += MR) {
+    const int64_t rows = std::min<int64_t>(MR, mc - strip);
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = A.data + (m0 + strip) * A.row_stride + (k0 + k) * A.col_stride;
+      for (int64_t r = 0; r < rows; ++r) packed[r] = src[r * A.row_stride];
+      for (int64_t r = rows; r < MR; ++r) packed[r] = T(0);
+      packed += MR;
+    }
+  }
+}
+
+template <typename T>
+void pack_b(const MatrixRef<T>& B, int64_t k0, int64_t kc, int64_t n0, int64_t nc, T* packed) {
+  constexpr int NR = Blocking<T>::NR;
+  for (int64_t strip = 0; strip < nc; strip += NR) {
+    const int64_t cols = std::min<int64_t>(NR, nc - strip);
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = B.data + (k0 + k) * B.row_stride + (n0 + strip) * B.col_stride;
+      if (B.col_stride == 1) {
+        for (int64_t c = 0; c < cols; ++c) packed[c] = src[c];
+      } else {
+        for (int64_t c = 0; c < cols; ++c) packed[c] = src[c * B.col_stride];
+      }
+      for (int64_t c = cols; c < NR; ++c) packed[c] = T(0);
+      packed += NR;
+    }
+  }
+}
+
+// acc[MR][NR] = sum over k of a[k][:] outer b[k][:]. Fixed trip counts let the compiler keep acc in vector
+// registers.
+template <typename T>
+void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict acc) {
+  constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR;
+  T c[MR][NR] = {};
+  for (int64_t k = 0; k < kc; ++k) {
+    for (int r = 0; r < MR; ++r) {
+      const T ar = a[r];
+      for (int j = 0; j < NR; ++j) c[r][j] += ar * b[j];
+    }
+    a += MR;
+    b += NR;
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc[r * NR + j] = c[r][j];
+}
+
+// One tile of C: rows [m0, m0 + mc), columns [n0, n0 + nc).
+template <typename T>
+void gemm_tile(int64_t m0, int64_t mc, int64_t n0, int64_t nc, int64_t K, T alpha, const MatrixRef<T>& A,
+               const MatrixRef<T>& B, T beta, T* C, int64_t ldc) {
+  constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR, KC = Blocking<T>::KC;
+  thread_local std::vector<T> packed_a, packed_b;
+  packed_a.resize(static_cast<size_t>(((mc + MR - 1) / MR) * MR * KC));
+  packed_b.resize(static_cast<size_t>(((nc + NR - 1) / NR) * NR * KC));
+  T acc[MR * NR];
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = std::min<int64_t>(KC, K - k0);
+    const bool first = k0 == 0;
+    pack_a(A, m0, mc, k0, kc, packed_a.data());
+    pack_b(B, k0, kc, n0, nc, packed_b.data());
+    for (int64_t ms = 0; ms < mc; ms += MR) {
+      const int64_t rows = std::min<int64_t>(MR, mc - ms);
+      for (int64_t ns = 0; ns < nc; ns += NR) {
+        const int64_t cols = std::min<int64_t>(NR, nc - ns);
+        micro_kernel<T>(kc, packed_a.data() + ms * kc, packed_b.data() + ns * kc, acc);
+        for (int64_t r = 0; r < rows; ++r) {
+          T* c = C + (m0 + ms + r) * ldc + n0 + ns;
+          const T* s = acc + r * NR;
+          if (!first) {
+            for (int64_t j = 0; j < cols; ++j) c[j] += alpha * s[j];
+          } else if (beta == T(0)) {
+            for (int64_t j = 0; j < cols; ++j) c[j] = alpha * s[j];
+          } else {
+            for (int64_t j = 0; j < cols; ++j) c[j] = beta * c[j] + alpha * s[j];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Few rows: each row of C is a combination of rows of B (B row-contiguous) or a set of dot products
+// (B column-contiguous). Tasks split the columns.
+template <typename T>
+void gemm_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const MatrixRef<T>& A, const MatrixRef<T>& B,
+                   T beta, T* C, int64_t ldc) {
+  constexpr int64_t kColumnsPerChunk = 64;
+  const int64_t chunks = (N + kColumnsPerChunk - 1) / kColumnsPerChunk;
+  const int64_t tasks = parallel_tasks_for(double(M) * N * K, chunks);
+  const int64_t per_task = (chunks + tasks - 1) / tasks * kColumnsPerChunk;
+  parallel_for(tasks, [&](int64_t task) {
+    const int64_t n0 = task * per_task, n1 = std::min(N, n0 + per_task);
+    for (int64_t m = 0; m < M; ++m) {
+      T* c = C + m * ldc;
+      const T* a = A.data + m * A.row_stride;
+      if (B.col_stride == 1) {
+        std::vector<T> row(static_cast<size_t>(n1 - n0), T(0));
+        for (int64_t k = 0; k < K; ++k) {
+          const T ak = a[k * A.col_stride];
+          const T* b = B.data + k * B.row_stride;
+          for (int64_t n = n0; n < n1; ++n) row[n - n0] += ak * b[n];
+        }
+        for (int64_t n = n0; n < n1; ++n) c[n] = (beta == T(0) ? T(0) : beta * c[n]) + alpha * row[n - n0];
+      } else {
+        for (int64_t n = n0; n < n1; ++n) {
+          const T* b = B.data + n * B.col_stride;
+          T dot = T(0);
+          for (int64_t k = 0; k < K; ++k) dot += a[k * A.col_stride] * b[k * B.row_stride];
+          c[n] = (beta == T(0) ? T(0) : beta * c[n]) + alpha * dot;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, T alpha, MatrixRef<T> A, MatrixRef<T> B, T beta, T* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == T(0) ? T(0) : beta * C[m * ldc + n];
+    return;
+  }
+  if (M <= 2) {
+    gemm_few_rows(M, N, K, alpha, A, B, beta, C, ldc);
+    return;
+  }
+  constexpr int MC = Blocking<T>::MC, NC = Blocking<T>::NC, NR = Blocking<T>::NR;
+  const int64_t row_tiles = (M + MC - 1) / MC;
+  // With few row tiles, narrower column tiles keep every worker busy.
+  int64_t nc = NC;
+  const int64_t threads = pool_size();
+  while (nc > NR && row_tiles * ((N + nc - 1) / nc) < 2 * threads) nc /= 2;
+  const int64_t col_tiles = (N + nc - 1) / nc;
+  const int64_t tiles = row_tiles * col_tiles;
+  const int64_t tasks = parallel_tasks_for(double(M) * N * K, tiles);
+  parallel_for(tasks, [&](int64_t task) {
+    for (int64_t tile = task; tile < tiles; tile += tasks) {
+      const int64_t m0 = (tile / col_tiles) * MC, n0 = (tile % col_tiles) * nc;
+      gemm_tile<T>(m0, std::min<int64_t>(MC, M - m0), n0, std::min<int64_t>(nc, N - n0), K, alpha, A, B, beta, C,
+                   ldc);
+    }
+  });
+}
+
+template void gemm<float>(int64_t, int64_t, int64_t, float, MatrixRef<float>, MatrixRef<float>, float, float*,
+                          int64_t);
+template void gemm<double>(int64_t, int64_t, int64_t, double, MatrixRef<double>, MatrixRef<double>, double,
+                           double*, int64_t);
+
+}  // namespace conveyor::cpu

@@ -1,0 +1,22 @@
+// A small pool of worker threads for the CPU backend.
+//
+// parallel_for(n, fn) runs fn(0) ... fn(n-1) across the workers and the calling thread and returns when all
+// are done. One caller owns the pool at a time; a caller that finds it busy (another thread's call, or a
+// nested parallel_for) runs its tasks itself, so concurrent calls stay correct and never deadlock.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace conveyor::cpu {
+
+int pool_size();
+void set_pool_size(int threads);
+
+void parallel_for(int64_t tasks, const std::function<void(int64_t)>& fn);
+
+// The number of tasks worth splitting `work` (a rough count of multiply-adds) into: 1 below the size where
+// waking the workers costs more than it saves.
+int64_t parallel_tasks_for(double work, int64_t max_tasks);
+
+}  // namespace conveyor::cpu

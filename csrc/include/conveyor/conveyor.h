@@ -1,0 +1,211 @@
+// Conveyor: LSTM, GRU and RNN layers over a window of time steps.
+//
+// This umbrella header is the whole public C++ API. It includes no CUDA header, so a program that never
+// touches a GPU can include it and link conveyor::conveyor.
+//
+// Sizes, used in every comment below:
+//   T  steps in the window            B  batch rows
+//   I  input_size                     H  hidden_size
+//   G  gate blocks: LSTM 4 (i, f, g, o), GRU 3 (r, z, n), RNN 1
+//
+// Memory layout. Every array is a dense row-major (C-contiguous) block described by a TensorView. Sequences
+// are time-major: x is [T, B, I], y is [T, B, H]. Weights follow PyTorch, so a torch.nn.LSTM/GRU/RNN state
+// dict loads unchanged: W [G*H, I] (weight_ih), R [G*H, H] (weight_hh), bW and bR [G*H] (bias_ih, bias_hh),
+// gate blocks stacked along the first axis in the order above.
+//
+// Memory spaces. All views passed to one call live on one device: the CPU (host memory) or one CUDA device
+// (device memory, work queued on the `stream` argument). A mismatch is an ArgumentError, never a crash.
+//
+// Outputs. Each output comment says whether the call writes it (=) or adds to it (+=). Outputs never alias
+// inputs or each other unless the comment says so.
+//
+// Errors. A bad argument throws ArgumentError (wrong shape, layout, device, size) or DTypeError (wrong
+// element type); the message names the argument and gives the expected and the actual value. A failing CUDA
+// call throws CudaError naming the call. Nothing calls exit().
+//
+// Threads. forward() and backward() keep no state between calls and may run concurrently from several
+// threads on distinct outputs. The CPU backend splits each call over a shared pool of worker threads
+// (set_num_threads); a call that finds the pool busy runs on its own thread instead of waiting.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
+
+namespace conveyor {
+
+// ---------------------------------------------------------------------------------------------------------
+// Errors
+
+// A shape, layout, size, device or option that the call cannot accept. Python sees ValueError.
+class ArgumentError : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+// An element type that the call cannot accept. Python sees TypeError.
+class DTypeError : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+// A CUDA runtime call or kernel launch failed; the message names the call, file and line.
+class CudaError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Arrays
+
+enum class DType : int { float32 = 0, float64 = 1, float16 = 2, bfloat16 = 3 };
+enum class DeviceKind : int { cpu = 0, cuda = 1 };
+
+struct Device {
+  DeviceKind kind = DeviceKind::cpu;
+  int index = 0;  // CUDA device ordinal; 0 for the CPU
+};
+
+constexpr int kMaxRank = 4;
+
+// A non-owning view of an array: the caller keeps the memory alive for the duration of the call.
+// A default-constructed view is "absent" (data == nullptr and rank == 0); arguments documented as optional
+// accept it.
+struct TensorView {
+  void* data = nullptr;
+  DType dtype = DType::float32;
+  Device device{};
+  int rank = 0;
+  int64_t shape[kMaxRank] = {};
+  int64_t strides[kMaxRank] = {};  // in elements, not bytes
+
+  bool present() const { return data != nullptr || rank != 0; }
+  int64_t numel() const;
+  bool is_contiguous() const;
+
+  // A C-contiguous view of `data` with the given shape.
+  static TensorView contiguous(void* data, DType dtype, std::initializer_list<int64_t> shape,
+                               Device device = {});
+};
+
+const char* dtype_name(DType dtype);
+std::string device_name(const Device& device);
+std::string shape_string(const TensorView& view);  // "(2, 3, 4)"
+
+// ---------------------------------------------------------------------------------------------------------
+// Cells
+
+enum class CellType : int { lstm = 0, gru = 1, rnn = 2 };
+enum class Activation : int { tanh = 0, relu = 1 };
+
+struct CellOptions {
+  CellType cell = CellType::lstm;
+  // The cell activation: LSTM's g and act(c_t), GRU's n, the RNN's output.
+  Activation activation = Activation::tanh;
+  // GRU only. true: n = act(W_n x + bW_n + r * (R_n h + bR_n)) (cuDNN, PyTorch, Keras).
+  // false: n = act(W_n x + bW_n + R_n (r * h) + bR_n) (Cho et al. 2014).
+  bool reset_after = true;
+};
+
+const char* cell_name(CellType cell);
+const char* activation_name(Activation activation);
+
+// G, the number of gate blocks in W, R, bW and bR.
+int gate_count(const CellOptions& options);
+
+// The number of H-wide columns that forward() saves per (step, batch row) for backward():
+// LSTM 5 (i, f, g, o after their activations, c_t); GRU 4 (r, z, n, and R_n h + bR_n when reset_after,
+// r * h when not); RNN 0 (backward reads y). The cache is [T, B, cache_width * H].
+int cache_width(const CellOptions& options);
+
+// The sizes of one window, read off x and R (and checked against W). Throws ArgumentError naming the
+// argument when x is not [T, B, I], R is not [G*H, H] or W is not [G*H, I], or a size is not positive.
+struct WindowSizes {
+  int64_t steps = 0;        // T
+  int64_t batch = 0;        // B
+  int64_t input_size = 0;   // I
+  int64_t hidden_size = 0;  // H
+};
+WindowSizes window_sizes(const CellOptions& options, const TensorView& x, const TensorView& W,
+                         const TensorView& R);
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward over a window
+
+struct ForwardArgs {
+  // Inputs (read only).
+  TensorView x;   // [T, B, I]
+  TensorView W;   // [G*H, I]
+  TensorView R;   // [G*H, H]
+  TensorView bW;  // [G*H]; optional (absent: no input bias)
+  TensorView bR;  // [G*H]; optional (absent: no recurrent bias)
+  TensorView h0;  // [B, H] initial hidden state; optional (absent: zeros)
+  TensorView c0;  // [B, H] initial cell state, LSTM only; optional (absent: zeros)
+
+  // Outputs.
+  TensorView y;      // [T, B, H] =  hidden state of every step
+  TensorView h_T;    // [B, H]    =  final hidden state (equal to y[T-1]); optional
+  TensorView c_T;    // [B, H]    =  final cell state, LSTM only; optional
+  TensorView cache;  // [T, B, cache_width * H] =  what backward() needs; absent for inference only
+};
+
+// Runs the cell over the T steps of the window, from h0 (and c0) to h_T (and c_T).
+// `stream` is a cudaStream_t for CUDA views (nullptr: the default stream) and is ignored on the CPU.
+void forward(const CellOptions& options, const ForwardArgs& args, void* stream = nullptr);
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward over a window
+
+struct BackwardArgs {
+  // What forward() read and wrote (read only): the same views, unchanged since.
+  TensorView x;      // [T, B, I]
+  TensorView W;      // [G*H, I]
+  TensorView R;      // [G*H, H]
+  TensorView h0;     // [B, H]; absent if forward's was
+  TensorView c0;     // [B, H]; LSTM only; absent if forward's was
+  TensorView y;      // [T, B, H]
+  TensorView cache;  // [T, B, cache_width * H]
+
+  // Gradients of the loss with respect to forward's outputs (read only).
+  TensorView dy;    // [T, B, H]
+  TensorView dh_T;  // [B, H]; optional (absent: zeros, no loss on the final state)
+  TensorView dc_T;  // [B, H]; LSTM only; optional (absent: zeros)
+
+  // Gradients of the loss with respect to forward's inputs. Each is optional: absent means not wanted.
+  TensorView dx;   // [T, B, I] =
+  TensorView dh0;  // [B, H]    =
+  TensorView dc0;  // [B, H]    =  LSTM only
+  TensorView dW;   // [G*H, I]  =, or += when accumulate
+  TensorView dR;   // [G*H, H]  =, or += when accumulate
+  TensorView dbW;  // [G*H]     =, or += when accumulate
+  TensorView dbR;  // [G*H]     =, or += when accumulate
+
+  // false: parameter gradients are written (=). true: they are added to (+=), for summing over windows.
+  bool accumulate = false;
+};
+
+// Exact gradients for the window, by backpropagation through its T steps, from what forward() cached
+// (nothing of the forward pass is recomputed).
+void backward(const CellOptions& options, const BackwardArgs& args, void* stream = nullptr);
+
+// ---------------------------------------------------------------------------------------------------------
+// Backends
+
+// Whether this library was compiled with the CUDA backend.
+bool cuda_built();
+// The number of CUDA devices usable now (0 when not built, no driver or no device). Never throws.
+int cuda_device_count();
+// Whether CUDA work can run now: the backend is built, a device is present, and a kernel of this build
+// launches on device 0 and reproduces the host's cell math. Never throws.
+bool cuda_available();
+
+// The CPU worker pool's size (default: the hardware threads, or CONVEYOR_NUM_THREADS when set).
+int num_threads();
+// Resizes the CPU worker pool; n >= 1.
+void set_num_threads(int n);
+
+// The library version, "major.minor.patch".
+const char* version();
+
+}  // namespace conveyor

@@ -1,0 +1,101 @@
+// The CUDA backend's entry points: the device query, a launch check, and forward/backward over a window
+// for CUDA arrays.
+//
+// The per-cell window kernels are not written yet, so forward and backward on CUDA arrays say so plainly
+// rather than returning anything. The launch check already runs the shared cell math of csrc/cells/ on the
+// device and compares it with the same functions run on the host: it proves that this build has code for
+// the GPU present and that the formulas the CPU tests check give the same numbers there.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "cells/gru.h"
+#include "cells/lstm.h"
+#include "cells/rnn.h"
+#include "check.cuh"
+#include "core/backends.h"
+
+namespace conveyor::detail {
+namespace {
+
+constexpr int kCellCheckOutputs = 8;
+
+// Evaluates every cell function once on inputs derived from `seed`; the same code runs on host and device.
+__host__ __device__ void cell_check_values(float seed, float* out) {
+  const float a = 0.3f * seed, b = -0.7f * seed, c = 1.1f * seed, d = -0.2f * seed, c_prev = 0.5f - seed;
+  const auto lstm = cells::lstm_forward(false, a, b, c, d, c_prev);
+  const auto dlstm = cells::lstm_backward(false, lstm.i, lstm.f, lstm.g, lstm.o, lstm.c, c_prev, 0.9f, -0.4f);
+  const float n = cells::gru_candidate_reset_after(false, a, cells::sigmoid(b), c);
+  const auto dgru = cells::gru_backward_reset_after(false, cells::sigmoid(b), cells::sigmoid(d), n, c, c_prev, 0.9f);
+  out[0] = lstm.h;
+  out[1] = lstm.c;
+  out[2] = dlstm.da_f + dlstm.da_g;
+  out[3] = dlstm.dc_prev;
+  out[4] = cells::gru_output(cells::sigmoid(d), n, c_prev);
+  out[5] = dgru.da_r + dgru.da_z + dgru.dar_n;
+  out[6] = cells::rnn_forward(true, a + b);
+  out[7] = cells::rnn_backward(false, cells::rnn_forward(false, c), 0.9f);
+}
+
+__global__ void cell_check_kernel(int count, float* out) {
+  const int k = blockIdx.x * blockDim.x + threadIdx.x;
+  if (k < count) cell_check_values(0.25f * (k - count / 2), out + k * kCellCheckOutputs);
+}
+
+[[noreturn]] void kernels_not_written(const char* operation, const CellOptions& options) {
+  throw ArgumentError(std::string("x: ") + operation + " of a " + cell_name(options.cell) +
+                      " on CUDA arrays is not available in this version (the CUDA kernels are not written yet); "
+                      "pass CPU arrays");
+}
+
+}  // namespace
+
+bool cuda_backend_built() { return true; }
+
+int cuda_device_count_or_zero() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // no driver or no device: an answer to the query, not an error, so clear it
+    return 0;
+  }
+  return count;
+}
+
+double cuda_cell_check(int device) {
+  constexpr int kCount = 64;
+  CONVEYOR_CUDA_CHECK(cudaSetDevice(device));
+  float* out = nullptr;
+  CONVEYOR_CUDA_CHECK(cudaMalloc(&out, sizeof(float) * kCount * kCellCheckOutputs));
+  std::vector<float> got(kCount * kCellCheckOutputs);
+  try {
+    cell_check_kernel<<<1, kCount>>>(kCount, out);
+    CONVEYOR_CUDA_CHECK_LAUNCH("cell_check_kernel");
+    CONVEYOR_CUDA_CHECK(cudaMemcpy(got.data(), out, sizeof(float) * got.size(), cudaMemcpyDeviceToHost));
+  } catch (...) {
+    cudaFree(out);
+    throw;
+  }
+  CONVEYOR_CUDA_CHECK(cudaFree(out));
+  double worst = 0;
+  float expected[kCellCheckOutputs];
+  for (int k = 0; k < kCount; ++k) {
+    cell_check_values(0.25f * (k - kCount / 2), expected);
+    for (int v = 0; v < kCellCheckOutputs; ++v) {
+      const double diff = std::fabs(double(got[k * kCellCheckOutputs + v]) - double(expected[v]));
+      worst = std::isnan(diff) || diff > worst ? diff : worst;
+    }
+  }
+  return worst;
+}
+
+void cuda_forward(const CellOptions& options, const WindowSizes&, const ForwardArgs&, void*) {
+  kernels_not_written("forward", options);
+}
+
+void cuda_backward(const CellOptions& options, const WindowSizes&, const BackwardArgs&, void*) {
+  kernels_not_written("backward", options);
+}
+
+}  // namespace conveyor::detail

@@ -1,0 +1,167 @@
+"""The functional API: forward and backward over a window for each cell, on NumPy arrays.
+
+Shapes (time-major) and weight layout follow SPEC.md and PyTorch: ``x`` is ``[T, B, input_size]``, ``W`` is
+``[G*hidden_size, input_size]``, ``R`` is ``[G*hidden_size, hidden_size]``, ``bW`` and ``bR`` are
+``[G*hidden_size]`` with G = 4 (LSTM: i, f, g, o), 3 (GRU: r, z, n) or 1 (RNN). Every array of one call has
+the same dtype, float32 or float64, and is C-contiguous; anything else raises ValueError or TypeError naming
+the argument. The math runs in the compiled core with the GIL released.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _conveyor
+
+__all__ = [
+    "GRUGrads",
+    "LSTMGrads",
+    "RNNGrads",
+    "Saved",
+    "gru_backward",
+    "gru_forward",
+    "lstm_backward",
+    "lstm_forward",
+    "rnn_backward",
+    "rnn_forward",
+]
+
+_ACTIVATIONS = ("tanh", "relu")
+
+
+class LSTMGrads(NamedTuple):
+    """Gradients of an LSTM window. ``dbW``/``dbR`` are None when forward ran without that bias."""
+
+    dx: np.ndarray
+    dh0: np.ndarray
+    dc0: np.ndarray
+    dW: np.ndarray
+    dR: np.ndarray
+    dbW: np.ndarray | None
+    dbR: np.ndarray | None
+
+
+class GRUGrads(NamedTuple):
+    """Gradients of a GRU window. ``dbW``/``dbR`` are None when forward ran without that bias."""
+
+    dx: np.ndarray
+    dh0: np.ndarray
+    dW: np.ndarray
+    dR: np.ndarray
+    dbW: np.ndarray | None
+    dbR: np.ndarray | None
+
+
+class RNNGrads(NamedTuple):
+    """Gradients of an RNN window. ``dbW``/``dbR`` are None when forward ran without that bias."""
+
+    dx: np.ndarray
+    dh0: np.ndarray
+    dW: np.ndarray
+    dR: np.ndarray
+    dbW: np.ndarray | None
+    dbR: np.ndarray | None
+
+
+class Saved:
+    """What a forward pass keeps for its backward pass: references to its inputs and outputs and the cache
+    of gate values. Used by exactly one backward call, which releases it; the arrays it refers to must not
+    be modified in between."""
+
+    __slots__ = ("cell", "activation", "reset_after", "x", "W", "R", "has_bW", "has_bR", "h0", "c0", "y",
+                 "cache")
+
+    def __init__(self, cell, activation, reset_after, x, W, R, bW, bR, h0, c0, y, cache):
+        self.cell = cell
+        self.activation = activation
+        self.reset_after = reset_after
+        self.x, self.W, self.R = x, W, R
+        self.has_bW, self.has_bR = bW is not None, bR is not None
+        self.h0, self.c0, self.y, self.cache = h0, c0, y, cache
+
+    @property
+    def consumed(self) -> bool:
+        return self.x is None
+
+    def __repr__(self) -> str:
+        state = "consumed" if self.consumed else f"x{tuple(self.x.shape)}"
+        return f"Saved({self.cell}, {state})"
+
+
+def _check_activation(activation) -> str:
+    if not isinstance(activation, str) or activation not in _ACTIVATIONS:
+        raise ValueError(f"activation: expected 'tanh' or 'relu', got {activation!r}")
+    return activation
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {value!r} of type {type(value).__name__}")
+    return bool(value)
+
+
+def _forward(cell, activation, reset_after, x, W, R, bW, bR, h0, c0, training):
+    activation = _check_activation(activation)
+    reset_after = _check_flag("reset_after", reset_after)
+    training = _check_flag("training", training)
+    y, h_T, c_T, cache = _conveyor.forward(cell, activation, reset_after, x, W, R, bW, bR, h0, c0, training)
+    saved = Saved(cell, activation, reset_after, x, W, R, bW, bR, h0, c0, y, cache) if training else None
+    return y, h_T, c_T, saved
+
+
+def _backward(cell: str, saved, dy, dh_T, dc_T):
+    if not isinstance(saved, Saved):
+        raise TypeError(f"saved: expected the Saved object that {cell}_forward returned with training=True, "
+                        f"got {type(saved).__name__}")
+    if saved.cell != cell:
+        raise ValueError(f"saved: expected the result of {cell}_forward, got that of {saved.cell}_forward")
+    if saved.consumed:
+        raise ValueError("saved: already used by a backward call, which released it; run forward again")
+    grads = _conveyor.backward(cell, saved.activation, saved.reset_after, saved.x, saved.W, saved.R, saved.h0,
+                               saved.c0, saved.y, saved.cache, dy, dh_T, dc_T, saved.has_bW, saved.has_bR)
+    saved.x = saved.W = saved.R = saved.h0 = saved.c0 = saved.y = saved.cache = None
+    return grads
+
+
+def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, activation="tanh", training=True):
+    """Runs an LSTM over the window ``x`` ``[T, B, input_size]``.
+
+    ``bW``/``bR`` may be None (no bias); ``h0``/``c0`` ``[B, hidden_size]`` default to zeros. ``activation``
+    is the cell activation (``"tanh"`` or ``"relu"``). Returns ``(y, h_T, c_T, saved)``: ``y`` is
+    ``[T, B, hidden_size]``, ``saved`` feeds :func:`lstm_backward` (None when ``training=False``).
+    """
+    return _forward("lstm", activation, False, x, W, R, bW, bR, h0, c0, training)
+
+
+def lstm_backward(saved, dy, dh_T=None, dc_T=None) -> LSTMGrads:
+    """Exact gradients of the window from :func:`lstm_forward`'s ``saved``, given ``dy`` ``[T, B, hidden_size]``
+    and optionally ``dh_T``/``dc_T`` ``[B, hidden_size]`` (None: no loss on the final state)."""
+    return LSTMGrads(*_backward("lstm", saved, dy, dh_T, dc_T))
+
+
+def gru_forward(x, W, R, bW, bR, h0=None, *, reset_after=True, activation="tanh", training=True):
+    """Runs a GRU over the window ``x``. ``reset_after=True`` applies the reset gate after the recurrent
+    product (cuDNN, PyTorch); False before it (Cho et al. 2014). Returns ``(y, h_T, saved)``."""
+    y, h_T, _, saved = _forward("gru", activation, reset_after, x, W, R, bW, bR, h0, None, training)
+    return y, h_T, saved
+
+
+def gru_backward(saved, dy, dh_T=None) -> GRUGrads:
+    """Exact gradients of the window from :func:`gru_forward`'s ``saved``."""
+    dx, dh0, _, dW, dR, dbW, dbR = _backward("gru", saved, dy, dh_T, None)
+    return GRUGrads(dx, dh0, dW, dR, dbW, dbR)
+
+
+def rnn_forward(x, W, R, bW, bR, h0=None, *, activation="tanh", training=True):
+    """Runs a plain RNN, ``h_t = act(W x_t + bW + R h_{t-1} + bR)``, over the window ``x``.
+    Returns ``(y, h_T, saved)``."""
+    y, h_T, _, saved = _forward("rnn", activation, False, x, W, R, bW, bR, h0, None, training)
+    return y, h_T, saved
+
+
+def rnn_backward(saved, dy, dh_T=None) -> RNNGrads:
+    """Exact gradients of the window from :func:`rnn_forward`'s ``saved``."""
+    dx, dh0, _, dW, dR, dbW, dbR = _backward("rnn", saved, dy, dh_T, None)
+    return RNNGrads(dx, dh0, dW, dR, dbW, dbR)
