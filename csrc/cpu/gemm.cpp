@@ -112,33 +112,49 @@ void gemm_tile(int64_t m0, int64_t mc, int64_t n0, int64_t nc, int64_t K, T alph
 }
 
 // Few rows: each row of C is a combination of rows of B (B row-contiguous) or a set of dot products
-// (B column-contiguous). Tasks split the columns.
+// (B column-contiguous). Tasks split the columns. K is walked in the same KC slices, and each slice's sum
+// added to C in the same order, as the blocked path, so that a row of C comes out bit-for-bit the same
+// whichever path computed it (a window split in two gives exactly the outputs of the whole window).
 template <typename T>
 void gemm_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const MatrixRef<T>& A, const MatrixRef<T>& B,
                    T beta, T* C, int64_t ldc) {
-  constexpr int64_t kColumnsPerChunk = 64;
+  constexpr int64_t kColumnsPerChunk = 64, KC = Blocking<T>::KC;
   const int64_t chunks = (N + kColumnsPerChunk - 1) / kColumnsPerChunk;
   const int64_t tasks = parallel_tasks_for(double(M) * N * K, chunks);
   const int64_t per_task = (chunks + tasks - 1) / tasks * kColumnsPerChunk;
   parallel_for(tasks, [&](int64_t task) {
     const int64_t n0 = task * per_task, n1 = std::min(N, n0 + per_task);
+    if (n0 >= n1) return;
+    std::vector<T> sum(static_cast<size_t>(n1 - n0));
     for (int64_t m = 0; m < M; ++m) {
       T* c = C + m * ldc;
       const T* a = A.data + m * A.row_stride;
-      if (B.col_stride == 1) {
-        std::vector<T> row(static_cast<size_t>(n1 - n0), T(0));
-        for (int64_t k = 0; k < K; ++k) {
-          const T ak = a[k * A.col_stride];
-          const T* b = B.data + k * B.row_stride;
-          for (int64_t n = n0; n < n1; ++n) row[n - n0] += ak * b[n];
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t k1 = std::min(K, k0 + KC);
+        std::fill(sum.begin(), sum.end(), T(0));
+        if (B.col_stride == 1) {
+          for (int64_t k = k0; k < k1; ++k) {
+            const T ak = a[k * A.col_stride];
+            const T* b = B.data + k * B.row_stride;
+            for (int64_t n = n0; n < n1; ++n) sum[n - n0] += ak * b[n];
+          }
+        } else {
+          for (int64_t n = n0; n < n1; ++n) {
+            const T* b = B.data + n * B.col_stride;
+            T dot = T(0);
+            for (int64_t k = k0; k < k1; ++k) dot += a[k * A.col_stride] * b[k * B.row_stride];
+            sum[n - n0] = dot;
+          }
         }
-        for (int64_t n = n0; n < n1; ++n) c[n] = (beta == T(0) ? T(0) : beta * c[n]) + alpha * row[n - n0];
-      } else {
         for (int64_t n = n0; n < n1; ++n) {
-          const T* b = B.data + n * B.col_stride;
-          T dot = T(0);
-          for (int64_t k = 0; k < K; ++k) dot += a[k * A.col_stride] * b[k * B.row_stride];
-          c[n] = (beta == T(0) ? T(0) : beta * c[n]) + alpha * dot;
+          const T s = sum[n - n0];
+          if (k0 > 0) {
+            c[n] += alpha * s;
+          } else if (beta == T(0)) {
+            c[n] = alpha * s;
+          } else {
+            c[n] = beta * c[n] + alpha * s;
+          }
         }
       }
     }

@@ -1,0 +1,42 @@
+"""What the installation reports about itself, and the CUDA backend where a GPU is present."""
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import conveyor
+
+
+def test_version_is_semantic():
+    assert re.fullmatch(r"\d+\.\d+\.\d+", conveyor.__version__)
+
+
+def test_cuda_reports_are_consistent():
+    assert isinstance(conveyor.cuda_built(), bool)
+    assert conveyor.cuda_device_count() >= 0
+    if not conveyor.cuda_built():
+        assert not conveyor.cuda_available()
+        assert conveyor.cuda_device_count() == 0
+
+
+def test_info_command_reports_the_build():
+    out = subprocess.run([sys.executable, "-m", "conveyor", "info"], capture_output=True, text=True, check=True)
+    assert f"CUDA backend built: {conveyor.cuda_built()}" in out.stdout
+
+
+@pytest.mark.cuda
+def test_cuda_backend_runs_the_cell_math_on_the_gpu():
+    """On a GPU machine: a kernel of this build launches and reproduces the host's cell math."""
+    assert conveyor.cuda_available()
+
+
+@pytest.mark.cuda
+def test_gpu_arrays_are_refused_clearly_until_the_kernels_exist():
+    cupy = pytest.importorskip("cupy")
+    x = cupy.zeros((2, 1, 3), dtype=cupy.float32)
+    w = np.zeros((4, 3), np.float32)
+    with pytest.raises(TypeError, match="x: expected a numpy.ndarray"):
+        conveyor.lstm_forward(x, w, np.zeros((4, 1), np.float32), None, None)
