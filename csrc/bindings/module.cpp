@@ -42,6 +42,10 @@ TensorView view_of(const char* name, const py::object& obj) {
     throw py::type_error(std::string(name) + ": expected a float32 or float64 array, got dtype " +
                          std::string(py::str(array.dtype())));
   }
+  if (!array.dtype().attr("isnative").cast<bool>()) {
+    throw py::type_error(std::string(name) + ": expected native byte order, got dtype " +
+                         std::string(py::str(array.dtype().attr("str"))) + " (convert with .astype(np.float32))");
+  }
   if (array.ndim() > kMaxRank) {
     throw py::value_error(std::string(name) + ": expected at most " + std::to_string(kMaxRank) +
                           " dimensions, got " + std::to_string(array.ndim()));
@@ -108,6 +112,7 @@ py::tuple forward_numpy(const std::string& cell, const std::string& activation, 
   args.bR = optional_view_of("bR", bR);
   args.h0 = optional_view_of("h0", h0);
   args.c0 = optional_view_of("c0", c0);
+  check_forward_inputs(options, args);
   const WindowSizes s = window_sizes(options, args.x, args.W, args.R);
   const py::dtype dtype = py::reinterpret_borrow<py::array>(x).dtype();
   const bool lstm = options.cell == CellType::lstm;
@@ -144,6 +149,7 @@ py::tuple backward_numpy(const std::string& cell, const std::string& activation,
   args.dy = view_of("dy", dy);
   args.dh_T = optional_view_of("dh_T", dh_T);
   args.dc_T = optional_view_of("dc_T", dc_T);
+  check_backward_inputs(options, args);
   const WindowSizes s = window_sizes(options, args.x, args.W, args.R);
   const py::dtype dtype = py::reinterpret_borrow<py::array>(x).dtype();
   const bool lstm = options.cell == CellType::lstm;

@@ -31,7 +31,8 @@ CONVEYOR_HOST_DEVICE T sigmoid_grad_from_output(T s) {
 // enum keeps this header free of the public API, so that kernels can make it a template constant.
 template <typename T>
 CONVEYOR_HOST_DEVICE T activate(bool relu, T a) {
-  return relu ? (a > T(0) ? a : T(0)) : std::tanh(a);
+  // Written so that relu(NaN) is NaN, not 0: bad input must show in the output.
+  return relu ? (a < T(0) ? T(0) : a) : std::tanh(a);
 }
 
 // act'(a) from the output v = act(a): tanh' = 1 - v^2; relu' = 1 where a > 0, which is where v > 0

@@ -1,7 +1,9 @@
 // The device-independent layer of the C++ API: checks every argument against the window's sizes (shape,
 // dtype, device, layout) with messages that name it, then hands the call to the backend of the arrays'
 // device. Backends may assume what is checked here.
-#include <sstream>
+//
+// Messages are built with std::string alone, no iostreams: a libstdc++ linked statically into the Python
+// module (as some toolchains do) crashed formatting through std::ostringstream's locale machinery.
 #include <string>
 
 #include "conveyor/conveyor.h"
@@ -68,24 +70,19 @@ std::string device_name(const Device& device) {
 
 namespace {
 
+std::string join(const int64_t* values, int count) {
+  std::string out = "(";
+  for (int i = 0; i < count; ++i) out += (i ? ", " : "") + std::to_string(values[i]);
+  return out + (count == 1 ? ",)" : ")");
+}
+
 std::string dims_string(std::initializer_list<int64_t> dims) {
-  std::ostringstream out;
-  out << '(';
-  int i = 0;
-  for (int64_t d : dims) out << (i++ ? ", " : "") << d;
-  out << (dims.size() == 1 ? ",)" : ")");
-  return out.str();
+  return join(dims.begin(), static_cast<int>(dims.size()));
 }
 
 }  // namespace
 
-std::string shape_string(const TensorView& view) {
-  std::ostringstream out;
-  out << '(';
-  for (int d = 0; d < view.rank; ++d) out << (d ? ", " : "") << view.shape[d];
-  out << (view.rank == 1 ? ",)" : ")");
-  return out.str();
-}
+std::string shape_string(const TensorView& view) { return join(view.shape, view.rank); }
 
 const char* cell_name(CellType cell) {
   switch (cell) {
@@ -178,10 +175,8 @@ class ViewChecker {
                           " (the device of x), got one on " + device_name(v.device));
     }
     if (!v.is_contiguous()) {
-      std::ostringstream strides;
-      for (int k = 0; k < v.rank; ++k) strides << (k ? ", " : "") << v.strides[k];
       throw ArgumentError(std::string(name) + ": expected a C-contiguous array, got shape " + shape_string(v) +
-                          " with element strides (" + strides.str() + ")");
+                          " with element strides " + join(v.strides, v.rank));
     }
   }
 
@@ -245,66 +240,97 @@ WindowSizes window_sizes(const CellOptions& options, const TensorView& x, const 
   return s;
 }
 
-void forward(const CellOptions& options, const ForwardArgs& args, void* stream) {
-  const WindowSizes s = window_sizes(options, args.x, args.W, args.R);
-  const int64_t T = s.steps, B = s.batch, I = s.input_size, H = s.hidden_size, GH = gate_count(options) * H;
-  check_device_supported(args.x);
-  check_dtype_supported(args.x);
+namespace {
+
+// The window's sizes, once x, W and R are known to agree, and the checker for every other view.
+struct Checked {
+  WindowSizes sizes;
+  int64_t T, B, I, H, GH;
+};
+
+Checked check_window(const CellOptions& options, const TensorView& x, const TensorView& W, const TensorView& R) {
+  const WindowSizes s = window_sizes(options, x, W, R);
+  check_device_supported(x);
+  check_dtype_supported(x);
+  return {s, s.steps, s.batch, s.input_size, s.hidden_size, gate_count(options) * s.hidden_size};
+}
+
+Checked check_forward_inputs_impl(const CellOptions& options, const ForwardArgs& args) {
+  const Checked c = check_window(options, args.x, args.W, args.R);
   const ViewChecker check(args.x);
-  check("x", args.x, {T, B, I}, "[T, B, input_size]");
-  check("W", args.W, {GH, I}, "[G*hidden_size, input_size]");
-  check("R", args.R, {GH, H}, "[G*hidden_size, hidden_size]");
-  check("bW", args.bW, {GH}, "[G*hidden_size]", true);
-  check("bR", args.bR, {GH}, "[G*hidden_size]", true);
-  check("h0", args.h0, {B, H}, "[B, hidden_size]", true);
+  check("x", args.x, {c.T, c.B, c.I}, "[T, B, input_size]");
+  check("W", args.W, {c.GH, c.I}, "[G*hidden_size, input_size]");
+  check("R", args.R, {c.GH, c.H}, "[G*hidden_size, hidden_size]");
+  check("bW", args.bW, {c.GH}, "[G*hidden_size]", true);
+  check("bR", args.bR, {c.GH}, "[G*hidden_size]", true);
+  check("h0", args.h0, {c.B, c.H}, "[B, hidden_size]", true);
   check_no_cell_state_unless_lstm(options, "c0", args.c0);
-  check("c0", args.c0, {B, H}, "[B, hidden_size]", true);
-  check("y", args.y, {T, B, H}, "[T, B, hidden_size]");
-  check("h_T", args.h_T, {B, H}, "[B, hidden_size]", true);
-  check_no_cell_state_unless_lstm(options, "c_T", args.c_T);
-  check("c_T", args.c_T, {B, H}, "[B, hidden_size]", true);
+  check("c0", args.c0, {c.B, c.H}, "[B, hidden_size]", true);
+  return c;
+}
+
+Checked check_backward_inputs_impl(const CellOptions& options, const BackwardArgs& args) {
+  const Checked c = check_window(options, args.x, args.W, args.R);
+  const ViewChecker check(args.x);
+  check("x", args.x, {c.T, c.B, c.I}, "[T, B, input_size]");
+  check("W", args.W, {c.GH, c.I}, "[G*hidden_size, input_size]");
+  check("R", args.R, {c.GH, c.H}, "[G*hidden_size, hidden_size]");
+  check("h0", args.h0, {c.B, c.H}, "[B, hidden_size]", true);
+  check_no_cell_state_unless_lstm(options, "c0", args.c0);
+  check("c0", args.c0, {c.B, c.H}, "[B, hidden_size]", true);
+  check("y", args.y, {c.T, c.B, c.H}, "[T, B, hidden_size]");
   if (cache_width(options) > 0) {
-    check("cache", args.cache, {T, B, cache_width(options) * H}, "[T, B, cache_width*hidden_size]", true);
+    check("cache", args.cache, {c.T, c.B, cache_width(options) * c.H}, "[T, B, cache_width*hidden_size] from forward");
+  }
+  check("dy", args.dy, {c.T, c.B, c.H}, "[T, B, hidden_size]");
+  check("dh_T", args.dh_T, {c.B, c.H}, "[B, hidden_size]", true);
+  check_no_cell_state_unless_lstm(options, "dc_T", args.dc_T);
+  check("dc_T", args.dc_T, {c.B, c.H}, "[B, hidden_size]", true);
+  return c;
+}
+
+}  // namespace
+
+void check_forward_inputs(const CellOptions& options, const ForwardArgs& args) {
+  check_forward_inputs_impl(options, args);
+}
+
+void check_backward_inputs(const CellOptions& options, const BackwardArgs& args) {
+  check_backward_inputs_impl(options, args);
+}
+
+void forward(const CellOptions& options, const ForwardArgs& args, void* stream) {
+  const Checked c = check_forward_inputs_impl(options, args);
+  const ViewChecker check(args.x);
+  check("y", args.y, {c.T, c.B, c.H}, "[T, B, hidden_size]");
+  check("h_T", args.h_T, {c.B, c.H}, "[B, hidden_size]", true);
+  check_no_cell_state_unless_lstm(options, "c_T", args.c_T);
+  check("c_T", args.c_T, {c.B, c.H}, "[B, hidden_size]", true);
+  if (cache_width(options) > 0) {
+    check("cache", args.cache, {c.T, c.B, cache_width(options) * c.H}, "[T, B, cache_width*hidden_size]", true);
   }
   if (args.x.device.kind == DeviceKind::cuda) {
-    detail::cuda_forward(options, s, args, stream);
+    detail::cuda_forward(options, c.sizes, args, stream);
   } else {
-    detail::cpu_forward(options, s, args);
+    detail::cpu_forward(options, c.sizes, args);
   }
 }
 
 void backward(const CellOptions& options, const BackwardArgs& args, void* stream) {
-  const WindowSizes s = window_sizes(options, args.x, args.W, args.R);
-  const int64_t T = s.steps, B = s.batch, I = s.input_size, H = s.hidden_size, GH = gate_count(options) * H;
-  check_device_supported(args.x);
-  check_dtype_supported(args.x);
+  const Checked c = check_backward_inputs_impl(options, args);
   const ViewChecker check(args.x);
-  check("x", args.x, {T, B, I}, "[T, B, input_size]");
-  check("W", args.W, {GH, I}, "[G*hidden_size, input_size]");
-  check("R", args.R, {GH, H}, "[G*hidden_size, hidden_size]");
-  check("h0", args.h0, {B, H}, "[B, hidden_size]", true);
-  check_no_cell_state_unless_lstm(options, "c0", args.c0);
-  check("c0", args.c0, {B, H}, "[B, hidden_size]", true);
-  check("y", args.y, {T, B, H}, "[T, B, hidden_size]");
-  if (cache_width(options) > 0) {
-    check("cache", args.cache, {T, B, cache_width(options) * H}, "[T, B, cache_width*hidden_size] from forward");
-  }
-  check("dy", args.dy, {T, B, H}, "[T, B, hidden_size]");
-  check("dh_T", args.dh_T, {B, H}, "[B, hidden_size]", true);
-  check_no_cell_state_unless_lstm(options, "dc_T", args.dc_T);
-  check("dc_T", args.dc_T, {B, H}, "[B, hidden_size]", true);
-  check("dx", args.dx, {T, B, I}, "[T, B, input_size]", true);
-  check("dh0", args.dh0, {B, H}, "[B, hidden_size]", true);
+  check("dx", args.dx, {c.T, c.B, c.I}, "[T, B, input_size]", true);
+  check("dh0", args.dh0, {c.B, c.H}, "[B, hidden_size]", true);
   check_no_cell_state_unless_lstm(options, "dc0", args.dc0);
-  check("dc0", args.dc0, {B, H}, "[B, hidden_size]", true);
-  check("dW", args.dW, {GH, I}, "[G*hidden_size, input_size]", true);
-  check("dR", args.dR, {GH, H}, "[G*hidden_size, hidden_size]", true);
-  check("dbW", args.dbW, {GH}, "[G*hidden_size]", true);
-  check("dbR", args.dbR, {GH}, "[G*hidden_size]", true);
+  check("dc0", args.dc0, {c.B, c.H}, "[B, hidden_size]", true);
+  check("dW", args.dW, {c.GH, c.I}, "[G*hidden_size, input_size]", true);
+  check("dR", args.dR, {c.GH, c.H}, "[G*hidden_size, hidden_size]", true);
+  check("dbW", args.dbW, {c.GH}, "[G*hidden_size]", true);
+  check("dbR", args.dbR, {c.GH}, "[G*hidden_size]", true);
   if (args.x.device.kind == DeviceKind::cuda) {
-    detail::cuda_backward(options, s, args, stream);
+    detail::cuda_backward(options, c.sizes, args, stream);
   } else {
-    detail::cpu_backward(options, s, args);
+    detail::cpu_backward(options, c.sizes, args);
   }
 }
 

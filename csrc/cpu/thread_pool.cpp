@@ -20,7 +20,7 @@ namespace {
 int default_pool_size() {
   if (const char* env = std::getenv("CONVEYOR_NUM_THREADS")) {
     const int n = std::atoi(env);
-    if (n >= 1) return n;
+    if (n >= 1) return std::min(n, kMaxPoolSize);
   }
   return std::max(1u, std::thread::hardware_concurrency());
 }
@@ -124,8 +124,9 @@ std::shared_ptr<Pool> pool() {
 int pool_size() { return pool()->size(); }
 
 void set_pool_size(int threads) {
-  if (threads < 1) {
-    throw ArgumentError("n: expected a positive number of threads, got " + std::to_string(threads));
+  if (threads < 1 || threads > kMaxPoolSize) {
+    throw ArgumentError("n: expected a number of threads from 1 to " + std::to_string(kMaxPoolSize) + ", got " +
+                        std::to_string(threads));
   }
   std::lock_guard<std::mutex> lock(pool_mutex);
   // Calls still running keep the old pool alive through their shared_ptr.

@@ -10,6 +10,8 @@
 
 namespace conveyor::cpu {
 
+constexpr int kMaxPoolSize = 1024;
+
 int pool_size();
 void set_pool_size(int threads);
 

@@ -5,6 +5,8 @@ arrays; the layer objects (``LSTM``, ``GRU``, ``RNN``) own PyTorch-compatible pa
 math and the layouts.
 """
 
+import numbers
+
 from . import _conveyor
 from ._functional import (
     GRUGrads,
@@ -68,6 +70,8 @@ def num_threads() -> int:
 
 def set_num_threads(n: int) -> None:
     """Resizes the CPU backend's worker pool (default: all hardware threads, or CONVEYOR_NUM_THREADS)."""
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n: expected a positive integer, got {n!r}")
-    _conveyor.set_num_threads(n)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n: expected an integer number of threads, got {n!r} of type {type(n).__name__}")
+    if not 1 <= n <= 1024:
+        raise ValueError(f"n: expected a number of threads from 1 to 1024, got {n}")
+    _conveyor.set_num_threads(int(n))

@@ -91,7 +91,10 @@ class Saved:
 
 
 def _check_activation(activation) -> str:
-    if not isinstance(activation, str) or activation not in _ACTIVATIONS:
+    if not isinstance(activation, str):
+        raise TypeError(f"activation: expected 'tanh' or 'relu', got {activation!r} of type "
+                        f"{type(activation).__name__}")
+    if activation not in _ACTIVATIONS:
         raise ValueError(f"activation: expected 'tanh' or 'relu', got {activation!r}")
     return activation
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -17,13 +18,14 @@ from . import _conveyor, _functional
 __all__ = ["GRU", "LSTM", "RNN"]
 
 _DTYPES = (np.float32, np.float64)
+_MAX_SIZE = 2**31 - 1  # sizes beyond this could not be allocated as a weight matrix anyway
 
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected a positive integer, got {value!r} of type {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive integer, got {value}")
+    if not 0 < value <= _MAX_SIZE:
+        raise ValueError(f"{name}: expected an integer from 1 to {_MAX_SIZE}, got {value}")
     return int(value)
 
 
@@ -78,6 +80,8 @@ class _Recurrent:
     def load_state_dict(self, state) -> None:
         """Loads parameters by PyTorch's names; accepts NumPy arrays or torch tensors. Every name must be
         present with its exact shape; unknown names are an error."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state: expected a mapping of parameter names to arrays, got {type(state).__name__}")
         missing = sorted(set(self._shapes) - set(state))
         unexpected = sorted(set(state) - set(self._shapes))
         if missing or unexpected:
@@ -112,12 +116,24 @@ class _Recurrent:
         if self.bias:
             self.grads.update(bias_ih_l0=grads.dbW, bias_hh_l0=grads.dbR)
 
-    def _take_saved(self):
+    def _check_input(self, x) -> None:
+        """Blames x, not the weights, when x does not fit the layer."""
+        if isinstance(x, np.ndarray) and x.ndim == 3:
+            if x.shape[2] != self.input_size:
+                raise ValueError(f"x: expected [T, B, input_size] with input_size {self.input_size}, "
+                                 f"got shape {x.shape}")
+            if x.dtype != self.dtype:
+                raise TypeError(f"x: expected dtype {self.dtype} (the layer's dtype), got {x.dtype}")
+
+    def _backward(self, backward, *grads):
+        """Runs `backward` on the pending forward pass; a rejected call leaves that pass pending."""
         if self._saved is None:
             raise ValueError("backward: no forward pass to go back through (call forward in training mode "
                              "first; each forward serves one backward)")
-        saved, self._saved = self._saved, None
-        return saved
+        result = backward(self._saved, *grads)
+        self._saved = None
+        self._store_grads(result)
+        return result
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
@@ -145,13 +161,13 @@ class LSTM(_Recurrent):
         super().__init__(input_size, hidden_size, bias=bias, dtype=dtype, seed=seed)
 
     def forward(self, x, h0=None, c0=None):
+        self._check_input(x)
         y, h_T, c_T, self._saved = _functional.lstm_forward(x, *self._weights(), h0, c0,
                                                             activation=self.activation, training=self.training)
         return y, h_T, c_T
 
     def backward(self, dy, dh_T=None, dc_T=None):
-        grads = _functional.lstm_backward(self._take_saved(), dy, dh_T, dc_T)
-        self._store_grads(grads)
+        grads = self._backward(_functional.lstm_backward, dy, dh_T, dc_T)
         return grads.dx, grads.dh0, grads.dc0
 
     def _extra_repr(self) -> str:
@@ -173,13 +189,13 @@ class GRU(_Recurrent):
         super().__init__(input_size, hidden_size, bias=bias, dtype=dtype, seed=seed)
 
     def forward(self, x, h0=None):
+        self._check_input(x)
         y, h_T, self._saved = _functional.gru_forward(x, *self._weights(), h0, reset_after=self.reset_after,
                                                       activation=self.activation, training=self.training)
         return y, h_T
 
     def backward(self, dy, dh_T=None):
-        grads = _functional.gru_backward(self._take_saved(), dy, dh_T)
-        self._store_grads(grads)
+        grads = self._backward(_functional.gru_backward, dy, dh_T)
         return grads.dx, grads.dh0
 
     def _extra_repr(self) -> str:
@@ -200,13 +216,13 @@ class RNN(_Recurrent):
         super().__init__(input_size, hidden_size, bias=bias, dtype=dtype, seed=seed)
 
     def forward(self, x, h0=None):
+        self._check_input(x)
         y, h_T, self._saved = _functional.rnn_forward(x, *self._weights(), h0, activation=self.activation,
                                                       training=self.training)
         return y, h_T
 
     def backward(self, dy, dh_T=None):
-        grads = _functional.rnn_backward(self._take_saved(), dy, dh_T)
-        self._store_grads(grads)
+        grads = self._backward(_functional.rnn_backward, dy, dh_T)
         return grads.dx, grads.dh0
 
     def _extra_repr(self) -> str:

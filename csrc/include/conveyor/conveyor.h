@@ -150,6 +150,10 @@ struct ForwardArgs {
   TensorView cache;  // [T, B, cache_width * H] =  what backward() needs; absent for inference only
 };
 
+// Checks every input of `args` (x, W, R, bW, bR, h0, c0) as forward() does, ignoring the outputs, so that a
+// caller can allocate outputs only for valid inputs. Throws ArgumentError or DTypeError.
+void check_forward_inputs(const CellOptions& options, const ForwardArgs& args);
+
 // Runs the cell over the T steps of the window, from h0 (and c0) to h_T (and c_T).
 // `stream` is a cudaStream_t for CUDA views (nullptr: the default stream) and is ignored on the CPU.
 void forward(const CellOptions& options, const ForwardArgs& args, void* stream = nullptr);
@@ -185,6 +189,10 @@ struct BackwardArgs {
   bool accumulate = false;
 };
 
+// Checks every input of `args` (what forward read and wrote, dy, dh_T, dc_T) as backward() does, ignoring
+// the gradient outputs. Throws ArgumentError or DTypeError.
+void check_backward_inputs(const CellOptions& options, const BackwardArgs& args);
+
 // Exact gradients for the window, by backpropagation through its T steps, from what forward() cached
 // (nothing of the forward pass is recomputed).
 void backward(const CellOptions& options, const BackwardArgs& args, void* stream = nullptr);
@@ -202,7 +210,7 @@ bool cuda_available();
 
 // The CPU worker pool's size (default: the hardware threads, or CONVEYOR_NUM_THREADS when set).
 int num_threads();
-// Resizes the CPU worker pool; n >= 1.
+// Resizes the CPU worker pool; 1 <= n <= 1024.
 void set_num_threads(int n);
 
 // The library version, "major.minor.patch".
