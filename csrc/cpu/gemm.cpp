@@ -8,6 +8,7 @@
 #include "gemm.h"
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "thread_pool.h"
@@ -58,22 +59,28 @@ void pack_b(const MatrixRef<T>& B, int64_t k0, int64_t kc, int64_t n0, int64_t n
   }
 }
 
-// acc[MR][NR] = sum over k of a[k][:] outer b[k][:]. Fixed trip counts let the compiler keep acc in vector
-// registers.
+// acc[MR][NR] = sum over k of a[k][:] outer b[k][:], with the MR x NR accumulators held in vector registers
+// (GCC/Clang vector extensions: 32-byte vectors, which the compiler maps to AVX or to pairs of SSE registers).
 template <typename T>
 void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict acc) {
   constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR;
-  T c[MR][NR] = {};
+  constexpr int kLanes = 32 / sizeof(T), kVectors = NR / kLanes;
+  static_assert(NR % kLanes == 0, "a strip of B is a whole number of vectors");
+  typedef T Vector __attribute__((vector_size(32)));
+  // The packed strips need not be 32-byte aligned: load through an element-aligned alias of the vector type
+  // (a memcpy here went through the stack and stalled every iteration).
+  typedef T UnalignedVector __attribute__((vector_size(32), aligned(sizeof(T)), may_alias));
+  Vector c[MR][kVectors] = {};
   for (int64_t k = 0; k < kc; ++k) {
+    Vector bv[kVectors];
+    for (int v = 0; v < kVectors; ++v) bv[v] = *reinterpret_cast<const UnalignedVector*>(b + v * kLanes);
     for (int r = 0; r < MR; ++r) {
-      const T ar = a[r];
-      for (int j = 0; j < NR; ++j) c[r][j] += ar * b[j];
+      for (int v = 0; v < kVectors; ++v) c[r][v] += a[r] * bv[v];
     }
     a += MR;
     b += NR;
   }
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NR; ++j) acc[r * NR + j] = c[r][j];
+  std::memcpy(acc, c, sizeof(c));
 }
 
 // One tile of C: rows [m0, m0 + mc), columns [n0, n0 + nc).
