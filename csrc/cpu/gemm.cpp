@@ -8,8 +8,13 @@
 #include "gemm.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
+
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 #include "thread_pool.h"
 
@@ -26,6 +31,34 @@ template <>
 struct Blocking<double> {
   static constexpr int MR = 6, NR = 8, KC = 256, MC = 96, NC = 128;
 };
+
+// Every multiply-add of every path goes through these, so that each product is rounded the same way on
+// every path: one fused rounding where the processor has FMA, a multiply then an add where it has not. (The
+// library is compiled without automatic contraction, which the compiler applied to some loops and not
+// others.)
+#if defined(__FMA__)
+template <typename T>
+inline T multiply_add(T a, T b, T c) {
+  return std::fma(a, b, c);
+}
+#else
+template <typename T>
+inline T multiply_add(T a, T b, T c) {
+  return a * b + c;
+}
+#endif
+
+// C = alpha * s (first K slice, beta == 0), beta * C + alpha * s (first slice), or C + alpha * s (later).
+template <typename T>
+inline void accumulate_into(T& c, T s, T alpha, T beta, bool first_slice) {
+  if (!first_slice) {
+    c = multiply_add(alpha, s, c);
+  } else if (beta == T(0)) {
+    c = alpha * s;
+  } else {
+    c = multiply_add(alpha, s, beta * c);
+  }
+}
 
 template <typename T>
 void pack_a(const MatrixRef<T>& A, int64_t m0, int64_t mc, int64_t k0, int64_t kc, T* packed) {
@@ -59,6 +92,19 @@ void pack_b(const MatrixRef<T>& B, int64_t k0, int64_t kc, int64_t n0, int64_t n
   }
 }
 
+template <typename Vector>
+inline Vector vector_multiply_add(Vector a, Vector b, Vector c) {
+#if defined(__FMA__)
+  if constexpr (sizeof(a[0]) == sizeof(float)) {
+    return _mm256_fmadd_ps(a, b, c);
+  } else {
+    return _mm256_fmadd_pd(a, b, c);
+  }
+#else
+  return a * b + c;
+#endif
+}
+
 // acc[MR][NR] = sum over k of a[k][:] outer b[k][:], with the MR x NR accumulators held in vector registers
 // (GCC/Clang vector extensions: 32-byte vectors, which the compiler maps to AVX or to pairs of SSE registers).
 template <typename T>
@@ -75,7 +121,8 @@ void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* _
     Vector bv[kVectors];
     for (int v = 0; v < kVectors; ++v) bv[v] = *reinterpret_cast<const UnalignedVector*>(b + v * kLanes);
     for (int r = 0; r < MR; ++r) {
-      for (int v = 0; v < kVectors; ++v) c[r][v] += a[r] * bv[v];
+      const Vector ar = a[r] - Vector{};  // broadcast
+      for (int v = 0; v < kVectors; ++v) c[r][v] = vector_multiply_add(ar, bv[v], c[r][v]);
     }
     a += MR;
     b += NR;
@@ -105,13 +152,7 @@ void gemm_tile(int64_t m0, int64_t mc, int64_t n0, int64_t nc, int64_t K, T alph
         for (int64_t r = 0; r < rows; ++r) {
           T* c = C + (m0 + ms + r) * ldc + n0 + ns;
           const T* s = acc + r * NR;
-          if (!first) {
-            for (int64_t j = 0; j < cols; ++j) c[j] += alpha * s[j];
-          } else if (beta == T(0)) {
-            for (int64_t j = 0; j < cols; ++j) c[j] = alpha * s[j];
-          } else {
-            for (int64_t j = 0; j < cols; ++j) c[j] = beta * c[j] + alpha * s[j];
-          }
+          for (int64_t j = 0; j < cols; ++j) accumulate_into(c[j], s[j], alpha, beta, first);
         }
       }
     }
@@ -143,26 +184,17 @@ void gemm_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const MatrixRef<T>&
           for (int64_t k = k0; k < k1; ++k) {
             const T ak = a[k * A.col_stride];
             const T* b = B.data + k * B.row_stride;
-            for (int64_t n = n0; n < n1; ++n) sum[n - n0] += ak * b[n];
+            for (int64_t n = n0; n < n1; ++n) sum[n - n0] = multiply_add(ak, b[n], sum[n - n0]);
           }
         } else {
           for (int64_t n = n0; n < n1; ++n) {
             const T* b = B.data + n * B.col_stride;
             T dot = T(0);
-            for (int64_t k = k0; k < k1; ++k) dot += a[k * A.col_stride] * b[k * B.row_stride];
+            for (int64_t k = k0; k < k1; ++k) dot = multiply_add(a[k * A.col_stride], b[k * B.row_stride], dot);
             sum[n - n0] = dot;
           }
         }
-        for (int64_t n = n0; n < n1; ++n) {
-          const T s = sum[n - n0];
-          if (k0 > 0) {
-            c[n] += alpha * s;
-          } else if (beta == T(0)) {
-            c[n] = alpha * s;
-          } else {
-            c[n] = beta * c[n] + alpha * s;
-          }
-        }
+        for (int64_t n = n0; n < n1; ++n) accumulate_into(c[n], sum[n - n0], alpha, beta, k0 == 0);
       }
     }
   });

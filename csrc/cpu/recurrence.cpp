@@ -9,6 +9,7 @@
 // All views have been checked by api.cpp: shapes, one dtype, C-contiguous, on the CPU.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cells/gru.h"
@@ -44,6 +45,17 @@ void for_each_row(int64_t rows, double work_per_row, const Fn& fn) {
   });
 }
 
+// Calls fn with std::true_type or std::false_type, so that a run-time flag becomes a compile-time constant
+// in fn's body (the per-element loops then have no branch in them and vectorise).
+template <typename Fn>
+void bool_switch(bool flag, Fn&& fn) {
+  if (flag) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
 // Per-element work is weighted as this many multiply-adds when deciding whether to split it.
 constexpr double kElementCost = 16.0;
 
@@ -60,16 +72,147 @@ void column_sums(int64_t rows, int64_t cols, const T* m, int64_t ld, bool accumu
 
 struct Window {
   int64_t steps, batch, input_size, hidden_size, gates;
-  bool relu;
   int64_t gh() const { return gates * hidden_size; }
   int64_t rows() const { return steps * batch; }
 };
 
 Window make_window(const CellOptions& options, const WindowSizes& s) {
-  return {s.steps, s.batch, s.input_size, s.hidden_size, gate_count(options), options.activation == Activation::relu};
+  return {s.steps, s.batch, s.input_size, s.hidden_size, gate_count(options)};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// One batch row of one step. Every pointer is that row's slice of a distinct buffer, hence __restrict:
+// with it the compiler vectorises the loop over hidden units (without it, the alias checks it would need
+// exceed its limit and the loop stays scalar). ax: W x_t + bW; ar: R h_{t-1} (no bias); bR: the bias.
+
+template <typename T, bool kRelu>
+void lstm_forward_row(int64_t H, const T* __restrict ax, const T* __restrict ar, const T* __restrict bR,
+                      T* __restrict c, T* __restrict h, T* __restrict saved) {
+  for (int64_t j = 0; j < H; ++j) {
+    const auto s = cells::lstm_forward(kRelu, ax[j] + ar[j] + bR[j], ax[H + j] + ar[H + j] + bR[H + j],
+                                       ax[2 * H + j] + ar[2 * H + j] + bR[2 * H + j],
+                                       ax[3 * H + j] + ar[3 * H + j] + bR[3 * H + j], c[j]);
+    c[j] = s.c;
+    h[j] = s.h;
+    saved[j] = s.i;
+    saved[H + j] = s.f;
+    saved[2 * H + j] = s.g;
+    saved[3 * H + j] = s.o;
+    saved[4 * H + j] = s.c;
+  }
+}
+
+template <typename T, bool kRelu>
+void gru_reset_after_forward_row(int64_t H, const T* __restrict ax, const T* __restrict ar, const T* __restrict bR,
+                                 const T* __restrict h_prev, T* __restrict h, T* __restrict saved) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T r = cells::sigmoid(ax[j] + ar[j] + bR[j]);
+    const T z = cells::sigmoid(ax[H + j] + ar[H + j] + bR[H + j]);
+    const T ar_n = ar[2 * H + j] + bR[2 * H + j];
+    const T n = cells::gru_candidate_reset_after(kRelu, ax[2 * H + j], r, ar_n);
+    h[j] = cells::gru_output(z, n, h_prev[j]);
+    saved[j] = r;
+    saved[H + j] = z;
+    saved[2 * H + j] = n;
+    saved[3 * H + j] = ar_n;
+  }
+}
+
+// reset_after=false, before the n block's product: r, z and r * h_{t-1} (into `reset_hidden` and the cache).
+template <typename T>
+void gru_reset_before_gates_row(int64_t H, const T* __restrict ax, const T* __restrict ar, const T* __restrict bR,
+                                const T* __restrict h_prev, T* __restrict reset_hidden, T* __restrict saved) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T r = cells::sigmoid(ax[j] + ar[j] + bR[j]);
+    saved[j] = r;
+    saved[H + j] = cells::sigmoid(ax[H + j] + ar[H + j] + bR[H + j]);
+    reset_hidden[j] = r * h_prev[j];
+    saved[3 * H + j] = reset_hidden[j];
+  }
+}
+
+// reset_after=false, after it: ar_n = R_n (r * h_{t-1}).
+template <typename T, bool kRelu>
+void gru_reset_before_output_row(int64_t H, const T* __restrict ax_n, const T* __restrict ar_n,
+                                 const T* __restrict bR_n, const T* __restrict h_prev, T* __restrict h,
+                                 T* __restrict saved) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T n = cells::gru_candidate_reset_before(kRelu, ax_n[j], ar_n[j] + bR_n[j]);
+    h[j] = cells::gru_output(saved[H + j], n, h_prev[j]);
+    saved[2 * H + j] = n;
+  }
+}
+
+template <typename T, bool kRelu>
+void rnn_forward_row(int64_t H, const T* __restrict ax, const T* __restrict ar, const T* __restrict bR,
+                     T* __restrict h) {
+  for (int64_t j = 0; j < H; ++j) h[j] = cells::rnn_forward(kRelu, ax[j] + ar[j] + bR[j]);
+}
+
+// Backward rows. dh: the gradient reaching h_t from step t+1, replaced by the part of dh_{t-1} that does not
+// go through R; dy: this step's output gradient; da: the pre-activation gradients (input path).
+
+template <typename T, bool kRelu>
+void lstm_backward_row(int64_t H, const T* __restrict saved, const T* __restrict c_prev, const T* __restrict dy,
+                       const T* __restrict dh, T* __restrict dc, T* __restrict da) {
+  for (int64_t j = 0; j < H; ++j) {
+    const auto d = cells::lstm_backward(kRelu, saved[j], saved[H + j], saved[2 * H + j], saved[3 * H + j],
+                                        saved[4 * H + j], c_prev[j], dh[j] + dy[j], dc[j]);
+    da[j] = d.da_i;
+    da[H + j] = d.da_f;
+    da[2 * H + j] = d.da_g;
+    da[3 * H + j] = d.da_o;
+    dc[j] = d.dc_prev;
+  }
+}
+
+template <typename T, bool kRelu>
+void gru_reset_after_backward_row(int64_t H, const T* __restrict saved, const T* __restrict h_prev,
+                                  const T* __restrict dy, T* __restrict dh, T* __restrict da,
+                                  T* __restrict dar_n) {
+  for (int64_t j = 0; j < H; ++j) {
+    const auto d = cells::gru_backward_reset_after(kRelu, saved[j], saved[H + j], saved[2 * H + j],
+                                                   saved[3 * H + j], h_prev[j], dh[j] + dy[j]);
+    da[j] = d.da_r;
+    da[H + j] = d.da_z;
+    da[2 * H + j] = d.dax_n;
+    dar_n[j] = d.dar_n;
+    dh[j] = d.dh_prev;
+  }
+}
+
+// reset_after=false, first half: all but r's gradient, which needs d(r * h_{t-1}) = dar_n R_n.
+template <typename T, bool kRelu>
+void gru_reset_before_backward_row(int64_t H, const T* __restrict saved, const T* __restrict h_prev,
+                                   const T* __restrict dy, T* __restrict dh, T* __restrict da) {
+  for (int64_t j = 0; j < H; ++j) {
+    const auto d = cells::gru_backward_reset_before(kRelu, saved[H + j], saved[2 * H + j], h_prev[j], dh[j] + dy[j]);
+    da[H + j] = d.da_z;
+    da[2 * H + j] = d.dax_n;
+    dh[j] = d.dh_prev;
+  }
 }
 
 template <typename T>
+void gru_reset_before_reset_grad_row(int64_t H, const T* __restrict saved, const T* __restrict h_prev,
+                                     const T* __restrict d_reset_hidden, T* __restrict dh, T* __restrict da) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T r = saved[j];
+    da[j] = cells::gru_reset_gate_grad_reset_before(r, h_prev[j], d_reset_hidden[j]);
+    dh[j] += d_reset_hidden[j] * r;
+  }
+}
+
+template <typename T, bool kRelu>
+void rnn_backward_row(int64_t H, const T* __restrict h, const T* __restrict dy, const T* __restrict dh,
+                      T* __restrict da) {
+  for (int64_t j = 0; j < H; ++j) da[j] = cells::rnn_backward(kRelu, h[j], dh[j] + dy[j]);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The windows
+
+template <typename T, bool kRelu>
 void forward_window(const CellOptions& options, const WindowSizes& sizes, const ForwardArgs& args) {
   const Window w = make_window(options, sizes);
   const int64_t B = w.batch, H = w.hidden_size, GH = w.gh();
@@ -78,10 +221,13 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   const T* W = static_cast<const T*>(args.W.data);
   const T* R = static_cast<const T*>(args.R.data);
   const T* bW = data_or_null<T>(args.bW);
-  const T* bR = data_or_null<T>(args.bR);
   T* y = static_cast<T*>(args.y.data);
+  // Absent biases and cache become zeros and a one-step scratch cache, so that the per-element loops have
+  // no branches.
+  std::vector<T> zero_bias(args.bR.present() ? 0 : static_cast<size_t>(GH), T(0));
+  const T* bR = args.bR.present() ? static_cast<const T*>(args.bR.data) : zero_bias.data();
   T* cache = mutable_or_null<T>(args.cache);
-  const bool relu = w.relu;
+  std::vector<T> step_cache(cache != nullptr ? 0 : static_cast<size_t>(B * cw));
 
   // ax = x W^T + bW for every step at once.
   std::vector<T> ax(static_cast<size_t>(w.rows() * GH));
@@ -93,7 +239,6 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
       for (int64_t j = 0; j < GH; ++j) row[j] += bW[j];
     });
   }
-  auto bias_r = [&](int64_t j) { return bR != nullptr ? bR[j] : T(0); };
 
   std::vector<T> zeros(static_cast<size_t>(B * H), T(0));
   const T* h0 = args.h0.present() ? static_cast<const T*>(args.h0.data) : zeros.data();
@@ -110,100 +255,48 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
     const T* h_prev = t == 0 ? h0 : y + (t - 1) * B * H;
     T* h = y + t * B * H;
     const T* ax_t = ax.data() + t * B * GH;
-    T* cache_t = cache != nullptr ? cache + t * B * cw : nullptr;
+    T* cache_t = cache != nullptr ? cache + t * B * cw : step_cache.data();
 
     if (options.cell == CellType::gru && !options.reset_after) {
       // r and z first: the n block's recurrent product reads r * h_{t-1}.
       gemm<T>(B, 2 * H, H, T(1), MatrixRef<T>::rows(h_prev, H), MatrixRef<T>::transposed(R, H), T(0), ar.data(),
               GH);
       for_each_row(B, kElementCost * H, [&](int64_t b) {
-        for (int64_t j = 0; j < H; ++j) {
-          const T* a = ax_t + b * GH;
-          const T* q = ar.data() + b * GH;
-          const T r = cells::sigmoid(a[j] + q[j] + bias_r(j));
-          const T z = cells::sigmoid(a[H + j] + q[H + j] + bias_r(H + j));
-          reset_hidden[b * H + j] = r * h_prev[b * H + j];
-          if (cache_t != nullptr) {
-            cache_t[b * cw + j] = r;
-            cache_t[b * cw + H + j] = z;
-            cache_t[b * cw + 3 * H + j] = reset_hidden[b * H + j];
-          }
-          ar[b * GH + j] = r;  // the pre-activation is spent; keep r and z for the second pass
-          ar[b * GH + H + j] = z;
-        }
+        gru_reset_before_gates_row<T>(H, ax_t + b * GH, ar.data() + b * GH, bR, h_prev + b * H,
+                                      reset_hidden.data() + b * H, cache_t + b * cw);
       });
       gemm<T>(B, H, H, T(1), MatrixRef<T>::rows(reset_hidden.data(), H), MatrixRef<T>::transposed(R + 2 * H * H, H),
               T(0), ar.data() + 2 * H, GH);
       for_each_row(B, kElementCost * H, [&](int64_t b) {
-        for (int64_t j = 0; j < H; ++j) {
-          const T* q = ar.data() + b * GH;
-          const T n = cells::gru_candidate_reset_before(relu, ax_t[b * GH + 2 * H + j], q[2 * H + j] + bias_r(2 * H + j));
-          h[b * H + j] = cells::gru_output(q[H + j], n, h_prev[b * H + j]);
-          if (cache_t != nullptr) cache_t[b * cw + 2 * H + j] = n;
-        }
+        gru_reset_before_output_row<T, kRelu>(H, ax_t + b * GH + 2 * H, ar.data() + b * GH + 2 * H, bR + 2 * H,
+                                              h_prev + b * H, h + b * H, cache_t + b * cw);
       });
       continue;
     }
 
     gemm<T>(B, GH, H, T(1), MatrixRef<T>::rows(h_prev, H), MatrixRef<T>::transposed(R, H), T(0), ar.data(), GH);
-    switch (options.cell) {
-      case CellType::lstm:
-        for_each_row(B, kElementCost * H, [&](int64_t b) {
-          const T* a = ax_t + b * GH;
-          const T* q = ar.data() + b * GH;
-          for (int64_t j = 0; j < H; ++j) {
-            T& c = cell_state[b * H + j];
-            const auto s = cells::lstm_forward(relu, a[j] + q[j] + bias_r(j), a[H + j] + q[H + j] + bias_r(H + j),
-                                               a[2 * H + j] + q[2 * H + j] + bias_r(2 * H + j),
-                                               a[3 * H + j] + q[3 * H + j] + bias_r(3 * H + j), c);
-            c = s.c;
-            h[b * H + j] = s.h;
-            if (cache_t != nullptr) {
-              T* saved = cache_t + b * cw;
-              saved[j] = s.i;
-              saved[H + j] = s.f;
-              saved[2 * H + j] = s.g;
-              saved[3 * H + j] = s.o;
-              saved[4 * H + j] = s.c;
-            }
-          }
-        });
-        break;
-      case CellType::gru:  // reset_after
-        for_each_row(B, kElementCost * H, [&](int64_t b) {
-          const T* a = ax_t + b * GH;
-          const T* q = ar.data() + b * GH;
-          for (int64_t j = 0; j < H; ++j) {
-            const T r = cells::sigmoid(a[j] + q[j] + bias_r(j));
-            const T z = cells::sigmoid(a[H + j] + q[H + j] + bias_r(H + j));
-            const T ar_n = q[2 * H + j] + bias_r(2 * H + j);
-            const T n = cells::gru_candidate_reset_after(relu, a[2 * H + j], r, ar_n);
-            h[b * H + j] = cells::gru_output(z, n, h_prev[b * H + j]);
-            if (cache_t != nullptr) {
-              T* saved = cache_t + b * cw;
-              saved[j] = r;
-              saved[H + j] = z;
-              saved[2 * H + j] = n;
-              saved[3 * H + j] = ar_n;
-            }
-          }
-        });
-        break;
-      case CellType::rnn:
-        for_each_row(B, kElementCost * H, [&](int64_t b) {
-          for (int64_t j = 0; j < H; ++j) {
-            h[b * H + j] = cells::rnn_forward(relu, ax_t[b * H + j] + ar[b * H + j] + bias_r(j));
-          }
-        });
-        break;
-    }
+    for_each_row(B, kElementCost * H, [&](int64_t b) {
+      const T* ax_b = ax_t + b * GH;
+      const T* ar_b = ar.data() + b * GH;
+      switch (options.cell) {
+        case CellType::lstm:
+          lstm_forward_row<T, kRelu>(H, ax_b, ar_b, bR, cell_state.data() + b * H, h + b * H, cache_t + b * cw);
+          break;
+        case CellType::gru:  // reset_after
+          gru_reset_after_forward_row<T, kRelu>(H, ax_b, ar_b, bR, h_prev + b * H, h + b * H, cache_t + b * cw);
+          break;
+        case CellType::rnn:
+          rnn_forward_row<T, kRelu>(H, ax_b, ar_b, bR, h + b * H);
+          break;
+      }
+    });
   }
 
   if (args.h_T.present()) std::memcpy(args.h_T.data, y + (w.steps - 1) * B * H, sizeof(T) * B * H);
   if (args.c_T.present()) std::memcpy(args.c_T.data, cell_state.data(), sizeof(T) * B * H);
 }
 
-template <typename T>
+template <typename T, bool kRelu>
 void backward_window(const CellOptions& options, const WindowSizes& sizes, const BackwardArgs& args) {
   const Window w = make_window(options, sizes);
   const int64_t B = w.batch, H = w.hidden_size, I = w.input_size, GH = w.gh(), TB = w.rows();
@@ -214,7 +307,6 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   const T* y = static_cast<const T*>(args.y.data);
   const T* cache = data_or_null<T>(args.cache);
   const T* dy = static_cast<const T*>(args.dy.data);
-  const bool relu = w.relu;
   const bool reset_after_gru = options.cell == CellType::gru && options.reset_after;
   const bool reset_before_gru = options.cell == CellType::gru && !options.reset_after;
 
@@ -242,27 +334,15 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
     switch (options.cell) {
       case CellType::lstm:
         for_each_row(B, kElementCost * H, [&](int64_t b) {
-          const T* saved = cache_t + b * cw;
           const T* c_prev = t == 0 ? c0 + b * H : cache_t - B * cw + b * cw + 4 * H;
-          T* da = dax_t + b * GH;
-          for (int64_t j = 0; j < H; ++j) {
-            const auto d = cells::lstm_backward(relu, saved[j], saved[H + j], saved[2 * H + j], saved[3 * H + j],
-                                                saved[4 * H + j], c_prev[j], dh[b * H + j] + dy_t[b * H + j],
-                                                dc[b * H + j]);
-            da[j] = d.da_i;
-            da[H + j] = d.da_f;
-            da[2 * H + j] = d.da_g;
-            da[3 * H + j] = d.da_o;
-            dc[b * H + j] = d.dc_prev;
-          }
+          lstm_backward_row<T, kRelu>(H, cache_t + b * cw, c_prev, dy_t + b * H, dh.data() + b * H,
+                                      dc.data() + b * H, dax_t + b * GH);
         });
         gemm<T>(B, H, GH, T(1), MatrixRef<T>::rows(dax_t, GH), MatrixRef<T>::rows(R, H), T(0), dh.data(), H);
         break;
       case CellType::rnn:
         for_each_row(B, kElementCost * H, [&](int64_t b) {
-          for (int64_t j = 0; j < H; ++j) {
-            dax_t[b * H + j] = cells::rnn_backward(relu, y[(t * B + b) * H + j], dh[b * H + j] + dy_t[b * H + j]);
-          }
+          rnn_backward_row<T, kRelu>(H, y + (t * B + b) * H, dy_t + b * H, dh.data() + b * H, dax_t + b * H);
         });
         gemm<T>(B, H, GH, T(1), MatrixRef<T>::rows(dax_t, GH), MatrixRef<T>::rows(R, H), T(0), dh.data(), H);
         break;
@@ -270,45 +350,23 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
         if (options.reset_after) {
           T* dar_n_t = dar_n.data() + t * B * H;
           for_each_row(B, kElementCost * H, [&](int64_t b) {
-            const T* saved = cache_t + b * cw;
-            T* da = dax_t + b * GH;
-            for (int64_t j = 0; j < H; ++j) {
-              const auto d = cells::gru_backward_reset_after(relu, saved[j], saved[H + j], saved[2 * H + j],
-                                                             saved[3 * H + j], h_prev[b * H + j],
-                                                             dh[b * H + j] + dy_t[b * H + j]);
-              da[j] = d.da_r;
-              da[H + j] = d.da_z;
-              da[2 * H + j] = d.dax_n;
-              dar_n_t[b * H + j] = d.dar_n;
-              dh[b * H + j] = d.dh_prev;
-            }
+            gru_reset_after_backward_row<T, kRelu>(H, cache_t + b * cw, h_prev + b * H, dy_t + b * H,
+                                                   dh.data() + b * H, dax_t + b * GH, dar_n_t + b * H);
           });
           gemm<T>(B, H, 2 * H, T(1), MatrixRef<T>::rows(dax_t, GH), MatrixRef<T>::rows(R, H), T(1), dh.data(), H);
           gemm<T>(B, H, H, T(1), MatrixRef<T>::rows(dar_n_t, H), MatrixRef<T>::rows(R + 2 * H * H, H), T(1),
                   dh.data(), H);
         } else {
           for_each_row(B, kElementCost * H, [&](int64_t b) {
-            const T* saved = cache_t + b * cw;
-            T* da = dax_t + b * GH;
-            for (int64_t j = 0; j < H; ++j) {
-              const auto d = cells::gru_backward_reset_before(relu, saved[H + j], saved[2 * H + j],
-                                                              h_prev[b * H + j], dh[b * H + j] + dy_t[b * H + j]);
-              da[H + j] = d.da_z;
-              da[2 * H + j] = d.dax_n;
-              dh[b * H + j] = d.dh_prev;
-            }
+            gru_reset_before_backward_row<T, kRelu>(H, cache_t + b * cw, h_prev + b * H, dy_t + b * H,
+                                                    dh.data() + b * H, dax_t + b * GH);
           });
           // d(r * h_{t-1}) = dar_n R_n, which r's gradient needs.
           gemm<T>(B, H, H, T(1), MatrixRef<T>::rows(dax_t + 2 * H, GH), MatrixRef<T>::rows(R + 2 * H * H, H), T(0),
                   d_reset_hidden.data(), H);
           for_each_row(B, kElementCost * H, [&](int64_t b) {
-            const T* saved = cache_t + b * cw;
-            for (int64_t j = 0; j < H; ++j) {
-              const T r = saved[j];
-              const T d_rh = d_reset_hidden[b * H + j];
-              dax_t[b * GH + j] = cells::gru_reset_gate_grad_reset_before(r, h_prev[b * H + j], d_rh);
-              dh[b * H + j] += d_rh * r;
-            }
+            gru_reset_before_reset_grad_row<T>(H, cache_t + b * cw, h_prev + b * H, d_reset_hidden.data() + b * H,
+                                               dh.data() + b * H, dax_t + b * GH);
           });
           gemm<T>(B, H, 2 * H, T(1), MatrixRef<T>::rows(dax_t, GH), MatrixRef<T>::rows(R, H), T(1), dh.data(), H);
         }
@@ -369,19 +427,23 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
 }  // namespace
 
 void cpu_forward(const CellOptions& options, const WindowSizes& sizes, const ForwardArgs& args) {
-  if (args.x.dtype == DType::float64) {
-    forward_window<double>(options, sizes, args);
-  } else {
-    forward_window<float>(options, sizes, args);
-  }
+  bool_switch(options.activation == Activation::relu, [&](auto relu) {
+    if (args.x.dtype == DType::float64) {
+      forward_window<double, decltype(relu)::value>(options, sizes, args);
+    } else {
+      forward_window<float, decltype(relu)::value>(options, sizes, args);
+    }
+  });
 }
 
 void cpu_backward(const CellOptions& options, const WindowSizes& sizes, const BackwardArgs& args) {
-  if (args.x.dtype == DType::float64) {
-    backward_window<double>(options, sizes, args);
-  } else {
-    backward_window<float>(options, sizes, args);
-  }
+  bool_switch(options.activation == Activation::relu, [&](auto relu) {
+    if (args.x.dtype == DType::float64) {
+      backward_window<double, decltype(relu)::value>(options, sizes, args);
+    } else {
+      backward_window<float, decltype(relu)::value>(options, sizes, args);
+    }
+  });
 }
 
 }  // namespace conveyor::detail
