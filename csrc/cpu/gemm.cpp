@@ -1,7 +1,8 @@
-// The CPU matrix product, after the BLIS/GotoBLAS design: C is cut into tiles of MC x NC; each tile is one
-// task for the worker pool; a task walks K in slices of KC, packs its slice of A into MR-row strips and its
-// slice of B into NR-column strips (contiguous, zero-padded), and runs an MR x NR register-blocked kernel
-// over them. Packing makes every operand layout (plain or transposed) read the same way. Tasks share nothing.
+// The CPU matrix product, after the BLIS/GotoBLAS design: C is cut into blocks of (a group of rows) x (a
+// panel of up to NC columns), one task each for the worker pool; a task walks K in slices of KC, packs its
+// slice of B into NR-column strips once, then for each MC-row block packs that slice of A into MR-row strips
+// (contiguous, zero-padded) and runs an MR x NR register-blocked kernel over them. Packing makes every
+// operand layout (plain or transposed) read the same way. Tasks share nothing.
 //
 // Products with fewer rows than a strip (the per-step recurrent products at batch 1 or 2) take a direct
 // path: with one or two rows, packing would waste most of the kernel on padding.
@@ -130,29 +131,39 @@ void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* _
   std::memcpy(acc, c, sizeof(c));
 }
 
-// One tile of C: rows [m0, m0 + mc), columns [n0, n0 + nc).
+// One task's block of C: rows [m0, m1), columns [n0, n0 + nc). Each K slice of B's panel is packed once and
+// serves every MC-row block of the task's rows, so packing B costs 1/(m1 - m0) of the arithmetic, not 1/MC.
+// `packed`, when given, holds B already packed and the task packs nothing of it.
 template <typename T>
-void gemm_tile(int64_t m0, int64_t mc, int64_t n0, int64_t nc, int64_t K, T alpha, const MatrixRef<T>& A,
-               const MatrixRef<T>& B, T beta, T* C, int64_t ldc) {
-  constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR, KC = Blocking<T>::KC;
+void gemm_block(int64_t m0, int64_t m1, int64_t n0, int64_t nc, int64_t K, T alpha, const MatrixRef<T>& A,
+                const MatrixRef<T>& B, const PackedMatrix<T>* packed, T beta, T* C, int64_t ldc) {
+  constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR, KC = Blocking<T>::KC, MC = Blocking<T>::MC;
   thread_local std::vector<T> packed_a, packed_b;
-  packed_a.resize(static_cast<size_t>(((mc + MR - 1) / MR) * MR * KC));
-  packed_b.resize(static_cast<size_t>(((nc + NR - 1) / NR) * NR * KC));
+  packed_a.resize(static_cast<size_t>(MC * KC));
+  if (packed == nullptr) packed_b.resize(static_cast<size_t>(((nc + NR - 1) / NR) * NR * KC));
   T acc[MR * NR];
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = std::min<int64_t>(KC, K - k0);
     const bool first = k0 == 0;
-    pack_a(A, m0, mc, k0, kc, packed_a.data());
-    pack_b(B, k0, kc, n0, nc, packed_b.data());
-    for (int64_t ms = 0; ms < mc; ms += MR) {
-      const int64_t rows = std::min<int64_t>(MR, mc - ms);
-      for (int64_t ns = 0; ns < nc; ns += NR) {
-        const int64_t cols = std::min<int64_t>(NR, nc - ns);
-        micro_kernel<T>(kc, packed_a.data() + ms * kc, packed_b.data() + ns * kc, acc);
-        for (int64_t r = 0; r < rows; ++r) {
-          T* c = C + (m0 + ms + r) * ldc + n0 + ns;
-          const T* s = acc + r * NR;
-          for (int64_t j = 0; j < cols; ++j) accumulate_into(c[j], s[j], alpha, beta, first);
+    const T* strips_b = packed_b.data();
+    if (packed != nullptr) {
+      strips_b = packed->slice(k0, n0);
+    } else {
+      pack_b(B, k0, kc, n0, nc, packed_b.data());
+    }
+    for (int64_t mb = m0; mb < m1; mb += MC) {
+      const int64_t mc = std::min<int64_t>(MC, m1 - mb);
+      pack_a(A, mb, mc, k0, kc, packed_a.data());
+      for (int64_t ms = 0; ms < mc; ms += MR) {
+        const int64_t rows = std::min<int64_t>(MR, mc - ms);
+        for (int64_t ns = 0; ns < nc; ns += NR) {
+          const int64_t cols = std::min<int64_t>(NR, nc - ns);
+          micro_kernel<T>(kc, packed_a.data() + ms * kc, strips_b + ns * kc, acc);
+          for (int64_t r = 0; r < rows; ++r) {
+            T* c = C + (mb + ms + r) * ldc + n0 + ns;
+            const T* s = acc + r * NR;
+            for (int64_t j = 0; j < cols; ++j) accumulate_into(c[j], s[j], alpha, beta, first);
+          }
         }
       }
     }
@@ -200,10 +211,10 @@ void gemm_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const MatrixRef<T>&
   });
 }
 
-}  // namespace
-
+// Both entry points: B is read through `B`, or from `packed` when given.
 template <typename T>
-void gemm(int64_t M, int64_t N, int64_t K, T alpha, MatrixRef<T> A, MatrixRef<T> B, T beta, T* C, int64_t ldc) {
+void gemm_driver(int64_t M, int64_t N, int64_t K, T alpha, const MatrixRef<T>& A, const MatrixRef<T>& B,
+                 const PackedMatrix<T>* packed, T beta, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     for (int64_t m = 0; m < M; ++m)
@@ -215,26 +226,66 @@ void gemm(int64_t M, int64_t N, int64_t K, T alpha, MatrixRef<T> A, MatrixRef<T>
     return;
   }
   constexpr int MC = Blocking<T>::MC, NC = Blocking<T>::NC, NR = Blocking<T>::NR;
-  const int64_t row_tiles = (M + MC - 1) / MC;
-  // With few row tiles, narrower column tiles keep every worker busy.
+  // Tasks are (row group, column panel) blocks: as few row groups as keep every worker busy (each group
+  // repacks B), and narrower panels when N alone cannot give enough of them.
+  const int64_t row_blocks = (M + MC - 1) / MC;
+  const int64_t wanted = 2 * static_cast<int64_t>(pool_size());
   int64_t nc = NC;
-  const int64_t threads = pool_size();
-  while (nc > NR && row_tiles * ((N + nc - 1) / nc) < 2 * threads) nc /= 2;
-  const int64_t col_tiles = (N + nc - 1) / nc;
-  const int64_t tiles = row_tiles * col_tiles;
+  while (nc > NR && row_blocks * ((N + nc - 1) / nc) < wanted) nc /= 2;
+  const int64_t col_panels = (N + nc - 1) / nc;
+  const int64_t row_groups = std::min(row_blocks, std::max<int64_t>(1, (wanted + col_panels - 1) / col_panels));
+  const int64_t blocks_per_group = (row_blocks + row_groups - 1) / row_groups;
+  const int64_t tiles = row_groups * col_panels;
   const int64_t tasks = parallel_tasks_for(double(M) * N * K, tiles);
   parallel_for(tasks, [&](int64_t task) {
     for (int64_t tile = task; tile < tiles; tile += tasks) {
-      const int64_t m0 = (tile / col_tiles) * MC, n0 = (tile % col_tiles) * nc;
-      gemm_tile<T>(m0, std::min<int64_t>(MC, M - m0), n0, std::min<int64_t>(nc, N - n0), K, alpha, A, B, beta, C,
-                   ldc);
+      const int64_t m0 = (tile / col_panels) * blocks_per_group * MC, n0 = (tile % col_panels) * nc;
+      if (m0 >= M) continue;
+      gemm_block<T>(m0, std::min(M, m0 + blocks_per_group * MC), n0, std::min<int64_t>(nc, N - n0), K, alpha, A, B,
+                    packed, beta, C, ldc);
     }
   });
+}
+
+}  // namespace
+
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, T alpha, MatrixRef<T> A, MatrixRef<T> B, T beta, T* C, int64_t ldc) {
+  gemm_driver<T>(M, N, K, alpha, A, B, nullptr, beta, C, ldc);
+}
+
+template <typename T>
+void gemm(int64_t M, T alpha, MatrixRef<T> A, const PackedMatrix<T>& B, T beta, T* C, int64_t ldc) {
+  gemm_driver<T>(M, B.cols(), B.rows(), alpha, A, B.source(), &B, beta, C, ldc);
+}
+
+template <typename T>
+PackedMatrix<T>::PackedMatrix(int64_t K, int64_t N, MatrixRef<T> B)
+    : rows_(K), cols_(N), padded_cols_((N + Blocking<T>::NR - 1) / Blocking<T>::NR * Blocking<T>::NR), source_(B) {
+  constexpr int KC = Blocking<T>::KC;
+  packed_.resize(static_cast<size_t>(std::max<int64_t>(K, 0) * padded_cols_));
+  const int64_t slices = (K + KC - 1) / KC;
+  parallel_for(slices, [&](int64_t slice) {
+    const int64_t k0 = slice * KC;
+    pack_b(B, k0, std::min<int64_t>(KC, K - k0), 0, N, packed_.data() + k0 * padded_cols_);
+  });
+}
+
+template <typename T>
+const T* PackedMatrix<T>::slice(int64_t k0, int64_t n0) const {
+  // Slices before k0 are all KC rows deep; within a slice, strips of NR columns follow one another.
+  const int64_t kc = std::min<int64_t>(Blocking<T>::KC, rows_ - k0);
+  return packed_.data() + k0 * padded_cols_ + (n0 / Blocking<T>::NR) * kc * Blocking<T>::NR;
 }
 
 template void gemm<float>(int64_t, int64_t, int64_t, float, MatrixRef<float>, MatrixRef<float>, float, float*,
                           int64_t);
 template void gemm<double>(int64_t, int64_t, int64_t, double, MatrixRef<double>, MatrixRef<double>, double,
                            double*, int64_t);
+template void gemm<float>(int64_t, float, MatrixRef<float>, const PackedMatrix<float>&, float, float*, int64_t);
+template void gemm<double>(int64_t, double, MatrixRef<double>, const PackedMatrix<double>&, double, double*,
+                           int64_t);
+template class PackedMatrix<float>;
+template class PackedMatrix<double>;
 
 }  // namespace conveyor::cpu

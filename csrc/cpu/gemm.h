@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace conveyor::cpu {
 
@@ -23,5 +24,29 @@ struct MatrixRef {
 // C is row-major with ldc elements per row.
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, T alpha, MatrixRef<T> A, MatrixRef<T> B, T beta, T* C, int64_t ldc);
+
+// B[K, N] packed once into the kernel's strip layout, for many products with the same B: the recurrent
+// weights, multiplied at every step of a window. Refers to (does not copy) the source for the products that
+// read it directly; the source must outlive it, unchanged.
+template <typename T>
+class PackedMatrix {
+ public:
+  PackedMatrix(int64_t K, int64_t N, MatrixRef<T> B);
+
+  int64_t rows() const { return rows_; }
+  int64_t cols() const { return cols_; }
+  const MatrixRef<T>& source() const { return source_; }
+  // The packed strips of the K slice that starts at row k0, from column n0 (a multiple of the strip width).
+  const T* slice(int64_t k0, int64_t n0) const;
+
+ private:
+  int64_t rows_, cols_, padded_cols_;
+  MatrixRef<T> source_;
+  std::vector<T> packed_;
+};
+
+// C[M, N] = beta * C + alpha * A[M, K] * B, with B packed; the same numbers as gemm() with B's source.
+template <typename T>
+void gemm(int64_t M, T alpha, MatrixRef<T> A, const PackedMatrix<T>& B, T beta, T* C, int64_t ldc);
 
 }  // namespace conveyor::cpu

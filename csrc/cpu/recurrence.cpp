@@ -24,6 +24,7 @@ namespace {
 
 using cpu::gemm;
 using cpu::MatrixRef;
+using cpu::PackedMatrix;
 
 template <typename T>
 const T* data_or_null(const TensorView& v) {
@@ -251,6 +252,12 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   }
   if (options.cell == CellType::gru && !options.reset_after) reset_hidden.resize(static_cast<size_t>(B * H));
 
+  // The recurrent weights, packed once for the T per-step products h_{t-1} R^T (the GRU without reset_after
+  // multiplies its r, z rows and its n rows separately).
+  const bool split_n = options.cell == CellType::gru && !options.reset_after;
+  const PackedMatrix<T> recurrent(H, split_n ? 2 * H : GH, MatrixRef<T>::transposed(R, H));
+  const PackedMatrix<T> recurrent_n(split_n ? H : 0, H, MatrixRef<T>::transposed(R + 2 * H * H, H));
+
   for (int64_t t = 0; t < w.steps; ++t) {
     const T* h_prev = t == 0 ? h0 : y + (t - 1) * B * H;
     T* h = y + t * B * H;
@@ -259,14 +266,12 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
 
     if (options.cell == CellType::gru && !options.reset_after) {
       // r and z first: the n block's recurrent product reads r * h_{t-1}.
-      gemm<T>(B, 2 * H, H, T(1), MatrixRef<T>::rows(h_prev, H), MatrixRef<T>::transposed(R, H), T(0), ar.data(),
-              GH);
+      gemm<T>(B, T(1), MatrixRef<T>::rows(h_prev, H), recurrent, T(0), ar.data(), GH);
       for_each_row(B, kElementCost * H, [&](int64_t b) {
         gru_reset_before_gates_row<T>(H, ax_t + b * GH, ar.data() + b * GH, bR, h_prev + b * H,
                                       reset_hidden.data() + b * H, cache_t + b * cw);
       });
-      gemm<T>(B, H, H, T(1), MatrixRef<T>::rows(reset_hidden.data(), H), MatrixRef<T>::transposed(R + 2 * H * H, H),
-              T(0), ar.data() + 2 * H, GH);
+      gemm<T>(B, T(1), MatrixRef<T>::rows(reset_hidden.data(), H), recurrent_n, T(0), ar.data() + 2 * H, GH);
       for_each_row(B, kElementCost * H, [&](int64_t b) {
         gru_reset_before_output_row<T, kRelu>(H, ax_t + b * GH + 2 * H, ar.data() + b * GH + 2 * H, bR + 2 * H,
                                               h_prev + b * H, h + b * H, cache_t + b * cw);
@@ -274,7 +279,7 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
       continue;
     }
 
-    gemm<T>(B, GH, H, T(1), MatrixRef<T>::rows(h_prev, H), MatrixRef<T>::transposed(R, H), T(0), ar.data(), GH);
+    gemm<T>(B, T(1), MatrixRef<T>::rows(h_prev, H), recurrent, T(0), ar.data(), GH);
     for_each_row(B, kElementCost * H, [&](int64_t b) {
       const T* ax_b = ax_t + b * GH;
       const T* ar_b = ar.data() + b * GH;
@@ -325,6 +330,11 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   if (args.dh_T.present()) std::memcpy(dh.data(), args.dh_T.data, sizeof(T) * B * H);
   if (args.dc_T.present()) std::memcpy(dc.data(), args.dc_T.data, sizeof(T) * B * H);
 
+  // R packed once for the T per-step products dh_{t-1} = da R (the GRU's r, z rows apart from its n rows).
+  const bool gru = options.cell == CellType::gru;
+  const PackedMatrix<T> recurrent(gru ? 2 * H : GH, H, MatrixRef<T>::rows(R, H));
+  const PackedMatrix<T> recurrent_n(gru ? H : 0, H, MatrixRef<T>::rows(R + 2 * H * H, H));
+
   for (int64_t t = w.steps - 1; t >= 0; --t) {
     const T* h_prev = t == 0 ? h0 : y + (t - 1) * B * H;
     const T* dy_t = dy + t * B * H;
@@ -338,13 +348,13 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
           lstm_backward_row<T, kRelu>(H, cache_t + b * cw, c_prev, dy_t + b * H, dh.data() + b * H,
                                       dc.data() + b * H, dax_t + b * GH);
         });
-        gemm<T>(B, H, GH, T(1), MatrixRef<T>::rows(dax_t, GH), MatrixRef<T>::rows(R, H), T(0), dh.data(), H);
+        gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), dh.data(), H);
         break;
       case CellType::rnn:
         for_each_row(B, kElementCost * H, [&](int64_t b) {
           rnn_backward_row<T, kRelu>(H, y + (t * B + b) * H, dy_t + b * H, dh.data() + b * H, dax_t + b * H);
         });
-        gemm<T>(B, H, GH, T(1), MatrixRef<T>::rows(dax_t, GH), MatrixRef<T>::rows(R, H), T(0), dh.data(), H);
+        gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), dh.data(), H);
         break;
       case CellType::gru:
         if (options.reset_after) {
@@ -353,22 +363,20 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
             gru_reset_after_backward_row<T, kRelu>(H, cache_t + b * cw, h_prev + b * H, dy_t + b * H,
                                                    dh.data() + b * H, dax_t + b * GH, dar_n_t + b * H);
           });
-          gemm<T>(B, H, 2 * H, T(1), MatrixRef<T>::rows(dax_t, GH), MatrixRef<T>::rows(R, H), T(1), dh.data(), H);
-          gemm<T>(B, H, H, T(1), MatrixRef<T>::rows(dar_n_t, H), MatrixRef<T>::rows(R + 2 * H * H, H), T(1),
-                  dh.data(), H);
+          gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(1), dh.data(), H);
+          gemm<T>(B, T(1), MatrixRef<T>::rows(dar_n_t, H), recurrent_n, T(1), dh.data(), H);
         } else {
           for_each_row(B, kElementCost * H, [&](int64_t b) {
             gru_reset_before_backward_row<T, kRelu>(H, cache_t + b * cw, h_prev + b * H, dy_t + b * H,
                                                     dh.data() + b * H, dax_t + b * GH);
           });
           // d(r * h_{t-1}) = dar_n R_n, which r's gradient needs.
-          gemm<T>(B, H, H, T(1), MatrixRef<T>::rows(dax_t + 2 * H, GH), MatrixRef<T>::rows(R + 2 * H * H, H), T(0),
-                  d_reset_hidden.data(), H);
+          gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t + 2 * H, GH), recurrent_n, T(0), d_reset_hidden.data(), H);
           for_each_row(B, kElementCost * H, [&](int64_t b) {
             gru_reset_before_reset_grad_row<T>(H, cache_t + b * cw, h_prev + b * H, d_reset_hidden.data() + b * H,
                                                dh.data() + b * H, dax_t + b * GH);
           });
-          gemm<T>(B, H, 2 * H, T(1), MatrixRef<T>::rows(dax_t, GH), MatrixRef<T>::rows(R, H), T(1), dh.data(), H);
+          gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(1), dh.data(), H);
         }
         break;
     }
