@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import reference as ref
 
 import conveyor
+
+import reference as ref
 
 # |out - ref| <= atol + rtol * |ref|, against the float64 reference, for windows of up to ~40 steps.
 TOLERANCES = {

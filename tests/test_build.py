@@ -23,7 +23,8 @@ def test_cuda_reports_are_consistent():
 
 
 def test_info_command_reports_the_build():
-    out = subprocess.run([sys.executable, "-m", "conveyor", "info"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "conveyor", "info"], capture_output=True, text=True,
+                         check=True)
     assert f"CUDA backend built: {conveyor.cuda_built()}" in out.stdout
 
 

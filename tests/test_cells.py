@@ -5,9 +5,10 @@ determinism across thread counts, and inference mode."""
 
 import numpy as np
 import pytest
-from support import CONFIGS, assert_close, config_id, make_problem, run_conveyor, run_reference
 
 import conveyor
+
+from support import CONFIGS, assert_close, config_id, make_problem, run_conveyor, run_reference
 
 SHAPES = [  # (T, B, I, H)
     (1, 1, 3, 5),
@@ -108,7 +109,7 @@ def test_gradients_match_finite_differences(config, rng):
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 @pytest.mark.parametrize("batch", [1, 2, 5])
 def test_windows_chain_exactly(config, batch, rng):
-    """SPEC: a sequence cut into windows gives exactly the forward outputs of one call over the whole of it."""
+    """SPEC: a sequence cut into windows gives exactly the forward outputs of one call over all of it."""
     p = make_problem(*config, 11, batch, 300, 6, rng).cast(np.float32)
     whole = _forward_only(p)
     pieces, h, c = [], p.h0, p.c0

@@ -12,9 +12,10 @@ import subprocess
 import sys
 import textwrap
 
-import conveyor
 import numpy as np
 import pytest
+
+import conveyor
 
 T, B, I, H = 3, 2, 4, 5
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}

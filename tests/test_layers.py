@@ -41,7 +41,8 @@ def _run_functional(layer, x, h0, dy):
         y, h_T, _, saved = conveyor.lstm_forward(*args, activation=layer.activation)
         return y, conveyor.lstm_backward(saved, dy)
     if isinstance(layer, GRU):
-        y, h_T, saved = conveyor.gru_forward(*args, reset_after=layer.reset_after, activation=layer.activation)
+        y, h_T, saved = conveyor.gru_forward(*args, reset_after=layer.reset_after,
+                                             activation=layer.activation)
         return y, conveyor.gru_backward(saved, dy)
     y, h_T, saved = conveyor.rnn_forward(*args, activation=layer.activation)
     return y, conveyor.rnn_backward(saved, dy)

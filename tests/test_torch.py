@@ -3,9 +3,10 @@ and torch state dicts loading into the layer objects unchanged. CI installs the 
 
 import numpy as np
 import pytest
-from support import assert_close, make_problem, run_conveyor
 
 import conveyor
+
+from support import assert_close, make_problem, run_conveyor
 
 torch = pytest.importorskip("torch")
 

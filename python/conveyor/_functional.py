@@ -139,8 +139,9 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, activation="tanh", traini
 
 
 def lstm_backward(saved, dy, dh_T=None, dc_T=None) -> LSTMGrads:
-    """Exact gradients of the window from :func:`lstm_forward`'s ``saved``, given ``dy`` ``[T, B, hidden_size]``
-    and optionally ``dh_T``/``dc_T`` ``[B, hidden_size]`` (None: no loss on the final state)."""
+    """Exact gradients of the window from :func:`lstm_forward`'s ``saved``, given ``dy``
+    ``[T, B, hidden_size]`` and optionally ``dh_T``/``dc_T`` ``[B, hidden_size]`` (None: no loss on the
+    final state)."""
     return LSTMGrads(*_backward("lstm", saved, dy, dh_T, dc_T))
 
 

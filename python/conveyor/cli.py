@@ -49,15 +49,16 @@ def demo(args) -> int:
     readout = {"weight": rng.uniform(-0.1, 0.1, (1, args.hidden)).astype(np.float32),
                "bias": np.zeros(1, np.float32)}
     adam_layer, adam_readout = _Adam(layer.params, args.lr), _Adam(readout, args.lr)
-    print(f"conveyor {__version__}: training a {args.cell.upper()} of {args.hidden} units to echo the bit it saw "
-          f"{args.delay} steps ago (windows of {args.window} steps, batch {args.batch}, Adam lr {args.lr})")
+    print(f"conveyor {__version__}: training a {args.hidden}-unit {args.cell.upper()} to echo the bit it "
+          f"saw {args.delay} steps ago (windows of {args.window} steps, batch {args.batch}, "
+          f"Adam lr {args.lr})")
     start, first_loss, loss = time.perf_counter(), None, float("nan")
     for step in range(1, args.steps + 1):
         x, target = _delayed_bits(rng, args.window, args.batch, args.delay)
         y = layer(x)[0]
         logits = y @ readout["weight"].T + readout["bias"]
         p = 1.0 / (1.0 + np.exp(-logits))
-        # Binary cross-entropy, averaged over every (step, row); the first `delay` steps have nothing to recall.
+        # Binary cross-entropy averaged over every (step, row); the first `delay` steps recall nothing.
         scored = slice(args.delay, None)
         n = p[scored].size
         loss = float(-np.mean(target[scored] * np.log(p[scored] + 1e-7)

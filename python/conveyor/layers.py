@@ -81,7 +81,8 @@ class _Recurrent:
         """Loads parameters by PyTorch's names; accepts NumPy arrays or torch tensors. Every name must be
         present with its exact shape; unknown names are an error."""
         if not isinstance(state, Mapping):
-            raise TypeError(f"state: expected a mapping of parameter names to arrays, got {type(state).__name__}")
+            raise TypeError("state: expected a mapping of parameter names to arrays, "
+                            f"got {type(state).__name__}")
         missing = sorted(set(self._shapes) - set(state))
         unexpected = sorted(set(state) - set(self._shapes))
         if missing or unexpected:
@@ -162,8 +163,8 @@ class LSTM(_Recurrent):
 
     def forward(self, x, h0=None, c0=None):
         self._check_input(x)
-        y, h_T, c_T, self._saved = _functional.lstm_forward(x, *self._weights(), h0, c0,
-                                                            activation=self.activation, training=self.training)
+        y, h_T, c_T, self._saved = _functional.lstm_forward(
+            x, *self._weights(), h0, c0, activation=self.activation, training=self.training)
         return y, h_T, c_T
 
     def backward(self, dy, dh_T=None, dc_T=None):

@@ -1,0 +1,52 @@
+"""Conveyor's compiled core (csrc/bindings/module.cpp): the C++ API over NumPy arrays.
+
+Use the functions of the `conveyor` package; these check less about their Python arguments.
+"""
+
+import numpy as np
+
+__version__: str
+
+def forward(
+    cell: str,
+    activation: str,
+    reset_after: bool,
+    x: np.ndarray,
+    W: np.ndarray,
+    R: np.ndarray,
+    bW: np.ndarray | None,
+    bR: np.ndarray | None,
+    h0: np.ndarray | None,
+    c0: np.ndarray | None,
+    training: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(y, h_T, c_T or None, cache or None)."""
+
+def backward(
+    cell: str,
+    activation: str,
+    reset_after: bool,
+    x: np.ndarray,
+    W: np.ndarray,
+    R: np.ndarray,
+    h0: np.ndarray | None,
+    c0: np.ndarray | None,
+    y: np.ndarray,
+    cache: np.ndarray | None,
+    dy: np.ndarray,
+    dh_T: np.ndarray | None,
+    dc_T: np.ndarray | None,
+    has_bW: bool,
+    has_bR: bool,
+) -> tuple[
+    np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None
+]:
+    """(dx, dh0, dc0 or None, dW, dR, dbW or None, dbR or None)."""
+
+def gate_count(cell: str) -> int: ...
+def cuda_built() -> bool: ...
+def cuda_available() -> bool: ...
+def cuda_device_count() -> int: ...
+def num_threads() -> int: ...
+def set_num_threads(n: int) -> None: ...
+def _set_poison_outputs(on: bool) -> None: ...
