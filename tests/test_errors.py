@@ -17,21 +17,12 @@ import pytest
 
 import conveyor
 
+from support import CONFIGS, GATES, config_id
+
 T, B, I, H = 3, 2, 4, 5
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 CELLS = tuple(GATES)
 LAYERS = {"lstm": conveyor.LSTM, "gru": conveyor.GRU, "rnn": conveyor.RNN}
-CONFIGS = [
-    ("lstm", {"activation": "tanh"}),
-    ("lstm", {"activation": "relu"}),
-    ("gru", {"reset_after": True, "activation": "tanh"}),
-    ("gru", {"reset_after": False, "activation": "tanh"}),
-    ("gru", {"reset_after": True, "activation": "relu"}),
-    ("gru", {"reset_after": False, "activation": "relu"}),
-    ("rnn", {"activation": "tanh"}),
-    ("rnn", {"activation": "relu"}),
-]
-CONFIG_IDS = ["-".join([cell, *map(str, opts.values())]) for cell, opts in CONFIGS]
+CONFIG_IDS = [config_id(c) for c in CONFIGS]
 
 
 # -- valid calls ------------------------------------------------------------------------------------------

@@ -5,21 +5,12 @@ import numpy as np
 import pytest
 
 import reference as ref
+from support import CONFIGS, config_id
 
 EPS = 1e-6  # central finite-difference step
 RELU_MARGIN = 1e-3  # every relu argument stays this far from its kink, so a step of EPS never crosses it
 
-CONFIGS = [
-    ("lstm", {"activation": "tanh"}),
-    ("lstm", {"activation": "relu"}),
-    ("gru", {"reset_after": True, "activation": "tanh"}),
-    ("gru", {"reset_after": True, "activation": "relu"}),
-    ("gru", {"reset_after": False, "activation": "tanh"}),
-    ("gru", {"reset_after": False, "activation": "relu"}),
-    ("rnn", {"activation": "tanh"}),
-    ("rnn", {"activation": "relu"}),
-]
-CONFIG_IDS = [f"{cell}-" + "-".join(f"{k}={v}" for k, v in opts.items()) for cell, opts in CONFIGS]
+CONFIG_IDS = [config_id(c) for c in CONFIGS]
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
