@@ -255,29 +255,31 @@ Checked check_window(const CellOptions& options, const TensorView& x, const Tens
   return {s, s.steps, s.batch, s.input_size, s.hidden_size, gate_count(options) * s.hidden_size};
 }
 
+// x, W, R and the initial states, which forward and backward both read.
+Checked check_window_inputs(const CellOptions& options, const TensorView& x, const TensorView& W, const TensorView& R,
+                            const TensorView& h0, const TensorView& c0) {
+  const Checked c = check_window(options, x, W, R);
+  const ViewChecker check(x);
+  check("x", x, {c.T, c.B, c.I}, "[T, B, input_size]");
+  check("W", W, {c.GH, c.I}, "[G*hidden_size, input_size]");
+  check("R", R, {c.GH, c.H}, "[G*hidden_size, hidden_size]");
+  check("h0", h0, {c.B, c.H}, "[B, hidden_size]", true);
+  check_no_cell_state_unless_lstm(options, "c0", c0);
+  check("c0", c0, {c.B, c.H}, "[B, hidden_size]", true);
+  return c;
+}
+
 Checked check_forward_inputs_impl(const CellOptions& options, const ForwardArgs& args) {
-  const Checked c = check_window(options, args.x, args.W, args.R);
+  const Checked c = check_window_inputs(options, args.x, args.W, args.R, args.h0, args.c0);
   const ViewChecker check(args.x);
-  check("x", args.x, {c.T, c.B, c.I}, "[T, B, input_size]");
-  check("W", args.W, {c.GH, c.I}, "[G*hidden_size, input_size]");
-  check("R", args.R, {c.GH, c.H}, "[G*hidden_size, hidden_size]");
   check("bW", args.bW, {c.GH}, "[G*hidden_size]", true);
   check("bR", args.bR, {c.GH}, "[G*hidden_size]", true);
-  check("h0", args.h0, {c.B, c.H}, "[B, hidden_size]", true);
-  check_no_cell_state_unless_lstm(options, "c0", args.c0);
-  check("c0", args.c0, {c.B, c.H}, "[B, hidden_size]", true);
   return c;
 }
 
 Checked check_backward_inputs_impl(const CellOptions& options, const BackwardArgs& args) {
-  const Checked c = check_window(options, args.x, args.W, args.R);
+  const Checked c = check_window_inputs(options, args.x, args.W, args.R, args.h0, args.c0);
   const ViewChecker check(args.x);
-  check("x", args.x, {c.T, c.B, c.I}, "[T, B, input_size]");
-  check("W", args.W, {c.GH, c.I}, "[G*hidden_size, input_size]");
-  check("R", args.R, {c.GH, c.H}, "[G*hidden_size, hidden_size]");
-  check("h0", args.h0, {c.B, c.H}, "[B, hidden_size]", true);
-  check_no_cell_state_unless_lstm(options, "c0", args.c0);
-  check("c0", args.c0, {c.B, c.H}, "[B, hidden_size]", true);
   check("y", args.y, {c.T, c.B, c.H}, "[T, B, hidden_size]");
   if (cache_width(options) > 0) {
     check("cache", args.cache, {c.T, c.B, cache_width(options) * c.H}, "[T, B, cache_width*hidden_size] from forward");
