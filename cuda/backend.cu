@@ -1,10 +1,7 @@
-// The CUDA backend's entry points: the device query, a launch check, and forward/backward over a window
-// for CUDA arrays.
-//
-// The per-cell window kernels are not written yet, so forward and backward on CUDA arrays say so plainly
-// rather than returning anything. The launch check already runs the shared cell math of csrc/cells/ on the
-// device and compares it with the same functions run on the host: it proves that this build has code for
-// the GPU present and that the formulas the CPU tests check give the same numbers there.
+// The CUDA backend's queries: the device count, and a launch check that runs the shared cell math of
+// csrc/cells/ on the device and compares it with the same functions run on the host. The check proves that
+// this build has code for the GPU present and that the formulas the CPU tests check give the same numbers
+// there. The windows are in recurrence.cu.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -14,8 +11,8 @@
 #include "cells/gru.h"
 #include "cells/lstm.h"
 #include "cells/rnn.h"
-#include "check.cuh"
 #include "core/backends.h"
+#include "device.cuh"
 
 namespace conveyor::detail {
 namespace {
@@ -44,12 +41,6 @@ __global__ void cell_check_kernel(int count, float* out) {
   if (k < count) cell_check_values(0.25f * (k - count / 2), out + k * kCellCheckOutputs);
 }
 
-[[noreturn]] void kernels_not_written(const char* operation, const CellOptions& options) {
-  throw ArgumentError(std::string("x: ") + operation + " of a " + cell_name(options.cell) +
-                      " on CUDA arrays is not available in this version (the CUDA kernels are not written yet); "
-                      "pass CPU arrays");
-}
-
 }  // namespace
 
 bool cuda_backend_built() { return true; }
@@ -65,7 +56,7 @@ int cuda_device_count_or_zero() {
 
 double cuda_cell_check(int device) {
   constexpr int kCount = 64;
-  CONVEYOR_CUDA_CHECK(cudaSetDevice(device));
+  const cuda::DeviceGuard guard(device);
   float* out = nullptr;
   CONVEYOR_CUDA_CHECK(cudaMalloc(&out, sizeof(float) * kCount * kCellCheckOutputs));
   std::vector<float> got(kCount * kCellCheckOutputs);
@@ -88,14 +79,6 @@ double cuda_cell_check(int device) {
     }
   }
   return worst;
-}
-
-void cuda_forward(const CellOptions& options, const WindowSizes&, const ForwardArgs&, void*) {
-  kernels_not_written("forward", options);
-}
-
-void cuda_backward(const CellOptions& options, const WindowSizes&, const BackwardArgs&, void*) {
-  kernels_not_written("backward", options);
 }
 
 }  // namespace conveyor::detail

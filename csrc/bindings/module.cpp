@@ -1,11 +1,17 @@
-// The pybind11 module conveyor._conveyor. It does four things and no math: turns NumPy arrays into
-// TensorViews (rejecting what is not an array, with the argument's name), allocates the outputs, releases
-// the GIL, and calls the C++ API, whose ArgumentError/DTypeError/CudaError become ValueError/TypeError/
-// RuntimeError with the message intact.
+// The pybind11 module conveyor._conveyor. It does four things and no math: turns arrays into TensorViews
+// (rejecting what is not an array, with the argument's name), allocates the outputs, releases the GIL, and
+// calls the C++ API, whose ArgumentError/DTypeError/CudaError become ValueError/TypeError/RuntimeError with
+// the message intact.
+//
+// Two entry points per direction: forward/backward take NumPy arrays and allocate NumPy outputs;
+// forward_dlpack/backward_dlpack take arrays of any library that exports DLPack (CuPy, PyTorch, JAX, on the
+// CPU or a CUDA device), without copies, and get their outputs from a Python callable that allocates them in
+// the caller's library.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <limits>
 #include <optional>
 #include <string>
@@ -75,7 +81,118 @@ py::array new_output(const py::dtype& dtype, std::vector<py::ssize_t> shape) {
 
 TensorView output_view(py::array& out) { return view_of("output", out); }
 
-CellOptions cell_options(const std::string& cell, const std::string& activation, bool reset_after) {
+// ---------------------------------------------------------------------------------------------------------
+// DLPack (dmlc.github.io/dlpack): the structs of its stable C ABI, version 0.x, as a producer's __dlpack__
+// hands them over in a PyCapsule named "dltensor".
+
+struct DLDevice {
+  int32_t device_type;
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;  // in elements; null means C-contiguous
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+constexpr int32_t kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13;
+constexpr uint8_t kDLFloat = 2, kDLBfloat = 4;
+
+// The views of one call's arrays on the DLPack path. It holds their capsules, unconsumed, so that every
+// producer keeps its memory alive until the call returns; dropping a capsule gives the tensor back.
+class DLPackViews {
+ public:
+  // `stream`: the cudaStream_t the call runs on (0: the legacy default stream). CUDA producers are asked to
+  // make their data ready on it.
+  explicit DLPackViews(int64_t stream) : stream_(stream) {}
+
+  TensorView operator()(const char* name, const py::object& obj) {
+    if (py::isinstance<py::array>(obj)) return view_of(name, obj);
+    if (!py::hasattr(obj, "__dlpack__") || !py::hasattr(obj, "__dlpack_device__")) {
+      throw py::type_error(std::string(name) +
+                           ": expected an array (NumPy, or one with __dlpack__ such as CuPy, PyTorch or JAX), got " +
+                           type_name(obj));
+    }
+    const auto device = obj.attr("__dlpack_device__")().cast<std::pair<int, int>>();
+    const bool cuda = device.first == kDLCUDA || device.first == kDLCUDAManaged;
+    // DLPack names the legacy default stream 1, since 0 would be ambiguous.
+    py::object capsule = cuda ? obj.attr("__dlpack__")(py::arg("stream") = stream_ == 0 ? 1 : stream_)
+                              : obj.attr("__dlpack__")();
+    auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
+    if (managed == nullptr) {
+      PyErr_Clear();
+      throw py::type_error(std::string(name) + ": " + type_name(obj) +
+                           ".__dlpack__() did not return a DLPack capsule named 'dltensor'");
+    }
+    capsules_.push_back(capsule);
+    return view_of_tensor(name, managed->dl_tensor);
+  }
+
+  TensorView optional(const char* name, const py::object& obj) {
+    return obj.is_none() ? TensorView{} : (*this)(name, obj);
+  }
+
+ private:
+  static TensorView view_of_tensor(const char* name, const DLTensor& t) {
+    TensorView v;
+    const int code = t.dtype.code, bits = t.dtype.bits;
+    if (t.dtype.lanes == 1 && code == kDLFloat && bits == 32) {
+      v.dtype = DType::float32;
+    } else if (t.dtype.lanes == 1 && code == kDLFloat && bits == 64) {
+      v.dtype = DType::float64;
+    } else if (t.dtype.lanes == 1 && code == kDLFloat && bits == 16) {
+      v.dtype = DType::float16;
+    } else if (t.dtype.lanes == 1 && code == kDLBfloat && bits == 16) {
+      v.dtype = DType::bfloat16;
+    } else {
+      throw py::type_error(std::string(name) +
+                           ": expected a float32, float64, float16 or bfloat16 array, got DLPack type code " +
+                           std::to_string(code) + " with " + std::to_string(bits) + " bits and " +
+                           std::to_string(t.dtype.lanes) + " lanes");
+    }
+    if (t.device.device_type == kDLCPU || t.device.device_type == kDLCUDAHost) {
+      v.device = Device{DeviceKind::cpu, 0};
+    } else if (t.device.device_type == kDLCUDA || t.device.device_type == kDLCUDAManaged) {
+      v.device = Device{DeviceKind::cuda, t.device.device_id};
+    } else {
+      throw py::value_error(std::string(name) + ": expected an array on the CPU or a CUDA device, got one on DLPack "
+                            "device type " + std::to_string(t.device.device_type));
+    }
+    if (t.ndim < 0 || t.ndim > kMaxRank) {
+      throw py::value_error(std::string(name) + ": expected at most " + std::to_string(kMaxRank) +
+                            " dimensions, got " + std::to_string(t.ndim));
+    }
+    v.rank = t.ndim;
+    int64_t stride = 1;
+    for (int d = v.rank - 1; d >= 0; --d) {
+      v.shape[d] = t.shape[d];
+      v.strides[d] = t.strides != nullptr ? t.strides[d] : stride;
+      stride *= t.shape[d];
+    }
+    v.data = static_cast<char*>(t.data) + t.byte_offset;
+    if (v.data == nullptr) v.data = &poison_outputs;  // an empty array still counts as present
+    return v;
+  }
+
+  int64_t stream_;
+  std::vector<py::object> capsules_;
+};
+
+CellOptions cell_options(const std::string& cell, const std::string& activation, bool reset_after,
+                         bool allow_tf32 = false) {
   CellOptions o;
   if (cell == "lstm") {
     o.cell = CellType::lstm;
@@ -94,91 +211,158 @@ CellOptions cell_options(const std::string& cell, const std::string& activation,
     throw py::value_error("activation: expected 'tanh' or 'relu', got '" + activation + "'");
   }
   o.reset_after = reset_after;
+  o.allow_tf32 = allow_tf32;
   return o;
 }
 
-py::object or_none(bool present, py::array& array) { return present ? py::object(array) : py::none(); }
+// Where views of the arguments come from: NumPy arrays only, or any array through DLPack (DLPackViews).
+struct NumpyViews {
+  TensorView operator()(const char* name, const py::object& obj) const { return view_of(name, obj); }
+  TensorView optional(const char* name, const py::object& obj) const { return optional_view_of(name, obj); }
+};
+
+using Output = std::pair<py::object, TensorView>;
+
+// New NumPy outputs of x's dtype.
+struct NumpyOutputs {
+  py::dtype dtype;
+  Output operator()(const std::vector<py::ssize_t>& shape) const {
+    py::array out = new_output(dtype, shape);
+    return {out, output_view(out)};
+  }
+};
+
+// Outputs from the caller's allocator, allocate(shape) -> a new array of x's library, dtype and device.
+struct DLPackOutputs {
+  const py::function& allocate;
+  DLPackViews& views;
+  Output operator()(const std::vector<py::ssize_t>& shape) const {
+    py::object out = allocate(py::tuple(py::cast(shape)));
+    return {out, views("output", out)};
+  }
+};
 
 // (y, h_T, c_T or None, cache or None)
-py::tuple forward_numpy(const std::string& cell, const std::string& activation, bool reset_after, const py::object& x,
-                  const py::object& W, const py::object& R, const py::object& bW, const py::object& bR,
-                  const py::object& h0, const py::object& c0, bool training) {
-  const CellOptions options = cell_options(cell, activation, reset_after);
+template <typename Views, typename Outputs>
+py::tuple run_forward(const CellOptions& options, Views& views, const Outputs& outputs, const py::object& x,
+                      const py::object& W, const py::object& R, const py::object& bW, const py::object& bR,
+                      const py::object& h0, const py::object& c0, bool training, int64_t stream) {
   ForwardArgs args;
-  args.x = view_of("x", x);
-  args.W = view_of("W", W);
-  args.R = view_of("R", R);
-  args.bW = optional_view_of("bW", bW);
-  args.bR = optional_view_of("bR", bR);
-  args.h0 = optional_view_of("h0", h0);
-  args.c0 = optional_view_of("c0", c0);
+  args.x = views("x", x);
+  args.W = views("W", W);
+  args.R = views("R", R);
+  args.bW = views.optional("bW", bW);
+  args.bR = views.optional("bR", bR);
+  args.h0 = views.optional("h0", h0);
+  args.c0 = views.optional("c0", c0);
   check_forward_inputs(options, args);
   const WindowSizes s = window_sizes(options, args.x, args.W, args.R);
-  const py::dtype dtype = py::reinterpret_borrow<py::array>(x).dtype();
-  const bool lstm = options.cell == CellType::lstm;
-  const bool caching = training && cache_width(options) > 0;
-  py::array y = new_output(dtype, {s.steps, s.batch, s.hidden_size});
-  py::array h_T = new_output(dtype, {s.batch, s.hidden_size});
-  py::array c_T = new_output(dtype, {lstm ? s.batch : 0, lstm ? s.hidden_size : 0});
-  py::array cache = new_output(dtype, {caching ? s.steps : 0, s.batch, cache_width(options) * s.hidden_size});
-  args.y = output_view(y);
-  args.h_T = output_view(h_T);
-  if (lstm) args.c_T = output_view(c_T);
-  if (caching) args.cache = output_view(cache);
+  Output y = outputs({s.steps, s.batch, s.hidden_size});
+  Output h_T = outputs({s.batch, s.hidden_size});
+  Output c_T{py::none(), TensorView{}};
+  Output cache{py::none(), TensorView{}};
+  if (options.cell == CellType::lstm) c_T = outputs({s.batch, s.hidden_size});
+  if (training && cache_width(options) > 0) cache = outputs({s.steps, s.batch, cache_width(options) * s.hidden_size});
+  args.y = y.second;
+  args.h_T = h_T.second;
+  args.c_T = c_T.second;
+  args.cache = cache.second;
   {
     py::gil_scoped_release release;
-    conveyor::forward(options, args);
+    conveyor::forward(options, args, reinterpret_cast<void*>(stream));
   }
-  return py::make_tuple(y, h_T, or_none(lstm, c_T), or_none(training, cache));
+  return py::make_tuple(y.first, h_T.first, c_T.first, cache.first);
 }
 
 // (dx, dh0, dc0 or None, dW, dR, dbW or None, dbR or None)
-py::tuple backward_numpy(const std::string& cell, const std::string& activation, bool reset_after, const py::object& x,
-                   const py::object& W, const py::object& R, const py::object& h0, const py::object& c0,
-                   const py::object& y, const py::object& cache, const py::object& dy, const py::object& dh_T,
-                   const py::object& dc_T, bool has_bW, bool has_bR) {
-  const CellOptions options = cell_options(cell, activation, reset_after);
+template <typename Views, typename Outputs>
+py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& outputs, const py::object& x,
+                       const py::object& W, const py::object& R, const py::object& h0, const py::object& c0,
+                       const py::object& y, const py::object& cache, const py::object& dy, const py::object& dh_T,
+                       const py::object& dc_T, bool has_bW, bool has_bR, int64_t stream) {
   BackwardArgs args;
-  args.x = view_of("x", x);
-  args.W = view_of("W", W);
-  args.R = view_of("R", R);
-  args.h0 = optional_view_of("h0", h0);
-  args.c0 = optional_view_of("c0", c0);
-  args.y = view_of("y", y);
-  if (cache_width(options) > 0) args.cache = view_of("cache", cache);
-  args.dy = view_of("dy", dy);
-  args.dh_T = optional_view_of("dh_T", dh_T);
-  args.dc_T = optional_view_of("dc_T", dc_T);
+  args.x = views("x", x);
+  args.W = views("W", W);
+  args.R = views("R", R);
+  args.h0 = views.optional("h0", h0);
+  args.c0 = views.optional("c0", c0);
+  args.y = views("y", y);
+  if (cache_width(options) > 0) args.cache = views("cache", cache);
+  args.dy = views("dy", dy);
+  args.dh_T = views.optional("dh_T", dh_T);
+  args.dc_T = views.optional("dc_T", dc_T);
   check_backward_inputs(options, args);
   const WindowSizes s = window_sizes(options, args.x, args.W, args.R);
-  const py::dtype dtype = py::reinterpret_borrow<py::array>(x).dtype();
-  const bool lstm = options.cell == CellType::lstm;
   const int64_t GH = gate_count(options) * s.hidden_size;
-  py::array dx = new_output(dtype, {s.steps, s.batch, s.input_size});
-  py::array dh0 = new_output(dtype, {s.batch, s.hidden_size});
-  py::array dc0 = new_output(dtype, {lstm ? s.batch : 0, lstm ? s.hidden_size : 0});
-  py::array dW = new_output(dtype, {GH, s.input_size});
-  py::array dR = new_output(dtype, {GH, s.hidden_size});
-  py::array dbW = new_output(dtype, {has_bW ? GH : 0});
-  py::array dbR = new_output(dtype, {has_bR ? GH : 0});
-  args.dx = output_view(dx);
-  args.dh0 = output_view(dh0);
-  if (lstm) args.dc0 = output_view(dc0);
-  args.dW = output_view(dW);
-  args.dR = output_view(dR);
-  if (has_bW) args.dbW = output_view(dbW);
-  if (has_bR) args.dbR = output_view(dbR);
+  const Output none{py::none(), TensorView{}};
+  Output dx = outputs({s.steps, s.batch, s.input_size});
+  Output dh0 = outputs({s.batch, s.hidden_size});
+  Output dc0 = options.cell == CellType::lstm ? outputs({s.batch, s.hidden_size}) : none;
+  Output dW = outputs({GH, s.input_size});
+  Output dR = outputs({GH, s.hidden_size});
+  Output dbW = has_bW ? outputs({GH}) : none;
+  Output dbR = has_bR ? outputs({GH}) : none;
+  args.dx = dx.second;
+  args.dh0 = dh0.second;
+  args.dc0 = dc0.second;
+  args.dW = dW.second;
+  args.dR = dR.second;
+  args.dbW = dbW.second;
+  args.dbR = dbR.second;
   {
     py::gil_scoped_release release;
-    conveyor::backward(options, args);
+    conveyor::backward(options, args, reinterpret_cast<void*>(stream));
   }
-  return py::make_tuple(dx, dh0, or_none(lstm, dc0), dW, dR, or_none(has_bW, dbW), or_none(has_bR, dbR));
+  return py::make_tuple(dx.first, dh0.first, dc0.first, dW.first, dR.first, dbW.first, dbR.first);
+}
+
+py::dtype dtype_of_x(const py::object& x) {
+  view_of("x", x);  // the TypeError naming x when it is not a NumPy array of a supported dtype
+  return py::reinterpret_borrow<py::array>(x).dtype();
+}
+
+py::tuple forward_numpy(const std::string& cell, const std::string& activation, bool reset_after, bool allow_tf32,
+                        const py::object& x, const py::object& W, const py::object& R, const py::object& bW,
+                        const py::object& bR, const py::object& h0, const py::object& c0, bool training) {
+  const CellOptions options = cell_options(cell, activation, reset_after, allow_tf32);
+  NumpyViews views;
+  return run_forward(options, views, NumpyOutputs{dtype_of_x(x)}, x, W, R, bW, bR, h0, c0, training, 0);
+}
+
+py::tuple backward_numpy(const std::string& cell, const std::string& activation, bool reset_after, bool allow_tf32,
+                         const py::object& x, const py::object& W, const py::object& R, const py::object& h0,
+                         const py::object& c0, const py::object& y, const py::object& cache, const py::object& dy,
+                         const py::object& dh_T, const py::object& dc_T, bool has_bW, bool has_bR) {
+  const CellOptions options = cell_options(cell, activation, reset_after, allow_tf32);
+  NumpyViews views;
+  return run_backward(options, views, NumpyOutputs{dtype_of_x(x)}, x, W, R, h0, c0, y, cache, dy, dh_T, dc_T, has_bW,
+                      has_bR, 0);
+}
+
+py::tuple forward_dlpack(const std::string& cell, const std::string& activation, bool reset_after, bool allow_tf32,
+                         const py::object& x, const py::object& W, const py::object& R, const py::object& bW,
+                         const py::object& bR, const py::object& h0, const py::object& c0, bool training,
+                         const py::function& allocate, int64_t stream) {
+  const CellOptions options = cell_options(cell, activation, reset_after, allow_tf32);
+  DLPackViews views(stream);
+  return run_forward(options, views, DLPackOutputs{allocate, views}, x, W, R, bW, bR, h0, c0, training, stream);
+}
+
+py::tuple backward_dlpack(const std::string& cell, const std::string& activation, bool reset_after, bool allow_tf32,
+                          const py::object& x, const py::object& W, const py::object& R, const py::object& h0,
+                          const py::object& c0, const py::object& y, const py::object& cache, const py::object& dy,
+                          const py::object& dh_T, const py::object& dc_T, bool has_bW, bool has_bR,
+                          const py::function& allocate, int64_t stream) {
+  const CellOptions options = cell_options(cell, activation, reset_after, allow_tf32);
+  DLPackViews views(stream);
+  return run_backward(options, views, DLPackOutputs{allocate, views}, x, W, R, h0, c0, y, cache, dy, dh_T, dc_T,
+                      has_bW, has_bR, stream);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_conveyor, m) {
-  m.doc() = "Conveyor's compiled core: the C++ API over NumPy arrays. Use the conveyor package instead.";
+  m.doc() = "Conveyor's compiled core: the C++ API over NumPy and DLPack arrays. Use the conveyor package instead.";
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -192,12 +376,19 @@ PYBIND11_MODULE(_conveyor, m) {
     }
   });
 
-  m.def("forward", &forward_numpy, py::arg("cell"), py::arg("activation"), py::arg("reset_after"), py::arg("x"),
-        py::arg("W"), py::arg("R"), py::arg("bW"), py::arg("bR"), py::arg("h0"), py::arg("c0"),
-        py::arg("training"));
-  m.def("backward", &backward_numpy, py::arg("cell"), py::arg("activation"), py::arg("reset_after"), py::arg("x"),
-        py::arg("W"), py::arg("R"), py::arg("h0"), py::arg("c0"), py::arg("y"), py::arg("cache"), py::arg("dy"),
-        py::arg("dh_T"), py::arg("dc_T"), py::arg("has_bW"), py::arg("has_bR"));
+  m.def("forward", &forward_numpy, py::arg("cell"), py::arg("activation"), py::arg("reset_after"),
+        py::arg("allow_tf32"), py::arg("x"), py::arg("W"), py::arg("R"), py::arg("bW"), py::arg("bR"), py::arg("h0"),
+        py::arg("c0"), py::arg("training"));
+  m.def("backward", &backward_numpy, py::arg("cell"), py::arg("activation"), py::arg("reset_after"),
+        py::arg("allow_tf32"), py::arg("x"), py::arg("W"), py::arg("R"), py::arg("h0"), py::arg("c0"), py::arg("y"),
+        py::arg("cache"), py::arg("dy"), py::arg("dh_T"), py::arg("dc_T"), py::arg("has_bW"), py::arg("has_bR"));
+  m.def("forward_dlpack", &forward_dlpack, py::arg("cell"), py::arg("activation"), py::arg("reset_after"),
+        py::arg("allow_tf32"), py::arg("x"), py::arg("W"), py::arg("R"), py::arg("bW"), py::arg("bR"), py::arg("h0"),
+        py::arg("c0"), py::arg("training"), py::arg("allocate"), py::arg("stream"));
+  m.def("backward_dlpack", &backward_dlpack, py::arg("cell"), py::arg("activation"), py::arg("reset_after"),
+        py::arg("allow_tf32"), py::arg("x"), py::arg("W"), py::arg("R"), py::arg("h0"), py::arg("c0"), py::arg("y"),
+        py::arg("cache"), py::arg("dy"), py::arg("dh_T"), py::arg("dc_T"), py::arg("has_bW"), py::arg("has_bR"),
+        py::arg("allocate"), py::arg("stream"));
   m.def("gate_count", [](const std::string& cell) { return gate_count(cell_options(cell, "tanh", true)); },
         py::arg("cell"));
   m.def("cuda_built", &cuda_built);
@@ -206,5 +397,6 @@ PYBIND11_MODULE(_conveyor, m) {
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("_set_poison_outputs", [](bool on) { poison_outputs = on; }, py::arg("on"));
+  m.def("_poison_outputs", []() { return poison_outputs; });
   m.attr("__version__") = version();
 }

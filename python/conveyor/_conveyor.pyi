@@ -1,7 +1,10 @@
-"""Conveyor's compiled core (csrc/bindings/module.cpp): the C++ API over NumPy arrays.
+"""Conveyor's compiled core (csrc/bindings/module.cpp): the C++ API over NumPy arrays, and over any array
+that exports DLPack (CuPy, PyTorch, JAX) through the *_dlpack functions.
 
 Use the functions of the `conveyor` package; these check less about their Python arguments.
 """
+
+from typing import Any, Callable
 
 import numpy as np
 
@@ -11,6 +14,7 @@ def forward(
     cell: str,
     activation: str,
     reset_after: bool,
+    allow_tf32: bool,
     x: np.ndarray,
     W: np.ndarray,
     R: np.ndarray,
@@ -26,6 +30,7 @@ def backward(
     cell: str,
     activation: str,
     reset_after: bool,
+    allow_tf32: bool,
     x: np.ndarray,
     W: np.ndarray,
     R: np.ndarray,
@@ -43,6 +48,46 @@ def backward(
 ]:
     """(dx, dh0, dc0 or None, dW, dR, dbW or None, dbR or None)."""
 
+def forward_dlpack(
+    cell: str,
+    activation: str,
+    reset_after: bool,
+    allow_tf32: bool,
+    x: Any,
+    W: Any,
+    R: Any,
+    bW: Any | None,
+    bR: Any | None,
+    h0: Any | None,
+    c0: Any | None,
+    training: bool,
+    allocate: Callable[[tuple[int, ...]], Any],
+    stream: int,
+) -> tuple[Any, Any, Any | None, Any | None]:
+    """forward() for arrays with __dlpack__; outputs come from allocate(shape)."""
+
+def backward_dlpack(
+    cell: str,
+    activation: str,
+    reset_after: bool,
+    allow_tf32: bool,
+    x: Any,
+    W: Any,
+    R: Any,
+    h0: Any | None,
+    c0: Any | None,
+    y: Any,
+    cache: Any | None,
+    dy: Any,
+    dh_T: Any | None,
+    dc_T: Any | None,
+    has_bW: bool,
+    has_bR: bool,
+    allocate: Callable[[tuple[int, ...]], Any],
+    stream: int,
+) -> tuple[Any, Any, Any | None, Any, Any, Any | None, Any | None]:
+    """backward() for arrays with __dlpack__; outputs come from allocate(shape)."""
+
 def gate_count(cell: str) -> int: ...
 def cuda_built() -> bool: ...
 def cuda_available() -> bool: ...
@@ -50,3 +95,4 @@ def cuda_device_count() -> int: ...
 def num_threads() -> int: ...
 def set_num_threads(n: int) -> None: ...
 def _set_poison_outputs(on: bool) -> None: ...
+def _poison_outputs() -> bool: ...

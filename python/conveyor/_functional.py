@@ -3,8 +3,15 @@
 Shapes (time-major) and weight layout follow SPEC.md and PyTorch: ``x`` is ``[T, B, input_size]``, ``W`` is
 ``[G*hidden_size, input_size]``, ``R`` is ``[G*hidden_size, hidden_size]``, ``bW`` and ``bR`` are
 ``[G*hidden_size]`` with G = 4 (LSTM: i, f, g, o), 3 (GRU: r, z, n) or 1 (RNN). Every array of one call has
-the same dtype, float32 or float64, and is C-contiguous; anything else raises ValueError or TypeError naming
-the argument. The math runs in the compiled core with the GIL released.
+the same dtype and device and is C-contiguous; anything else raises ValueError or TypeError naming the
+argument. The math runs in the compiled core with the GIL released.
+
+Arrays may be NumPy arrays (CPU; float32 or float64) or the arrays of any library that exports DLPack: CuPy,
+PyTorch and JAX, on the CPU (float32, float64) or a CUDA GPU (float32, float64, float16, bfloat16). They
+are read and written in place, without copies, and the outputs are arrays of x's library on x's device. GPU
+work runs on ``stream`` when given (an int ``cudaStream_t``, or a CuPy or PyTorch stream), else on the
+current stream of x's library. ``allow_tf32=True`` lets float32 work on a GPU multiply its time-parallel
+products (not the recurrence) on tensor cores in TF32.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _conveyor
+from . import _arrays, _conveyor
 
 __all__ = [
     "GRUGrads",
@@ -70,13 +77,14 @@ class Saved:
     of gate values. Used by exactly one backward call, which releases it; the arrays it refers to must not
     be modified in between."""
 
-    __slots__ = ("cell", "activation", "reset_after", "x", "W", "R", "has_bW", "has_bR", "h0", "c0", "y",
-                 "cache")
+    __slots__ = ("cell", "activation", "reset_after", "allow_tf32", "x", "W", "R", "has_bW", "has_bR", "h0",
+                 "c0", "y", "cache")
 
-    def __init__(self, cell, activation, reset_after, x, W, R, bW, bR, h0, c0, y, cache):
+    def __init__(self, cell, activation, reset_after, allow_tf32, x, W, R, bW, bR, h0, c0, y, cache):
         self.cell = cell
         self.activation = activation
         self.reset_after = reset_after
+        self.allow_tf32 = allow_tf32
         self.x, self.W, self.R = x, W, R
         self.has_bW, self.has_bR = bW is not None, bR is not None
         self.h0, self.c0, self.y, self.cache = h0, c0, y, cache
@@ -105,16 +113,27 @@ def _check_flag(name: str, value) -> bool:
     return bool(value)
 
 
-def _forward(cell, activation, reset_after, x, W, R, bW, bR, h0, c0, training):
+def _forward(cell, activation, reset_after, x, W, R, bW, bR, h0, c0, training, allow_tf32, stream):
     activation = _check_activation(activation)
     reset_after = _check_flag("reset_after", reset_after)
     training = _check_flag("training", training)
-    y, h_T, c_T, cache = _conveyor.forward(cell, activation, reset_after, x, W, R, bW, bR, h0, c0, training)
-    saved = Saved(cell, activation, reset_after, x, W, R, bW, bR, h0, c0, y, cache) if training else None
+    allow_tf32 = _check_flag("allow_tf32", allow_tf32)
+    inputs = (x, W, R, bW, bR, h0, c0)
+    if any(_arrays.is_foreign(a) for a in inputs):
+        x, W, R, bW, bR, h0, c0 = (None if a is None else _arrays.for_export(a) for a in inputs)
+        allocate = _arrays.Allocator(x)
+        outputs = _conveyor.forward_dlpack(cell, activation, reset_after, allow_tf32, x, W, R, bW, bR, h0, c0,
+                                           training, allocate, _arrays.stream_of(x, stream))
+        y, h_T, c_T, cache = allocate.finish(outputs)
+    else:
+        _arrays.stream_of(x, stream)  # checks the argument; NumPy work runs on the CPU
+        y, h_T, c_T, cache = _conveyor.forward(cell, activation, reset_after, allow_tf32, x, W, R, bW, bR, h0, c0,
+                                               training)
+    saved = Saved(cell, activation, reset_after, allow_tf32, x, W, R, bW, bR, h0, c0, y, cache) if training else None
     return y, h_T, c_T, saved
 
 
-def _backward(cell: str, saved, dy, dh_T, dc_T):
+def _backward(cell: str, saved, dy, dh_T, dc_T, stream):
     if not isinstance(saved, Saved):
         raise TypeError(f"saved: expected the Saved object that {cell}_forward returned with training=True, "
                         f"got {type(saved).__name__}")
@@ -122,50 +141,64 @@ def _backward(cell: str, saved, dy, dh_T, dc_T):
         raise ValueError(f"saved: expected the result of {cell}_forward, got that of {saved.cell}_forward")
     if saved.consumed:
         raise ValueError("saved: already used by a backward call, which released it; run forward again")
-    grads = _conveyor.backward(cell, saved.activation, saved.reset_after, saved.x, saved.W, saved.R, saved.h0,
-                               saved.c0, saved.y, saved.cache, dy, dh_T, dc_T, saved.has_bW, saved.has_bR)
+    options = (cell, saved.activation, saved.reset_after, saved.allow_tf32)
+    arrays = (saved.x, saved.W, saved.R, saved.h0, saved.c0, saved.y, saved.cache, dy, dh_T, dc_T)
+    if any(_arrays.is_foreign(a) for a in arrays):
+        arrays = tuple(None if a is None else _arrays.for_export(a) for a in arrays)
+        allocate = _arrays.Allocator(saved.x)
+        grads = _conveyor.backward_dlpack(*options, *arrays, saved.has_bW, saved.has_bR, allocate,
+                                          _arrays.stream_of(saved.x, stream))
+        grads = allocate.finish(grads)
+    else:
+        _arrays.stream_of(saved.x, stream)
+        grads = _conveyor.backward(*options, *arrays, saved.has_bW, saved.has_bR)
     saved.x = saved.W = saved.R = saved.h0 = saved.c0 = saved.y = saved.cache = None
     return grads
 
 
-def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, activation="tanh", training=True):
+def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, activation="tanh", training=True, allow_tf32=False,
+                 stream=None):
     """Runs an LSTM over the window ``x`` ``[T, B, input_size]``.
 
     ``bW``/``bR`` may be None (no bias); ``h0``/``c0`` ``[B, hidden_size]`` default to zeros. ``activation``
     is the cell activation (``"tanh"`` or ``"relu"``). Returns ``(y, h_T, c_T, saved)``: ``y`` is
     ``[T, B, hidden_size]``, ``saved`` feeds :func:`lstm_backward` (None when ``training=False``).
     """
-    return _forward("lstm", activation, False, x, W, R, bW, bR, h0, c0, training)
+    return _forward("lstm", activation, False, x, W, R, bW, bR, h0, c0, training, allow_tf32, stream)
 
 
-def lstm_backward(saved, dy, dh_T=None, dc_T=None) -> LSTMGrads:
+def lstm_backward(saved, dy, dh_T=None, dc_T=None, *, stream=None) -> LSTMGrads:
     """Exact gradients of the window from :func:`lstm_forward`'s ``saved``, given ``dy``
     ``[T, B, hidden_size]`` and optionally ``dh_T``/``dc_T`` ``[B, hidden_size]`` (None: no loss on the
     final state)."""
-    return LSTMGrads(*_backward("lstm", saved, dy, dh_T, dc_T))
+    return LSTMGrads(*_backward("lstm", saved, dy, dh_T, dc_T, stream))
 
 
-def gru_forward(x, W, R, bW, bR, h0=None, *, reset_after=True, activation="tanh", training=True):
+def gru_forward(x, W, R, bW, bR, h0=None, *, reset_after=True, activation="tanh", training=True,
+                allow_tf32=False, stream=None):
     """Runs a GRU over the window ``x``. ``reset_after=True`` applies the reset gate after the recurrent
     product (cuDNN, PyTorch); False before it (Cho et al. 2014). Returns ``(y, h_T, saved)``."""
-    y, h_T, _, saved = _forward("gru", activation, reset_after, x, W, R, bW, bR, h0, None, training)
+    y, h_T, _, saved = _forward("gru", activation, reset_after, x, W, R, bW, bR, h0, None, training, allow_tf32,
+                                stream)
     return y, h_T, saved
 
 
-def gru_backward(saved, dy, dh_T=None) -> GRUGrads:
+def gru_backward(saved, dy, dh_T=None, *, stream=None) -> GRUGrads:
     """Exact gradients of the window from :func:`gru_forward`'s ``saved``."""
-    dx, dh0, _, dW, dR, dbW, dbR = _backward("gru", saved, dy, dh_T, None)
+    dx, dh0, _, dW, dR, dbW, dbR = _backward("gru", saved, dy, dh_T, None, stream)
     return GRUGrads(dx, dh0, dW, dR, dbW, dbR)
 
 
-def rnn_forward(x, W, R, bW, bR, h0=None, *, activation="tanh", training=True):
+def rnn_forward(x, W, R, bW, bR, h0=None, *, activation="tanh", training=True, allow_tf32=False,
+                stream=None):
     """Runs a plain RNN, ``h_t = act(W x_t + bW + R h_{t-1} + bR)``, over the window ``x``.
     Returns ``(y, h_T, saved)``."""
-    y, h_T, _, saved = _forward("rnn", activation, False, x, W, R, bW, bR, h0, None, training)
+    y, h_T, _, saved = _forward("rnn", activation, False, x, W, R, bW, bR, h0, None, training, allow_tf32,
+                                stream)
     return y, h_T, saved
 
 
-def rnn_backward(saved, dy, dh_T=None) -> RNNGrads:
+def rnn_backward(saved, dy, dh_T=None, *, stream=None) -> RNNGrads:
     """Exact gradients of the window from :func:`rnn_forward`'s ``saved``."""
-    dx, dh0, _, dW, dR, dbW, dbR = _backward("rnn", saved, dy, dh_T, None)
+    dx, dh0, _, dW, dR, dbW, dbR = _backward("rnn", saved, dy, dh_T, None, stream)
     return RNNGrads(dx, dh0, dW, dR, dbW, dbR)

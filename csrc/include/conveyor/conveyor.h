@@ -106,6 +106,10 @@ struct CellOptions {
   // GRU only. true: n = act(W_n x + bW_n + r * (R_n h + bR_n)) (cuDNN, PyTorch, Keras).
   // false: n = act(W_n x + bW_n + R_n (r * h) + bR_n) (Cho et al. 2014).
   bool reset_after = true;
+  // CUDA float32 only: the time-parallel products (input projection, dx, dW, dR) may run on tensor cores in
+  // TF32 (inputs rounded to 10 mantissa bits, float32 accumulation). The recurrence itself stays float32.
+  // Ignored by the CPU backend and by other dtypes.
+  bool allow_tf32 = false;
 };
 
 const char* cell_name(CellType cell);

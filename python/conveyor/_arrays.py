@@ -1,0 +1,140 @@
+"""Arrays of other libraries: CuPy, PyTorch and JAX (any array with ``__dlpack__``), on the CPU or a GPU.
+
+The compiled core reads and writes such arrays in place through DLPack. This module does the three things
+that need the array's own library: it allocates outputs of the same kind, dtype and device as ``x``; it finds
+the stream to run on (the library's current stream on x's device, unless the caller names one); and it hands
+JAX its outputs back as JAX arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _conveyor
+
+_DLPACK_CPU = 1
+_DLPACK_CUDA_DEVICES = (2, 13)  # kDLCUDA, kDLCUDAManaged
+
+
+def is_foreign(a) -> bool:
+    """Whether ``a`` is an array of another library (anything with ``__dlpack__`` that is not NumPy)."""
+    return a is not None and not isinstance(a, np.ndarray) and hasattr(a, "__dlpack__")
+
+
+def library_of(a) -> str:
+    return type(a).__module__.split(".")[0]
+
+
+def _is_torch(a) -> bool:
+    return library_of(a) == "torch"
+
+
+def for_export(a):
+    """``a``, ready for ``__dlpack__``: PyTorch refuses to export a tensor that requires grad, so such a
+    tensor is detached (a view of the same memory, not a copy)."""
+    if _is_torch(a) and a.requires_grad:
+        return a.detach()
+    return a
+
+
+def _on_cuda(a) -> bool:
+    return a.__dlpack_device__()[0] in _DLPACK_CUDA_DEVICES
+
+
+def stream_of(x, stream) -> int:
+    """The cudaStream_t (as an int) to run on: ``stream`` when given (an int, or a CuPy or PyTorch stream),
+    else the current stream of x's library on x's device, else 0 (the legacy default stream)."""
+    if stream is not None:
+        if isinstance(stream, (bool, np.bool_)):
+            raise TypeError(f"stream: expected a CUDA stream (an int, a cupy or torch stream), got {stream!r}")
+        for attribute in ("cuda_stream", "ptr"):  # torch.cuda.Stream, cupy.cuda.Stream
+            if hasattr(stream, attribute):
+                return int(getattr(stream, attribute))
+        if isinstance(stream, (int, np.integer)):
+            if stream < 0:
+                raise ValueError(f"stream: expected a cudaStream_t handle (>= 0), got {stream}")
+            return int(stream)
+        raise TypeError(f"stream: expected a CUDA stream (an int, a cupy or torch stream), got "
+                        f"{type(stream).__name__}")
+    if not is_foreign(x) or not _on_cuda(x):
+        return 0
+    library = library_of(x)
+    if library == "torch":
+        import torch
+
+        return int(torch.cuda.current_stream(x.device).cuda_stream)
+    if library == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(x.device.id):
+            return int(cupy.cuda.get_current_stream().ptr)
+    return 0
+
+
+class Allocator:
+    """Allocates outputs like ``x``: same library, dtype and device. NaN-filled when the tests ask for it."""
+
+    def __init__(self, x):
+        self._x = x
+        self._library = library_of(x) if is_foreign(x) else "numpy"
+        if self._library not in ("numpy", "torch", "cupy", "jax", "jaxlib"):
+            raise TypeError(f"x: Conveyor reads any array with __dlpack__, but makes its outputs with NumPy, "
+                            f"CuPy, PyTorch or JAX; got a {type(x).__module__}.{type(x).__name__}")
+        self._poison = _conveyor._poison_outputs()
+
+    def __call__(self, shape):
+        out = self._empty(tuple(shape))
+        if self._poison:
+            if hasattr(out, "fill_"):
+                out.fill_(float("nan"))
+            else:
+                out.fill(float("nan"))
+        return out
+
+    def _empty(self, shape):
+        x = self._x
+        if self._library == "numpy":
+            return np.empty(shape, dtype=x.dtype)
+        if self._library == "torch":
+            import torch
+
+            return torch.empty(shape, dtype=x.dtype, device=x.device)
+        if self._library == "cupy":
+            import cupy
+
+            with cupy.cuda.Device(x.device.id):
+                return cupy.empty(shape, dtype=x.dtype)
+        return _empty_for_jax(x, shape)
+
+    def finish(self, outputs):
+        """The outputs as the caller's library holds them (JAX arrays for JAX input)."""
+        if self._library not in ("jax", "jaxlib"):
+            return outputs
+        import jax.dlpack
+
+        return tuple(None if o is None else jax.dlpack.from_dlpack(o) for o in outputs)
+
+
+def _empty_for_jax(x, shape):
+    # JAX arrays are immutable, so outputs for JAX input are made by PyTorch or CuPy (whichever is
+    # installed) on x's device and handed to JAX through DLPack afterwards, without a copy.
+    device_type, device_id = x.__dlpack_device__()
+    dtype = np.dtype(x.dtype).name
+    try:
+        import torch
+
+        device = f"cuda:{device_id}" if device_type in _DLPACK_CUDA_DEVICES else "cpu"
+        return torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+    except ImportError:
+        pass
+    if device_type in _DLPACK_CUDA_DEVICES and dtype != "bfloat16":
+        try:
+            import cupy
+
+            with cupy.cuda.Device(device_id):
+                return cupy.empty(shape, dtype=dtype)
+        except ImportError:
+            pass
+    if device_type == _DLPACK_CPU and dtype != "bfloat16":
+        return np.empty(shape, dtype=dtype)
+    raise TypeError("x: JAX input needs PyTorch or CuPy installed to allocate Conveyor's outputs on its device")
