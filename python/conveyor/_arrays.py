@@ -32,7 +32,7 @@ def _is_torch(a) -> bool:
 def for_export(a):
     """``a``, ready for ``__dlpack__``: PyTorch refuses to export a tensor that requires grad, so such a
     tensor is detached (a view of the same memory, not a copy)."""
-    if _is_torch(a) and a.requires_grad:
+    if _is_torch(a) and getattr(a, "requires_grad", False):
         return a.detach()
     return a
 
@@ -46,7 +46,8 @@ def stream_of(x, stream) -> int:
     else the current stream of x's library on x's device, else 0 (the legacy default stream)."""
     if stream is not None:
         if isinstance(stream, (bool, np.bool_)):
-            raise TypeError(f"stream: expected a CUDA stream (an int, a cupy or torch stream), got {stream!r}")
+            raise TypeError(f"stream: expected a CUDA stream (an int, a cupy or torch stream), "
+                            f"got {stream!r}")
         for attribute in ("cuda_stream", "ptr"):  # torch.cuda.Stream, cupy.cuda.Stream
             if hasattr(stream, attribute):
                 return int(getattr(stream, attribute))
@@ -137,4 +138,5 @@ def _empty_for_jax(x, shape):
             pass
     if device_type == _DLPACK_CPU and dtype != "bfloat16":
         return np.empty(shape, dtype=dtype)
-    raise TypeError("x: JAX input needs PyTorch or CuPy installed to allocate Conveyor's outputs on its device")
+    raise TypeError("x: JAX input needs PyTorch or CuPy installed to allocate Conveyor's outputs on its "
+                    "device")

@@ -127,9 +127,11 @@ def _forward(cell, activation, reset_after, x, W, R, bW, bR, h0, c0, training, a
         y, h_T, c_T, cache = allocate.finish(outputs)
     else:
         _arrays.stream_of(x, stream)  # checks the argument; NumPy work runs on the CPU
-        y, h_T, c_T, cache = _conveyor.forward(cell, activation, reset_after, allow_tf32, x, W, R, bW, bR, h0, c0,
-                                               training)
-    saved = Saved(cell, activation, reset_after, allow_tf32, x, W, R, bW, bR, h0, c0, y, cache) if training else None
+        y, h_T, c_T, cache = _conveyor.forward(cell, activation, reset_after, allow_tf32, x, W, R, bW, bR, h0,
+                                               c0, training)
+    saved = None
+    if training:
+        saved = Saved(cell, activation, reset_after, allow_tf32, x, W, R, bW, bR, h0, c0, y, cache)
     return y, h_T, c_T, saved
 
 
@@ -178,8 +180,8 @@ def gru_forward(x, W, R, bW, bR, h0=None, *, reset_after=True, activation="tanh"
                 allow_tf32=False, stream=None):
     """Runs a GRU over the window ``x``. ``reset_after=True`` applies the reset gate after the recurrent
     product (cuDNN, PyTorch); False before it (Cho et al. 2014). Returns ``(y, h_T, saved)``."""
-    y, h_T, _, saved = _forward("gru", activation, reset_after, x, W, R, bW, bR, h0, None, training, allow_tf32,
-                                stream)
+    y, h_T, _, saved = _forward("gru", activation, reset_after, x, W, R, bW, bR, h0, None, training,
+                                allow_tf32, stream)
     return y, h_T, saved
 
 

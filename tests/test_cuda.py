@@ -1,0 +1,309 @@
+"""The CUDA backend on a GPU, through PyTorch and CuPy arrays: every cell and option against the float64
+reference and against the CPU backend, outputs and every gradient, in float64 and float32; float16 and
+bfloat16 within twice the error of a naive computation in the same dtype (STYLE.md); shapes that do not
+divide the kernels' tiles, T=1, B=1 and T=4096; streams; mixed devices and bad arrays.
+
+Outputs are NaN-poisoned before every run (conftest.py), so an element a kernel forgets to write fails.
+Every test carries the cuda marker and is skipped without a GPU and the CUDA backend."""
+
+import numpy as np
+import pytest
+
+import conveyor
+
+from support import (
+    ARRAY_FIELDS,
+    CONFIGS,
+    Problem,
+    assert_close,
+    config_id,
+    make_problem,
+    run_conveyor,
+    run_reference,
+)
+
+pytestmark = pytest.mark.cuda
+
+# Step kernels tile 16 batch rows x 32 hidden units; the GEMMs 64 x 64 with K slices of 16 and 32. These
+# shapes fall on both sides of every tile edge.
+SHAPES = [  # (T, B, I, H)
+    (1, 1, 1, 1),
+    (1, 1, 3, 5),
+    (4, 3, 5, 7),
+    (5, 17, 40, 70),
+    (3, 33, 65, 129),
+    (2, 16, 64, 32),
+]
+
+
+class TorchArrays:
+    name = "torch"
+
+    def __init__(self):
+        self.torch = pytest.importorskip("torch")
+
+    def to_device(self, a, dtype):
+        t = self.torch
+        return None if a is None else t.from_numpy(np.ascontiguousarray(a)).to(device="cuda",
+                                                                               dtype=getattr(t, dtype))
+
+    def to_numpy(self, a):
+        return None if a is None else a.detach().to(self.torch.float64).cpu().numpy()
+
+    def check_kind(self, name, a, dtype):
+        assert isinstance(a, self.torch.Tensor) and a.is_cuda, f"{name}: {type(a).__name__}"
+        assert a.dtype == getattr(self.torch, dtype), f"{name}: {a.dtype}"
+
+
+class CupyArrays:
+    name = "cupy"
+
+    def __init__(self):
+        self.cupy = pytest.importorskip("cupy")
+
+    def to_device(self, a, dtype):
+        if dtype == "bfloat16":
+            pytest.skip("CuPy has no bfloat16")
+        return None if a is None else self.cupy.asarray(np.ascontiguousarray(a, dtype=dtype))
+
+    def to_numpy(self, a):
+        return None if a is None else self.cupy.asnumpy(a).astype(np.float64)
+
+    def check_kind(self, name, a, dtype):
+        assert isinstance(a, self.cupy.ndarray), f"{name}: {type(a).__name__}"
+        assert a.dtype == np.dtype(dtype), f"{name}: {a.dtype}"
+
+
+@pytest.fixture(params=["torch", "cupy"])
+def gpu(request):
+    return TorchArrays() if request.param == "torch" else CupyArrays()
+
+
+@pytest.fixture
+def torch_gpu():
+    return TorchArrays()
+
+
+def on_device(p: Problem, gpu, dtype: str) -> Problem:
+    return Problem(p.cell, p.options, *(gpu.to_device(getattr(p, n), dtype) for n in ARRAY_FIELDS))
+
+
+def run_on_gpu(p: Problem, gpu, dtype: str, **options):
+    """Forward and backward on the GPU; the results as float64 NumPy arrays, after checking their kind."""
+    pd = on_device(p, gpu, dtype)
+    pd.options = {**p.options, **options}
+    y, h_T, c_T, grads = run_conveyor(pd)
+    results = {"y": y, "h_T": h_T, "c_T": c_T, **grads}
+    for name, value in results.items():
+        if value is not None:
+            gpu.check_kind(name, value, dtype)
+    return {name: gpu.to_numpy(value) for name, value in results.items()}
+
+
+def reference_results(p: Problem):
+    y, h_T, c_T, grads = run_reference(p)
+    return {"y": y, "h_T": h_T, "c_T": c_T, **grads}
+
+
+def assert_all_close(got: dict, expected: dict, dtype):
+    """got: float64 copies of GPU results of `dtype` (run_on_gpu checked their dtype), compared in it."""
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        if value is None:
+            assert got[name] is None, f"{name}: expected None"
+        else:
+            assert_close(name, got[name].astype(dtype), value, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_matches_reference(config, shape, dtype, gpu, rng):
+    p = make_problem(*config, *shape, rng)
+    assert_all_close(run_on_gpu(p, gpu, dtype), reference_results(p), np.dtype(dtype))
+
+
+@pytest.mark.parametrize("shape", SHAPES[2:], ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_matches_the_cpu_backend(config, shape, torch_gpu, rng):
+    p = make_problem(*config, *shape, rng)
+    y, h_T, c_T, grads = run_conveyor(p.cast(np.float32))
+    cpu = {"y": y, "h_T": h_T, "c_T": c_T, **grads}
+    assert_all_close(run_on_gpu(p, torch_gpu, "float32"), cpu, np.float32)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("variant", ["no-initial-state", "no-bias", "no-final-grads", "none-of-them"])
+def test_optional_arguments(config, variant, gpu, rng):
+    p = make_problem(*config, 4, 3, 5, 6, rng,
+                     initial_state=variant not in ("no-initial-state", "none-of-them"),
+                     bias=variant not in ("no-bias", "none-of-them"),
+                     final_grads=variant not in ("no-final-grads", "none-of-them"))
+    assert_all_close(run_on_gpu(p, gpu, "float64"), reference_results(p), np.float64)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_long_window_of_4096_steps(config, torch_gpu, rng):
+    p = make_problem(*config, 4096, 2, 3, 8, rng)
+    assert_all_close(run_on_gpu(p, torch_gpu, "float64"), reference_results(p), np.float64)
+    y, h_T, c_T, _ = run_conveyor(p.cast(np.float32))
+    got = run_on_gpu(p, torch_gpu, "float32")
+    assert_close("y", got["y"].astype(np.float32), y, np.float32)
+    assert_close("h_T", got["h_T"].astype(np.float32), h_T, np.float32)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_inference_mode_gives_the_same_outputs(config, torch_gpu, rng):
+    p = make_problem(*config, 5, 4, 6, 9, rng)
+    pd = on_device(p, torch_gpu, "float32")
+    forward = getattr(conveyor, f"{p.cell}_forward")
+    args = (pd.x, pd.W, pd.R, pd.bW, pd.bR, pd.h0) + ((pd.c0,) if p.cell == "lstm" else ())
+    trained = forward(*args, **p.options)
+    inferred = forward(*args, **p.options, training=False)
+    assert inferred[-1] is None
+    for a, b in zip(trained[:-1], inferred[:-1]):
+        torch_gpu.torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# float16 and bfloat16: at most twice the error of a naive computation in the same dtype (PyTorch ops in that
+# dtype, autograd for the gradients), plus one rounding of the output.
+
+def naive_torch(p: Problem, dtype: str):
+    torch = pytest.importorskip("torch")
+    dt = getattr(torch, dtype)
+
+    def leaf(a):
+        return None if a is None else torch.tensor(a, dtype=dt, device="cuda", requires_grad=True)
+
+    x, W, R, bW, bR, h0, c0 = (leaf(getattr(p, n)) for n in ("x", "W", "R", "bW", "bR", "h0", "c0"))
+    H = p.R.shape[1]
+    act = torch.relu if p.options.get("activation") == "relu" else torch.tanh
+    h, c = h0, c0
+    ys = []
+    for t in range(p.x.shape[0]):
+        ax = x[t] @ W.t() + bW
+        if p.cell == "lstm":
+            a = ax + h @ R.t() + bR
+            i, f, g, o = (a[:, k * H:(k + 1) * H] for k in range(4))
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * act(g)
+            h = torch.sigmoid(o) * act(c)
+        elif p.cell == "gru":
+            ar = h @ R[:2 * H].t() + bR[:2 * H]
+            r = torch.sigmoid(ax[:, :H] + ar[:, :H])
+            z = torch.sigmoid(ax[:, H:2 * H] + ar[:, H:])
+            if p.options["reset_after"]:
+                n = act(ax[:, 2 * H:] + r * (h @ R[2 * H:].t() + bR[2 * H:]))
+            else:
+                n = act(ax[:, 2 * H:] + (r * h) @ R[2 * H:].t() + bR[2 * H:])
+            h = (1 - z) * n + z * h
+        else:
+            h = act(ax + h @ R.t() + bR)
+        ys.append(h)
+    y = torch.stack(ys)
+    loss = (y * leaf(p.dy)).sum() + (h * leaf(p.dh_T)).sum()
+    names = ["dx", "dW", "dR", "dbW", "dbR", "dh0"]
+    inputs = [x, W, R, bW, bR, h0]
+    outputs = {"y": y, "h_T": h, "c_T": None}
+    if p.cell == "lstm":
+        loss = loss + (c * leaf(p.dc_T)).sum()
+        names.append("dc0")
+        inputs.append(c0)
+        outputs["c_T"] = c
+    grads = torch.autograd.grad(loss, inputs)
+    results = {**outputs, **dict(zip(names, grads))}
+    return {k: None if v is None else v.detach().to(torch.float64).cpu().numpy() for k, v in results.items()}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_half_precision_within_twice_the_naive_error(config, dtype, torch_gpu, rng):
+    p = make_problem(*config, 6, 5, 24, 40, rng)
+    expected = reference_results(p)
+    got = run_on_gpu(p, torch_gpu, dtype)
+    naive = naive_torch(p, dtype)
+    unit_roundoff = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}[dtype]
+    for name, ref in expected.items():
+        if ref is None:
+            continue
+        assert np.all(np.isfinite(got[name])), f"{name}: non-finite elements"
+        ours = np.max(np.abs(got[name] - ref))
+        bound = 2 * np.max(np.abs(naive[name] - ref)) + unit_roundoff * np.max(np.abs(ref))
+        assert ours <= bound, (f"{name}: max error {ours:.3g} > bound {bound:.3g} "
+                               f"(twice the naive {dtype} error)")
+
+
+@pytest.mark.parametrize("config", CONFIGS[:3], ids=config_id)
+def test_tf32_option_stays_near_float32(config, torch_gpu, rng):
+    p = make_problem(*config, 6, 8, 64, 48, rng)
+    expected = reference_results(p)
+    got = run_on_gpu(p, torch_gpu, "float32", allow_tf32=True)
+    for name, ref in expected.items():
+        if ref is not None:
+            np.testing.assert_allclose(got[name], ref, atol=2e-3, rtol=2e-2, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streams, devices and bad arrays
+
+def test_runs_on_the_callers_current_and_given_streams(torch_gpu, rng):
+    torch = torch_gpu.torch
+    p = on_device(make_problem("lstm", {}, 16, 8, 32, 64, rng), torch_gpu, "float32")
+    args = (p.x, p.W, p.R, p.bW, p.bR, p.h0, p.c0)
+    expected, *_ = conveyor.lstm_forward(*args, training=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_current, *_ = conveyor.lstm_forward(*args, training=False)
+    side.synchronize()
+    given, *_ = conveyor.lstm_forward(*args, training=False, stream=side)
+    side.synchronize()
+    torch.testing.assert_close(on_current, expected, rtol=0, atol=0)
+    torch.testing.assert_close(given, expected, rtol=0, atol=0)
+
+
+def test_cupy_current_stream(rng):
+    cupy = pytest.importorskip("cupy")
+    p = make_problem("gru", {"reset_after": False}, 8, 4, 16, 32, rng)
+    pd = on_device(p, CupyArrays(), "float32")
+    args = (pd.x, pd.W, pd.R, pd.bW, pd.bR, pd.h0)
+    expected, *_ = conveyor.gru_forward(*args, reset_after=False, training=False)
+    with cupy.cuda.Stream() as stream:
+        got, *_ = conveyor.gru_forward(*args, reset_after=False, training=False)
+        stream.synchronize()
+    np.testing.assert_array_equal(cupy.asnumpy(got), cupy.asnumpy(expected))
+
+
+def test_outputs_are_on_the_device_of_x(torch_gpu, rng):
+    p = on_device(make_problem("rnn", {}, 3, 2, 4, 5, rng), torch_gpu, "float32")
+    y, h_T, _ = conveyor.rnn_forward(p.x, p.W, p.R, p.bW, p.bR, p.h0, training=False)
+    assert y.device == p.x.device and h_T.device == p.x.device
+
+
+@pytest.mark.parametrize("other", ["numpy", "torch-cpu"])
+def test_mixed_devices_raise_naming_the_argument(other, torch_gpu, rng):
+    p = make_problem("lstm", {}, 3, 2, 4, 5, rng).cast(np.float32)
+    pd = on_device(p, torch_gpu, "float32")
+    W = p.W if other == "numpy" else torch_gpu.torch.from_numpy(p.W)
+    message = r"W: expected an array on cuda:\d+ \(the device of x\), got one on cpu"
+    with pytest.raises(ValueError, match=message):
+        conveyor.lstm_forward(pd.x, W, pd.R, pd.bW, pd.bR)
+
+
+def test_bad_gpu_arrays_raise(torch_gpu, rng):
+    torch = torch_gpu.torch
+    p = on_device(make_problem("lstm", {}, 3, 2, 4, 5, rng), torch_gpu, "float32")
+    with pytest.raises(TypeError, match="W: expected a float32, float64, float16 or bfloat16 array"):
+        conveyor.lstm_forward(p.x, p.W.to(torch.int32), p.R, None, None)
+    with pytest.raises(ValueError, match="R: expected a C-contiguous array"):
+        conveyor.lstm_forward(p.x, p.W, p.R.reshape(5, 20).t(), None, None)
+    with pytest.raises(TypeError, match="W: expected dtype float32 \\(the dtype of x\\), got float16"):
+        conveyor.lstm_forward(p.x, p.W.half(), p.R, None, None)
+
+
+def test_tensors_that_require_grad_are_read_in_place(torch_gpu, rng):
+    p = on_device(make_problem("rnn", {}, 3, 2, 4, 5, rng), torch_gpu, "float32")
+    W = p.W.clone().requires_grad_(True)
+    y, _, _ = conveyor.rnn_forward(p.x, W, p.R, p.bW, p.bR, training=False)
+    expected, _, _ = conveyor.rnn_forward(p.x, p.W, p.R, p.bW, p.bR, training=False)
+    torch_gpu.torch.testing.assert_close(y, expected, rtol=0, atol=0)
