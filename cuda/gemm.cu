@@ -240,6 +240,7 @@ template <typename TA, typename TB, typename TC>
 void gemm(int64_t M, int64_t N, int64_t K, Operand<TA> A, Operand<TB> B, bool accumulate, TC* C, int64_t ldc,
           bool allow_tf32, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return;
+  const NvtxRange range("conveyor::gemm");
   const dim3 grid(blocks_for(M, kSimtTile), blocks_for(N, kSimtTile));
   if (grid.y > 65535) throw ArgumentError("gemm: N = " + std::to_string(N) + " columns exceed the grid limit");
   // TB is the storage type in every product the backend forms; it decides the multiply type.
@@ -257,6 +258,7 @@ void gemm(int64_t M, int64_t N, int64_t K, Operand<TA> A, Operand<TB> B, bool ac
 template <typename TM, typename TO>
 void column_sums(int64_t rows, int64_t cols, const TM* m, int64_t ld, bool accumulate, TO* out, cudaStream_t stream) {
   if (cols <= 0) return;
+  const NvtxRange range("conveyor::column_sums");
   using Acc = std::conditional_t<std::is_same_v<TM, double>, double, float>;
   column_sums_kernel<Acc><<<blocks_for(cols, 32), 256, 0, stream>>>(rows, cols, m, ld, accumulate, out);
   CONVEYOR_CUDA_CHECK_LAUNCH("column_sums_kernel");
