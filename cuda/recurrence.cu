@@ -15,6 +15,7 @@
 // in _kernel; the launchers that follow them have the kernel's name without it.
 #include <string>
 
+#include "cells/dropout.h"
 #include "cells/gru.h"
 #include "cells/lstm.h"
 #include "cells/rnn.h"
@@ -37,6 +38,7 @@ static_assert(kStepThreads == kStepUnits * kStepRows / 2, "two rows per thread")
 
 enum class ForwardEpilogue {
   lstm,
+  lstm_coupled,             // CIFG: three gate blocks f, g, o
   gru_reset_after,
   gru_reset_before_gates,   // r, z and r * h_{t-1}
   gru_reset_before_output,  // n and h_t, after the n block's product over r * h_{t-1}
@@ -46,6 +48,7 @@ enum class ForwardEpilogue {
 __host__ __device__ constexpr int product_gates(ForwardEpilogue e) {
   switch (e) {
     case ForwardEpilogue::lstm: return 4;
+    case ForwardEpilogue::lstm_coupled: return 3;
     case ForwardEpilogue::gru_reset_after: return 3;
     case ForwardEpilogue::gru_reset_before_gates: return 2;
     default: return 1;
@@ -63,6 +66,9 @@ struct ForwardStep {
   const C* ax;                         // [B, G*H] x_t W^T, without bias
   const S* bW;                         // [G*H] or null
   const S* bR;                         // [G*H] or null
+  const S* P;                          // [3, H] LSTM peephole weights p_i, p_f, p_o, or null
+  cells::LstmOptions<C> lstm;          // LSTM options (relu and coupled are template constants)
+  const C* mask;                       // [B, H] recurrent dropout mask m_t on the product's h, or null
   const S* h_prev;                     // [B, H] h_{t-1}
   C* cell_state;                       // [B, H] LSTM: c_{t-1} in, c_t out
   C* reset_hidden;                     // [B, H] GRU reset_before: r * h_{t-1}, out
@@ -85,11 +91,19 @@ __device__ __forceinline__ void forward_epilogue(const ForwardStep<S>& p, int64_
   auto recurrent_bias = [&](int g) { return p.bR != nullptr ? convert<C>(p.bR[g * H + j]) : C(0); };
   S* cache = p.cache != nullptr ? p.cache + b * p.cache_stride : nullptr;
 
-  if constexpr (kEpilogue == ForwardEpilogue::lstm) {
-    C a[4];
-#pragma unroll
-    for (int g = 0; g < 4; ++g) a[g] = input(g) + (product[g] + recurrent_bias(g));
-    const auto s = cells::lstm_forward(kRelu, a[0], a[1], a[2], a[3], p.cell_state[unit]);
+  if constexpr (kEpilogue == ForwardEpilogue::lstm || kEpilogue == ForwardEpilogue::lstm_coupled) {
+    constexpr bool kCoupled = kEpilogue == ForwardEpilogue::lstm_coupled;
+    constexpr int kF = kCoupled ? 0 : 1, kG = kF + 1, kO = kF + 2;
+    cells::LstmOptions<C> opt = p.lstm;
+    opt.relu = kRelu;
+    opt.coupled = kCoupled;
+    const C a_i = kCoupled ? C(0) : input(0) + (product[0] + recurrent_bias(0));
+    const cells::Peephole<C> peephole =
+        p.P != nullptr ? cells::Peephole<C>{convert<C>(p.P[j]), convert<C>(p.P[H + j]), convert<C>(p.P[2 * H + j])}
+                       : cells::Peephole<C>{C(0), C(0), C(0)};
+    const auto s = cells::lstm_forward(opt, a_i, input(kF) + (product[kF] + recurrent_bias(kF)),
+                                       input(kG) + (product[kG] + recurrent_bias(kG)),
+                                       input(kO) + (product[kO] + recurrent_bias(kO)), p.cell_state[unit], peephole);
     p.cell_state[unit] = s.c;
     p.h[unit] = convert<S>(s.h);
     if (cache != nullptr) {
@@ -114,7 +128,8 @@ __device__ __forceinline__ void forward_epilogue(const ForwardStep<S>& p, int64_
   } else if constexpr (kEpilogue == ForwardEpilogue::gru_reset_before_gates) {
     const C r = cells::sigmoid(input(0) + (product[0] + recurrent_bias(0)));
     const C z = cells::sigmoid(input(1) + (product[1] + recurrent_bias(1)));
-    const C reset_hidden = r * convert<C>(p.h_prev[unit]);
+    const C h_product = convert<C>(p.h_prev[unit]) * (p.mask != nullptr ? p.mask[unit] : C(1));
+    const C reset_hidden = r * h_product;
     p.reset_hidden[unit] = reset_hidden;
     p.update_gate[unit] = z;
     if (cache != nullptr) {
@@ -150,7 +165,8 @@ __global__ void __launch_bounds__(kStepThreads) forward_step_kernel(ForwardStep<
     for (int e = tid; e < kStepRows * kStepK; e += kStepThreads) {
       const int kk = e % kStepK, bb = e / kStepK;
       const int64_t b = b0 + bb, k = k0 + kk;
-      h_tile[bb][kk] = b < B && k < H ? convert<C>(h_in[b * H + k]) : C(0);
+      h_tile[bb][kk] = b < B && k < H ? convert<C>(h_in[b * H + k]) * (p.mask != nullptr ? p.mask[b * H + k] : C(1))
+                                      : C(0);
     }
     for (int e = tid; e < G * kStepUnits * kStepK; e += kStepThreads) {
       const int kk = e % kStepK, row = e / kStepK;
@@ -219,6 +235,10 @@ struct BackwardStep {
   const S* h_prev;       // [B, H] h_{t-1}
   const S* c_prev;       // LSTM c_{t-1}: row b at c_prev[b * c_prev_ld]
   int64_t c_prev_ld;
+  const S* P;                   // [3, H] LSTM peephole weights, or null
+  cells::LstmOptions<C> lstm;   // LSTM options, coupled included (relu is a template constant)
+  const C* product_mask;  // [B, H] recurrent dropout: the mask the product's h went through (m_{t+1}), or null
+  const C* step_mask;     // [B, H] recurrent dropout: m_t (GRU reset_before's r gradient), or null
   C* dh_carry;  // [B, H] in: what reaches h_t other than through R and dy; out: the same for h_{t-1}
   C* dc;        // [B, H] LSTM: dc_t in, dc_{t-1} out
   C* dax;       // [B, G*H] step t's pre-activation gradients (input path), out
@@ -231,28 +251,36 @@ __device__ __forceinline__ void backward_epilogue(const BackwardStep<S>& p, int6
                                                   Compute<S> product) {
   using C = Compute<S>;
   const int64_t H = p.hidden, unit = b * H + j;
+  if (p.product_mask != nullptr) product *= p.product_mask[unit];
   if constexpr (kEpilogue == BackwardEpilogue::initial_state) {
     p.dh0[unit] = convert<S>(product + p.dh_carry[unit]);
     return;
   } else if constexpr (kEpilogue == BackwardEpilogue::gru_reset_before_reset) {
     const C r = convert<C>(p.cache[b * p.cache_stride + j]);
+    const C m = p.step_mask != nullptr ? p.step_mask[unit] : C(1);
     p.dax[b * p.gate_stride + j] =
-        cells::gru_reset_gate_grad_reset_before(r, convert<C>(p.h_prev[unit]), product);
-    p.dh_carry[unit] += product * r;
+        cells::gru_reset_gate_grad_reset_before(r, convert<C>(p.h_prev[unit]) * m, product);
+    p.dh_carry[unit] += product * r * m;
     return;
   } else {
     const C dh = product + p.dh_carry[unit] + convert<C>(p.dy[unit]);
     const S* saved = p.cache + b * p.cache_stride;
     C* dax = p.dax + b * p.gate_stride;
     if constexpr (kEpilogue == BackwardEpilogue::lstm) {
-      const auto d = cells::lstm_backward(kRelu, convert<C>(saved[j]), convert<C>(saved[H + j]),
+      cells::LstmOptions<C> opt = p.lstm;
+      opt.relu = kRelu;
+      const cells::Peephole<C> peephole =
+          p.P != nullptr ? cells::Peephole<C>{convert<C>(p.P[j]), convert<C>(p.P[H + j]), convert<C>(p.P[2 * H + j])}
+                         : cells::Peephole<C>{C(0), C(0), C(0)};
+      const auto d = cells::lstm_backward(opt, convert<C>(saved[j]), convert<C>(saved[H + j]),
                                           convert<C>(saved[2 * H + j]), convert<C>(saved[3 * H + j]),
                                           convert<C>(saved[4 * H + j]), convert<C>(p.c_prev[b * p.c_prev_ld + j]),
-                                          dh, p.dc[unit]);
-      dax[j] = d.da_i;
-      dax[H + j] = d.da_f;
-      dax[2 * H + j] = d.da_g;
-      dax[3 * H + j] = d.da_o;
+                                          dh, p.dc[unit], peephole);
+      const cells::LstmBlocks blocks = cells::lstm_blocks(opt.coupled);
+      if (!opt.coupled) dax[j] = d.da_i;
+      dax[blocks.f * H + j] = d.da_f;
+      dax[blocks.g * H + j] = d.da_g;
+      dax[blocks.o * H + j] = d.da_o;
       p.dc[unit] = d.dc_prev;
       p.dh_carry[unit] = C(0);
     } else if constexpr (kEpilogue == BackwardEpilogue::gru_reset_after) {
@@ -328,11 +356,94 @@ void backward_step(const BackwardStep<S>& p, cudaStream_t stream) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Dropout masks (cells/dropout.h): out[t, b, u] = 0 or 1 / (1 - p); and the recurrent products' inputs
+// h_products[t] = m_t * h_{t-1} for dR.
+
+template <typename T>
+__global__ void dropout_mask_kernel(int64_t steps, int64_t rows, int64_t units, double p, bool variational,
+                                    uint64_t seed, uint64_t mask_stream, T* out) {
+  const int64_t count = steps * rows * units;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t u = e % units, b = (e / units) % rows, t = e / (units * rows);
+    out[e] = convert<T>(cells::dropout_mask_value<Compute<T>>(p, seed, mask_stream, b, u, variational ? 0 : t));
+  }
+}
+
+template <typename T>
+void dropout_mask(int64_t steps, int64_t rows, int64_t units, double p, bool variational, uint64_t seed,
+                  uint64_t mask_stream, T* out, cudaStream_t stream) {
+  const NvtxRange range("conveyor::dropout_mask");
+  const int64_t count = steps * rows * units;
+  const unsigned blocks = count / 256 + 1 < 4096 ? unsigned(count / 256 + 1) : 4096u;
+  dropout_mask_kernel<<<blocks, 256, 0, stream>>>(steps, rows, units, p, variational, seed, mask_stream, out);
+  CONVEYOR_CUDA_CHECK_LAUNCH("dropout_mask_kernel");
+}
+
+template <typename S>
+__global__ void masked_inputs_kernel(int64_t steps, int64_t batch, int64_t hidden, bool variational,
+                                     const Compute<S>* masks, const S* h0, const S* y, Compute<S>* h_products) {
+  const int64_t step_size = batch * hidden, count = steps * step_size;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = e / step_size, i = e % step_size;
+    const Compute<S> h = convert<Compute<S>>(t == 0 ? h0[i] : y[e - step_size]);
+    h_products[e] = masks[(variational ? 0 : t) * step_size + i] * h;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Peephole gradients: products[tb, :] = (da_i c_{t-1}, da_f c_{t-1}, da_o c_t) per (step, batch row), summed
+// over the rows afterwards by column_sums (dp_i stays 0 with coupled gates).
+
+template <typename S>
+__global__ void peephole_products_kernel(int64_t steps, int64_t batch, int64_t hidden, bool coupled,
+                                         const Compute<S>* da, int64_t da_ld, const S* cache, const S* c0,
+                                         Compute<S>* products) {
+  using C = Compute<S>;
+  const int64_t H = hidden, cw = 5 * H, count = steps * batch * H;
+  const int64_t f = coupled ? 0 : 1, o = coupled ? 2 : 3;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = e / H, j = e % H, t = row / batch, b = row % batch;
+    const C c = convert<C>(cache[row * cw + 4 * H + j]);
+    const C c_prev = t == 0 ? convert<C>(c0[b * H + j]) : convert<C>(cache[(row - batch) * cw + 4 * H + j]);
+    const C* d = da + row * da_ld;
+    C* out = products + row * 3 * H;
+    out[j] = coupled ? C(0) : d[j] * c_prev;
+    out[H + j] = d[f * H + j] * c_prev;
+    out[2 * H + j] = d[o * H + j] * c;
+  }
+}
+
+template <typename S>
+void peephole_grads(int64_t steps, int64_t batch, int64_t hidden, bool coupled, const Compute<S>* da, int64_t da_ld,
+                    const S* cache, const S* c0, bool accumulate, S* dP, cudaStream_t stream) {
+  const NvtxRange range("conveyor::peephole_grads");
+  const int64_t rows = steps * batch;
+  Workspace<Compute<S>> products(rows * 3 * hidden, stream);
+  const int64_t count = rows * hidden;
+  const unsigned blocks = count / 256 + 1 < 4096 ? unsigned(count / 256 + 1) : 4096u;
+  peephole_products_kernel<S><<<blocks, 256, 0, stream>>>(steps, batch, hidden, coupled, da, da_ld, cache, c0,
+                                                           products.get());
+  CONVEYOR_CUDA_CHECK_LAUNCH("peephole_products_kernel");
+  column_sums(rows, 3 * hidden, products.get(), 3 * hidden, accumulate, dP, stream);
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Windows
 
 template <typename T>
 const T* data_or_null(const TensorView& v) {
   return v.present() ? static_cast<const T*>(v.data) : nullptr;
+}
+
+template <typename C>
+cells::LstmOptions<C> lstm_options(const CellOptions& options) {
+  cells::LstmOptions<C> o;
+  o.relu = options.activation == Activation::relu;
+  o.coupled = options.coupled_gates;
+  o.peephole = options.peephole;
+  o.forget_bias = static_cast<C>(options.forget_bias);
+  o.cell_clip = static_cast<C>(options.cell_clip);
+  return o;
 }
 
 std::string operation_name(const CellOptions& options, const char* direction) {
@@ -376,6 +487,32 @@ class StateOrZeros {
   const S* data_;
 };
 
+// The recurrent dropout masks m_t of the window, [T or 1, B, H] (none without recurrent dropout).
+template <typename C>
+class RecurrentMasks {
+ public:
+  RecurrentMasks(const CellOptions& options, int64_t steps, int64_t batch, int64_t hidden, cudaStream_t stream)
+      : step_size_(batch * hidden),
+        variational_(options.variational),
+        masks_(options.recurrent_dropout > 0 ? (options.variational ? 1 : steps) * batch * hidden : 0, stream) {
+    if (options.recurrent_dropout > 0) {
+      dropout_mask(options.variational ? 1 : steps, batch, hidden, options.recurrent_dropout, options.variational,
+                   options.dropout_seed, options.dropout_stream, masks_.get(), stream);
+    }
+  }
+  bool active() const { return masks_.get() != nullptr; }
+  const C* all() const { return masks_.get(); }
+  // m_t, or null without dropout.
+  const C* step(int64_t t) const {
+    return masks_.get() == nullptr ? nullptr : masks_.get() + (variational_ ? 0 : t) * step_size_;
+  }
+
+ private:
+  int64_t step_size_;
+  bool variational_;
+  Workspace<C> masks_;
+};
+
 template <typename S, bool kRelu>
 void forward_window(const CellOptions& options, const WindowSizes& sizes, const ForwardArgs& args,
                     cudaStream_t stream) {
@@ -401,6 +538,7 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   Workspace<C> reset_hidden(reset_before ? z.B * z.H : 0, stream);
   Workspace<C> update_gate(reset_before ? z.B * z.H : 0, stream);
 
+  const RecurrentMasks<C> masks(options, z.T, z.B, z.H, stream);
   NvtxRange range("conveyor::recurrence");
   ForwardStep<S> p{};
   p.batch = z.B;
@@ -409,6 +547,8 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   p.R = R;
   p.bW = data_or_null<S>(args.bW);
   p.bR = data_or_null<S>(args.bR);
+  p.P = data_or_null<S>(args.P);
+  p.lstm = lstm_options<C>(options);
   p.cell_state = cell_state.get();
   p.reset_hidden = reset_hidden.get();
   p.update_gate = update_gate.get();
@@ -416,13 +556,18 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   for (int64_t t = 0; t < z.T; ++t) {
     p.h_prev = t == 0 ? h0.get() : y + (t - 1) * z.B * z.H;
     p.h_in = p.h_prev;
+    p.mask = masks.step(t);
     p.R_row0 = 0;
     p.ax = ax.get() + t * z.B * z.GH;
     p.h = y + t * z.B * z.H;
     p.cache = cache != nullptr ? cache + t * z.B * z.cw : nullptr;
     switch (options.cell) {
       case CellType::lstm:
-        forward_step<ForwardEpilogue::lstm, kRelu>(p, stream);
+        if (options.coupled_gates) {
+          forward_step<ForwardEpilogue::lstm_coupled, kRelu>(p, stream);
+        } else {
+          forward_step<ForwardEpilogue::lstm, kRelu>(p, stream);
+        }
         break;
       case CellType::rnn:
         forward_step<ForwardEpilogue::rnn, kRelu>(p, stream);
@@ -432,7 +577,8 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
           forward_step<ForwardEpilogue::gru_reset_after, kRelu>(p, stream);
         } else {
           forward_step<ForwardEpilogue::gru_reset_before_gates, kRelu>(p, stream);
-          p.h_in = reset_hidden.get();
+          p.h_in = reset_hidden.get();  // r * m_t * h_{t-1}: masked already
+          p.mask = nullptr;
           p.R_row0 = 2 * z.H;
           forward_step<ForwardEpilogue::gru_reset_before_output, kRelu, true>(p, stream);
         }
@@ -473,6 +619,7 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   const StateOrZeros<S> h0(args.h0, B * H, stream);
   const StateOrZeros<S> c0(lstm ? args.c0 : TensorView{}, lstm ? B * H : 0, stream);
 
+  const RecurrentMasks<C> masks(options, z.T, B, H, stream);
   BackwardStep<S> p{};
   p.batch = B;
   p.hidden = H;
@@ -481,8 +628,11 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   p.cache_stride = z.cw;
   p.dh_carry = dh_carry.get();
   p.dc = dc.get();
+  p.P = data_or_null<S>(args.P);
+  p.lstm = lstm_options<C>(options);
   // The product over the pre-activation gradients of `step` (the recurrent path's, along R's rows).
   auto product_of_step = [&](int64_t step) {
+    p.product_mask = masks.step(step);
     p.R_row0 = 0;
     p.a_first = dax.get() + step * B * GH;
     p.a_first_ld = GH;
@@ -495,8 +645,10 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   {
     NvtxRange range("conveyor::recurrence");
     for (int64_t t = z.T - 1; t >= 0; --t) {
+      p.step_mask = masks.step(t);
       if (t == z.T - 1) {
         p.K = 0;
+        p.product_mask = nullptr;
       } else {
         product_of_step(t + 1);
       }
@@ -527,6 +679,7 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
             p.a_first = p.dax + 2 * H;
             p.a_first_ld = GH;
             p.K = p.K_first = H;
+            p.product_mask = nullptr;  // d(r * m_t * h_{t-1}) itself
             backward_step<BackwardEpilogue::gru_reset_before_reset, kRelu>(p, stream);
           }
           break;
@@ -552,11 +705,26 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
                   z.I, tf32, stream);
   }
   if (args.dbW.present()) column_sums(TB, GH, dax.get(), GH, acc, static_cast<S*>(args.dbW.data), stream);
+  if (args.dP.present()) {
+    peephole_grads(z.T, B, H, options.coupled_gates, dax.get(), GH, cache, c0.get(), acc,
+                   static_cast<S*>(args.dP.data), stream);
+  }
 
   // dR[row0 : row0 + rows] = sum over steps of da_t^T h_{t-1}, where da (leading dimension lda) holds the
   // gradients of those rows' pre-activations. Step 0 reads h0 and later steps read y: two products.
+  Workspace<C> h_products(masks.active() && args.dR.present() ? TB * H : 0, stream);
+  if (h_products.get() != nullptr) {
+    const unsigned blocks = TB * H / 256 + 1 < 4096 ? unsigned(TB * H / 256 + 1) : 4096u;
+    masked_inputs_kernel<S><<<blocks, 256, 0, stream>>>(z.T, B, H, options.variational, masks.all(), h0.get(), y,
+                                                         h_products.get());
+    CONVEYOR_CUDA_CHECK_LAUNCH("masked_inputs_kernel");
+  }
   auto recurrent_weight_grad = [&](int64_t row0, int64_t rows, const C* da, int64_t lda) {
     S* out = static_cast<S*>(args.dR.data) + row0 * H;
+    if (h_products.get() != nullptr) {
+      gemm<C, C, S>(rows, H, TB, transpose_of(da, lda), rows_of<C>(h_products.get(), H), acc, out, H, tf32, stream);
+      return;
+    }
     gemm<C, S, S>(rows, H, TB - B, transpose_of(da + B * lda, lda), rows_of(y, H), acc, out, H, tf32, stream);
     if (args.h0.present()) {
       gemm<C, S, S>(rows, H, B, transpose_of(da, lda), rows_of(h0.get(), H), true, out, H, tf32, stream);
@@ -635,6 +803,25 @@ void cuda_forward(const CellOptions& options, const WindowSizes& sizes, const Fo
 
 void cuda_backward(const CellOptions& options, const WindowSizes& sizes, const BackwardArgs& args, void* stream) {
   cuda::run_window("backward", options, sizes, args, stream);
+}
+
+void cuda_dropout_mask(double p, bool variational, uint64_t seed, uint64_t mask_stream, const TensorView& out,
+                       void* stream) {
+  const cuda::DeviceGuard guard(out.device.index);
+  const auto s = static_cast<cudaStream_t>(stream);
+  const int64_t T = out.shape[0], B = out.shape[1], H = out.shape[2];
+  switch (out.dtype) {
+    case DType::float32:
+      return cuda::dropout_mask(T, B, H, p, variational, seed, mask_stream, static_cast<float*>(out.data), s);
+    case DType::float64:
+      return cuda::dropout_mask(T, B, H, p, variational, seed, mask_stream, static_cast<double*>(out.data), s);
+    case DType::float16:
+      return cuda::dropout_mask(T, B, H, p, variational, seed, mask_stream, static_cast<__half*>(out.data), s);
+    case DType::bfloat16:
+      return cuda::dropout_mask(T, B, H, p, variational, seed, mask_stream, static_cast<cuda::bfloat16*>(out.data),
+                                s);
+  }
+  throw DTypeError("out: unknown dtype " + std::to_string(static_cast<int>(out.dtype)));
 }
 
 }  // namespace conveyor::detail

@@ -1,16 +1,20 @@
 """Float64 NumPy reference for the Conveyor cells: the ground truth other backends are tested against.
 
 Written straight from /work/shared/SPEC.md, one time step at a time, with a hand-written backward through
-time (no autodiff, no finite differences). Clarity over speed. Scope: one layer, one direction, no peephole,
-no coupled gates, no cell clip, no dropout.
+time (no autodiff, no finite differences). Clarity over speed. Scope: one layer, one direction; the LSTM
+with optional peephole, coupled gates (CIFG), forget bias and cell clip; for every cell an optional constant
+mask on h_{t-1} inside the recurrent product (recurrent dropout); no dropout between layers.
 
-Shapes are time-major: x [T, B, I]; W [G*H, I]; R [G*H, H]; bW, bR [G*H]; h0, c0 [B, H]; y [T, B, H].
-Gate blocks along the first weight axis: LSTM i, f, g, o (G=4); GRU r, z, n (G=3); RNN one block (G=1).
+Shapes are time-major: x [T, B, I]; W [G*H, I]; R [G*H, H]; bW, bR [G*H]; h0, c0 [B, H]; y [T, B, H];
+recurrent_mask [T, B, H]; LSTM peephole [3, H] (rows p_i, p_f, p_o).
+Gate blocks along the first weight axis: LSTM i, f, g, o (G=4), coupled-gate LSTM f, g, o (G=3);
+GRU r, z, n (G=3); RNN one block (G=1).
 
-Every forward returns a `cache` dict holding the float64 inputs (x, W, R, activation) and, per time step,
-the states and gate values the backward needs; `hs` is [T+1, B, H] with hs[0] = h0 (LSTM: `cs` likewise).
-The arrays stored under names starting with `pre_` are the arguments passed to `act` (useful to check that
-no relu argument sits on its kink).
+Every forward returns a `cache` dict holding the float64 inputs (x, W, R, activation, options) and, per time
+step, the states and gate values the backward needs; `hs` is [T+1, B, H] with hs[0] = h0 (LSTM: `cs`
+likewise, after the clip), and `hms` [T, B, H] is the recurrent input m_t * h_{t-1} (h_{t-1} when there is no
+mask). The arrays stored under names starting with `pre_` are the arguments passed to `act` (useful to check
+that no relu argument sits on its kink).
 """
 
 import numpy as np
@@ -60,6 +64,16 @@ def _inputs(x, W, R, bW, bR, G, activation):
     return x, W, R, bW, bR
 
 
+def _recurrent_mask(mask, shape):
+    """None, or the [T, B, H] mask as float64."""
+    return None if mask is None else _as_f64("recurrent_mask", mask, shape)
+
+
+def _masked(v, mask):
+    """mask * v, or v itself when there is no mask (so the unmasked path stays bit-for-bit unchanged)."""
+    return v if mask is None else mask * v
+
+
 def _weight_grads(cache, da_in, da_rec, x_rec):
     """Turns the per-step pre-activation gradients into (dx, dW, dR, dbW, dbR).
 
@@ -85,45 +99,95 @@ def _weight_grads(cache, da_in, da_rec, x_rec):
 # ----------------------------------------------------------------------------------------------------- LSTM
 
 
-def lstm_forward(x, W, R, bW, bR, h0, c0, activation="tanh"):
-    """LSTM window, gates i, f, g, o. Returns (y [T, B, H], h_T, c_T, cache)."""
-    x, W, R, bW, bR = _inputs(x, W, R, bW, bR, 4, activation)
+def lstm_forward(x, W, R, bW, bR, h0, c0, activation="tanh", *, peephole=None, coupled_gates=False,
+                 forget_bias=0.0, cell_clip=None, recurrent_mask=None):
+    """LSTM window, gates i, f, g, o (coupled_gates: f, g, o and i = 1 - f). Returns (y, h_T, c_T, cache).
+
+    peephole: None or [3, H] (p_i, p_f, p_o; p_i unused with coupled_gates). forget_bias: added to f's
+    pre-activation. cell_clip: None or > 0, clamps c_t to [-cell_clip, cell_clip]. recurrent_mask: None or
+    [T, B, H], multiplies h_{t-1} inside R h_{t-1}.
+    """
+    G = 3 if coupled_gates else 4
+    x, W, R, bW, bR = _inputs(x, W, R, bW, bR, G, activation)
     T, B, _ = x.shape
     H = R.shape[1]
     h0 = _as_f64("h0", h0, (B, H))
     c0 = _as_f64("c0", c0, (B, H))
+    if peephole is not None:
+        peephole = _as_f64("peephole", peephole, (3, H))
+    forget_bias = float(forget_bias)
+    if not np.isfinite(forget_bias):
+        raise ValueError(f"forget_bias: expected a finite number, got {forget_bias!r}")
+    if cell_clip is not None:
+        cell_clip = float(cell_clip)
+        if not (np.isfinite(cell_clip) and cell_clip > 0.0):
+            raise ValueError(f"cell_clip: expected None or a finite number > 0, got {cell_clip!r}")
+    mask = _recurrent_mask(recurrent_mask, (T, B, H))
 
     hs = np.zeros((T + 1, B, H))
     cs = np.zeros((T + 1, B, H))
     hs[0], cs[0] = h0, c0
-    gates = {name: np.zeros((T, B, H)) for name in ("i", "f", "g", "o", "pre_g")}
+    hms = np.zeros((T, B, H))
+    names = ("i", "f", "g", "o", "pre_g", "c_unclipped", "clip_pass")
+    gates = {name: np.zeros((T, B, H)) for name in names}
     for t in range(T):
         h_prev, c_prev = hs[t], cs[t]
-        a = x[t] @ W.T + bW + h_prev @ R.T + bR
-        a_i, a_f, a_g, a_o = (a[:, k * H:(k + 1) * H] for k in range(4))
-        i = _sigmoid(a_i)
-        f = _sigmoid(a_f)
+        hm = _masked(h_prev, None if mask is None else mask[t])
+        a = x[t] @ W.T + bW + hm @ R.T + bR
+        blocks = [a[:, k * H:(k + 1) * H] for k in range(G)]
+        if coupled_gates:
+            a_f, a_g, a_o = blocks
+        else:
+            a_i, a_f, a_g, a_o = blocks
+        pre_f = a_f + forget_bias
+        if peephole is not None:
+            pre_f = pre_f + peephole[1] * c_prev
+        f = _sigmoid(pre_f)
+        if coupled_gates:
+            i = 1.0 - f
+        else:
+            pre_i = a_i if peephole is None else a_i + peephole[0] * c_prev
+            i = _sigmoid(pre_i)
         g = _act(a_g, activation)
-        c = f * c_prev + i * g
-        o = _sigmoid(a_o)
+        c_unclipped = f * c_prev + i * g
+        if cell_clip is None:
+            c = c_unclipped
+            clip_pass = np.ones((B, H))
+        else:
+            c = np.clip(c_unclipped, -cell_clip, cell_clip)
+            # d c / d c_unclipped: 1 strictly inside the bounds, 0 where clipped (on a bound: clipped)
+            clip_pass = (np.abs(c_unclipped) < cell_clip).astype(np.float64)
+        pre_o = a_o if peephole is None else a_o + peephole[2] * c
+        o = _sigmoid(pre_o)
         h = o * _act(c, activation)
-        hs[t + 1], cs[t + 1] = h, c
-        for name, value in (("i", i), ("f", f), ("g", g), ("o", o), ("pre_g", a_g)):
+        hs[t + 1], cs[t + 1], hms[t] = h, c, hm
+        for name, value in zip(names, (i, f, g, o, a_g, c_unclipped, clip_pass)):
             gates[name][t] = value
 
-    cache = {"x": x, "W": W, "R": R, "activation": activation, "hs": hs, "cs": cs, **gates}
+    cache = {
+        "x": x, "W": W, "R": R, "activation": activation,
+        "peephole": peephole, "coupled_gates": coupled_gates, "forget_bias": forget_bias,
+        "cell_clip": cell_clip, "recurrent_mask": mask,
+        "hs": hs, "cs": cs, "hms": hms, **gates,
+    }
     return hs[1:].copy(), hs[T].copy(), cs[T].copy(), cache
 
 
 def lstm_backward(cache, dy, dh_T, dc_T):
-    """Backward through the window. Returns (dx, dh0, dc0, dW, dR, dbW, dbR)."""
+    """Backward through the window. Returns (dx, dh0, dc0, dW, dR, dbW, dbR, dP).
+
+    dP is the [3, H] peephole gradient (row p_i is zero with coupled gates), or None without peephole.
+    """
     hs, cs, activation = cache["hs"], cache["cs"], cache["activation"]
+    peephole, coupled, mask = cache["peephole"], cache["coupled_gates"], cache["recurrent_mask"]
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    G = 3 if coupled else 4
     dy = _as_f64("dy", dy, (T, B, H))
     dh_next = _as_f64("dh_T", dh_T, (B, H)).copy()
     dc_next = _as_f64("dc_T", dc_T, (B, H)).copy()
+    dP = None if peephole is None else np.zeros((3, H))
 
-    da = np.zeros((T, B, 4 * H))
+    da = np.zeros((T, B, G * H))
     for t in reversed(range(T)):
         i, f, g, o = cache["i"][t], cache["f"][t], cache["g"][t], cache["o"][t]
         c_prev, c = cs[t], cs[t + 1]
@@ -131,34 +195,59 @@ def lstm_backward(cache, dy, dh_T, dc_T):
         # h_t = o * act(c_t)
         do = dh * _act(c, activation)
         dc = dc_next + dh * o * _act_grad(c, activation)
-        # c_t = f * c_{t-1} + i * g
+        # o = sigmoid(a_o + p_o * c_t): the o peephole sees the new (clipped) cell state
+        da_o = do * o * (1.0 - o)
+        if peephole is not None:
+            dc = dc + da_o * peephole[2]
+            dP[2] += (da_o * c).sum(axis=0)
+        # c_t = clip(c_unclipped): gradient 1 strictly inside the bounds, 0 where clipped
+        if cache["cell_clip"] is not None:
+            dc = dc * cache["clip_pass"][t]
+        # c_unclipped = f * c_{t-1} + i * g
         df = dc * c_prev
         di = dc * g
         dg = dc * i
         dc_next = dc * f
-        # gate nonlinearities
-        da_i = di * i * (1.0 - i)
+        if coupled:
+            # i = 1 - f
+            df = df - di
+        # gate nonlinearities: f = sigmoid(a_f + p_f * c_{t-1} + forget_bias),
+        # i = sigmoid(a_i + p_i * c_{t-1}), g = act(a_g)
         da_f = df * f * (1.0 - f)
         da_g = dg * _act_grad(cache["pre_g"][t], activation)
-        da_o = do * o * (1.0 - o)
-        da[t] = np.concatenate([da_i, da_f, da_g, da_o], axis=1)
-        # a = W x_t + bW + R h_{t-1} + bR
-        dh_next = da[t] @ cache["R"]
+        if coupled:
+            da[t] = np.concatenate([da_f, da_g, da_o], axis=1)
+        else:
+            da_i = di * i * (1.0 - i)
+            da[t] = np.concatenate([da_i, da_f, da_g, da_o], axis=1)
+        if peephole is not None:
+            dc_next = dc_next + da_f * peephole[1]
+            dP[1] += (da_f * c_prev).sum(axis=0)
+            if not coupled:
+                dc_next = dc_next + da_i * peephole[0]
+                dP[0] += (da_i * c_prev).sum(axis=0)
+        # a = W x_t + bW + R (m_t * h_{t-1}) + bR
+        dh_next = _masked(da[t] @ cache["R"], None if mask is None else mask[t])
 
-    x_rec = np.repeat(hs[:-1, :, None, :], 4, axis=2)
+    x_rec = np.repeat(cache["hms"][:, :, None, :], G, axis=2)
     dx, dW, dR, dbW, dbR = _weight_grads(cache, da, da, x_rec)
-    return dx, dh_next, dc_next, dW, dR, dbW, dbR
+    return dx, dh_next, dc_next, dW, dR, dbW, dbR, dP
 
 
 # ------------------------------------------------------------------------------------------------------ GRU
 
 
-def gru_forward(x, W, R, bW, bR, h0, reset_after=True, activation="tanh"):
-    """GRU window, gates r, z, n (z near 1 keeps the old state). Returns (y [T, B, H], h_T, cache)."""
+def gru_forward(x, W, R, bW, bR, h0, reset_after=True, activation="tanh", *, recurrent_mask=None):
+    """GRU window, gates r, z, n (z near 1 keeps the old state). Returns (y [T, B, H], h_T, cache).
+
+    recurrent_mask: None or [T, B, H]; m_t * h_{t-1} replaces h_{t-1} wherever it meets R (R_r, R_z, R_n),
+    while the output mix h_t = (1 - z) * n + z * h_{t-1} uses the unmasked h_{t-1}.
+    """
     x, W, R, bW, bR = _inputs(x, W, R, bW, bR, 3, activation)
     T, B, _ = x.shape
     H = R.shape[1]
     h0 = _as_f64("h0", h0, (B, H))
+    mask = _recurrent_mask(recurrent_mask, (T, B, H))
     W_r, W_z, W_n = W[:H], W[H:2 * H], W[2 * H:]
     R_r, R_z, R_n = R[:H], R[H:2 * H], R[2 * H:]
     bW_r, bW_z, bW_n = bW[:H], bW[H:2 * H], bW[2 * H:]
@@ -166,24 +255,29 @@ def gru_forward(x, W, R, bW, bR, h0, reset_after=True, activation="tanh"):
 
     hs = np.zeros((T + 1, B, H))
     hs[0] = h0
+    hms = np.zeros((T, B, H))
     gates = {name: np.zeros((T, B, H)) for name in ("r", "z", "n", "pre_n", "rec_n")}
     for t in range(T):
         h_prev = hs[t]
-        r = _sigmoid(x[t] @ W_r.T + bW_r + h_prev @ R_r.T + bR_r)
-        z = _sigmoid(x[t] @ W_z.T + bW_z + h_prev @ R_z.T + bR_z)
+        hm = _masked(h_prev, None if mask is None else mask[t])  # what R sees: m_t * h_{t-1}
+        r = _sigmoid(x[t] @ W_r.T + bW_r + hm @ R_r.T + bR_r)
+        z = _sigmoid(x[t] @ W_z.T + bW_z + hm @ R_z.T + bR_z)
         if reset_after:
-            rec_n = h_prev @ R_n.T + bR_n  # R_n h_{t-1} + bR_n, gated by r afterwards
+            rec_n = hm @ R_n.T + bR_n  # R_n (m_t * h_{t-1}) + bR_n, gated by r afterwards
             a_n = x[t] @ W_n.T + bW_n + r * rec_n
         else:
-            rec_n = r * h_prev  # the recurrent input of the n block: r * h_{t-1}
+            rec_n = r * hm  # the recurrent input of the n block: r * m_t * h_{t-1}
             a_n = x[t] @ W_n.T + bW_n + rec_n @ R_n.T + bR_n
         n = _act(a_n, activation)
-        h = (1.0 - z) * n + z * h_prev
-        hs[t + 1] = h
+        h = (1.0 - z) * n + z * h_prev  # the unmasked h_{t-1}
+        hs[t + 1], hms[t] = h, hm
         for name, value in (("r", r), ("z", z), ("n", n), ("pre_n", a_n), ("rec_n", rec_n)):
             gates[name][t] = value
 
-    cache = {"x": x, "W": W, "R": R, "activation": activation, "reset_after": reset_after, "hs": hs, **gates}
+    cache = {
+        "x": x, "W": W, "R": R, "activation": activation, "reset_after": reset_after, "recurrent_mask": mask,
+        "hs": hs, "hms": hms, **gates,
+    }
     return hs[1:].copy(), hs[T].copy(), cache
 
 
@@ -191,7 +285,7 @@ def gru_backward(cache, dy, dh_T):
     """Backward through the window. Returns (dx, dh0, dW, dR, dbW, dbR)."""
     hs, activation, reset_after = cache["hs"], cache["activation"], cache["reset_after"]
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-    R = cache["R"]
+    R, hms = cache["R"], cache["hms"]
     R_r, R_z, R_n = R[:H], R[H:2 * H], R[2 * H:]
     dy = _as_f64("dy", dy, (T, B, H))
     dh_next = _as_f64("dh_T", dh_T, (B, H)).copy()
@@ -200,32 +294,34 @@ def gru_backward(cache, dy, dh_T):
     da_rec = np.zeros((T, B, 3 * H))
     for t in reversed(range(T)):
         r, z, n, rec_n = cache["r"][t], cache["z"][t], cache["n"][t], cache["rec_n"][t]
-        h_prev = hs[t]
+        h_prev, hm = hs[t], hms[t]
+        m = None if cache["recurrent_mask"] is None else cache["recurrent_mask"][t]
         dh = dy[t] + dh_next
-        # h_t = (1 - z) * n + z * h_{t-1}
+        # h_t = (1 - z) * n + z * h_{t-1}  (unmasked h_{t-1})
         dn = dh * (1.0 - z)
         dz = dh * (h_prev - n)
         dh_prev = dh * z
         da_n = dn * _act_grad(cache["pre_n"][t], activation)
         da_z = dz * z * (1.0 - z)
+        # below, every gradient with respect to hm = m_t * h_{t-1} reaches h_{t-1} through the mask
         if reset_after:
-            # a_n = W_n x_t + bW_n + r * (R_n h_{t-1} + bR_n)
+            # a_n = W_n x_t + bW_n + r * (R_n hm + bR_n)
             dr = da_n * rec_n
             da_rec_n = da_n * r
-            dh_prev += da_rec_n @ R_n
+            dh_prev += _masked(da_rec_n @ R_n, m)
         else:
-            # a_n = W_n x_t + bW_n + R_n (r * h_{t-1}) + bR_n
+            # a_n = W_n x_t + bW_n + R_n (r * hm) + bR_n
             drh = da_n @ R_n
-            dr = drh * h_prev
+            dr = drh * hm
             da_rec_n = da_n
-            dh_prev += drh * r
+            dh_prev += _masked(drh * r, m)
         da_r = dr * r * (1.0 - r)
-        dh_prev += da_r @ R_r + da_z @ R_z
+        dh_prev += _masked(da_r @ R_r + da_z @ R_z, m)
         da_in[t] = np.concatenate([da_r, da_z, da_n], axis=1)
         da_rec[t] = np.concatenate([da_r, da_z, da_rec_n], axis=1)
         dh_next = dh_prev
 
-    x_rec = np.stack([hs[:-1], hs[:-1], hs[:-1] if reset_after else cache["rec_n"]], axis=2)
+    x_rec = np.stack([hms, hms, hms if reset_after else cache["rec_n"]], axis=2)
     dx, dW, dR, dbW, dbR = _weight_grads(cache, da_in, da_rec, x_rec)
     return dx, dh_next, dW, dR, dbW, dbR
 
@@ -233,27 +329,36 @@ def gru_backward(cache, dy, dh_T):
 # ------------------------------------------------------------------------------------------------------ RNN
 
 
-def rnn_forward(x, W, R, bW, bR, h0, activation="tanh"):
-    """Elman RNN window, h_t = act(W x_t + bW + R h_{t-1} + bR). Returns (y [T, B, H], h_T, cache)."""
+def rnn_forward(x, W, R, bW, bR, h0, activation="tanh", *, recurrent_mask=None):
+    """Elman RNN window, h_t = act(W x_t + bW + R (m_t * h_{t-1}) + bR). Returns (y [T, B, H], h_T, cache).
+
+    recurrent_mask: None (m_t = 1) or [T, B, H].
+    """
     x, W, R, bW, bR = _inputs(x, W, R, bW, bR, 1, activation)
     T, B, _ = x.shape
     H = R.shape[1]
     h0 = _as_f64("h0", h0, (B, H))
+    mask = _recurrent_mask(recurrent_mask, (T, B, H))
 
     hs = np.zeros((T + 1, B, H))
     hs[0] = h0
+    hms = np.zeros((T, B, H))
     pre = np.zeros((T, B, H))
     for t in range(T):
-        pre[t] = x[t] @ W.T + bW + hs[t] @ R.T + bR
+        hms[t] = _masked(hs[t], None if mask is None else mask[t])
+        pre[t] = x[t] @ W.T + bW + hms[t] @ R.T + bR
         hs[t + 1] = _act(pre[t], activation)
 
-    cache = {"x": x, "W": W, "R": R, "activation": activation, "hs": hs, "pre_h": pre}
+    cache = {
+        "x": x, "W": W, "R": R, "activation": activation, "recurrent_mask": mask, "hs": hs, "hms": hms,
+        "pre_h": pre,
+    }
     return hs[1:].copy(), hs[T].copy(), cache
 
 
 def rnn_backward(cache, dy, dh_T):
     """Backward through the window. Returns (dx, dh0, dW, dR, dbW, dbR)."""
-    hs, activation = cache["hs"], cache["activation"]
+    hs, activation, mask = cache["hs"], cache["activation"], cache["recurrent_mask"]
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
     dy = _as_f64("dy", dy, (T, B, H))
     dh_next = _as_f64("dh_T", dh_T, (B, H)).copy()
@@ -262,7 +367,8 @@ def rnn_backward(cache, dy, dh_T):
     for t in reversed(range(T)):
         dh = dy[t] + dh_next
         da[t] = dh * _act_grad(cache["pre_h"][t], activation)
-        dh_next = da[t] @ cache["R"]
+        # a = W x_t + bW + R (m_t * h_{t-1}) + bR
+        dh_next = _masked(da[t] @ cache["R"], None if mask is None else mask[t])
 
-    dx, dW, dR, dbW, dbR = _weight_grads(cache, da, da, hs[:-1, :, None, :])
+    dx, dW, dR, dbW, dbR = _weight_grads(cache, da, da, cache["hms"][:, :, None, :])
     return dx, dh_next, dW, dR, dbW, dbR

@@ -9,14 +9,19 @@ from support import CONFIGS, config_id
 
 EPS = 1e-6  # central finite-difference step
 RELU_MARGIN = 1e-3  # every relu argument stays this far from its kink, so a step of EPS never crosses it
+CLIP_MARGIN = 1e-3  # every unclipped LSTM cell value stays this far from +-cell_clip, for the same reason
 
 CONFIG_IDS = [config_id(c) for c in CONFIGS]
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
-def _problem(cell, T, B, input_size, H, rng, scale=0.5):
-    """Random inputs and random nonzero output gradients for one window."""
-    G = GATES[cell]
+def _problem(cell, T, B, input_size, H, rng, scale=0.5, *, coupled=False, peephole=False):
+    """Random inputs and random nonzero output gradients for one window.
+
+    LSTM only: `coupled` gives the 3-block weights of coupled_gates=True, `peephole` adds a [3, H] peephole
+    to the inputs (so the finite-difference checks cover it like any other input).
+    """
+    G = 3 if coupled else GATES[cell]
     p = {
         "x": rng.normal(scale=scale, size=(T, B, input_size)),
         "W": rng.normal(scale=scale, size=(G * H, input_size)),
@@ -29,7 +34,18 @@ def _problem(cell, T, B, input_size, H, rng, scale=0.5):
     if cell == "lstm":
         p["c0"] = rng.normal(scale=scale, size=(B, H))
         seeds["dc_T"] = rng.normal(size=(B, H))
+    if peephole:
+        p["peephole"] = rng.normal(scale=scale, size=(3, H))
     return p, seeds
+
+
+def _mask(T, B, H, rng, q=0.3):
+    """A random inverted-dropout mask: 0 with probability q, else 1 / (1 - q); both values present."""
+    for _ in range(100):
+        m = (rng.random((T, B, H)) >= q) / (1.0 - q)
+        if 0 < np.count_nonzero(m) < m.size:
+            return m
+    raise AssertionError("no mixed mask in 100 draws")
 
 
 def _forward(cell, opts, p):
@@ -45,8 +61,14 @@ def _forward(cell, opts, p):
 def _backward(cell, cache, seeds):
     """Returns the gradients as a dict keyed like the inputs."""
     if cell == "lstm":
-        names = ("x", "h0", "c0", "W", "R", "bW", "bR")
-        return dict(zip(names, ref.lstm_backward(cache, seeds["dy"], seeds["dh_T"], seeds["dc_T"])))
+        names = ("x", "h0", "c0", "W", "R", "bW", "bR", "peephole")
+        grads = ref.lstm_backward(cache, seeds["dy"], seeds["dh_T"], seeds["dc_T"])
+        assert len(grads) == len(names)
+        grads = dict(zip(names, grads))
+        if grads["peephole"] is None:
+            assert cache["peephole"] is None
+            del grads["peephole"]
+        return grads
     backward = ref.gru_backward if cell == "gru" else ref.rnn_backward
     return dict(zip(("x", "h0", "W", "R", "bW", "bR"), backward(cache, seeds["dy"], seeds["dh_T"])))
 
@@ -66,22 +88,42 @@ def _relu_arguments(cell, cache):
     return args
 
 
-def _valid_problem(cell, opts, sizes, seed):
-    """A random problem; for relu cells, the first seed from `seed` on whose relu arguments avoid the kink."""
+def _is_valid(cell, opts, p):
+    """True when no relu argument sits within RELU_MARGIN of the kink and, with a cell clip, no unclipped cell
+    value sits within CLIP_MARGIN of +-cell_clip while at least one is clipped and one is not."""
+    if opts["activation"] == "tanh" and opts.get("cell_clip") is None:
+        return True
+    _, _, cache = _forward(cell, opts, p)
+    relu_distance = min(np.abs(a).min() for a in _relu_arguments(cell, cache))
+    if opts["activation"] == "relu" and relu_distance <= RELU_MARGIN:
+        return False
+    clip = opts.get("cell_clip")
+    if clip is None:
+        return True
+    distance = np.abs(np.abs(cache["c_unclipped"]) - clip)
+    return distance.min() > CLIP_MARGIN and 0 < np.count_nonzero(cache["clip_pass"]) < distance.size
+
+
+def _valid_problem(cell, opts, sizes, seed, **kw):
+    """A random problem: the first seed from `seed` on that passes `_is_valid`."""
     for s in range(seed, seed + 100):
-        p, seeds = _problem(cell, *sizes, np.random.default_rng(s))
-        if opts["activation"] == "tanh":
+        p, seeds = _problem(cell, *sizes, np.random.default_rng(s), **kw)
+        if _is_valid(cell, opts, p):
             return p, seeds
-        _, _, cache = _forward(cell, opts, p)
-        if min(np.abs(a).min() for a in _relu_arguments(cell, cache)) > RELU_MARGIN:
-            return p, seeds
-    raise AssertionError("no relu problem away from the kink in 100 seeds")
+    raise AssertionError("no problem away from the relu kink and the clip bounds in 100 seeds")
 
 
-@pytest.mark.parametrize("sizes", [(3, 2, 3, 4), (1, 1, 3, 4)], ids=["T3B2I3H4", "T1B1I3H4"])
-@pytest.mark.parametrize(("cell", "opts"), CONFIGS, ids=CONFIG_IDS)
-def test_backward_matches_finite_differences(cell, opts, sizes):
-    p, seeds = _valid_problem(cell, opts, sizes, seed=1234)
+def _draw_valid_problem(cell, opts, sizes, rng, **kw):
+    """Like `_valid_problem`, drawing from `rng`."""
+    for _ in range(100):
+        p, seeds = _problem(cell, *sizes, rng, **kw)
+        if _is_valid(cell, opts, p):
+            return p, seeds
+    raise AssertionError("no problem away from the relu kink and the clip bounds in 100 draws")
+
+
+def _check_against_finite_differences(cell, opts, p, seeds):
+    """Every gradient backward returns (one per entry of p) against central finite differences of the loss."""
     _, _, cache = _forward(cell, opts, p)
     grads = _backward(cell, cache, seeds)
     assert set(grads) == set(p)
@@ -95,6 +137,64 @@ def test_backward_matches_finite_differences(cell, opts, sizes):
             numeric[idx] = (_loss(cell, opts, plus, seeds) - _loss(cell, opts, minus, seeds)) / (2 * EPS)
         assert grads[name].shape == value.shape, name
         np.testing.assert_allclose(grads[name], numeric, rtol=1e-6, atol=1e-8, err_msg=f"d{name}")
+    return grads
+
+
+@pytest.mark.parametrize("sizes", [(3, 2, 3, 4), (1, 1, 3, 4)], ids=["T3B2I3H4", "T1B1I3H4"])
+@pytest.mark.parametrize(("cell", "opts"), CONFIGS, ids=CONFIG_IDS)
+def test_backward_matches_finite_differences(cell, opts, sizes):
+    p, seeds = _valid_problem(cell, opts, sizes, seed=1234)
+    _check_against_finite_differences(cell, opts, p, seeds)
+
+
+SIZES = (4, 3, 5, 4)  # T, B, I, H
+CLIP = 0.25  # small enough that some cell values of a `_problem` are clipped
+
+# LSTM options, as (id, keyword options, whether the problem carries a peephole).
+LSTM_OPTIONS = [
+    ("peephole", {"activation": "tanh"}, True),
+    ("peephole-relu", {"activation": "relu"}, True),
+    ("coupled", {"activation": "tanh", "coupled_gates": True}, False),
+    ("coupled-relu", {"activation": "relu", "coupled_gates": True}, False),
+    ("peephole-coupled", {"activation": "tanh", "coupled_gates": True}, True),
+    ("forget_bias", {"activation": "tanh", "forget_bias": 1.0}, False),
+    ("cell_clip", {"activation": "tanh", "cell_clip": CLIP}, False),
+    ("relu-cell_clip", {"activation": "relu", "cell_clip": CLIP}, False),
+    ("peephole-cell_clip", {"activation": "tanh", "cell_clip": CLIP}, True),
+    ("all", {"activation": "tanh", "coupled_gates": True, "forget_bias": 1.0, "cell_clip": CLIP}, True),
+    ("all-relu", {"activation": "relu", "coupled_gates": True, "forget_bias": 1.0, "cell_clip": CLIP}, True),
+]
+LSTM_OPTION_IDS = [name for name, _, _ in LSTM_OPTIONS]
+
+
+@pytest.mark.parametrize(("opts", "peephole"), [o[1:] for o in LSTM_OPTIONS], ids=LSTM_OPTION_IDS)
+def test_lstm_options_backward_matches_finite_differences(opts, peephole, rng):
+    coupled = opts.get("coupled_gates", False)
+    p, seeds = _draw_valid_problem("lstm", opts, SIZES, rng, coupled=coupled, peephole=peephole)
+    _, _, cache = _forward("lstm", opts, p)
+    if "cell_clip" in opts:
+        assert np.any(np.abs(cache["cs"][1:]) == opts["cell_clip"]), "no cell value is clipped"
+        assert np.all(np.abs(cache["cs"][1:]) <= opts["cell_clip"])
+    grads = _check_against_finite_differences("lstm", opts, p, seeds)
+    if peephole and coupled:
+        np.testing.assert_array_equal(grads["peephole"][0], 0.0)  # p_i is unused with coupled gates
+
+
+@pytest.mark.parametrize(("opts", "peephole"), [o[1:] for o in LSTM_OPTIONS], ids=LSTM_OPTION_IDS)
+def test_lstm_options_with_recurrent_mask_backward_matches_finite_differences(opts, peephole, rng):
+    T, B, _, H = SIZES
+    opts = {**opts, "recurrent_mask": _mask(T, B, H, rng)}
+    coupled = opts.get("coupled_gates", False)
+    p, seeds = _draw_valid_problem("lstm", opts, SIZES, rng, coupled=coupled, peephole=peephole)
+    _check_against_finite_differences("lstm", opts, p, seeds)
+
+
+@pytest.mark.parametrize(("cell", "opts"), CONFIGS, ids=CONFIG_IDS)
+def test_recurrent_mask_backward_matches_finite_differences(cell, opts, rng):
+    T, B, _, H = SIZES
+    opts = {**opts, "recurrent_mask": _mask(T, B, H, rng)}
+    p, seeds = _draw_valid_problem(cell, opts, SIZES, rng)
+    _check_against_finite_differences(cell, opts, p, seeds)
 
 
 def _sigmoid(v):
@@ -133,6 +233,166 @@ def test_single_step_matches_spec(cell, opts):
         np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("coupled", [False, True], ids=["4gates", "coupled"])
+def test_lstm_with_options_matches_spec(coupled, activation, rng):
+    T, B, input_size, H = 3, 3, 5, 4
+    p, _ = _problem("lstm", T, B, input_size, H, rng, coupled=coupled, peephole=True)
+    mask = _mask(T, B, H, rng)
+    forget_bias = 0.7
+    act = np.tanh if activation == "tanh" else (lambda v: np.maximum(v, 0.0))
+    G = 3 if coupled else 4
+    Ws, Rs = np.split(p["W"], G), np.split(p["R"], G)
+    bWs, bRs = np.split(p["bW"], G), np.split(p["bR"], G)
+    p_i, p_f, p_o = p["peephole"]
+
+    def run(cell_clip):
+        """The spec's LSTM step by hand over the window: (ys, cs, unclipped cell values)."""
+        h, c = p["h0"], p["c0"]
+        ys, cs, unclipped = [], [], []
+        for t in range(T):
+            hm = mask[t] * h
+
+            def pre(k, t=t, hm=hm):
+                return p["x"][t] @ Ws[k].T + bWs[k] + hm @ Rs[k].T + bRs[k]
+
+            if coupled:
+                f = _sigmoid(pre(0) + p_f * c + forget_bias)
+                i, g, a_o = 1.0 - f, act(pre(1)), pre(2)
+            else:
+                i = _sigmoid(pre(0) + p_i * c)
+                f = _sigmoid(pre(1) + p_f * c + forget_bias)
+                g, a_o = act(pre(2)), pre(3)
+            unclipped.append(f * c + i * g)
+            c = unclipped[-1] if cell_clip is None else np.clip(unclipped[-1], -cell_clip, cell_clip)
+            h = _sigmoid(a_o + p_o * c) * act(c)
+            ys.append(h)
+            cs.append(c)
+        return np.array(ys), np.array(cs), np.array(unclipped)
+
+    cell_clip = np.quantile(np.abs(run(None)[2]), 0.7)  # clips some of the cell values of the first steps
+    ys, cs, _ = run(cell_clip)
+    assert np.any(np.abs(cs) == cell_clip)
+    opts = {"activation": activation, "coupled_gates": coupled, "forget_bias": forget_bias,
+            "cell_clip": cell_clip, "recurrent_mask": mask}
+    y, (h_T, c_T), cache = _forward("lstm", opts, p)
+    np.testing.assert_allclose(y, ys, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(h_T, ys[-1], rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(c_T, cs[-1], rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(cache["cs"][1:], cs, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize(("cell", "opts"), CONFIGS, ids=CONFIG_IDS)
+def test_single_step_with_recurrent_mask_matches_spec(cell, opts, rng):
+    p, _ = _problem(cell, 1, 3, 5, 4, rng)
+    mask = _mask(1, 3, 4, rng)
+    act = np.tanh if opts["activation"] == "tanh" else (lambda v: np.maximum(v, 0.0))
+    x, h0 = p["x"][0], p["h0"]
+    hm = mask[0] * h0  # what R sees
+    G = GATES[cell]
+    Ws, Rs = np.split(p["W"], G), np.split(p["R"], G)
+    bWs, bRs = np.split(p["bW"], G), np.split(p["bR"], G)
+
+    def pre(k):
+        return x @ Ws[k].T + bWs[k] + hm @ Rs[k].T + bRs[k]
+
+    if cell == "lstm":
+        i, f, g, o = _sigmoid(pre(0)), _sigmoid(pre(1)), act(pre(2)), _sigmoid(pre(3))
+        c = f * p["c0"] + i * g
+        expected = (o * act(c), c)
+    elif cell == "gru":
+        r, z = _sigmoid(pre(0)), _sigmoid(pre(1))
+        if opts["reset_after"]:
+            n = act(x @ Ws[2].T + bWs[2] + r * (hm @ Rs[2].T + bRs[2]))
+        else:
+            n = act(x @ Ws[2].T + bWs[2] + (r * hm) @ Rs[2].T + bRs[2])
+        expected = ((1.0 - z) * n + z * h0,)  # the output mix uses the unmasked h_{t-1}
+    else:
+        expected = (act(pre(0)),)
+
+    y, states, _ = _forward(cell, {**opts, "recurrent_mask": mask}, p)
+    np.testing.assert_allclose(y[0], expected[0], rtol=1e-13, atol=1e-15)
+    for got, want in zip(states, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_coupled_gates_equal_a_tied_four_gate_lstm(activation, rng):
+    """CIFG equals a 4-gate LSTM whose i pre-activation is minus f's (sigmoid(-v) = 1 - sigmoid(v)), forward
+    and backward: the coupled gradients of the f block are the 4-gate ones of f minus those of i."""
+    T, B, _, H = SIZES
+    forget_bias = 0.6
+    p, seeds = _problem("lstm", *SIZES, rng, coupled=True, peephole=True)
+    P = p["peephole"].copy()
+    P[0] = -P[1]
+
+    def with_i_block(w, i_block):
+        return np.concatenate([i_block, w], axis=0)
+
+    H3 = slice(0, H)  # the f block of the coupled weights
+    p4 = {
+        **p,
+        "W": with_i_block(p["W"], -p["W"][H3]),
+        "R": with_i_block(p["R"], -p["R"][H3]),
+        "bW": with_i_block(p["bW"], -p["bW"][H3] - forget_bias),
+        "bR": with_i_block(p["bR"], -p["bR"][H3]),
+        "peephole": P,
+    }
+    opts = {"activation": activation, "forget_bias": forget_bias, "cell_clip": 0.4,
+            "recurrent_mask": _mask(T, B, H, rng)}
+    y3, states3, cache3 = _forward("lstm", {**opts, "coupled_gates": True}, p)
+    y4, states4, cache4 = _forward("lstm", opts, p4)
+    np.testing.assert_allclose(y3, y4, rtol=1e-12, atol=1e-14)
+    for got, want in zip(states3, states4, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+    g3, g4 = _backward("lstm", cache3, seeds), _backward("lstm", cache4, seeds)
+    for name in ("x", "h0", "c0"):
+        np.testing.assert_allclose(g3[name], g4[name], rtol=1e-10, atol=1e-12, err_msg=f"d{name}")
+    for name in ("W", "R", "bW", "bR"):
+        folded = g4[name][H:].copy()
+        folded[H3] -= g4[name][:H]
+        np.testing.assert_allclose(g3[name], folded, rtol=1e-10, atol=1e-12, err_msg=f"d{name}")
+    np.testing.assert_allclose(g3["peephole"][1:], [g4["peephole"][1] - g4["peephole"][0], g4["peephole"][2]],
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("cell", "opts"), CONFIGS, ids=CONFIG_IDS)
+def test_neutral_options_reproduce_the_plain_results_exactly(cell, opts):
+    """A mask of ones (every cell) and, for the LSTM, a zero peephole, forget_bias=0 and a cell clip nobody
+    reaches give bit-for-bit the outputs and gradients of the plain call."""
+    T, B, _, H = SIZES
+    p, seeds = _problem(cell, *SIZES, np.random.default_rng(21))
+    neutral = {**opts, "recurrent_mask": np.ones((T, B, H))}
+    p_neutral = dict(p)
+    if cell == "lstm":
+        neutral.update(forget_bias=0.0, cell_clip=1e9)
+        p_neutral["peephole"] = np.zeros((3, H))
+    y, states, cache = _forward(cell, opts, p)
+    y_n, states_n, cache_n = _forward(cell, neutral, p_neutral)
+    np.testing.assert_array_equal(y_n, y)
+    for got, want in zip(states_n, states, strict=True):
+        np.testing.assert_array_equal(got, want)
+    grads, grads_n = _backward(cell, cache, seeds), _backward(cell, cache_n, seeds)
+    assert set(grads_n) == set(p_neutral)
+    for name, value in grads.items():
+        np.testing.assert_array_equal(grads_n[name], value, err_msg=f"d{name}")
+
+
+def test_lstm_windows_with_options_give_the_same_forward_as_one_call():
+    T, B, _, H = 6, 2, 3, 4
+    p, _ = _problem("lstm", T, B, 3, H, np.random.default_rng(12), coupled=True, peephole=True)
+    mask = _mask(T, B, H, np.random.default_rng(13))
+    opts = {"activation": "tanh", "coupled_gates": True, "forget_bias": 1.0, "cell_clip": CLIP}
+    y, states, _ = _forward("lstm", {**opts, "recurrent_mask": mask}, p)
+    y1, states1, _ = _forward("lstm", {**opts, "recurrent_mask": mask[:2]}, {**p, "x": p["x"][:2]})
+    second = {**p, "x": p["x"][2:], "h0": states1[0], "c0": states1[1]}
+    y2, states2, _ = _forward("lstm", {**opts, "recurrent_mask": mask[2:]}, second)
+    np.testing.assert_array_equal(np.concatenate([y1, y2]), y)
+    for got, want in zip(states2, states, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize(("cell", "opts"), CONFIGS, ids=CONFIG_IDS)
 def test_windows_give_the_same_forward_as_one_call(cell, opts):
     p, _ = _problem(cell, 6, 2, 3, 4, np.random.default_rng(11))
@@ -156,6 +416,23 @@ def test_bad_arguments_raise_value_error():
         ref.rnn_forward(**{**p, "W": p["W"][:, :2]})
     with pytest.raises(ValueError, match=r"^h0:"):
         ref.rnn_forward(**{**p, "h0": p["h0"][:1]})
+    with pytest.raises(ValueError, match=r"^recurrent_mask:"):
+        ref.rnn_forward(**p, recurrent_mask=np.ones((2, 2, 3)))
+    g, _ = _problem("gru", 2, 2, 3, 4, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"^recurrent_mask:"):
+        ref.gru_forward(**g, recurrent_mask=np.ones((1, 2, 4)))
+    lstm, _ = _problem("lstm", 2, 2, 3, 4, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"^recurrent_mask:"):
+        ref.lstm_forward(**lstm, recurrent_mask=np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"^peephole:"):
+        ref.lstm_forward(**lstm, peephole=np.ones((4, 4)))
+    with pytest.raises(ValueError, match=r"^R:"):
+        ref.lstm_forward(**lstm, coupled_gates=True)  # 4-block weights for a 3-block cell
+    for clip in (0.0, -1.0, np.inf, np.nan):
+        with pytest.raises(ValueError, match=r"^cell_clip:"):
+            ref.lstm_forward(**lstm, cell_clip=clip)
+    with pytest.raises(ValueError, match=r"^forget_bias:"):
+        ref.lstm_forward(**lstm, forget_bias=np.nan)
 
 
 TORCH_PARAMETERS = {"weight_ih_l0": "W", "weight_hh_l0": "R", "bias_ih_l0": "bW", "bias_hh_l0": "bR"}

@@ -191,8 +191,11 @@ class DLPackViews {
   std::vector<py::object> capsules_;
 };
 
-CellOptions cell_options(const std::string& cell, const std::string& activation, bool reset_after,
-                         bool allow_tf32 = false) {
+std::string repr(const py::handle& obj) { return py::str(py::repr(obj)); }
+
+// The cell options from the Python layer's dict (every key optional, defaults as in CellOptions). The
+// Python layer has checked the types; unknown keys are a bug there, not the user's, but still an error.
+CellOptions cell_options(const std::string& cell, const py::dict& given) {
   CellOptions o;
   if (cell == "lstm") {
     o.cell = CellType::lstm;
@@ -203,15 +206,34 @@ CellOptions cell_options(const std::string& cell, const std::string& activation,
   } else {
     throw py::value_error("cell: expected 'lstm', 'gru' or 'rnn', got '" + cell + "'");
   }
-  if (activation == "tanh") {
-    o.activation = Activation::tanh;
-  } else if (activation == "relu") {
-    o.activation = Activation::relu;
-  } else {
-    throw py::value_error("activation: expected 'tanh' or 'relu', got '" + activation + "'");
+  for (const auto& item : given) {
+    const std::string key = py::str(item.first);
+    const py::handle value = item.second;
+    if (key == "activation") {
+      const std::string activation = py::str(value);
+      if (activation == "tanh") {
+        o.activation = Activation::tanh;
+      } else if (activation == "relu") {
+        o.activation = Activation::relu;
+      } else {
+        throw py::value_error("activation: expected 'tanh' or 'relu', got " + repr(value));
+      }
+    } else if (key == "reset_after") {
+      o.reset_after = value.cast<bool>();
+    } else if (key == "allow_tf32") {
+      o.allow_tf32 = value.cast<bool>();
+    } else if (key == "peephole") {
+      o.peephole = value.cast<bool>();
+    } else if (key == "coupled_gates") {
+      o.coupled_gates = value.cast<bool>();
+    } else if (key == "forget_bias") {
+      o.forget_bias = value.cast<double>();
+    } else if (key == "cell_clip") {
+      o.cell_clip = value.cast<double>();
+    } else {
+      throw py::value_error("options: unknown cell option '" + key + "'");
+    }
   }
-  o.reset_after = reset_after;
-  o.allow_tf32 = allow_tf32;
   return o;
 }
 
@@ -246,7 +268,8 @@ struct DLPackOutputs {
 template <typename Views, typename Outputs>
 py::tuple run_forward(const CellOptions& options, Views& views, const Outputs& outputs, const py::object& x,
                       const py::object& W, const py::object& R, const py::object& bW, const py::object& bR,
-                      const py::object& h0, const py::object& c0, bool training, int64_t stream) {
+                      const py::object& h0, const py::object& c0, const py::object& P, bool training,
+                      int64_t stream) {
   ForwardArgs args;
   args.x = views("x", x);
   args.W = views("W", W);
@@ -255,6 +278,7 @@ py::tuple run_forward(const CellOptions& options, Views& views, const Outputs& o
   args.bR = views.optional("bR", bR);
   args.h0 = views.optional("h0", h0);
   args.c0 = views.optional("c0", c0);
+  args.P = views.optional("P", P);
   check_forward_inputs(options, args);
   const WindowSizes s = window_sizes(options, args.x, args.W, args.R);
   Output y = outputs({s.steps, s.batch, s.hidden_size});
@@ -274,11 +298,11 @@ py::tuple run_forward(const CellOptions& options, Views& views, const Outputs& o
   return py::make_tuple(y.first, h_T.first, c_T.first, cache.first);
 }
 
-// (dx, dh0, dc0 or None, dW, dR, dbW or None, dbR or None)
+// (dx, dh0, dc0 or None, dW, dR, dbW or None, dbR or None, dP or None)
 template <typename Views, typename Outputs>
 py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& outputs, const py::object& x,
                        const py::object& W, const py::object& R, const py::object& h0, const py::object& c0,
-                       const py::object& y, const py::object& cache, const py::object& dy, const py::object& dh_T,
+                       const py::object& P, const py::object& y, const py::object& cache, const py::object& dy, const py::object& dh_T,
                        const py::object& dc_T, bool has_bW, bool has_bR, int64_t stream) {
   BackwardArgs args;
   args.x = views("x", x);
@@ -286,6 +310,7 @@ py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& 
   args.R = views("R", R);
   args.h0 = views.optional("h0", h0);
   args.c0 = views.optional("c0", c0);
+  args.P = views.optional("P", P);
   args.y = views("y", y);
   if (cache_width(options) > 0) args.cache = views("cache", cache);
   args.dy = views("dy", dy);
@@ -302,6 +327,7 @@ py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& 
   Output dR = outputs({GH, s.hidden_size});
   Output dbW = has_bW ? outputs({GH}) : none;
   Output dbR = has_bR ? outputs({GH}) : none;
+  Output dP = options.peephole ? outputs({3, s.hidden_size}) : none;
   args.dx = dx.second;
   args.dh0 = dh0.second;
   args.dc0 = dc0.second;
@@ -309,11 +335,12 @@ py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& 
   args.dR = dR.second;
   args.dbW = dbW.second;
   args.dbR = dbR.second;
+  args.dP = dP.second;
   {
     py::gil_scoped_release release;
     conveyor::backward(options, args, reinterpret_cast<void*>(stream));
   }
-  return py::make_tuple(dx.first, dh0.first, dc0.first, dW.first, dR.first, dbW.first, dbR.first);
+  return py::make_tuple(dx.first, dh0.first, dc0.first, dW.first, dR.first, dbW.first, dbR.first, dP.first);
 }
 
 py::dtype dtype_of_x(const py::object& x) {
@@ -321,42 +348,40 @@ py::dtype dtype_of_x(const py::object& x) {
   return py::reinterpret_borrow<py::array>(x).dtype();
 }
 
-py::tuple forward_numpy(const std::string& cell, const std::string& activation, bool reset_after, bool allow_tf32,
-                        const py::object& x, const py::object& W, const py::object& R, const py::object& bW,
-                        const py::object& bR, const py::object& h0, const py::object& c0, bool training) {
-  const CellOptions options = cell_options(cell, activation, reset_after, allow_tf32);
+py::tuple forward_numpy(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
+                        const py::object& R, const py::object& bW, const py::object& bR, const py::object& h0,
+                        const py::object& c0, const py::object& P, bool training) {
   NumpyViews views;
-  return run_forward(options, views, NumpyOutputs{dtype_of_x(x)}, x, W, R, bW, bR, h0, c0, training, 0);
+  return run_forward(cell_options(cell, options), views, NumpyOutputs{dtype_of_x(x)}, x, W, R, bW, bR, h0, c0, P,
+                     training, 0);
 }
 
-py::tuple backward_numpy(const std::string& cell, const std::string& activation, bool reset_after, bool allow_tf32,
-                         const py::object& x, const py::object& W, const py::object& R, const py::object& h0,
-                         const py::object& c0, const py::object& y, const py::object& cache, const py::object& dy,
-                         const py::object& dh_T, const py::object& dc_T, bool has_bW, bool has_bR) {
-  const CellOptions options = cell_options(cell, activation, reset_after, allow_tf32);
+py::tuple backward_numpy(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
+                         const py::object& R, const py::object& h0, const py::object& c0, const py::object& P,
+                         const py::object& y, const py::object& cache, const py::object& dy, const py::object& dh_T,
+                         const py::object& dc_T, bool has_bW, bool has_bR) {
   NumpyViews views;
-  return run_backward(options, views, NumpyOutputs{dtype_of_x(x)}, x, W, R, h0, c0, y, cache, dy, dh_T, dc_T, has_bW,
-                      has_bR, 0);
+  return run_backward(cell_options(cell, options), views, NumpyOutputs{dtype_of_x(x)}, x, W, R, h0, c0, P, y, cache,
+                      dy, dh_T, dc_T, has_bW, has_bR, 0);
 }
 
-py::tuple forward_dlpack(const std::string& cell, const std::string& activation, bool reset_after, bool allow_tf32,
-                         const py::object& x, const py::object& W, const py::object& R, const py::object& bW,
-                         const py::object& bR, const py::object& h0, const py::object& c0, bool training,
-                         const py::function& allocate, int64_t stream) {
-  const CellOptions options = cell_options(cell, activation, reset_after, allow_tf32);
+py::tuple forward_dlpack(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
+                         const py::object& R, const py::object& bW, const py::object& bR, const py::object& h0,
+                         const py::object& c0, const py::object& P, bool training, const py::function& allocate,
+                         int64_t stream) {
   DLPackViews views(stream);
-  return run_forward(options, views, DLPackOutputs{allocate, views}, x, W, R, bW, bR, h0, c0, training, stream);
+  return run_forward(cell_options(cell, options), views, DLPackOutputs{allocate, views}, x, W, R, bW, bR, h0, c0, P,
+                     training, stream);
 }
 
-py::tuple backward_dlpack(const std::string& cell, const std::string& activation, bool reset_after, bool allow_tf32,
-                          const py::object& x, const py::object& W, const py::object& R, const py::object& h0,
-                          const py::object& c0, const py::object& y, const py::object& cache, const py::object& dy,
-                          const py::object& dh_T, const py::object& dc_T, bool has_bW, bool has_bR,
-                          const py::function& allocate, int64_t stream) {
-  const CellOptions options = cell_options(cell, activation, reset_after, allow_tf32);
+py::tuple backward_dlpack(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
+                          const py::object& R, const py::object& h0, const py::object& c0, const py::object& P,
+                          const py::object& y, const py::object& cache, const py::object& dy, const py::object& dh_T,
+                          const py::object& dc_T, bool has_bW, bool has_bR, const py::function& allocate,
+                          int64_t stream) {
   DLPackViews views(stream);
-  return run_backward(options, views, DLPackOutputs{allocate, views}, x, W, R, h0, c0, y, cache, dy, dh_T, dc_T,
-                      has_bW, has_bR, stream);
+  return run_backward(cell_options(cell, options), views, DLPackOutputs{allocate, views}, x, W, R, h0, c0, P, y,
+                      cache, dy, dh_T, dc_T, has_bW, has_bR, stream);
 }
 
 }  // namespace
@@ -376,21 +401,21 @@ PYBIND11_MODULE(_conveyor, m) {
     }
   });
 
-  m.def("forward", &forward_numpy, py::arg("cell"), py::arg("activation"), py::arg("reset_after"),
-        py::arg("allow_tf32"), py::arg("x"), py::arg("W"), py::arg("R"), py::arg("bW"), py::arg("bR"), py::arg("h0"),
-        py::arg("c0"), py::arg("training"));
-  m.def("backward", &backward_numpy, py::arg("cell"), py::arg("activation"), py::arg("reset_after"),
-        py::arg("allow_tf32"), py::arg("x"), py::arg("W"), py::arg("R"), py::arg("h0"), py::arg("c0"), py::arg("y"),
-        py::arg("cache"), py::arg("dy"), py::arg("dh_T"), py::arg("dc_T"), py::arg("has_bW"), py::arg("has_bR"));
-  m.def("forward_dlpack", &forward_dlpack, py::arg("cell"), py::arg("activation"), py::arg("reset_after"),
-        py::arg("allow_tf32"), py::arg("x"), py::arg("W"), py::arg("R"), py::arg("bW"), py::arg("bR"), py::arg("h0"),
-        py::arg("c0"), py::arg("training"), py::arg("allocate"), py::arg("stream"));
-  m.def("backward_dlpack", &backward_dlpack, py::arg("cell"), py::arg("activation"), py::arg("reset_after"),
-        py::arg("allow_tf32"), py::arg("x"), py::arg("W"), py::arg("R"), py::arg("h0"), py::arg("c0"), py::arg("y"),
-        py::arg("cache"), py::arg("dy"), py::arg("dh_T"), py::arg("dc_T"), py::arg("has_bW"), py::arg("has_bR"),
+  m.def("forward", &forward_numpy, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"), py::arg("R"),
+        py::arg("bW"), py::arg("bR"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("training"));
+  m.def("backward", &backward_numpy, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"), py::arg("R"),
+        py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("y"), py::arg("cache"), py::arg("dy"), py::arg("dh_T"),
+        py::arg("dc_T"), py::arg("has_bW"), py::arg("has_bR"));
+  m.def("forward_dlpack", &forward_dlpack, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"),
+        py::arg("R"), py::arg("bW"), py::arg("bR"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("training"),
         py::arg("allocate"), py::arg("stream"));
-  m.def("gate_count", [](const std::string& cell) { return gate_count(cell_options(cell, "tanh", true)); },
-        py::arg("cell"));
+  m.def("backward_dlpack", &backward_dlpack, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"),
+        py::arg("R"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("y"), py::arg("cache"), py::arg("dy"),
+        py::arg("dh_T"), py::arg("dc_T"), py::arg("has_bW"), py::arg("has_bR"), py::arg("allocate"),
+        py::arg("stream"));
+  m.def("gate_count", [](const std::string& cell, const py::dict& options) {
+    return gate_count(cell_options(cell, options));
+  }, py::arg("cell"), py::arg("options") = py::dict());
   m.def("cuda_built", &cuda_built);
   m.def("cuda_available", &cuda_available);
   m.def("cuda_device_count", &cuda_device_count);

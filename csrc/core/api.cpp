@@ -4,6 +4,8 @@
 //
 // Messages are built with std::string alone, no iostreams: a libstdc++ linked statically into the Python
 // module (as some toolchains do) crashed formatting through std::ostringstream's locale machinery.
+#include <cmath>
+#include <cstdio>
 #include <string>
 
 #include "conveyor/conveyor.h"
@@ -99,7 +101,7 @@ const char* activation_name(Activation activation) {
 
 int gate_count(const CellOptions& options) {
   switch (options.cell) {
-    case CellType::lstm: return 4;
+    case CellType::lstm: return options.coupled_gates ? 3 : 4;
     case CellType::gru: return 3;
     case CellType::rnn: return 1;
   }
@@ -135,11 +137,35 @@ bool cuda_available() {
 
 namespace {
 
+std::string number(double v) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.17g", v);
+  return text;
+}
+
 void check_options(const CellOptions& options) {
   gate_count(options);  // throws on an unknown cell
   if (options.activation != Activation::tanh && options.activation != Activation::relu) {
     throw ArgumentError("activation: expected tanh or relu, got " +
                         std::to_string(static_cast<int>(options.activation)));
+  }
+  if (options.cell != CellType::lstm) {
+    const char* lstm_only = options.peephole ? "peephole" : options.coupled_gates ? "coupled_gates"
+                            : options.forget_bias != 0 ? "forget_bias" : options.cell_clip != 0 ? "cell_clip" : nullptr;
+    if (lstm_only != nullptr) {
+      throw ArgumentError(std::string(lstm_only) + ": an LSTM option, but the cell is " + cell_name(options.cell));
+    }
+  }
+  if (!std::isfinite(options.forget_bias)) {
+    throw ArgumentError("forget_bias: expected a finite number, got " + number(options.forget_bias));
+  }
+  if (!(options.recurrent_dropout >= 0 && options.recurrent_dropout < 1)) {
+    throw ArgumentError("recurrent_dropout: expected a probability in [0, 1), got " +
+                        number(options.recurrent_dropout));
+  }
+  if (!std::isfinite(options.cell_clip) || options.cell_clip < 0) {
+    throw ArgumentError("cell_clip: expected a finite number > 0 (or 0 for no clip), got " +
+                        number(options.cell_clip));
   }
 }
 
@@ -255,6 +281,15 @@ Checked check_window(const CellOptions& options, const TensorView& x, const Tens
   return {s, s.steps, s.batch, s.input_size, s.hidden_size, gate_count(options) * s.hidden_size};
 }
 
+// P is required with peephole and refused without it.
+void check_peephole(const CellOptions& options, const ViewChecker& check, const Checked& c, const TensorView& P) {
+  if (options.peephole) {
+    check("P", P, {3, c.H}, "[3, hidden_size] (p_i, p_f, p_o) with peephole");
+  } else if (P.present()) {
+    throw ArgumentError("P: peephole weights given, but the cell has no peephole (set peephole)");
+  }
+}
+
 // x, W, R and the initial states, which forward and backward both read.
 Checked check_window_inputs(const CellOptions& options, const TensorView& x, const TensorView& W, const TensorView& R,
                             const TensorView& h0, const TensorView& c0) {
@@ -274,6 +309,7 @@ Checked check_forward_inputs_impl(const CellOptions& options, const ForwardArgs&
   const ViewChecker check(args.x);
   check("bW", args.bW, {c.GH}, "[G*hidden_size]", true);
   check("bR", args.bR, {c.GH}, "[G*hidden_size]", true);
+  check_peephole(options, check, c, args.P);
   return c;
 }
 
@@ -288,6 +324,7 @@ Checked check_backward_inputs_impl(const CellOptions& options, const BackwardArg
   check("dh_T", args.dh_T, {c.B, c.H}, "[B, hidden_size]", true);
   check_no_cell_state_unless_lstm(options, "dc_T", args.dc_T);
   check("dc_T", args.dc_T, {c.B, c.H}, "[B, hidden_size]", true);
+  check_peephole(options, check, c, args.P);
   return c;
 }
 
@@ -318,6 +355,24 @@ void forward(const CellOptions& options, const ForwardArgs& args, void* stream) 
   }
 }
 
+void dropout_mask(double p, bool variational, uint64_t seed, uint64_t mask_stream, const TensorView& out,
+                  void* stream) {
+  if (!(p >= 0 && p < 1)) throw ArgumentError("p: expected a probability in [0, 1), got " + number(p));
+  if (!out.present() || out.rank != 3) {
+    throw ArgumentError("out: expected an array of shape (T, B, H), got " +
+                        (out.present() ? shape_string(out) : std::string("none")));
+  }
+  const ViewChecker check(out);
+  check("out", out, {out.shape[0], out.shape[1], out.shape[2]}, "(T, B, H)");
+  check_device_supported(out);
+  if (out.device.kind == DeviceKind::cuda) {
+    detail::cuda_dropout_mask(p, variational, seed, mask_stream, out, stream);
+  } else {
+    check_dtype_supported(out);
+    detail::cpu_dropout_mask(p, variational, seed, mask_stream, out);
+  }
+}
+
 void backward(const CellOptions& options, const BackwardArgs& args, void* stream) {
   const Checked c = check_backward_inputs_impl(options, args);
   const ViewChecker check(args.x);
@@ -329,6 +384,10 @@ void backward(const CellOptions& options, const BackwardArgs& args, void* stream
   check("dR", args.dR, {c.GH, c.H}, "[G*hidden_size, hidden_size]", true);
   check("dbW", args.dbW, {c.GH}, "[G*hidden_size]", true);
   check("dbR", args.dbR, {c.GH}, "[G*hidden_size]", true);
+  if (args.dP.present() && !options.peephole) {
+    throw ArgumentError("dP: a peephole gradient was asked for, but the cell has no peephole");
+  }
+  check("dP", args.dP, {3, c.H}, "[3, hidden_size]", true);
   if (args.x.device.kind == DeviceKind::cuda) {
     detail::cuda_backward(options, c.sizes, args, stream);
   } else {

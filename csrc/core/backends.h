@@ -13,6 +13,10 @@ void cpu_backward(const CellOptions& options, const WindowSizes& sizes, const Ba
 void cuda_forward(const CellOptions& options, const WindowSizes& sizes, const ForwardArgs& args, void* stream);
 void cuda_backward(const CellOptions& options, const WindowSizes& sizes, const BackwardArgs& args, void* stream);
 int cuda_device_count_or_zero();
+// dropout_mask() for checked arguments.
+void cpu_dropout_mask(double p, bool variational, uint64_t seed, uint64_t mask_stream, const TensorView& out);
+void cuda_dropout_mask(double p, bool variational, uint64_t seed, uint64_t mask_stream, const TensorView& out,
+                       void* stream);
 bool cuda_backend_built();
 // Runs the shared cell math on `device` and on the host and returns the largest difference (NaN if a
 // result is NaN). Throws CudaError when the kernel cannot run (no code for this GPU, no driver).

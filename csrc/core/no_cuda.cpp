@@ -17,4 +17,8 @@ void cuda_backward(const CellOptions&, const WindowSizes&, const BackwardArgs&, 
   throw ArgumentError("x: this build of Conveyor has no CUDA backend");
 }
 
+void cuda_dropout_mask(double, bool, uint64_t, uint64_t, const TensorView&, void*) {
+  throw ArgumentError("out: this build of Conveyor has no CUDA backend");
+}
+
 }  // namespace conveyor::detail

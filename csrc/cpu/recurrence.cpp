@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cells/dropout.h"
 #include "cells/gru.h"
 #include "cells/lstm.h"
 #include "cells/rnn.h"
@@ -71,6 +72,29 @@ void column_sums(int64_t rows, int64_t cols, const T* m, int64_t ld, bool accumu
   for (int64_t c = 0; c < cols; ++c) out[c] = accumulate ? out[c] + sum[c] : sum[c];
 }
 
+// The recurrent dropout masks m_t [T or 1, B, H] of the window (empty without recurrent dropout).
+template <typename T>
+std::vector<T> recurrent_masks(const CellOptions& options, int64_t steps, int64_t B, int64_t H) {
+  if (options.recurrent_dropout == 0) return {};
+  const int64_t mask_steps = options.variational ? 1 : steps;
+  std::vector<T> m(static_cast<size_t>(mask_steps * B * H));
+  for (int64_t t = 0; t < mask_steps; ++t) {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t u = 0; u < H; ++u) {
+        m[(t * B + b) * H + u] = cells::dropout_mask_value<T>(options.recurrent_dropout, options.dropout_seed,
+                                                              options.dropout_stream, b, u, t);
+      }
+    }
+  }
+  return m;
+}
+
+// out = m * h, elementwise over n.
+template <typename T>
+void masked(int64_t n, const T* __restrict m, const T* __restrict h, T* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = m[i] * h[i];
+}
+
 struct Window {
   int64_t steps, batch, input_size, hidden_size, gates;
   int64_t gh() const { return gates * hidden_size; }
@@ -81,18 +105,65 @@ Window make_window(const CellOptions& options, const WindowSizes& s) {
   return {s.steps, s.batch, s.input_size, s.hidden_size, gate_count(options)};
 }
 
+template <typename T>
+cells::LstmOptions<T> lstm_options(const CellOptions& options) {
+  cells::LstmOptions<T> o;
+  o.relu = options.activation == Activation::relu;
+  o.coupled = options.coupled_gates;
+  o.peephole = options.peephole;
+  o.forget_bias = static_cast<T>(options.forget_bias);
+  o.cell_clip = static_cast<T>(options.cell_clip);
+  return o;
+}
+
+// dP (=|+=) the peephole gradients: dp_i = sum da_i c_{t-1}, dp_f = sum da_f c_{t-1}, dp_o = sum da_o c_t,
+// over steps and batch rows; da holds the LSTM's pre-activation gradients (leading dimension ld).
+template <typename T>
+void peephole_grads(const CellOptions& options, int64_t T_steps, int64_t B, int64_t H, const T* da, int64_t ld,
+                    const T* cache, const T* c0, bool accumulate, T* dP) {
+  const int64_t cw = 5 * H;
+  const int64_t bf = options.coupled_gates ? 0 : 1, bo = options.coupled_gates ? 2 : 3;
+  std::vector<T> sum(static_cast<size_t>(3 * H), T(0));
+  for (int64_t t = 0; t < T_steps; ++t) {
+    for (int64_t b = 0; b < B; ++b) {
+      const T* c = cache + (t * B + b) * cw + 4 * H;
+      const T* c_prev = t == 0 ? c0 + b * H : c - B * cw;
+      const T* d = da + (t * B + b) * ld;
+      for (int64_t j = 0; j < H; ++j) {
+        if (!options.coupled_gates) sum[j] += d[j] * c_prev[j];
+        sum[H + j] += d[bf * H + j] * c_prev[j];
+        sum[2 * H + j] += d[bo * H + j] * c[j];
+      }
+    }
+  }
+  for (int64_t k = 0; k < 3 * H; ++k) dP[k] = accumulate ? dP[k] + sum[k] : sum[k];
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // One batch row of one step. Every pointer is that row's slice of a distinct buffer, hence __restrict:
 // with it the compiler vectorises the loop over hidden units (without it, the alias checks it would need
 // exceed its limit and the loop stays scalar). ax: W x_t + bW; ar: R h_{t-1} (no bias); bR: the bias.
 
-template <typename T, bool kRelu>
-void lstm_forward_row(int64_t H, const T* __restrict ax, const T* __restrict ar, const T* __restrict bR,
-                      T* __restrict c, T* __restrict h, T* __restrict saved) {
+// The LSTM's gate blocks in W, R, the biases and da: i, f, g, o, or f, g, o with coupled gates.
+template <bool kCoupled>
+struct Blocks {
+  static constexpr int64_t f = kCoupled ? 0 : 1, g = kCoupled ? 1 : 2, o = kCoupled ? 2 : 3;
+};
+
+// P: [3, H] peephole weights (zeros without peephole).
+template <typename T, bool kRelu, bool kCoupled>
+void lstm_forward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict P, const T* __restrict ax,
+                      const T* __restrict ar, const T* __restrict bR, T* __restrict c, T* __restrict h,
+                      T* __restrict saved) {
+  using K = Blocks<kCoupled>;
+  opt.relu = kRelu;
+  opt.coupled = kCoupled;
   for (int64_t j = 0; j < H; ++j) {
-    const auto s = cells::lstm_forward(kRelu, ax[j] + ar[j] + bR[j], ax[H + j] + ar[H + j] + bR[H + j],
-                                       ax[2 * H + j] + ar[2 * H + j] + bR[2 * H + j],
-                                       ax[3 * H + j] + ar[3 * H + j] + bR[3 * H + j], c[j]);
+    const T a_i = kCoupled ? T(0) : ax[j] + ar[j] + bR[j];
+    const auto s = cells::lstm_forward(opt, a_i, ax[K::f * H + j] + ar[K::f * H + j] + bR[K::f * H + j],
+                                       ax[K::g * H + j] + ar[K::g * H + j] + bR[K::g * H + j],
+                                       ax[K::o * H + j] + ar[K::o * H + j] + bR[K::o * H + j], c[j],
+                                       cells::Peephole<T>{P[j], P[H + j], P[2 * H + j]});
     c[j] = s.c;
     h[j] = s.h;
     saved[j] = s.i;
@@ -153,16 +224,21 @@ void rnn_forward_row(int64_t H, const T* __restrict ax, const T* __restrict ar, 
 // Backward rows. dh: the gradient reaching h_t from step t+1, replaced by the part of dh_{t-1} that does not
 // go through R; dy: this step's output gradient; da: the pre-activation gradients (input path).
 
-template <typename T, bool kRelu>
-void lstm_backward_row(int64_t H, const T* __restrict saved, const T* __restrict c_prev, const T* __restrict dy,
-                       const T* __restrict dh, T* __restrict dc, T* __restrict da) {
+template <typename T, bool kRelu, bool kCoupled>
+void lstm_backward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict P, const T* __restrict saved,
+                       const T* __restrict c_prev, const T* __restrict dy, const T* __restrict dh, T* __restrict dc,
+                       T* __restrict da) {
+  using K = Blocks<kCoupled>;
+  opt.relu = kRelu;
+  opt.coupled = kCoupled;
   for (int64_t j = 0; j < H; ++j) {
-    const auto d = cells::lstm_backward(kRelu, saved[j], saved[H + j], saved[2 * H + j], saved[3 * H + j],
-                                        saved[4 * H + j], c_prev[j], dh[j] + dy[j], dc[j]);
-    da[j] = d.da_i;
-    da[H + j] = d.da_f;
-    da[2 * H + j] = d.da_g;
-    da[3 * H + j] = d.da_o;
+    const auto d = cells::lstm_backward(opt, saved[j], saved[H + j], saved[2 * H + j], saved[3 * H + j],
+                                        saved[4 * H + j], c_prev[j], dh[j] + dy[j], dc[j],
+                                        cells::Peephole<T>{P[j], P[H + j], P[2 * H + j]});
+    if (!kCoupled) da[j] = d.da_i;
+    da[K::f * H + j] = d.da_f;
+    da[K::g * H + j] = d.da_g;
+    da[K::o * H + j] = d.da_o;
     dc[j] = d.dc_prev;
   }
 }
@@ -194,13 +270,15 @@ void gru_reset_before_backward_row(int64_t H, const T* __restrict saved, const T
   }
 }
 
+// h_product: m * h_{t-1}, what the n block's product saw through r; mask: m (ones without recurrent dropout).
 template <typename T>
-void gru_reset_before_reset_grad_row(int64_t H, const T* __restrict saved, const T* __restrict h_prev,
-                                     const T* __restrict d_reset_hidden, T* __restrict dh, T* __restrict da) {
+void gru_reset_before_reset_grad_row(int64_t H, const T* __restrict saved, const T* __restrict h_product,
+                                     const T* __restrict mask, const T* __restrict d_reset_hidden, T* __restrict dh,
+                                     T* __restrict da) {
   for (int64_t j = 0; j < H; ++j) {
     const T r = saved[j];
-    da[j] = cells::gru_reset_gate_grad_reset_before(r, h_prev[j], d_reset_hidden[j]);
-    dh[j] += d_reset_hidden[j] * r;
+    da[j] = cells::gru_reset_gate_grad_reset_before(r, h_product[j], d_reset_hidden[j]);
+    dh[j] += d_reset_hidden[j] * r * mask[j];
   }
 }
 
@@ -243,6 +321,13 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
 
   std::vector<T> zeros(static_cast<size_t>(B * H), T(0));
   const T* h0 = args.h0.present() ? static_cast<const T*>(args.h0.data) : zeros.data();
+  const cells::LstmOptions<T> lstm = lstm_options<T>(options);
+  std::vector<T> no_peephole(args.P.present() ? 0 : static_cast<size_t>(3 * H), T(0));
+  const T* peephole = args.P.present() ? static_cast<const T*>(args.P.data) : no_peephole.data();
+  // Recurrent dropout: the product reads h_product = m_t * h_{t-1} instead of h_{t-1}.
+  const std::vector<T> masks = recurrent_masks<T>(options, w.steps, B, H);
+  const bool dropout = !masks.empty();
+  std::vector<T> h_masked(dropout ? static_cast<size_t>(B * H) : 0);
   std::vector<T> ar(static_cast<size_t>(B * GH));  // the recurrent pre-activations of one step
   std::vector<T> cell_state;                        // LSTM: c_{t-1}, then c_t, in place
   std::vector<T> reset_hidden;                      // GRU reset_before: r * h_{t-1}
@@ -260,15 +345,20 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
 
   for (int64_t t = 0; t < w.steps; ++t) {
     const T* h_prev = t == 0 ? h0 : y + (t - 1) * B * H;
+    const T* h_product = h_prev;
+    if (dropout) {
+      masked(B * H, masks.data() + (options.variational ? 0 : t) * B * H, h_prev, h_masked.data());
+      h_product = h_masked.data();
+    }
     T* h = y + t * B * H;
     const T* ax_t = ax.data() + t * B * GH;
     T* cache_t = cache != nullptr ? cache + t * B * cw : step_cache.data();
 
     if (options.cell == CellType::gru && !options.reset_after) {
       // r and z first: the n block's recurrent product reads r * h_{t-1}.
-      gemm<T>(B, T(1), MatrixRef<T>::rows(h_prev, H), recurrent, T(0), ar.data(), GH);
+      gemm<T>(B, T(1), MatrixRef<T>::rows(h_product, H), recurrent, T(0), ar.data(), GH);
       for_each_row(B, kElementCost * H, [&](int64_t b) {
-        gru_reset_before_gates_row<T>(H, ax_t + b * GH, ar.data() + b * GH, bR, h_prev + b * H,
+        gru_reset_before_gates_row<T>(H, ax_t + b * GH, ar.data() + b * GH, bR, h_product + b * H,
                                       reset_hidden.data() + b * H, cache_t + b * cw);
       });
       gemm<T>(B, T(1), MatrixRef<T>::rows(reset_hidden.data(), H), recurrent_n, T(0), ar.data() + 2 * H, GH);
@@ -279,13 +369,19 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
       continue;
     }
 
-    gemm<T>(B, T(1), MatrixRef<T>::rows(h_prev, H), recurrent, T(0), ar.data(), GH);
+    gemm<T>(B, T(1), MatrixRef<T>::rows(h_product, H), recurrent, T(0), ar.data(), GH);
     for_each_row(B, kElementCost * H, [&](int64_t b) {
       const T* ax_b = ax_t + b * GH;
       const T* ar_b = ar.data() + b * GH;
       switch (options.cell) {
         case CellType::lstm:
-          lstm_forward_row<T, kRelu>(H, ax_b, ar_b, bR, cell_state.data() + b * H, h + b * H, cache_t + b * cw);
+          if (options.coupled_gates) {
+            lstm_forward_row<T, kRelu, true>(H, lstm, peephole, ax_b, ar_b, bR, cell_state.data() + b * H, h + b * H,
+                                             cache_t + b * cw);
+          } else {
+            lstm_forward_row<T, kRelu, false>(H, lstm, peephole, ax_b, ar_b, bR, cell_state.data() + b * H,
+                                              h + b * H, cache_t + b * cw);
+          }
           break;
         case CellType::gru:  // reset_after
           gru_reset_after_forward_row<T, kRelu>(H, ax_b, ar_b, bR, h_prev + b * H, h + b * H, cache_t + b * cw);
@@ -318,6 +414,9 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   std::vector<T> zeros(static_cast<size_t>(B * H), T(0));
   const T* h0 = args.h0.present() ? static_cast<const T*>(args.h0.data) : zeros.data();
   const T* c0 = args.c0.present() ? static_cast<const T*>(args.c0.data) : zeros.data();
+  const cells::LstmOptions<T> lstm = lstm_options<T>(options);
+  std::vector<T> no_peephole(args.P.present() ? 0 : static_cast<size_t>(3 * H), T(0));
+  const T* peephole = args.P.present() ? static_cast<const T*>(args.P.data) : no_peephole.data();
 
   // Gradients of the pre-activations of every step: dax for the input path (and, but for the GRU's n block
   // when reset_after, the recurrent path too); dar_n for that n block.
@@ -330,6 +429,25 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   if (args.dh_T.present()) std::memcpy(dh.data(), args.dh_T.data, sizeof(T) * B * H);
   if (args.dc_T.present()) std::memcpy(dc.data(), args.dc_T.data, sizeof(T) * B * H);
 
+  // Recurrent dropout: step t's product read h_products[t] = m_t * h_{t-1}, so the gradient it sends back to
+  // h_{t-1} is m_t * (da_t R), and dR pairs da_t with h_products[t].
+  const std::vector<T> masks = recurrent_masks<T>(options, w.steps, B, H);
+  const bool dropout = !masks.empty();
+  const std::vector<T> ones(dropout ? 0 : static_cast<size_t>(B * H), T(1));
+  auto mask_of = [&](int64_t t) { return dropout ? masks.data() + (options.variational ? 0 : t) * B * H : ones.data(); };
+  std::vector<T> h_products(dropout ? static_cast<size_t>(TB * H) : 0);
+  for (int64_t t = 0; dropout && t < w.steps; ++t) {
+    masked(B * H, mask_of(t), t == 0 ? h0 : y + (t - 1) * B * H, h_products.data() + t * B * H);
+  }
+  // dh (=, or += when `add`) m_t * product, the product of one step's gradients with R.
+  std::vector<T> product(static_cast<size_t>(B * H));
+  auto fold_product = [&](int64_t t, bool add) {
+    const T* m = mask_of(t);
+    for_each_row(B, 2.0 * H, [&](int64_t b) {
+      for (int64_t j = b * H; j < (b + 1) * H; ++j) dh[j] = add ? dh[j] + m[j] * product[j] : m[j] * product[j];
+    });
+  };
+
   // R packed once for the T per-step products dh_{t-1} = da R (the GRU's r, z rows apart from its n rows).
   const bool gru = options.cell == CellType::gru;
   const PackedMatrix<T> recurrent(gru ? 2 * H : GH, H, MatrixRef<T>::rows(R, H));
@@ -337,6 +455,7 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
 
   for (int64_t t = w.steps - 1; t >= 0; --t) {
     const T* h_prev = t == 0 ? h0 : y + (t - 1) * B * H;
+    const T* h_product = dropout ? h_products.data() + t * B * H : h_prev;
     const T* dy_t = dy + t * B * H;
     const T* cache_t = cache + t * B * cw;
     T* dax_t = dax.data() + t * B * GH;
@@ -345,16 +464,23 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
       case CellType::lstm:
         for_each_row(B, kElementCost * H, [&](int64_t b) {
           const T* c_prev = t == 0 ? c0 + b * H : cache_t - B * cw + b * cw + 4 * H;
-          lstm_backward_row<T, kRelu>(H, cache_t + b * cw, c_prev, dy_t + b * H, dh.data() + b * H,
-                                      dc.data() + b * H, dax_t + b * GH);
+          if (options.coupled_gates) {
+            lstm_backward_row<T, kRelu, true>(H, lstm, peephole, cache_t + b * cw, c_prev, dy_t + b * H,
+                                              dh.data() + b * H, dc.data() + b * H, dax_t + b * GH);
+          } else {
+            lstm_backward_row<T, kRelu, false>(H, lstm, peephole, cache_t + b * cw, c_prev, dy_t + b * H,
+                                               dh.data() + b * H, dc.data() + b * H, dax_t + b * GH);
+          }
         });
-        gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), dh.data(), H);
+        gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
+        fold_product(t, false);
         break;
       case CellType::rnn:
         for_each_row(B, kElementCost * H, [&](int64_t b) {
           rnn_backward_row<T, kRelu>(H, y + (t * B + b) * H, dy_t + b * H, dh.data() + b * H, dax_t + b * H);
         });
-        gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), dh.data(), H);
+        gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
+        fold_product(t, false);
         break;
       case CellType::gru:
         if (options.reset_after) {
@@ -363,8 +489,9 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
             gru_reset_after_backward_row<T, kRelu>(H, cache_t + b * cw, h_prev + b * H, dy_t + b * H,
                                                    dh.data() + b * H, dax_t + b * GH, dar_n_t + b * H);
           });
-          gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(1), dh.data(), H);
-          gemm<T>(B, T(1), MatrixRef<T>::rows(dar_n_t, H), recurrent_n, T(1), dh.data(), H);
+          gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
+          gemm<T>(B, T(1), MatrixRef<T>::rows(dar_n_t, H), recurrent_n, T(1), product.data(), H);
+          fold_product(t, true);
         } else {
           for_each_row(B, kElementCost * H, [&](int64_t b) {
             gru_reset_before_backward_row<T, kRelu>(H, cache_t + b * cw, h_prev + b * H, dy_t + b * H,
@@ -373,10 +500,11 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
           // d(r * h_{t-1}) = dar_n R_n, which r's gradient needs.
           gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t + 2 * H, GH), recurrent_n, T(0), d_reset_hidden.data(), H);
           for_each_row(B, kElementCost * H, [&](int64_t b) {
-            gru_reset_before_reset_grad_row<T>(H, cache_t + b * cw, h_prev + b * H, d_reset_hidden.data() + b * H,
-                                               dh.data() + b * H, dax_t + b * GH);
+            gru_reset_before_reset_grad_row<T>(H, cache_t + b * cw, h_product + b * H, mask_of(t) + b * H,
+                                               d_reset_hidden.data() + b * H, dh.data() + b * H, dax_t + b * GH);
           });
-          gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(1), dh.data(), H);
+          gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
+          fold_product(t, true);
         }
         break;
     }
@@ -395,11 +523,19 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
             static_cast<T*>(args.dW.data), I);
   }
   if (args.dbW.present()) column_sums(TB, GH, dax.data(), GH, args.accumulate, static_cast<T*>(args.dbW.data));
+  if (args.dP.present()) {
+    peephole_grads(options, w.steps, B, H, dax.data(), GH, cache, c0, args.accumulate, static_cast<T*>(args.dP.data));
+  }
 
   // dR[rows] = sum over steps of da^T h_{t-1}, for a block of R's rows whose pre-activation gradients are
   // `da` (leading dimension lda). Step 0 reads h0 and later steps read y, so it is two products.
   auto recurrent_weight_grad = [&](int64_t row0, int64_t rows, const T* da, int64_t lda) {
     T* out = static_cast<T*>(args.dR.data) + row0 * H;
+    if (dropout) {
+      gemm<T>(rows, H, TB, T(1), MatrixRef<T>::transposed(da, lda), MatrixRef<T>::rows(h_products.data(), H), beta,
+              out, H);
+      return;
+    }
     gemm<T>(rows, H, TB - B, T(1), MatrixRef<T>::transposed(da + B * lda, lda), MatrixRef<T>::rows(y, H), beta, out,
             H);
     if (args.h0.present()) {
@@ -433,6 +569,26 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
 }
 
 }  // namespace
+
+void cpu_dropout_mask(double p, bool variational, uint64_t seed, uint64_t mask_stream, const TensorView& out) {
+  const int64_t steps = out.shape[0], rows = out.shape[1], units = out.shape[2];
+  auto fill = [&](auto* data) {
+    using T = std::remove_pointer_t<decltype(data)>;
+    for (int64_t t = 0; t < steps; ++t) {
+      for (int64_t b = 0; b < rows; ++b) {
+        for (int64_t u = 0; u < units; ++u) {
+          data[(t * rows + b) * units + u] =
+              cells::dropout_mask_value<T>(p, seed, mask_stream, b, u, variational ? 0 : t);
+        }
+      }
+    }
+  };
+  if (out.dtype == DType::float64) {
+    fill(static_cast<double*>(out.data));
+  } else {
+    fill(static_cast<float*>(out.data));
+  }
+}
 
 void cpu_forward(const CellOptions& options, const WindowSizes& sizes, const ForwardArgs& args) {
   bool_switch(options.activation == Activation::relu, [&](auto relu) {

@@ -12,9 +12,7 @@ __version__: str
 
 def forward(
     cell: str,
-    activation: str,
-    reset_after: bool,
-    allow_tf32: bool,
+    options: dict[str, object],
     x: np.ndarray,
     W: np.ndarray,
     R: np.ndarray,
@@ -22,20 +20,20 @@ def forward(
     bR: np.ndarray | None,
     h0: np.ndarray | None,
     c0: np.ndarray | None,
+    P: np.ndarray | None,
     training: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(y, h_T, c_T or None, cache or None)."""
 
 def backward(
     cell: str,
-    activation: str,
-    reset_after: bool,
-    allow_tf32: bool,
+    options: dict[str, object],
     x: np.ndarray,
     W: np.ndarray,
     R: np.ndarray,
     h0: np.ndarray | None,
     c0: np.ndarray | None,
+    P: np.ndarray | None,
     y: np.ndarray,
     cache: np.ndarray | None,
     dy: np.ndarray,
@@ -44,15 +42,20 @@ def backward(
     has_bW: bool,
     has_bR: bool,
 ) -> tuple[
-    np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None
+    np.ndarray,
+    np.ndarray,
+    np.ndarray | None,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray | None,
+    np.ndarray | None,
+    np.ndarray | None,
 ]:
-    """(dx, dh0, dc0 or None, dW, dR, dbW or None, dbR or None)."""
+    """(dx, dh0, dc0 or None, dW, dR, dbW or None, dbR or None, dP or None)."""
 
 def forward_dlpack(
     cell: str,
-    activation: str,
-    reset_after: bool,
-    allow_tf32: bool,
+    options: dict[str, object],
     x: Any,
     W: Any,
     R: Any,
@@ -60,6 +63,7 @@ def forward_dlpack(
     bR: Any | None,
     h0: Any | None,
     c0: Any | None,
+    P: Any | None,
     training: bool,
     allocate: Callable[[tuple[int, ...]], Any],
     stream: int,
@@ -68,14 +72,13 @@ def forward_dlpack(
 
 def backward_dlpack(
     cell: str,
-    activation: str,
-    reset_after: bool,
-    allow_tf32: bool,
+    options: dict[str, object],
     x: Any,
     W: Any,
     R: Any,
     h0: Any | None,
     c0: Any | None,
+    P: Any | None,
     y: Any,
     cache: Any | None,
     dy: Any,
@@ -85,10 +88,10 @@ def backward_dlpack(
     has_bR: bool,
     allocate: Callable[[tuple[int, ...]], Any],
     stream: int,
-) -> tuple[Any, Any, Any | None, Any, Any, Any | None, Any | None]:
+) -> tuple[Any, Any, Any | None, Any, Any, Any | None, Any | None, Any | None]:
     """backward() for arrays with __dlpack__; outputs come from allocate(shape)."""
 
-def gate_count(cell: str) -> int: ...
+def gate_count(cell: str, options: dict[str, object] = ...) -> int: ...
 def cuda_built() -> bool: ...
 def cuda_available() -> bool: ...
 def cuda_device_count() -> int: ...

@@ -16,6 +16,8 @@ products (not the recurrence) on tensor cores in TF32.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -39,7 +41,8 @@ _ACTIVATIONS = ("tanh", "relu")
 
 
 class LSTMGrads(NamedTuple):
-    """Gradients of an LSTM window. ``dbW``/``dbR`` are None when forward ran without that bias."""
+    """Gradients of an LSTM window. ``dbW``/``dbR`` are None when forward ran without that bias, ``dP`` (the
+    peephole weights' gradient, ``[3, hidden_size]``) when it ran without peepholes."""
 
     dx: np.ndarray
     dh0: np.ndarray
@@ -48,6 +51,7 @@ class LSTMGrads(NamedTuple):
     dR: np.ndarray
     dbW: np.ndarray | None
     dbR: np.ndarray | None
+    dP: np.ndarray | None = None
 
 
 class GRUGrads(NamedTuple):
@@ -77,17 +81,14 @@ class Saved:
     of gate values. Used by exactly one backward call, which releases it; the arrays it refers to must not
     be modified in between."""
 
-    __slots__ = ("cell", "activation", "reset_after", "allow_tf32", "x", "W", "R", "has_bW", "has_bR", "h0",
-                 "c0", "y", "cache")
+    __slots__ = ("cell", "options", "x", "W", "R", "has_bW", "has_bR", "h0", "c0", "P", "y", "cache")
 
-    def __init__(self, cell, activation, reset_after, allow_tf32, x, W, R, bW, bR, h0, c0, y, cache):
+    def __init__(self, cell, options, x, W, R, bW, bR, h0, c0, P, y, cache):
         self.cell = cell
-        self.activation = activation
-        self.reset_after = reset_after
-        self.allow_tf32 = allow_tf32
+        self.options = options
         self.x, self.W, self.R = x, W, R
         self.has_bW, self.has_bR = bW is not None, bR is not None
-        self.h0, self.c0, self.y, self.cache = h0, c0, y, cache
+        self.h0, self.c0, self.P, self.y, self.cache = h0, c0, P, y, cache
 
     @property
     def consumed(self) -> bool:
@@ -113,25 +114,35 @@ def _check_flag(name: str, value) -> bool:
     return bool(value)
 
 
-def _forward(cell, activation, reset_after, x, W, R, bW, bR, h0, c0, training, allow_tf32, stream):
-    activation = _check_activation(activation)
-    reset_after = _check_flag("reset_after", reset_after)
-    training = _check_flag("training", training)
-    allow_tf32 = _check_flag("allow_tf32", allow_tf32)
-    inputs = (x, W, R, bW, bR, h0, c0)
+def _check_number(name: str, value, *, positive=False) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {value!r} of type {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name}: expected a finite number{' > 0' if positive else ''}, got {value!r}")
+    return value
+
+
+def _options(activation, training, allow_tf32, **flags) -> tuple[dict, bool]:
+    """The cell options as the compiled core takes them, checked; and `training`."""
+    options = {"activation": _check_activation(activation), "allow_tf32": _check_flag("allow_tf32", allow_tf32)}
+    for name, value in flags.items():
+        options[name] = _check_flag(name, value)
+    return options, _check_flag("training", training)
+
+
+def _forward(cell, options, x, W, R, bW, bR, h0, c0, P, training, stream):
+    inputs = (x, W, R, bW, bR, h0, c0, P)
     if any(_arrays.is_foreign(a) for a in inputs):
-        x, W, R, bW, bR, h0, c0 = (None if a is None else _arrays.for_export(a) for a in inputs)
-        allocate = _arrays.Allocator(x)
-        outputs = _conveyor.forward_dlpack(cell, activation, reset_after, allow_tf32, x, W, R, bW, bR, h0, c0,
-                                           training, allocate, _arrays.stream_of(x, stream))
+        inputs = tuple(None if a is None else _arrays.for_export(a) for a in inputs)
+        allocate = _arrays.Allocator(inputs[0])
+        outputs = _conveyor.forward_dlpack(cell, options, *inputs, training, allocate,
+                                           _arrays.stream_of(inputs[0], stream))
         y, h_T, c_T, cache = allocate.finish(outputs)
     else:
         _arrays.stream_of(x, stream)  # checks the argument; NumPy work runs on the CPU
-        y, h_T, c_T, cache = _conveyor.forward(cell, activation, reset_after, allow_tf32, x, W, R, bW, bR, h0,
-                                               c0, training)
-    saved = None
-    if training:
-        saved = Saved(cell, activation, reset_after, allow_tf32, x, W, R, bW, bR, h0, c0, y, cache)
+        y, h_T, c_T, cache = _conveyor.forward(cell, options, *inputs, training)
+    saved = Saved(cell, options, *inputs[:8], y, cache) if training else None
     return y, h_T, c_T, saved
 
 
@@ -143,30 +154,36 @@ def _backward(cell: str, saved, dy, dh_T, dc_T, stream):
         raise ValueError(f"saved: expected the result of {cell}_forward, got that of {saved.cell}_forward")
     if saved.consumed:
         raise ValueError("saved: already used by a backward call, which released it; run forward again")
-    options = (cell, saved.activation, saved.reset_after, saved.allow_tf32)
-    arrays = (saved.x, saved.W, saved.R, saved.h0, saved.c0, saved.y, saved.cache, dy, dh_T, dc_T)
+    arrays = (saved.x, saved.W, saved.R, saved.h0, saved.c0, saved.P, saved.y, saved.cache, dy, dh_T, dc_T)
     if any(_arrays.is_foreign(a) for a in arrays):
         arrays = tuple(None if a is None else _arrays.for_export(a) for a in arrays)
         allocate = _arrays.Allocator(saved.x)
-        grads = _conveyor.backward_dlpack(*options, *arrays, saved.has_bW, saved.has_bR, allocate,
+        grads = _conveyor.backward_dlpack(cell, saved.options, *arrays, saved.has_bW, saved.has_bR, allocate,
                                           _arrays.stream_of(saved.x, stream))
         grads = allocate.finish(grads)
     else:
         _arrays.stream_of(saved.x, stream)
-        grads = _conveyor.backward(*options, *arrays, saved.has_bW, saved.has_bR)
-    saved.x = saved.W = saved.R = saved.h0 = saved.c0 = saved.y = saved.cache = None
+        grads = _conveyor.backward(cell, saved.options, *arrays, saved.has_bW, saved.has_bR)
+    saved.x = saved.W = saved.R = saved.h0 = saved.c0 = saved.P = saved.y = saved.cache = None
     return grads
 
 
-def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, activation="tanh", training=True, allow_tf32=False,
-                 stream=None):
+def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, coupled_gates=False, forget_bias=0.0,
+                 cell_clip=None, activation="tanh", training=True, allow_tf32=False, stream=None):
     """Runs an LSTM over the window ``x`` ``[T, B, input_size]``.
 
-    ``bW``/``bR`` may be None (no bias); ``h0``/``c0`` ``[B, hidden_size]`` default to zeros. ``activation``
-    is the cell activation (``"tanh"`` or ``"relu"``). Returns ``(y, h_T, c_T, saved)``: ``y`` is
+    ``bW``/``bR`` may be None (no bias); ``h0``/``c0`` ``[B, hidden_size]`` default to zeros. Options (SPEC.md):
+    ``P`` ``[3, hidden_size]``, peephole weights p_i, p_f, p_o (Gers & Schmidhuber 2000; None: no peepholes);
+    ``coupled_gates`` (CIFG, i = 1 - f; W, R and the biases then hold 3 gate blocks f, g, o); ``forget_bias``
+    added to f's pre-activation; ``cell_clip`` (None, or c_t clamped to [-cell_clip, cell_clip]);
+    ``activation`` (``"tanh"`` or ``"relu"``). Returns ``(y, h_T, c_T, saved)``: ``y`` is
     ``[T, B, hidden_size]``, ``saved`` feeds :func:`lstm_backward` (None when ``training=False``).
     """
-    return _forward("lstm", activation, False, x, W, R, bW, bR, h0, c0, training, allow_tf32, stream)
+    options, training = _options(activation, training, allow_tf32, coupled_gates=coupled_gates,
+                                 peephole=P is not None)
+    options["forget_bias"] = _check_number("forget_bias", forget_bias)
+    options["cell_clip"] = 0.0 if cell_clip is None else _check_number("cell_clip", cell_clip, positive=True)
+    return _forward("lstm", options, x, W, R, bW, bR, h0, c0, P, training, stream)
 
 
 def lstm_backward(saved, dy, dh_T=None, dc_T=None, *, stream=None) -> LSTMGrads:
@@ -180,14 +197,14 @@ def gru_forward(x, W, R, bW, bR, h0=None, *, reset_after=True, activation="tanh"
                 allow_tf32=False, stream=None):
     """Runs a GRU over the window ``x``. ``reset_after=True`` applies the reset gate after the recurrent
     product (cuDNN, PyTorch); False before it (Cho et al. 2014). Returns ``(y, h_T, saved)``."""
-    y, h_T, _, saved = _forward("gru", activation, reset_after, x, W, R, bW, bR, h0, None, training,
-                                allow_tf32, stream)
+    options, training = _options(activation, training, allow_tf32, reset_after=reset_after)
+    y, h_T, _, saved = _forward("gru", options, x, W, R, bW, bR, h0, None, None, training, stream)
     return y, h_T, saved
 
 
 def gru_backward(saved, dy, dh_T=None, *, stream=None) -> GRUGrads:
     """Exact gradients of the window from :func:`gru_forward`'s ``saved``."""
-    dx, dh0, _, dW, dR, dbW, dbR = _backward("gru", saved, dy, dh_T, None, stream)
+    dx, dh0, _, dW, dR, dbW, dbR, _ = _backward("gru", saved, dy, dh_T, None, stream)
     return GRUGrads(dx, dh0, dW, dR, dbW, dbR)
 
 
@@ -195,12 +212,12 @@ def rnn_forward(x, W, R, bW, bR, h0=None, *, activation="tanh", training=True, a
                 stream=None):
     """Runs a plain RNN, ``h_t = act(W x_t + bW + R h_{t-1} + bR)``, over the window ``x``.
     Returns ``(y, h_T, saved)``."""
-    y, h_T, _, saved = _forward("rnn", activation, False, x, W, R, bW, bR, h0, None, training, allow_tf32,
-                                stream)
+    options, training = _options(activation, training, allow_tf32)
+    y, h_T, _, saved = _forward("rnn", options, x, W, R, bW, bR, h0, None, None, training, stream)
     return y, h_T, saved
 
 
 def rnn_backward(saved, dy, dh_T=None, *, stream=None) -> RNNGrads:
     """Exact gradients of the window from :func:`rnn_forward`'s ``saved``."""
-    dx, dh0, _, dW, dR, dbW, dbR = _backward("rnn", saved, dy, dh_T, None, stream)
+    dx, dh0, _, dW, dR, dbW, dbR, _ = _backward("rnn", saved, dy, dh_T, None, stream)
     return RNNGrads(dx, dh0, dW, dR, dbW, dbR)

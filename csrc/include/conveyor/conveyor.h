@@ -6,7 +6,7 @@
 // Sizes, used in every comment below:
 //   T  steps in the window            B  batch rows
 //   I  input_size                     H  hidden_size
-//   G  gate blocks: LSTM 4 (i, f, g, o), GRU 3 (r, z, n), RNN 1
+//   G  gate blocks: LSTM 4 (i, f, g, o; 3 with coupled gates: f, g, o), GRU 3 (r, z, n), RNN 1
 //
 // Memory layout. Every array is a dense row-major (C-contiguous) block described by a TensorView. Sequences
 // are time-major: x is [T, B, I], y is [T, B, H]. Weights follow PyTorch, so a torch.nn.LSTM/GRU/RNN state
@@ -106,6 +106,25 @@ struct CellOptions {
   // GRU only. true: n = act(W_n x + bW_n + r * (R_n h + bR_n)) (cuDNN, PyTorch, Keras).
   // false: n = act(W_n x + bW_n + R_n (r * h) + bR_n) (Cho et al. 2014).
   bool reset_after = true;
+  // LSTM only (SPEC.md, "Cells"). peephole: i and f also see c_{t-1}, and o sees c_t, through diagonal
+  // weights P = (p_i, p_f, p_o) (Gers & Schmidhuber 2000).
+  bool peephole = false;
+  // LSTM only. Coupled input and forget gates (CIFG, Greff et al. 2017): i = 1 - f, and W, R, bW, bR hold three
+  // gate blocks f, g, o instead of four.
+  bool coupled_gates = false;
+  // LSTM only. A constant added to f's pre-activation (Jozefowicz et al. 2015 use 1). Finite.
+  double forget_bias = 0;
+  // LSTM only. > 0: c_t is clamped to [-cell_clip, cell_clip] (as in TensorFlow's LSTMCell). 0: no clip.
+  double cell_clip = 0;
+  // Dropout on h_{t-1} where it enters the recurrent product, R (m * h_{t-1}) (Gal & Ghahramani 2016): the
+  // probability of dropping, in [0, 1); 0: none. m is dropout_mask(recurrent_dropout, variational,
+  // dropout_seed, dropout_stream) over [T, B, H], its step counting the order the window runs (one mask for the
+  // whole window when variational). Exact gradients given the mask; the GRU's output mix uses the unmasked
+  // h_{t-1}.
+  double recurrent_dropout = 0;
+  bool variational = true;
+  uint64_t dropout_seed = 0;
+  uint64_t dropout_stream = 0;  // distinguishes the masks of layers and directions under one seed
   // CUDA float32 only: the time-parallel products (input projection, dx, dW, dR) may run on tensor cores in
   // TF32 (inputs rounded to 10 mantissa bits, float32 accumulation). The recurrence itself stays float32.
   // Ignored by the CPU backend and by other dtypes.
@@ -146,6 +165,7 @@ struct ForwardArgs {
   TensorView bR;  // [G*H]; optional (absent: no recurrent bias)
   TensorView h0;  // [B, H] initial hidden state; optional (absent: zeros)
   TensorView c0;  // [B, H] initial cell state, LSTM only; optional (absent: zeros)
+  TensorView P;   // [3, H] peephole weights p_i, p_f, p_o; required with peephole, else absent
 
   // Outputs.
   TensorView y;      // [T, B, H] =  hidden state of every step
@@ -172,6 +192,7 @@ struct BackwardArgs {
   TensorView R;      // [G*H, H]
   TensorView h0;     // [B, H]; absent if forward's was
   TensorView c0;     // [B, H]; LSTM only; absent if forward's was
+  TensorView P;      // [3, H]; with peephole only
   TensorView y;      // [T, B, H]
   TensorView cache;  // [T, B, cache_width * H]
 
@@ -188,6 +209,7 @@ struct BackwardArgs {
   TensorView dR;   // [G*H, H]  =, or += when accumulate
   TensorView dbW;  // [G*H]     =, or += when accumulate
   TensorView dbR;  // [G*H]     =, or += when accumulate
+  TensorView dP;   // [3, H]    =, or += when accumulate; with peephole only (dp_i is 0 with coupled gates)
 
   // false: parameter gradients are written (=). true: they are added to (+=), for summing over windows.
   bool accumulate = false;
@@ -200,6 +222,16 @@ void check_backward_inputs(const CellOptions& options, const BackwardArgs& args)
 // Exact gradients for the window, by backpropagation through its T steps, from what forward() cached
 // (nothing of the forward pass is recomputed).
 void backward(const CellOptions& options, const BackwardArgs& args, void* stream = nullptr);
+
+// ---------------------------------------------------------------------------------------------------------
+// Dropout masks
+
+// Writes the inverted-dropout mask of SPEC.md into `out` [T, B, H] (any float dtype, CPU or CUDA; `stream` as
+// for forward): out[t, b, u] = 0 with probability p, else 1 / (1 - p). The draw is a pure function of
+// (seed, mask_stream, b, u, step) with step = t, or 0 for every t when variational, computed with integer
+// arithmetic only: the CPU, the GPU and the NumPy reference give the same mask. 0 <= p < 1.
+void dropout_mask(double p, bool variational, uint64_t seed, uint64_t mask_stream, const TensorView& out,
+                  void* stream = nullptr);
 
 // ---------------------------------------------------------------------------------------------------------
 // Backends
