@@ -372,3 +372,35 @@ def rnn_backward(cache, dy, dh_T):
 
     dx, dW, dR, dbW, dbR = _weight_grads(cache, da, da, cache["hms"][:, :, None, :])
     return dx, dh_next, dW, dR, dbW, dbR
+
+
+# ------------------------------------------------------------------------------------------------ dropout
+
+
+_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z):
+    z = (z ^ (z >> np.uint64(30))) * _MIX_1
+    z = (z ^ (z >> np.uint64(27))) * _MIX_2
+    return z ^ (z >> np.uint64(31))
+
+
+def dropout_mask(p, variational, seed, stream, shape):
+    """The inverted-dropout mask [T, B, H] of Conveyor's counter-based generator (csrc/cells/dropout.h),
+    written again with NumPy's uint64 arithmetic: element (t, b, u) is 0 when the uniform number drawn from
+    (seed, stream, b, u, step) is below p, else 1 / (1 - p); step = t, or 0 for every t when variational."""
+    T, B, H = shape
+    steps = np.arange(T, dtype=np.uint64)[:, None, None] * np.uint64(0 if variational else 1)
+    rows = np.arange(B, dtype=np.uint64)[None, :, None]
+    units = np.arange(H, dtype=np.uint64)[None, None, :]
+    with np.errstate(over="ignore"):
+        z = _mix64(np.uint64(seed) + _GOLDEN)
+        z = _mix64(z ^ np.uint64(stream))
+        z = _mix64(z ^ rows)
+        z = _mix64(z ^ units)
+        z = _mix64(z ^ steps)
+    uniform = (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return np.where(uniform < p, 0.0, 1.0 / (1.0 - p))

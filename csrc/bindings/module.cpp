@@ -191,7 +191,7 @@ class DLPackViews {
   std::vector<py::object> capsules_;
 };
 
-std::string repr(const py::handle& obj) { return py::str(py::repr(obj)); }
+std::string repr_of(const py::handle& obj) { return py::str(py::repr(obj)); }
 
 // The cell options from the Python layer's dict (every key optional, defaults as in CellOptions). The
 // Python layer has checked the types; unknown keys are a bug there, not the user's, but still an error.
@@ -216,7 +216,7 @@ CellOptions cell_options(const std::string& cell, const py::dict& given) {
       } else if (activation == "relu") {
         o.activation = Activation::relu;
       } else {
-        throw py::value_error("activation: expected 'tanh' or 'relu', got " + repr(value));
+        throw py::value_error("activation: expected 'tanh' or 'relu', got " + repr_of(value));
       }
     } else if (key == "reset_after") {
       o.reset_after = value.cast<bool>();
@@ -230,6 +230,14 @@ CellOptions cell_options(const std::string& cell, const py::dict& given) {
       o.forget_bias = value.cast<double>();
     } else if (key == "cell_clip") {
       o.cell_clip = value.cast<double>();
+    } else if (key == "recurrent_dropout") {
+      o.recurrent_dropout = value.cast<double>();
+    } else if (key == "variational") {
+      o.variational = value.cast<bool>();
+    } else if (key == "dropout_seed") {
+      o.dropout_seed = value.cast<uint64_t>();
+    } else if (key == "dropout_stream") {
+      o.dropout_stream = value.cast<uint64_t>();
     } else {
       throw py::value_error("options: unknown cell option '" + key + "'");
     }
@@ -384,6 +392,18 @@ py::tuple backward_dlpack(const std::string& cell, const py::dict& options, cons
                       cache, dy, dh_T, dc_T, has_bW, has_bR, stream);
 }
 
+// Fills `out` (NumPy, or any DLPack array) with dropout_mask(); returns it.
+py::object dropout_mask_into(double p, bool variational, uint64_t seed, uint64_t mask_stream, const py::object& out,
+                             int64_t stream) {
+  DLPackViews views(stream);
+  const TensorView view = views("out", out);
+  {
+    py::gil_scoped_release release;
+    conveyor::dropout_mask(p, variational, seed, mask_stream, view, reinterpret_cast<void*>(stream));
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_conveyor, m) {
@@ -416,6 +436,8 @@ PYBIND11_MODULE(_conveyor, m) {
   m.def("gate_count", [](const std::string& cell, const py::dict& options) {
     return gate_count(cell_options(cell, options));
   }, py::arg("cell"), py::arg("options") = py::dict());
+  m.def("dropout_mask", &dropout_mask_into, py::arg("p"), py::arg("variational"), py::arg("seed"),
+        py::arg("mask_stream"), py::arg("out"), py::arg("stream"));
   m.def("cuda_built", &cuda_built);
   m.def("cuda_available", &cuda_available);
   m.def("cuda_device_count", &cuda_device_count);

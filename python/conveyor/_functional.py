@@ -29,6 +29,7 @@ __all__ = [
     "LSTMGrads",
     "RNNGrads",
     "Saved",
+    "dropout_mask",
     "gru_backward",
     "gru_forward",
     "lstm_backward",
@@ -123,12 +124,43 @@ def _check_number(name: str, value, *, positive=False) -> float:
     return value
 
 
-def _options(activation, training, allow_tf32, **flags) -> tuple[dict, bool]:
-    """The cell options as the compiled core takes them, checked; and `training`."""
-    options = {"activation": _check_activation(activation), "allow_tf32": _check_flag("allow_tf32", allow_tf32)}
+def check_probability(name: str, value) -> float:
+    """A dropout probability: a number in [0, 1)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a probability in [0, 1), got {value!r} of type "
+                        f"{type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
+    return value
+
+
+def check_seed(name: str, value) -> int:
+    """A seed or mask stream: an integer in [0, 2**64)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer in [0, 2**64), got {value!r} of type "
+                        f"{type(value).__name__}")
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{name}: expected an integer in [0, 2**64), got {value}")
+    return int(value)
+
+
+def _options(activation, training, allow_tf32, dropout=(0.0, True, 0, 0), **flags) -> tuple[dict, bool]:
+    """The cell options as the compiled core takes them, checked; and `training`. `dropout` is
+    (recurrent_dropout, variational, seed, mask_stream), applied in training only."""
+    options = {"activation": _check_activation(activation),
+               "allow_tf32": _check_flag("allow_tf32", allow_tf32)}
     for name, value in flags.items():
         options[name] = _check_flag(name, value)
-    return options, _check_flag("training", training)
+    training = _check_flag("training", training)
+    q, variational, seed, mask_stream = dropout
+    q = check_probability("recurrent_dropout", q)
+    variational = _check_flag("variational", variational)
+    seed, mask_stream = check_seed("seed", seed), check_seed("mask_stream", mask_stream)
+    if training and q > 0:
+        options.update(recurrent_dropout=q, variational=variational, dropout_seed=seed,
+                       dropout_stream=mask_stream)
+    return options, training
 
 
 def _forward(cell, options, x, W, R, bW, bR, h0, c0, P, training, stream):
@@ -169,18 +201,26 @@ def _backward(cell: str, saved, dy, dh_T, dc_T, stream):
 
 
 def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, coupled_gates=False, forget_bias=0.0,
-                 cell_clip=None, activation="tanh", training=True, allow_tf32=False, stream=None):
+                 cell_clip=None, activation="tanh", recurrent_dropout=0.0, variational=True, seed=0,
+                 mask_stream=0, training=True, allow_tf32=False, stream=None):
     """Runs an LSTM over the window ``x`` ``[T, B, input_size]``.
 
-    ``bW``/``bR`` may be None (no bias); ``h0``/``c0`` ``[B, hidden_size]`` default to zeros. Options (SPEC.md):
+    ``bW``/``bR`` may be None (no bias); ``h0``/``c0`` ``[B, hidden_size]`` default to zeros. Options
+    (SPEC.md):
     ``P`` ``[3, hidden_size]``, peephole weights p_i, p_f, p_o (Gers & Schmidhuber 2000; None: no peepholes);
     ``coupled_gates`` (CIFG, i = 1 - f; W, R and the biases then hold 3 gate blocks f, g, o); ``forget_bias``
     added to f's pre-activation; ``cell_clip`` (None, or c_t clamped to [-cell_clip, cell_clip]);
     ``activation`` (``"tanh"`` or ``"relu"``). Returns ``(y, h_T, c_T, saved)``: ``y`` is
     ``[T, B, hidden_size]``, ``saved`` feeds :func:`lstm_backward` (None when ``training=False``).
+
+    Recurrent dropout (every cell, in training only): ``recurrent_dropout=q`` drops h_{t-1} where it enters
+    the recurrent product, ``R (m * h_{t-1})``, with the mask ``dropout_mask(..., q, variational=variational,
+    seed=seed, mask_stream=mask_stream)`` of shape ``[T, B, hidden_size]`` (one mask shared by every step when
+    ``variational``, Gal & Ghahramani 2016).
     """
-    options, training = _options(activation, training, allow_tf32, coupled_gates=coupled_gates,
-                                 peephole=P is not None)
+    options, training = _options(activation, training, allow_tf32,
+                                 (recurrent_dropout, variational, seed, mask_stream),
+                                 coupled_gates=coupled_gates, peephole=P is not None)
     options["forget_bias"] = _check_number("forget_bias", forget_bias)
     options["cell_clip"] = 0.0 if cell_clip is None else _check_number("cell_clip", cell_clip, positive=True)
     return _forward("lstm", options, x, W, R, bW, bR, h0, c0, P, training, stream)
@@ -193,11 +233,13 @@ def lstm_backward(saved, dy, dh_T=None, dc_T=None, *, stream=None) -> LSTMGrads:
     return LSTMGrads(*_backward("lstm", saved, dy, dh_T, dc_T, stream))
 
 
-def gru_forward(x, W, R, bW, bR, h0=None, *, reset_after=True, activation="tanh", training=True,
-                allow_tf32=False, stream=None):
+def gru_forward(x, W, R, bW, bR, h0=None, *, reset_after=True, activation="tanh", recurrent_dropout=0.0,
+                variational=True, seed=0, mask_stream=0, training=True, allow_tf32=False, stream=None):
     """Runs a GRU over the window ``x``. ``reset_after=True`` applies the reset gate after the recurrent
-    product (cuDNN, PyTorch); False before it (Cho et al. 2014). Returns ``(y, h_T, saved)``."""
-    options, training = _options(activation, training, allow_tf32, reset_after=reset_after)
+    product (cuDNN, PyTorch); False before it (Cho et al. 2014). Recurrent dropout as in :func:`lstm_forward`
+    (the output mix uses the unmasked h_{t-1}). Returns ``(y, h_T, saved)``."""
+    options, training = _options(activation, training, allow_tf32,
+                                 (recurrent_dropout, variational, seed, mask_stream), reset_after=reset_after)
     y, h_T, _, saved = _forward("gru", options, x, W, R, bW, bR, h0, None, None, training, stream)
     return y, h_T, saved
 
@@ -208,11 +250,12 @@ def gru_backward(saved, dy, dh_T=None, *, stream=None) -> GRUGrads:
     return GRUGrads(dx, dh0, dW, dR, dbW, dbR)
 
 
-def rnn_forward(x, W, R, bW, bR, h0=None, *, activation="tanh", training=True, allow_tf32=False,
-                stream=None):
-    """Runs a plain RNN, ``h_t = act(W x_t + bW + R h_{t-1} + bR)``, over the window ``x``.
-    Returns ``(y, h_T, saved)``."""
-    options, training = _options(activation, training, allow_tf32)
+def rnn_forward(x, W, R, bW, bR, h0=None, *, activation="tanh", recurrent_dropout=0.0, variational=True,
+                seed=0, mask_stream=0, training=True, allow_tf32=False, stream=None):
+    """Runs a plain RNN, ``h_t = act(W x_t + bW + R h_{t-1} + bR)``, over the window ``x``. Recurrent dropout
+    as in :func:`lstm_forward`. Returns ``(y, h_T, saved)``."""
+    options, training = _options(activation, training, allow_tf32,
+                                 (recurrent_dropout, variational, seed, mask_stream))
     y, h_T, _, saved = _forward("rnn", options, x, W, R, bW, bR, h0, None, None, training, stream)
     return y, h_T, saved
 
@@ -221,3 +264,19 @@ def rnn_backward(saved, dy, dh_T=None, *, stream=None) -> RNNGrads:
     """Exact gradients of the window from :func:`rnn_forward`'s ``saved``."""
     dx, dh0, _, dW, dR, dbW, dbR, _ = _backward("rnn", saved, dy, dh_T, None, stream)
     return RNNGrads(dx, dh0, dW, dR, dbW, dbR)
+
+
+def dropout_mask(like, shape, p, *, variational=False, seed=0, mask_stream=0, stream=None):
+    """The inverted-dropout mask of SPEC.md as a new array of ``like``'s library, dtype and device:
+    ``shape`` is ``(T, B, H)``, each element 0 with probability ``p`` else ``1 / (1 - p)``, drawn by a
+    counter-based generator from (seed, mask_stream, batch row, unit, step), with step 0 for every t when
+    ``variational``. The CPU and the GPU give the same mask for the same arguments."""
+    p = check_probability("p", p)
+    variational = _check_flag("variational", variational)
+    seed, mask_stream = check_seed("seed", seed), check_seed("mask_stream", mask_stream)
+    if len(tuple(shape)) != 3:
+        raise ValueError(f"shape: expected (T, B, H), got {tuple(shape)}")
+    allocate = _arrays.Allocator(like)
+    out = allocate(tuple(int(n) for n in shape))
+    _conveyor.dropout_mask(p, variational, seed, mask_stream, out, _arrays.stream_of(like, stream))
+    return allocate.finish((out,))[0]
