@@ -135,8 +135,10 @@ def _corrupt(args, name, kind, rng):
 
 
 def _only_for(cell, name):
-    """Whether the option or argument ``name`` exists for ``cell`` (reset_after: GRU; c0, dc_T: LSTM)."""
-    return {"reset_after": "gru", "c0": "lstm", "dc_T": "lstm"}.get(name.split("-")[0], cell) == cell
+    """Whether the option or argument ``name`` exists for ``cell`` (reset_after: GRU; c0, dc_T, dc_n:
+    LSTM)."""
+    owner = {"reset_after": "gru", "c0": "lstm", "dc_T": "lstm", "dc_n": "lstm"}
+    return owner.get(name.split("-")[0], cell) == cell
 
 
 def _option_cases(cases):
@@ -387,7 +389,7 @@ LAYER_FORWARD_CASES = {
 LSTM_FORWARD_CASES = {
     "c0-hidden": (lambda m, rng: m(_x(rng), None, _x(rng, B, H + 1)), ValueError, message("c0", "got")),
     "c0-rank1": (lambda m, rng: m(_x(rng), None, _x(rng, H)), ValueError, message("c0", "got")),
-    "c0-float64": (lambda m, rng: m(_x(rng), None, _x(rng, B, H, dtype=np.float64)), TypeError,
+    "c0-float64": (lambda m, rng: m(_x(rng), None, _x(rng, 1, B, H, dtype=np.float64)), TypeError,
                    message("c0", "got", "float64")),
 }
 
@@ -435,15 +437,16 @@ LAYER_BACKWARD_CASES = {
                message("dy", "got", "int64")),
     "dy-transposed": (lambda rng: ((np.asfortranarray(_x(rng, T, B, H)),), {}), ValueError,
                       message("dy", "contiguous")),
-    "dh_T-shape": (lambda rng: ((_x(rng, T, B, H),), {"dh_T": _x(rng, B, H + 1)}), ValueError,
-                   message("dh_T", "got")),
-    "dh_T-str": (lambda rng: ((_x(rng, T, B, H),), {"dh_T": "zeros"}), TypeError, message("dh_T", "got str")),
+    # Layers take and give states of every layer and direction: [num_layers * directions, B, H].
+    "dh_n-shape": (lambda rng: ((_x(rng, T, B, H),), {"dh_n": _x(rng, 1, B, H + 1)}), ValueError,
+                   message("dh_n", "got")),
+    "dh_n-str": (lambda rng: ((_x(rng, T, B, H),), {"dh_n": "zeros"}), TypeError, message("dh_n", "got str")),
 }
 LSTM_BACKWARD_CASES = {
-    "dc_T-shape": (lambda rng: ((_x(rng, T, B, H),), {"dc_T": _x(rng, B + 1, H)}), ValueError,
-                   message("dc_T", "got")),
-    "dc_T-float16": (lambda rng: ((_x(rng, T, B, H),), {"dc_T": _x(rng, B, H).astype(np.float16)}), TypeError,
-                     message("dc_T", "got", "float16")),
+    "dc_n-shape": (lambda rng: ((_x(rng, T, B, H),), {"dc_n": _x(rng, 1, B + 1, H)}), ValueError,
+                   message("dc_n", "got")),
+    "dc_n-float16": (lambda rng: ((_x(rng, T, B, H),), {"dc_n": _x(rng, 1, B, H).astype(np.float16)}),
+                     TypeError, message("dc_n", "got", "float16")),
 }
 
 

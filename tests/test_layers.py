@@ -55,7 +55,7 @@ def test_forward_backward_equal_the_functional_api(cls, gates, options, bias, rn
     x = rng.standard_normal((4, 3, 5))
     h0 = rng.standard_normal((3, 6))
     dy = rng.standard_normal((4, 3, 6))
-    outputs = layer(x, h0)
+    outputs = layer(x, h0[None])  # states are [num_layers * directions, B, H]
     dx = layer.backward(dy)[0]
     y, grads = _run_functional(layer, x, h0, dy)
     np.testing.assert_array_equal(outputs[0], y)
@@ -71,11 +71,11 @@ def test_forward_backward_equal_the_functional_api(cls, gates, options, bias, rn
 def test_lstm_returns_both_final_states(rng):
     layer = LSTM(3, 4, seed=0)
     x = rng.standard_normal((5, 2, 3)).astype(np.float32)
-    y, h_T, c_T = layer(x)
-    np.testing.assert_array_equal(h_T, y[-1])
-    assert c_T.shape == (2, 4)
+    y, h_n, c_n = layer(x)
+    np.testing.assert_array_equal(h_n[0], y[-1])
+    assert h_n.shape == c_n.shape == (1, 2, 4)
     dx, dh0, dc0 = layer.backward(np.ones_like(y))
-    assert dx.shape == x.shape and dh0.shape == (2, 4) and dc0.shape == (2, 4)
+    assert dx.shape == x.shape and dh0.shape == (1, 2, 4) and dc0.shape == (1, 2, 4)
 
 
 def test_eval_mode_keeps_nothing_for_backward(rng):

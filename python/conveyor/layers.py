@@ -1,8 +1,11 @@
-"""Layer objects that own their parameters: ``LSTM``, ``GRU`` and ``RNN``.
+"""Layer objects that own their parameters: ``LSTM``, ``GRU`` and ``RNN``, with every variant of SPEC.md.
 
-Parameters carry PyTorch's state-dict names (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``,
-``bias_hh_l0``) and shapes, and are initialised as PyTorch does (uniform in +-1/sqrt(hidden_size)), so a
-``torch.nn.LSTM/GRU/RNN`` state dict loads unchanged and gives the same outputs.
+Parameters carry PyTorch's state-dict names and shapes (``weight_ih_l{k}``, ``weight_hh_l{k}``,
+``bias_ih_l{k}``, ``bias_hh_l{k}``, with ``_reverse`` for the backward direction) and are initialised as
+PyTorch does (uniform in +-1/sqrt(hidden_size)), so a ``torch.nn.LSTM/GRU/RNN`` state dict with the same
+``num_layers`` and ``bidirectional`` loads unchanged and gives the same outputs. Peephole weights, which
+PyTorch has not, are ``weight_peephole_l{k}`` ``[3, hidden_size]`` (p_i, p_f, p_o). States are
+``[num_layers * directions, B, hidden_size]``, as PyTorch's.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import _conveyor, _functional
+from . import _conveyor, _functional, _stack
 
 __all__ = ["GRU", "LSTM", "RNN"]
 
@@ -37,16 +40,26 @@ def _as_numpy(value):
 
 
 class _Recurrent:
-    """The parts LSTM, GRU and RNN share: parameters, gradients, state dicts, train/eval mode."""
+    """The parts LSTM, GRU and RNN share: parameters, gradients, state dicts, train/eval mode, stacks."""
 
     _cell = ""
 
-    def __init__(self, input_size, hidden_size, *, bias=True, dtype=np.float32, seed=None):
+    def __init__(self, input_size, hidden_size, *, num_layers=1, bias=True, bidirectional=False, dropout=0.0,
+                 variational=False, recurrent_dropout=0.0, activation="tanh", dtype=np.float32, seed=None,
+                 cell_options=None, peephole=False):
         self.input_size = _positive_int("input_size", input_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
+        self.num_layers = _positive_int("num_layers", num_layers)
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias: expected True or False, got {bias!r}")
         self.bias = bool(bias)
+        self.bidirectional = _functional._check_flag("bidirectional", bidirectional)
+        self.dropout = _functional.check_probability("dropout", dropout)
+        self.variational = _functional._check_flag("variational", variational)
+        self.recurrent_dropout = _functional.check_probability("recurrent_dropout", recurrent_dropout)
+        self.activation = _functional._check_activation(activation)
+        self.peephole = _functional._check_flag("peephole", peephole)
+        self._cell_options = dict(cell_options or {})
         try:
             dtype = np.dtype(dtype)
         except TypeError as error:
@@ -56,14 +69,35 @@ class _Recurrent:
         self.dtype = dtype
         self.training = True
         self._saved = None
-        gh = _conveyor.gate_count(self._cell) * self.hidden_size
-        shapes = {"weight_ih_l0": (gh, self.input_size), "weight_hh_l0": (gh, self.hidden_size)}
-        if self.bias:
-            shapes.update(bias_ih_l0=(gh,), bias_hh_l0=(gh,))
+        self._windows = 0  # training windows run so far: each draws fresh dropout masks
+        self._dropout_seed = int(np.random.default_rng(seed).integers(2**63))
+        gate_options = {"coupled_gates": self._cell_options.get("coupled_gates", False)}
+        gh = _conveyor.gate_count(self._cell, gate_options) * self.hidden_size
+        directions = 2 if self.bidirectional else 1
+        shapes = {}
+        for layer in range(self.num_layers):
+            layer_input = self.input_size if layer == 0 else directions * self.hidden_size
+            for suffix in ("", "_reverse")[:directions]:
+                shapes[f"weight_ih_l{layer}{suffix}"] = (gh, layer_input)
+                shapes[f"weight_hh_l{layer}{suffix}"] = (gh, self.hidden_size)
+                if self.bias:
+                    shapes[f"bias_ih_l{layer}{suffix}"] = (gh,)
+                    shapes[f"bias_hh_l{layer}{suffix}"] = (gh,)
+                if self.peephole:
+                    shapes[f"weight_peephole_l{layer}{suffix}"] = (3, self.hidden_size)
         self._shapes = shapes
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
         self.reset_parameters(seed)
+
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _names(self):
+        """(suffix of the parameter names) per layer and direction, layer-major."""
+        return [f"l{layer}{suffix}" for layer in range(self.num_layers)
+                for suffix in ("", "_reverse")[:self.directions]]
 
     def reset_parameters(self, seed=None) -> None:
         """Draws every parameter from U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)), as PyTorch does."""
@@ -110,12 +144,14 @@ class _Recurrent:
     # -- forward and backward -----------------------------------------------------------------------------
     def _weights(self):
         p = self.params
-        return p["weight_ih_l0"], p["weight_hh_l0"], p.get("bias_ih_l0"), p.get("bias_hh_l0")
-
-    def _store_grads(self, grads) -> None:
-        self.grads = {"weight_ih_l0": grads.dW, "weight_hh_l0": grads.dR}
-        if self.bias:
-            self.grads.update(bias_ih_l0=grads.dbW, bias_hh_l0=grads.dbR)
+        weights = []
+        for name in self._names():
+            entry = (p[f"weight_ih_{name}"], p[f"weight_hh_{name}"], p.get(f"bias_ih_{name}"),
+                     p.get(f"bias_hh_{name}"))
+            if self._cell == "lstm":
+                entry += (p.get(f"weight_peephole_{name}"),)
+            weights.append(entry)
+        return weights
 
     def _check_input(self, x) -> None:
         """Blames x, not the weights, when x does not fit the layer."""
@@ -126,105 +162,137 @@ class _Recurrent:
             if x.dtype != self.dtype:
                 raise TypeError(f"x: expected dtype {self.dtype} (the layer's dtype), got {x.dtype}")
 
-    def _backward(self, backward, *grads):
-        """Runs `backward` on the pending forward pass; a rejected call leaves that pass pending."""
+    def _forward(self, x, h0, c0):
+        self._check_input(x)
+        if self.training:
+            self._windows += 1
+        y, h_n, c_n, saved = _stack.stack_forward(
+            self._cell, x, self._weights(), h0, c0, num_layers=self.num_layers,
+            bidirectional=self.bidirectional, dropout=self.dropout, variational=self.variational,
+            recurrent_dropout=self.recurrent_dropout, seed=(self._dropout_seed + self._windows) % 2**64,
+            training=self.training, activation=self.activation, **self._cell_options)
+        self._saved = saved
+        return y, h_n, c_n
+
+    def _backward(self, dy, dh_n, dc_n):
+        """Backward through the pending forward pass; a rejected call leaves that pass pending."""
         if self._saved is None:
             raise ValueError("backward: no forward pass to go back through (call forward in training mode "
                              "first; each forward serves one backward)")
-        result = backward(self._saved, *grads)
+        result = _stack.stack_backward(self._saved, dy, dh_n, dc_n)
         self._saved = None
-        self._store_grads(result)
+        grads = {}
+        for name, g in zip(self._names(), result.weights):
+            grads[f"weight_ih_{name}"], grads[f"weight_hh_{name}"] = g.dW, g.dR
+            if self.bias:
+                grads[f"bias_ih_{name}"], grads[f"bias_hh_{name}"] = g.dbW, g.dbR
+            if self.peephole:
+                grads[f"weight_peephole_{name}"] = g.dP
+        self.grads = grads
         return result
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}, bias={self.bias}, "
-                f"dtype={self.dtype}{self._extra_repr()})")
-
-    def _extra_repr(self) -> str:
-        return ""
+        options = [f"bias={self.bias}", f"dtype={self.dtype}"]
+        if self.num_layers != 1:
+            options.append(f"num_layers={self.num_layers}")
+        for name in ("bidirectional", "peephole", "variational"):
+            if getattr(self, name):
+                options.append(f"{name}=True")
+        for name in ("dropout", "recurrent_dropout"):
+            if getattr(self, name):
+                options.append(f"{name}={getattr(self, name)}")
+        options += [f"{k}={v!r}" for k, v in self._cell_options.items()]
+        options.append(f"activation={self.activation!r}")
+        return f"{type(self).__name__}({self.input_size}, {self.hidden_size}, {', '.join(options)})"
 
 
 class LSTM(_Recurrent):
-    """One LSTM layer over windows of ``[T, B, input_size]``.
+    """An LSTM stack over windows of ``[T, B, input_size]``.
 
-    ``forward(x, h0=None, c0=None) -> (y, h_T, c_T)``; in training mode it keeps what
-    ``backward(dy, dh_T=None, dc_T=None) -> (dx, dh0, dc0)`` needs, and backward stores the parameter
-    gradients in ``grads`` under the parameters' names.
+    ``forward(x, h0=None, c0=None) -> (y, h_n, c_n)`` with ``y`` ``[T, B, D*hidden_size]`` and states
+    ``[num_layers*D, B, hidden_size]``; in training mode it keeps what ``backward(dy, dh_n=None, dc_n=None)
+    -> (dx, dh0, dc0)`` needs, and backward stores the parameter gradients in ``grads`` by name.
+
+    Options (SPEC.md; the README names the papers): ``num_layers``, ``bidirectional``, ``dropout`` (between
+    layers), ``variational`` (dropout masks shared over time), ``recurrent_dropout`` (on h_{t-1} inside the
+    recurrent product), ``peephole``, ``coupled_gates``, ``forget_bias``, ``cell_clip``, ``activation``.
     """
 
     _cell = "lstm"
 
-    def __init__(self, input_size, hidden_size, *, bias=True, activation="tanh", dtype=np.float32, seed=None):
-        self.activation = _functional._check_activation(activation)
-        super().__init__(input_size, hidden_size, bias=bias, dtype=dtype, seed=seed)
+    def __init__(self, input_size, hidden_size, *, num_layers=1, bias=True, bidirectional=False,
+                 dropout=0.0, variational=False, recurrent_dropout=0.0, peephole=False, coupled_gates=False,
+                 forget_bias=0.0, cell_clip=None, activation="tanh", dtype=np.float32, seed=None):
+        options = {"coupled_gates": _functional._check_flag("coupled_gates", coupled_gates)}
+        if forget_bias != 0.0:
+            options["forget_bias"] = _functional._check_number("forget_bias", forget_bias)
+        if cell_clip is not None:
+            options["cell_clip"] = _functional._check_number("cell_clip", cell_clip, positive=True)
+        super().__init__(input_size, hidden_size, num_layers=num_layers, bias=bias,
+                         bidirectional=bidirectional, dropout=dropout, variational=variational,
+                         recurrent_dropout=recurrent_dropout, activation=activation, dtype=dtype, seed=seed,
+                         cell_options=options, peephole=peephole)
+        if not coupled_gates:
+            del self._cell_options["coupled_gates"]
 
     def forward(self, x, h0=None, c0=None):
-        self._check_input(x)
-        y, h_T, c_T, self._saved = _functional.lstm_forward(
-            x, *self._weights(), h0, c0, activation=self.activation, training=self.training)
-        return y, h_T, c_T
+        return self._forward(x, h0, c0)
 
-    def backward(self, dy, dh_T=None, dc_T=None):
-        grads = self._backward(_functional.lstm_backward, dy, dh_T, dc_T)
+    def backward(self, dy, dh_n=None, dc_n=None):
+        grads = self._backward(dy, dh_n, dc_n)
         return grads.dx, grads.dh0, grads.dc0
-
-    def _extra_repr(self) -> str:
-        return f", activation={self.activation!r}"
 
 
 class GRU(_Recurrent):
-    """One GRU layer; ``reset_after=True`` is PyTorch's and cuDNN's variant, False Cho et al.'s (2014).
+    """A GRU stack; ``reset_after=True`` is PyTorch's and cuDNN's variant, False Cho et al.'s (2014).
 
-    ``forward(x, h0=None) -> (y, h_T)``; ``backward(dy, dh_T=None) -> (dx, dh0)``.
+    ``forward(x, h0=None) -> (y, h_n)``; ``backward(dy, dh_n=None) -> (dx, dh0)``. Options as the LSTM's
+    but for the LSTM-only ones.
     """
 
     _cell = "gru"
 
-    def __init__(self, input_size, hidden_size, *, bias=True, reset_after=True, activation="tanh",
+    def __init__(self, input_size, hidden_size, *, num_layers=1, bias=True, bidirectional=False,
+                 dropout=0.0, variational=False, recurrent_dropout=0.0, reset_after=True, activation="tanh",
                  dtype=np.float32, seed=None):
         self.reset_after = _functional._check_flag("reset_after", reset_after)
-        self.activation = _functional._check_activation(activation)
-        super().__init__(input_size, hidden_size, bias=bias, dtype=dtype, seed=seed)
+        super().__init__(input_size, hidden_size, num_layers=num_layers, bias=bias,
+                         bidirectional=bidirectional, dropout=dropout, variational=variational,
+                         recurrent_dropout=recurrent_dropout, activation=activation, dtype=dtype, seed=seed,
+                         cell_options={"reset_after": self.reset_after})
 
     def forward(self, x, h0=None):
-        self._check_input(x)
-        y, h_T, self._saved = _functional.gru_forward(x, *self._weights(), h0, reset_after=self.reset_after,
-                                                      activation=self.activation, training=self.training)
-        return y, h_T
+        y, h_n, _ = self._forward(x, h0, None)
+        return y, h_n
 
-    def backward(self, dy, dh_T=None):
-        grads = self._backward(_functional.gru_backward, dy, dh_T)
+    def backward(self, dy, dh_n=None):
+        grads = self._backward(dy, dh_n, None)
         return grads.dx, grads.dh0
-
-    def _extra_repr(self) -> str:
-        return f", reset_after={self.reset_after}, activation={self.activation!r}"
 
 
 class RNN(_Recurrent):
-    """One plain RNN layer, ``h_t = act(W x_t + bW + R h_{t-1} + bR)``, with ``activation`` (PyTorch's
+    """A plain RNN stack, ``h_t = act(W x_t + bW + R h_{t-1} + bR)``, with ``activation`` (PyTorch's
     ``nonlinearity``) ``"tanh"`` or ``"relu"``.
 
-    ``forward(x, h0=None) -> (y, h_T)``; ``backward(dy, dh_T=None) -> (dx, dh0)``.
+    ``forward(x, h0=None) -> (y, h_n)``; ``backward(dy, dh_n=None) -> (dx, dh0)``.
     """
 
     _cell = "rnn"
 
-    def __init__(self, input_size, hidden_size, *, bias=True, activation="tanh", dtype=np.float32, seed=None):
-        self.activation = _functional._check_activation(activation)
-        super().__init__(input_size, hidden_size, bias=bias, dtype=dtype, seed=seed)
+    def __init__(self, input_size, hidden_size, *, num_layers=1, bias=True, bidirectional=False,
+                 dropout=0.0, variational=False, recurrent_dropout=0.0, activation="tanh", dtype=np.float32,
+                 seed=None):
+        super().__init__(input_size, hidden_size, num_layers=num_layers, bias=bias,
+                         bidirectional=bidirectional, dropout=dropout, variational=variational,
+                         recurrent_dropout=recurrent_dropout, activation=activation, dtype=dtype, seed=seed)
 
     def forward(self, x, h0=None):
-        self._check_input(x)
-        y, h_T, self._saved = _functional.rnn_forward(x, *self._weights(), h0, activation=self.activation,
-                                                      training=self.training)
-        return y, h_T
+        y, h_n, _ = self._forward(x, h0, None)
+        return y, h_n
 
-    def backward(self, dy, dh_T=None):
-        grads = self._backward(_functional.rnn_backward, dy, dh_T)
+    def backward(self, dy, dh_n=None):
+        grads = self._backward(dy, dh_n, None)
         return grads.dx, grads.dh0
-
-    def _extra_repr(self) -> str:
-        return f", activation={self.activation!r}"

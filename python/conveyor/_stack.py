@@ -1,0 +1,238 @@
+"""Stacks and directions (SPEC.md, "Stacks, directions, dropout"): ``num_layers`` layers, each run forward
+in time and, when bidirectional, backward in time too, with dropout between layers.
+
+Built on the one-window functions of ``_functional``: layer l > 0 reads the previous layer's output
+sequence ``[T, B, D*H]`` (forward direction first); the reverse direction runs the time-reversed window and
+stores its outputs at their original time index. States are ``[L*D, B, H]``, layer-major then direction,
+and weights follow PyTorch's names (``weight_ih_l1_reverse``, ...), so a ``torch.nn.LSTM/GRU/RNN`` with the
+same ``num_layers`` and ``bidirectional`` loads unchanged.
+
+Dropout masks come from the counter-based generator of ``dropout_mask`` with ``mask_stream`` =
+:func:`mask_stream` (layer, direction, kind): kind 0 is the dropout on a layer's output (``dropout=p``),
+kind 1 the recurrent dropout inside the layer (``recurrent_dropout=q``). Variational masks are shared by every
+step of the window. The arrays of any library go through: NumPy, CuPy, PyTorch and JAX.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _arrays, _functional
+
+__all__ = ["StackGrads", "StackSaved", "mask_stream", "stack_backward", "stack_forward"]
+
+OUTPUT_DROPOUT, RECURRENT_DROPOUT = 0, 1
+
+
+def mask_stream(layer: int, direction: int, kind: int) -> int:
+    """The generator stream of one mask: (layer, direction, kind) packed into one integer."""
+    return (layer << 16) | (direction << 8) | kind
+
+
+class _Ops:
+    """The few array operations a stack needs, for NumPy-like libraries (NumPy, CuPy, JAX) and PyTorch."""
+
+    def __init__(self, like):
+        library = _arrays.library_of(like) if _arrays.is_foreign(like) else "numpy"
+        self.torch = library == "torch"
+        if self.torch:
+            import torch as xp
+        elif library == "cupy":
+            import cupy as xp
+        elif library in ("jax", "jaxlib"):
+            import jax.numpy as xp
+        else:
+            xp = np
+        self.xp = xp
+
+    def flip_time(self, a):
+        return a.flip(0) if self.torch else self.xp.ascontiguousarray(self.xp.flip(a, 0))
+
+    def concat(self, parts):
+        if len(parts) == 1:
+            return parts[0]
+        return self.xp.cat(parts, dim=-1) if self.torch else self.xp.concatenate(parts, axis=-1)
+
+    def part(self, a, index, size):
+        """a[..., index*size : (index+1)*size], contiguous."""
+        if a.shape[-1] == size:
+            return a
+        piece = a[..., index * size:(index + 1) * size]
+        return piece.contiguous() if self.torch else self.xp.ascontiguousarray(piece)
+
+    def stack(self, parts):
+        return self.xp.stack(parts)
+
+
+class StackSaved:
+    """What :func:`stack_forward` keeps for :func:`stack_backward`: one window's ``Saved`` per layer and
+    direction, and the output dropout masks."""
+
+    __slots__ = ("cell", "num_layers", "directions", "hidden_size", "saved", "masks", "x")
+
+    def __init__(self, cell, num_layers, directions, hidden_size, saved, masks, x):
+        self.cell, self.num_layers, self.directions = cell, num_layers, directions
+        self.hidden_size, self.saved, self.masks, self.x = hidden_size, saved, masks, x
+
+
+class StackGrads(NamedTuple):
+    """Gradients of a stack: ``dx`` ``[T, B, input_size]``, ``dh0`` (and ``dc0`` for the LSTM, else None)
+    ``[L*D, B, H]``, and ``weights``: one gradient tuple per layer and direction (layer-major), each with
+    ``dW, dR, dbW, dbR`` (and ``dP`` for the LSTM)."""
+
+    dx: object
+    dh0: object
+    dc0: object
+    weights: list
+
+
+def _check_int(name, value, low):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an integer, got {value!r} of type {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value}")
+    return int(value)
+
+
+def _is_contiguous(a) -> bool:
+    if hasattr(a, "is_contiguous"):  # torch
+        return bool(a.is_contiguous())
+    flags = getattr(a, "flags", None)  # NumPy, CuPy
+    return True if flags is None else bool(flags.c_contiguous)
+
+
+def _check_array(name, a, shape, meaning, like):
+    """An array argument of the stack: its type, shape, dtype and layout, checked before any window runs, so
+    that a bad one is blamed by its own name and a rejected backward leaves the forward pass usable."""
+    if a is None:
+        return
+    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+        raise TypeError(f"{name}: expected an array of shape {meaning}, got {type(a).__name__}")
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)} = {meaning}, got {tuple(a.shape)}")
+    if like is not None and hasattr(like, "dtype") and a.dtype != like.dtype:
+        raise TypeError(f"{name}: expected dtype {like.dtype} (the dtype of x), got {a.dtype}")
+    if not _is_contiguous(a):
+        raise ValueError(f"{name}: expected a C-contiguous array of shape {tuple(a.shape)}")
+
+
+def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirectional=False, dropout=0.0,
+                  variational=False, recurrent_dropout=0.0, seed=0, training=True, **options):
+    """Runs ``num_layers`` layers of ``cell`` (``"lstm"``, ``"gru"`` or ``"rnn"``) over the window ``x``.
+
+    ``weights``: a sequence of L*D tuples ``(W, R, bW, bR)`` (LSTM: ``(W, R, bW, bR, P)``, P None without
+    peepholes), layer-major then direction. ``h0``/``c0``: ``[L*D, B, H]`` or None. ``dropout``: inverted
+    dropout on each layer's output but the last; ``variational``: its masks (and those of
+    ``recurrent_dropout``) shared by every step; both apply in training only. ``options``: the cell's own
+    options (activation, reset_after, coupled_gates, forget_bias, cell_clip, allow_tf32, stream).
+    Returns ``(y [T, B, D*H], h_n [L*D, B, H], c_n or None, saved)``.
+    """
+    if cell not in ("lstm", "gru", "rnn"):
+        raise ValueError(f"cell: expected 'lstm', 'gru' or 'rnn', got {cell!r}")
+    num_layers = _check_int("num_layers", num_layers, 1)
+    bidirectional = _functional._check_flag("bidirectional", bidirectional)
+    dropout = _functional.check_probability("dropout", dropout)
+    variational = _functional._check_flag("variational", variational)
+    training = _functional._check_flag("training", training)
+    seed = _functional.check_seed("seed", seed)
+    directions = 2 if bidirectional else 1
+    weights = list(weights)
+    if len(weights) != num_layers * directions:
+        raise ValueError(f"weights: expected {num_layers * directions} entries (num_layers * directions), "
+                         f"got {len(weights)}")
+    if cell != "lstm" and c0 is not None:
+        raise ValueError(f"c0: only an LSTM has a cell state, but the cell is {cell}")
+    ops = _Ops(x)
+    hidden = weights[0][1].shape[-1]
+    if not hasattr(x, "shape") or len(x.shape) != 3:
+        # The first window's checks name x exactly; the states' shapes need B first.
+        getattr(_functional, f"{cell}_forward")(x, *weights[0][:4], training=False)
+    states_shape = (num_layers * directions, x.shape[1], hidden)
+    for name, state in (("h0", h0), ("c0", c0)):
+        _check_array(name, state, states_shape, "(num_layers * directions, B, hidden_size)", x)
+
+    forward = getattr(_functional, f"{cell}_forward")
+    saved, masks, h_n, c_n = [], [], [], []
+    layer_input = x
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            W, R, bW, bR, *rest = weights[k]
+            extra = {"P": rest[0]} if cell == "lstm" and rest else {}
+            inp = layer_input if direction == 0 else ops.flip_time(layer_input)
+            states = (None if h0 is None else h0[k],)
+            if cell == "lstm":
+                states += (None if c0 is None else c0[k],)
+            result = forward(inp, W, R, bW, bR, *states, recurrent_dropout=recurrent_dropout,
+                             variational=variational, seed=seed,
+                             mask_stream=mask_stream(layer, direction, RECURRENT_DROPOUT), training=training,
+                             **extra, **options)
+            y = result[0]
+            outputs.append(y if direction == 0 else ops.flip_time(y))
+            h_n.append(result[1])
+            if cell == "lstm":
+                c_n.append(result[2])
+            saved.append(result[-1])
+        y = ops.concat(outputs)
+        if layer < num_layers - 1 and dropout > 0 and training:
+            mask = ops.concat([
+                _functional.dropout_mask(y, (y.shape[0], y.shape[1], hidden), dropout,
+                                         variational=variational, seed=seed,
+                                         mask_stream=mask_stream(layer, d, OUTPUT_DROPOUT))
+                for d in range(directions)])
+            masks.append(mask)
+            y = y * mask
+        else:
+            masks.append(None)
+        layer_input = y
+    state = StackSaved(cell, num_layers, directions, hidden, saved, masks, x) if training else None
+    return layer_input, ops.stack(h_n), ops.stack(c_n) if cell == "lstm" else None, state
+
+
+def stack_backward(saved, dy, dh_n=None, dc_n=None, *, stream=None) -> StackGrads:
+    """Exact gradients of a stack from :func:`stack_forward`'s ``saved`` (serves one call), given ``dy``
+    ``[T, B, D*H]`` and optionally ``dh_n``/``dc_n`` ``[L*D, B, H]``."""
+    if not isinstance(saved, StackSaved):
+        raise TypeError(f"saved: expected the StackSaved that stack_forward returned with training=True, "
+                        f"got {type(saved).__name__}")
+    if saved.saved is None:
+        raise ValueError("saved: already used by a backward call, which released it; run forward again")
+    cell, L, D, H = saved.cell, saved.num_layers, saved.directions, saved.hidden_size
+    T, B = saved.x.shape[0], saved.x.shape[1]
+    _check_array("dy", dy, (T, B, D * H), "(T, B, directions * hidden_size)", saved.x)
+    if dy is None:
+        raise TypeError("dy: expected an array of shape (T, B, directions * hidden_size), got NoneType")
+    for name, final in (("dh_n", dh_n), ("dc_n", dc_n)):
+        _check_array(name, final, (L * D, B, H), "(num_layers * directions, B, hidden_size)", saved.x)
+    if cell != "lstm" and dc_n is not None:
+        raise ValueError(f"dc_n: only an LSTM has a cell state, but the cell is {cell}")
+    backward = getattr(_functional, f"{cell}_backward")
+    ops = _Ops(dy)
+    grads = [None] * (L * D)
+    dh0, dc0 = [None] * (L * D), [None] * (L * D)
+    d_output = dy
+    for layer in reversed(range(L)):
+        if saved.masks[layer] is not None:
+            d_output = d_output * saved.masks[layer]
+        d_input = None
+        for direction in range(D):
+            k = layer * D + direction
+            d = ops.part(d_output, direction, H)
+            if direction == 1:
+                d = ops.flip_time(d)
+            finals = (None if dh_n is None else dh_n[k],)
+            if cell == "lstm":
+                finals += (None if dc_n is None else dc_n[k],)
+            g = backward(saved.saved[k], d, *finals, stream=stream)
+            dx = g.dx if direction == 0 else ops.flip_time(g.dx)
+            d_input = dx if d_input is None else d_input + dx
+            dh0[k] = g.dh0
+            if cell == "lstm":
+                dc0[k] = g.dc0
+            grads[k] = g
+        d_output = d_input
+    saved.saved = None
+    return StackGrads(d_output, ops.stack(dh0), ops.stack(dc0) if cell == "lstm" else None, grads)
