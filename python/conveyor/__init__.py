@@ -13,6 +13,7 @@ from ._functional import (
     LSTMGrads,
     RNNGrads,
     Saved,
+    clip_grad_norm,
     dropout_mask,
     gru_backward,
     gru_forward,
@@ -21,6 +22,7 @@ from ._functional import (
     rnn_backward,
     rnn_forward,
 )
+from ._stack import StackGrads, StackSaved, stack_backward, stack_forward
 from .layers import GRU, LSTM, RNN
 
 __version__ = _conveyor.__version__
@@ -33,7 +35,10 @@ __all__ = [
     "RNN",
     "RNNGrads",
     "Saved",
+    "StackGrads",
+    "StackSaved",
     "__version__",
+    "clip_grad_norm",
     "cuda_available",
     "cuda_built",
     "cuda_device_count",
@@ -46,6 +51,8 @@ __all__ = [
     "rnn_backward",
     "rnn_forward",
     "set_num_threads",
+    "stack_backward",
+    "stack_forward",
 ]
 
 

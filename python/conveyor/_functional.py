@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -29,6 +30,7 @@ __all__ = [
     "LSTMGrads",
     "RNNGrads",
     "Saved",
+    "clip_grad_norm",
     "dropout_mask",
     "gru_backward",
     "gru_forward",
@@ -280,3 +282,46 @@ def dropout_mask(like, shape, p, *, variational=False, seed=0, mask_stream=0, st
     out = allocate(tuple(int(n) for n in shape))
     _conveyor.dropout_mask(p, variational, seed, mask_stream, out, _arrays.stream_of(like, stream))
     return allocate.finish((out,))[0]
+
+
+def _sum_of_squares(name, a) -> float:
+    library = _arrays.library_of(a) if _arrays.is_foreign(a) else "numpy"
+    if library == "numpy":
+        if not isinstance(a, np.ndarray) or a.dtype.kind != "f":
+            raise TypeError(f"{name}: expected a floating-point array, got {type(a).__name__}"
+                            + (f" of dtype {a.dtype}" if isinstance(a, np.ndarray) else ""))
+        return float(np.sum(np.square(a, dtype=np.float64)))
+    if library == "torch":
+        return float((a.detach().double() ** 2).sum())
+    if library == "cupy":
+        import cupy
+
+        return float(cupy.sum(cupy.square(a.astype(cupy.float64))))
+    raise TypeError(f"{name}: clip_grad_norm scales gradients in place: expected NumPy, CuPy or PyTorch "
+                    f"arrays, got {type(a).__module__}.{type(a).__name__}")
+
+
+def clip_grad_norm(grads, max_norm) -> float:
+    """Clips gradients by their global norm (SPEC.md): ``n = sqrt(sum of squares of every gradient)``; if
+    ``n > max_norm``, every gradient is scaled in place by ``max_norm / (n + 1e-6)``. Returns ``n``.
+
+    ``grads``: a mapping (its values) or an iterable of NumPy, CuPy or PyTorch arrays (None entries are
+    skipped). A NaN or infinite norm is returned as it is and nothing is scaled, so it is never hidden.
+    """
+    max_norm = _check_number("max_norm", max_norm, positive=True)
+    if isinstance(grads, Mapping):
+        items = [(f"grads[{k!r}]", v) for k, v in grads.items()]
+    elif isinstance(grads, (str, bytes)) or not hasattr(grads, "__iter__"):
+        raise TypeError(f"grads: expected a mapping or an iterable of arrays, got {type(grads).__name__}")
+    else:
+        items = [(f"grads[{i}]", v) for i, v in enumerate(grads)]
+    items = [(name, a) for name, a in items if a is not None]
+    norm = math.sqrt(sum(_sum_of_squares(name, a) for name, a in items))
+    if math.isfinite(norm) and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for _, a in items:
+            if hasattr(a, "mul_"):
+                a.detach().mul_(scale)
+            else:
+                a *= a.dtype.type(scale)
+    return norm
