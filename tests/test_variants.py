@@ -77,6 +77,16 @@ def test_lstm_options_match_the_reference(o, rng):
         assert_all_close(run_lstm(p, o, np.float32), expected, np.float32)
 
 
+@pytest.mark.parametrize("variational", [True, False], ids=["variational", "per-step"])
+@pytest.mark.parametrize("o", LSTM_OPTIONS[::3], ids=lstm_id)
+def test_lstm_options_with_recurrent_dropout_match_the_reference(o, variational, rng):
+    p = lstm_problem(o, 5, 3, 4, 6, rng)
+    mask = ref.dropout_mask(0.25, variational, 11, 3, (5, 3, 6))
+    expected, _ = reference_lstm(p, o, mask)
+    got = run_lstm(p, o, np.float64, recurrent_dropout=0.25, variational=variational, seed=11, mask_stream=3)
+    assert_all_close(got, expected, np.float64)
+
+
 def test_coupled_gates_weights_have_three_blocks(rng):
     o = dict(LSTM_OPTIONS[0], coupled_gates=True)
     p = lstm_problem(o, 2, 2, 3, 4, rng)

@@ -1,0 +1,125 @@
+"""The variants on the GPU (cuda marker; skipped without a GPU and the CUDA backend): every LSTM option
+combination and recurrent dropout against the float64 reference through PyTorch CUDA tensors, dropout masks
+equal to the CPU's bit for bit, stacks equal to the CPU's, and gradient clipping on GPU arrays."""
+
+import numpy as np
+import pytest
+from test_variants import LSTM_OPTIONS, lstm_id, lstm_problem, reference_lstm
+
+import conveyor
+
+import reference as ref
+from support import CONFIGS, assert_close, config_id
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch")
+
+
+def to_gpu(torch, arrays: dict, dtype):
+    def move(v):
+        return torch.from_numpy(np.ascontiguousarray(v)).to("cuda", getattr(torch, dtype))
+
+    return {k: None if v is None else move(v) for k, v in arrays.items()}
+
+
+def to_numpy(value):
+    return None if value is None else value.detach().double().cpu().numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("o", LSTM_OPTIONS, ids=lstm_id)
+def test_lstm_options_on_the_gpu_match_the_reference(o, dtype, torch, rng):
+    if dtype == "float32" and o["cell_clip"]:
+        pytest.skip("float32 may fall on the other side of a clip bound than float64")
+    p = lstm_problem(o, 6, 3, 5, 7, rng)
+    expected, _ = reference_lstm(p, o)
+    g = to_gpu(torch, p, dtype)
+    y, h_T, c_T, saved = conveyor.lstm_forward(
+        g["x"], g["W"], g["R"], g["bW"], g["bR"], g["h0"], g["c0"], P=g["P"],
+        coupled_gates=o["coupled_gates"], forget_bias=o["forget_bias"], cell_clip=o["cell_clip"],
+        activation=o["activation"])
+    grads = conveyor.lstm_backward(saved, g["dy"], g["dh_T"], g["dc_T"])._asdict()
+    got = {"y": y, "h_T": h_T, "c_T": c_T, **grads}
+    for name, value in expected.items():
+        if value is None:
+            assert got[name] is None, name
+        else:
+            assert got[name].is_cuda, name
+            assert_close(name, to_numpy(got[name]).astype(dtype), value, np.dtype(dtype))
+
+
+@pytest.mark.parametrize("variational", [True, False], ids=["variational", "per-step"])
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_recurrent_dropout_on_the_gpu_matches_the_cpu(config, variational, torch, rng):
+    cell, options = config
+    T, B, I, H = 5, 4, 3, 6
+    G = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
+    arrays = dict(x=rng.uniform(-1, 1, (T, B, I)), W=rng.uniform(-0.4, 0.4, (G * H, I)),
+                  R=rng.uniform(-0.4, 0.4, (G * H, H)), bW=rng.uniform(-0.4, 0.4, G * H),
+                  bR=rng.uniform(-0.4, 0.4, G * H), h0=rng.uniform(-0.5, 0.5, (B, H)))
+    dy = rng.uniform(-1, 1, (T, B, H))
+    dropout = dict(recurrent_dropout=0.3, variational=variational, seed=21, mask_stream=4)
+    forward, backward = getattr(conveyor, f"{cell}_forward"), getattr(conveyor, f"{cell}_backward")
+
+    def run(a, d):
+        out = forward(a["x"], a["W"], a["R"], a["bW"], a["bR"], a["h0"], **options, **dropout)
+        grads = backward(out[-1], d)._asdict()
+        return {"y": out[0], "h_T": out[1], **grads}
+
+    cpu = run(arrays, dy)
+    g = to_gpu(torch, {**arrays, "dy": dy}, "float64")
+    gpu = run(g, g["dy"])
+    for name, value in cpu.items():
+        if value is not None and name != "dP":
+            assert_close(name, to_numpy(gpu[name]), value, np.float64)
+
+
+@pytest.mark.parametrize("variational", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_masks_on_the_gpu_equal_the_cpus_bit_for_bit(dtype, variational, torch):
+    x = torch.zeros(1, device="cuda", dtype=getattr(torch, dtype))
+    got = conveyor.dropout_mask(x, (9, 7, 45), 0.35, variational=variational, seed=2**63 + 5, mask_stream=12)
+    assert got.is_cuda and got.dtype == x.dtype
+    expected = ref.dropout_mask(0.35, variational, 2**63 + 5, 12, (9, 7, 45))
+    np.testing.assert_array_equal(to_numpy(got), to_numpy(torch.from_numpy(expected).to(x.dtype)))
+
+
+def test_masks_through_cupy(rng):
+    cupy = pytest.importorskip("cupy")
+    got = conveyor.dropout_mask(cupy.zeros(1, cupy.float32), (4, 3, 10), 0.5, seed=1)
+    assert isinstance(got, cupy.ndarray)
+    expected = ref.dropout_mask(0.5, False, 1, 0, (4, 3, 10)).astype(np.float32)
+    np.testing.assert_array_equal(cupy.asnumpy(got), expected)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_stacks_on_the_gpu_equal_the_cpus(cell, torch, rng):
+    layer = {"lstm": conveyor.LSTM, "gru": conveyor.GRU, "rnn": conveyor.RNN}[cell](
+        4, 5, num_layers=2, bidirectional=True, dtype=np.float64, seed=0)
+    weights = layer._weights()
+    gpu_weights = [tuple(None if w is None else torch.from_numpy(w).cuda() for w in entry)
+                   for entry in weights]
+    x, dy = rng.standard_normal((6, 3, 4)), rng.standard_normal((6, 3, 10))
+    options = dict(num_layers=2, bidirectional=True, dropout=0.3, recurrent_dropout=0.2, seed=9)
+    y, h_n, _, saved = conveyor.stack_forward(cell, x, weights, **options)
+    grads = conveyor.stack_backward(saved, dy)
+    gy, gh_n, _, gsaved = conveyor.stack_forward(cell, torch.from_numpy(x).cuda(), gpu_weights, **options)
+    ggrads = conveyor.stack_backward(gsaved, torch.from_numpy(dy).cuda())
+    assert_close("y", to_numpy(gy), y, np.float64)
+    assert_close("h_n", to_numpy(gh_n), h_n, np.float64)
+    assert_close("dx", to_numpy(ggrads.dx), grads.dx, np.float64)
+    for k, (g, c) in enumerate(zip(ggrads.weights, grads.weights)):
+        assert_close(f"dR[{k}]", to_numpy(g.dR), c.dR, np.float64)
+        assert_close(f"dW[{k}]", to_numpy(g.dW), c.dW, np.float64)
+
+
+def test_clip_grad_norm_on_gpu_arrays(torch, rng):
+    grads = [torch.from_numpy(rng.standard_normal(50) * 3).cuda(),
+             torch.from_numpy(rng.standard_normal(7)).cuda()]
+    expected = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+    assert conveyor.clip_grad_norm(grads, 1.0) == pytest.approx(expected, rel=1e-12)
+    assert float(torch.sqrt(sum((g ** 2).sum() for g in grads))) == pytest.approx(1.0, rel=1e-5)
