@@ -435,17 +435,6 @@ const T* data_or_null(const TensorView& v) {
   return v.present() ? static_cast<const T*>(v.data) : nullptr;
 }
 
-template <typename C>
-cells::LstmOptions<C> lstm_options(const CellOptions& options) {
-  cells::LstmOptions<C> o;
-  o.relu = options.activation == Activation::relu;
-  o.coupled = options.coupled_gates;
-  o.peephole = options.peephole;
-  o.forget_bias = static_cast<C>(options.forget_bias);
-  o.cell_clip = static_cast<C>(options.cell_clip);
-  return o;
-}
-
 std::string operation_name(const CellOptions& options, const char* direction) {
   return std::string("conveyor::") + cell_name(options.cell) + "_" + direction;
 }
@@ -548,7 +537,7 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   p.bW = data_or_null<S>(args.bW);
   p.bR = data_or_null<S>(args.bR);
   p.P = data_or_null<S>(args.P);
-  p.lstm = lstm_options<C>(options);
+  p.lstm = detail::lstm_options<C>(options);
   p.cell_state = cell_state.get();
   p.reset_hidden = reset_hidden.get();
   p.update_gate = update_gate.get();
@@ -629,7 +618,7 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   p.dh_carry = dh_carry.get();
   p.dc = dc.get();
   p.P = data_or_null<S>(args.P);
-  p.lstm = lstm_options<C>(options);
+  p.lstm = detail::lstm_options<C>(options);
   // The product over the pre-activation gradients of `step` (the recurrent path's, along R's rows).
   auto product_of_step = [&](int64_t step) {
     p.product_mask = masks.step(step);

@@ -2,6 +2,7 @@
 // point per backend and direction. Internal: not installed.
 #pragma once
 
+#include "cells/lstm.h"
 #include "conveyor/conveyor.h"
 
 namespace conveyor::detail {
@@ -21,5 +22,17 @@ bool cuda_backend_built();
 // Runs the shared cell math on `device` and on the host and returns the largest difference (NaN if a
 // result is NaN). Throws CudaError when the kernel cannot run (no code for this GPU, no driver).
 double cuda_cell_check(int device);
+
+// The LSTM options of `options` in the form the cell math takes (csrc/cells/lstm.h), in compute type T.
+template <typename T>
+cells::LstmOptions<T> lstm_options(const CellOptions& options) {
+  cells::LstmOptions<T> o;
+  o.relu = options.activation == Activation::relu;
+  o.coupled = options.coupled_gates;
+  o.peephole = options.peephole;
+  o.forget_bias = static_cast<T>(options.forget_bias);
+  o.cell_clip = static_cast<T>(options.cell_clip);
+  return o;
+}
 
 }  // namespace conveyor::detail

@@ -105,17 +105,6 @@ Window make_window(const CellOptions& options, const WindowSizes& s) {
   return {s.steps, s.batch, s.input_size, s.hidden_size, gate_count(options)};
 }
 
-template <typename T>
-cells::LstmOptions<T> lstm_options(const CellOptions& options) {
-  cells::LstmOptions<T> o;
-  o.relu = options.activation == Activation::relu;
-  o.coupled = options.coupled_gates;
-  o.peephole = options.peephole;
-  o.forget_bias = static_cast<T>(options.forget_bias);
-  o.cell_clip = static_cast<T>(options.cell_clip);
-  return o;
-}
-
 // dP (=|+=) the peephole gradients: dp_i = sum da_i c_{t-1}, dp_f = sum da_f c_{t-1}, dp_o = sum da_o c_t,
 // over steps and batch rows; da holds the LSTM's pre-activation gradients (leading dimension ld).
 template <typename T>
