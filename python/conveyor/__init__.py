@@ -24,6 +24,7 @@ from ._functional import (
 )
 from ._stack import StackGrads, StackSaved, stack_backward, stack_forward
 from .layers import GRU, LSTM, RNN
+from .tbptt import TBPTT
 
 __version__ = _conveyor.__version__
 
@@ -37,6 +38,7 @@ __all__ = [
     "Saved",
     "StackGrads",
     "StackSaved",
+    "TBPTT",
     "__version__",
     "clip_grad_norm",
     "cuda_available",

@@ -180,7 +180,7 @@ def _forward(cell, options, x, W, R, bW, bR, h0, c0, P, training, stream):
     return y, h_T, c_T, saved
 
 
-def _backward(cell: str, saved, dy, dh_T, dc_T, stream):
+def _backward(cell: str, saved, dy, dh_T, dc_T, stream, keep=False):
     if not isinstance(saved, Saved):
         raise TypeError(f"saved: expected the Saved object that {cell}_forward returned with training=True, "
                         f"got {type(saved).__name__}")
@@ -198,7 +198,8 @@ def _backward(cell: str, saved, dy, dh_T, dc_T, stream):
     else:
         _arrays.stream_of(saved.x, stream)
         grads = _conveyor.backward(cell, saved.options, *arrays, saved.has_bW, saved.has_bR)
-    saved.x = saved.W = saved.R = saved.h0 = saved.c0 = saved.P = saved.y = saved.cache = None
+    if not keep:  # the TBPTT driver keeps a window's Saved for the later spans that reach back over it
+        saved.x = saved.W = saved.R = saved.h0 = saved.c0 = saved.P = saved.y = saved.cache = None
     return grads
 
 
@@ -228,11 +229,11 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, coupled_gates=Fal
     return _forward("lstm", options, x, W, R, bW, bR, h0, c0, P, training, stream)
 
 
-def lstm_backward(saved, dy, dh_T=None, dc_T=None, *, stream=None) -> LSTMGrads:
+def lstm_backward(saved, dy, dh_T=None, dc_T=None, *, stream=None, _keep=False) -> LSTMGrads:
     """Exact gradients of the window from :func:`lstm_forward`'s ``saved``, given ``dy``
     ``[T, B, hidden_size]`` and optionally ``dh_T``/``dc_T`` ``[B, hidden_size]`` (None: no loss on the
     final state)."""
-    return LSTMGrads(*_backward("lstm", saved, dy, dh_T, dc_T, stream))
+    return LSTMGrads(*_backward("lstm", saved, dy, dh_T, dc_T, stream, _keep))
 
 
 def gru_forward(x, W, R, bW, bR, h0=None, *, reset_after=True, activation="tanh", recurrent_dropout=0.0,
@@ -246,9 +247,9 @@ def gru_forward(x, W, R, bW, bR, h0=None, *, reset_after=True, activation="tanh"
     return y, h_T, saved
 
 
-def gru_backward(saved, dy, dh_T=None, *, stream=None) -> GRUGrads:
+def gru_backward(saved, dy, dh_T=None, *, stream=None, _keep=False) -> GRUGrads:
     """Exact gradients of the window from :func:`gru_forward`'s ``saved``."""
-    dx, dh0, _, dW, dR, dbW, dbR, _ = _backward("gru", saved, dy, dh_T, None, stream)
+    dx, dh0, _, dW, dR, dbW, dbR, _ = _backward("gru", saved, dy, dh_T, None, stream, _keep)
     return GRUGrads(dx, dh0, dW, dR, dbW, dbR)
 
 
@@ -262,9 +263,9 @@ def rnn_forward(x, W, R, bW, bR, h0=None, *, activation="tanh", recurrent_dropou
     return y, h_T, saved
 
 
-def rnn_backward(saved, dy, dh_T=None, *, stream=None) -> RNNGrads:
+def rnn_backward(saved, dy, dh_T=None, *, stream=None, _keep=False) -> RNNGrads:
     """Exact gradients of the window from :func:`rnn_forward`'s ``saved``."""
-    dx, dh0, _, dW, dR, dbW, dbR, _ = _backward("rnn", saved, dy, dh_T, None, stream)
+    dx, dh0, _, dW, dR, dbW, dbR, _ = _backward("rnn", saved, dy, dh_T, None, stream, _keep)
     return RNNGrads(dx, dh0, dW, dR, dbW, dbR)
 
 

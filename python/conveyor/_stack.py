@@ -65,6 +65,17 @@ class _Ops:
     def stack(self, parts):
         return self.xp.stack(parts)
 
+    def concat_time(self, parts):
+        return self.xp.cat(parts, dim=0) if self.torch else self.xp.concatenate(parts, axis=0)
+
+    def zeros(self, shape, like):
+        if self.torch:
+            return self.xp.zeros(shape, dtype=like.dtype, device=like.device)
+        return self.xp.zeros(shape, dtype=like.dtype)
+
+    def contiguous(self, a):
+        return a.contiguous() if self.torch else self.xp.ascontiguousarray(a)
+
 
 class StackSaved:
     """What :func:`stack_forward` keeps for :func:`stack_backward`: one window's ``Saved`` per layer and
@@ -192,9 +203,10 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
     return layer_input, ops.stack(h_n), ops.stack(c_n) if cell == "lstm" else None, state
 
 
-def stack_backward(saved, dy, dh_n=None, dc_n=None, *, stream=None) -> StackGrads:
+def stack_backward(saved, dy, dh_n=None, dc_n=None, *, stream=None, _keep=False) -> StackGrads:
     """Exact gradients of a stack from :func:`stack_forward`'s ``saved`` (serves one call), given ``dy``
-    ``[T, B, D*H]`` and optionally ``dh_n``/``dc_n`` ``[L*D, B, H]``."""
+    ``[T, B, D*H]`` and optionally ``dh_n``/``dc_n`` ``[L*D, B, H]``. (``_keep``: the TBPTT driver's, for
+    windows that later spans reach back over again.)"""
     if not isinstance(saved, StackSaved):
         raise TypeError(f"saved: expected the StackSaved that stack_forward returned with training=True, "
                         f"got {type(saved).__name__}")
@@ -226,7 +238,7 @@ def stack_backward(saved, dy, dh_n=None, dc_n=None, *, stream=None) -> StackGrad
             finals = (None if dh_n is None else dh_n[k],)
             if cell == "lstm":
                 finals += (None if dc_n is None else dc_n[k],)
-            g = backward(saved.saved[k], d, *finals, stream=stream)
+            g = backward(saved.saved[k], d, *finals, stream=stream, _keep=_keep)
             dx = g.dx if direction == 0 else ops.flip_time(g.dx)
             d_input = dx if d_input is None else d_input + dx
             dh0[k] = g.dh0
@@ -234,5 +246,6 @@ def stack_backward(saved, dy, dh_n=None, dc_n=None, *, stream=None) -> StackGrad
                 dc0[k] = g.dc0
             grads[k] = g
         d_output = d_input
-    saved.saved = None
+    if not _keep:
+        saved.saved = None
     return StackGrads(d_output, ops.stack(dh0), ops.stack(dc0) if cell == "lstm" else None, grads)

@@ -162,17 +162,31 @@ class _Recurrent:
             if x.dtype != self.dtype:
                 raise TypeError(f"x: expected dtype {self.dtype} (the layer's dtype), got {x.dtype}")
 
-    def _forward(self, x, h0, c0):
+    def _window(self, x, h0, c0):
+        """One window through the stack: (y, h_n, c_n, saved); each training window draws fresh masks."""
         self._check_input(x)
         if self.training:
             self._windows += 1
-        y, h_n, c_n, saved = _stack.stack_forward(
+        return _stack.stack_forward(
             self._cell, x, self._weights(), h0, c0, num_layers=self.num_layers,
             bidirectional=self.bidirectional, dropout=self.dropout, variational=self.variational,
             recurrent_dropout=self.recurrent_dropout, seed=(self._dropout_seed + self._windows) % 2**64,
             training=self.training, activation=self.activation, **self._cell_options)
-        self._saved = saved
+
+    def _forward(self, x, h0, c0):
+        y, h_n, c_n, self._saved = self._window(x, h0, c0)
         return y, h_n, c_n
+
+    def _named_grads(self, result) -> dict:
+        """The parameter gradients of a StackGrads, by parameter name."""
+        grads = {}
+        for name, g in zip(self._names(), result.weights):
+            grads[f"weight_ih_{name}"], grads[f"weight_hh_{name}"] = g.dW, g.dR
+            if self.bias:
+                grads[f"bias_ih_{name}"], grads[f"bias_hh_{name}"] = g.dbW, g.dbR
+            if self.peephole:
+                grads[f"weight_peephole_{name}"] = g.dP
+        return grads
 
     def _backward(self, dy, dh_n, dc_n):
         """Backward through the pending forward pass; a rejected call leaves that pass pending."""
@@ -181,15 +195,24 @@ class _Recurrent:
                              "first; each forward serves one backward)")
         result = _stack.stack_backward(self._saved, dy, dh_n, dc_n)
         self._saved = None
-        grads = {}
-        for name, g in zip(self._names(), result.weights):
-            grads[f"weight_ih_{name}"], grads[f"weight_hh_{name}"] = g.dW, g.dR
-            if self.bias:
-                grads[f"bias_ih_{name}"], grads[f"bias_hh_{name}"] = g.dbW, g.dbR
-            if self.peephole:
-                grads[f"weight_peephole_{name}"] = g.dP
-        self.grads = grads
+        self.grads = self._named_grads(result)
         return result
+
+    def to(self, device: str):
+        """Moves the parameters (and drops the gradients) to ``"cpu"`` (NumPy) or ``"cuda"`` (CuPy, the
+        current device): the windows then run where the parameters are."""
+        if device == "cpu":
+            self.params = {k: v if isinstance(v, np.ndarray) else v.get() for k, v in self.params.items()}
+        elif device == "cuda":
+            try:
+                import cupy
+            except ImportError as error:
+                raise ValueError("device: 'cuda' needs CuPy (pip install cupy-cuda12x)") from error
+            self.params = {k: cupy.asarray(v) for k, v in self.params.items()}
+        else:
+            raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+        self.grads = {}
+        return self
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)

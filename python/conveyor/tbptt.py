@@ -1,0 +1,122 @@
+"""Truncated backpropagation through time (SPEC.md, "A window and truncated BPTT"; Williams & Peng 1990).
+
+``TBPTT(layer, k1, k2)`` walks a long sequence (or a batch of streams) through a layer object k1 steps at a
+time. Each ``forward`` carries the final state of the previous one in as a value, so that windows of any
+length give exactly the outputs of one call over the whole sequence. Each ``backward`` takes the gradient of
+the loss on those k1 steps and backpropagates it through the last k2 >= k1 steps: no gradient crosses
+further back. The layer's parameter gradients (``layer.grads``) are those of the span.
+
+Nothing is recomputed: the forward runs in sub-windows of gcd(k1, k2) steps and keeps the last k2 steps'
+saved values, so a backward walks back over the sub-windows it needs, newest first; a sub-window that later
+spans still reach is backpropagated through again (TBPTT(k1, k2) does that work by definition), but its
+forward is never run twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+
+from . import _stack
+
+__all__ = ["TBPTT"]
+
+
+def _steps(name, value) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected a positive integer number of steps, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive integer number of steps, got {value}")
+    return int(value)
+
+
+class TBPTT:
+    """Drives ``layer`` (a one-way ``conveyor.LSTM``, ``GRU`` or ``RNN`` of any ``num_layers``: a
+    bidirectional layer cannot carry its state forward in time) with TBPTT(k1, k2).
+
+    ``forward(x)``: x ``[n, B, input_size]`` with n <= k1 (the last window of a sequence may be shorter);
+    returns ``y`` ``[n, B, hidden_size]``. ``backward(dy)``: dy for those n steps; returns ``dx`` for every
+    step of the span it went back over (the last ``span`` steps, at most k2, oldest first), and leaves the
+    parameter gradients of the span in ``layer.grads``. ``state`` holds the carried ``(h, c)`` (c None but for
+    the LSTM); ``reset()`` forgets it and the history, as at the start of a new sequence.
+    """
+
+    def __init__(self, layer, k1, k2=None):
+        if getattr(layer, "bidirectional", False):
+            raise ValueError("layer: a bidirectional layer reads the whole sequence backwards, so its state "
+                             "cannot be carried from window to window; use a one-way layer")
+        if not hasattr(layer, "_weights"):
+            raise TypeError(f"layer: expected a conveyor.LSTM, GRU or RNN, got {type(layer).__name__}")
+        self.layer = layer
+        self.k1 = _steps("k1", k1)
+        self.k2 = self.k1 if k2 is None else _steps("k2", k2)
+        if self.k2 < self.k1:
+            raise ValueError(f"k2: expected k2 >= k1 = {self.k1}, got {self.k2}")
+        self.piece = math.gcd(self.k1, self.k2)
+        self._history = deque()  # (StackSaved, steps) of the sub-windows in the last k2 steps, oldest first
+        self._latest = 0  # steps of the last forward, to which backward's dy belongs
+        self.state = (None, None)
+
+    @property
+    def span(self) -> int:
+        """The steps a backward now goes back over."""
+        return sum(steps for _, steps in self._history)
+
+    def reset(self) -> None:
+        self._history.clear()
+        self._latest = 0
+        self.state = (None, None)
+
+    def forward(self, x):
+        n = x.shape[0] if hasattr(x, "shape") and len(x.shape) == 3 else None
+        if n is None:
+            raise ValueError(f"x: expected an array [n, B, input_size], got {getattr(x, 'shape', type(x))}")
+        if not 1 <= n <= self.k1:
+            raise ValueError(f"x: expected at most k1 = {self.k1} steps, got {n}")
+        layer = self.layer
+        outputs = []
+        h, c = self.state
+        for start in range(0, n, self.piece):
+            piece = x[start:start + self.piece]
+            y, h, c, saved = layer._window(piece, h, c)
+            outputs.append(y)
+            if layer.training:
+                self._history.append((saved, piece.shape[0]))
+                while self.span > self.k2:
+                    self._history.popleft()
+        self.state = (h, c)
+        self._latest = n if layer.training else 0
+        if len(outputs) == 1:
+            return outputs[0]
+        return _stack._Ops(outputs[0]).concat_time(outputs)
+
+    def backward(self, dy):
+        if self._latest == 0:
+            raise ValueError("backward: no training forward to go back from (call forward in training mode "
+                             "first; each forward serves one backward)")
+        layer = self.layer
+        expected = (self._latest,) + tuple(self.state[0].shape[1:])
+        if not hasattr(dy, "shape") or tuple(dy.shape) != expected:
+            raise ValueError(f"dy: expected shape {expected} (the steps of the last forward), "
+                             f"got {getattr(dy, 'shape', type(dy).__name__)}")
+        ops = _stack._Ops(dy)
+        pending = self._latest  # the newest steps, whose dy is given; older ones get zeros
+        dh = dc = None
+        grads, dxs = None, []
+        for saved, steps in reversed(self._history):
+            if pending > 0:
+                d = dy[pending - steps:pending]
+                pending -= steps
+            else:
+                d = ops.zeros((steps,) + tuple(dy.shape[1:]), dy)
+            g = _stack.stack_backward(saved, ops.contiguous(d), dh, dc, _keep=True)
+            dh, dc = g.dh0, g.dc0
+            dxs.append(g.dx)
+            named = layer._named_grads(g)
+            grads = named if grads is None else {name: grads[name] + value for name, value in named.items()}
+        self._latest = 0
+        layer.grads = grads
+        dxs.reverse()
+        return dxs[0] if len(dxs) == 1 else ops.concat_time(dxs)
