@@ -87,6 +87,43 @@ def info(_args) -> int:
     return 0
 
 
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+        return value
+    return parse
+
+
+def _probability(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text}")
+    return value
+
+
+def train(args) -> int:
+    from . import lm
+
+    if args.k2 is not None and args.k2 < args.bptt:
+        raise SystemExit(f"--bptt2: expected at least --bptt ({args.bptt}), got {args.k2}")
+    cfg = lm.Config(cell=args.cell, level=args.level, embedding=args.embedding, hidden=args.hidden,
+                    layers=args.layers, dropout=args.dropout, variational=args.variational, tie=args.tie,
+                    batch=args.batch, k1=args.bptt, k2=args.k2, optimizer=args.optimizer,
+                    lr=args.lr if args.lr is not None else (1.0 if args.optimizer == "sgd" else 2e-3),
+                    lr_decay=args.lr_decay, decay_after=args.decay_after, clip=args.clip, epochs=args.epochs,
+                    max_steps=args.max_steps, minutes=args.minutes, eval_every=args.eval_every,
+                    eval_batch=args.eval_batch, seed=args.seed, device=args.device)
+    try:
+        corpus = lm.load_corpus(args.data, args.level)
+    except (OSError, ValueError) as error:
+        raise SystemExit(str(error)) from error
+    lm.run(cfg, corpus, checkpoint=args.checkpoint, resume=args.resume, sample_length=args.sample,
+           plot=args.plot, print_every=args.print_every)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="conveyor", description="Fast LSTM, GRU and RNN layers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +138,50 @@ def main(argv=None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--print-every", type=int, default=25)
     d.set_defaults(run=demo)
+    t = commands.add_parser(
+        "train", help="train a character- or word-level language model (default: Tiny Shakespeare, bundled)",
+        description="Trains embedding -> LSTM/GRU stack -> softmax on a text corpus with truncated BPTT. "
+                    "Defaults: a 2-layer LSTM of 256 units on the bundled Tiny Shakespeare, 300 Adam steps.")
+    t.add_argument("--data", help="a text file, or a directory with ptb.{train,valid,test}.txt "
+                                  "(default: the bundled Tiny Shakespeare)")
+    t.add_argument("--level", choices=("char", "word"), default="char")
+    t.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
+    t.add_argument("--layers", type=_positive(int), default=2)
+    t.add_argument("--hidden", type=_positive(int), default=256)
+    t.add_argument("--embedding", type=_positive(int), default=64)
+    t.add_argument("--tie", action="store_true", help="tie the embedding and output weights (Press & Wolf "
+                                                      "2017; needs --embedding = --hidden)")
+    t.add_argument("--dropout", type=_probability, default=0.0,
+                   help="dropout on embeddings, between layers and before the output (Zaremba et al. 2014)")
+    t.add_argument("--variational", action="store_true", help="one dropout mask per window (Gal & "
+                                                              "Ghahramani 2016)")
+    t.add_argument("--batch", type=_positive(int), default=32, help="parallel streams (default 32)")
+    t.add_argument("--bptt", type=_positive(int), default=64, help="TBPTT k1: steps per window (default 64)")
+    t.add_argument("--bptt2", dest="k2", type=_positive(int), default=None,
+                   help="TBPTT k2 >= k1: steps to backpropagate through (default: k1)")
+    t.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    t.add_argument("--lr", type=_positive(float), default=None, help="default 2e-3 (Adam), 1.0 (SGD)")
+    t.add_argument("--lr-decay", type=_positive(float), default=1.0, help="SGD: multiply lr by this ...")
+    t.add_argument("--decay-after", type=int, default=0,
+                   help="... at the end of every epoch from this one on")
+    t.add_argument("--clip", type=float, default=5.0, help="gradient-norm clipping (0: none; default 5)")
+    t.add_argument("--epochs", type=_positive(int), default=1)
+    t.add_argument("--max-steps", type=_positive(int), default=300, help="stop after this many steps "
+                                                                        "(default 300; --full for none)")
+    t.add_argument("--full", dest="max_steps", action="store_const", const=None,
+                   help="no step limit: run every epoch")
+    t.add_argument("--minutes", type=_positive(float), default=None, help="stop after this much time")
+    t.add_argument("--eval-every", type=int, default=100, help="validate every N steps (0: only at the end)")
+    t.add_argument("--eval-batch", type=_positive(int), default=16)
+    t.add_argument("--sample", type=int, default=300, help="tokens to generate at the end (default 300)")
+    t.add_argument("--checkpoint", help="save the run here (.npz) at every validation and at the end")
+    t.add_argument("--resume", help="resume exactly from a checkpoint")
+    t.add_argument("--plot", help="write the training and validation curves to this PNG (needs matplotlib)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    t.add_argument("--print-every", type=_positive(int), default=20,
+                   help="a progress line every N steps when not on a terminal")
+    t.set_defaults(run=train)
     commands.add_parser("info", help="what this installation was built with").set_defaults(run=info)
     args = parser.parse_args(argv)
     if args.command == "demo" and not 0 < args.delay < args.window:
