@@ -125,11 +125,14 @@ def test_same_seed_same_run_and_another_seed_another(text_file):
     assert any(not np.array_equal(a[name], c[name]) for name in a)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_checkpoint_resumes_exactly(optimizer, text_file, tmp_path):
+@pytest.mark.parametrize(("optimizer", "k2"), [("adam", None), ("sgd", None), ("adam", 20)],
+                         ids=["adam", "sgd", "adam-k2=20"])
+def test_checkpoint_resumes_exactly(optimizer, k2, text_file, tmp_path):
+    """Stopped and resumed, a run gives the same numbers as an unbroken one, also when TBPTT reaches back
+    over earlier windows (k2 > k1) and with dropout."""
     corpus = lm.load_corpus(text_file, "char")
     cfg = small_config(optimizer=optimizer, lr=0.5 if optimizer == "sgd" else 1e-2, dropout=0.2,
-                       lr_decay=0.5, decay_after=1, epochs=2)
+                       lr_decay=0.5, decay_after=1, epochs=2, k2=k2)
     steps = lm.Trainer(corpus, cfg).windows_per_epoch + 7  # across an epoch boundary
     straight = lm.run(lm.Config(**{**cfg.__dict__, "max_steps": steps}), corpus, sample_length=0)["trainer"]
     path = str(tmp_path / "run.npz")
@@ -143,8 +146,8 @@ def test_checkpoint_resumes_exactly(optimizer, text_file, tmp_path):
 
 
 def test_word_level_run_reports_perplexity(tmp_path, capsys):
-    for split, words in (("train", "the cat sat on the mat\n" * 200), ("valid", "the cat sat\n" * 20),
-                         ("test", "on the mat\n" * 20)):
+    loop = "the cat sat on the mat\n"
+    for split, words in (("train", loop * 200), ("valid", loop * 20), ("test", loop * 20)):
         (tmp_path / f"ptb.{split}.txt").write_text(words)
     corpus = lm.load_corpus(str(tmp_path), "word")
     results = lm.run(small_config(level="word", max_steps=60, lr=3e-2, layers=1), corpus, sample_length=10)

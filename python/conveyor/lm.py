@@ -269,7 +269,7 @@ class SGD:
 class Trainer:
     """One training run: the model, the optimiser, the TBPTT driver and where the run is in the data."""
 
-    def __init__(self, corpus: Corpus, cfg: Config, out=sys.stdout):
+    def __init__(self, corpus: Corpus, cfg: Config, out=None):
         self.corpus, self.cfg, self.out = corpus, cfg, out
         self.model = LanguageModel(len(corpus.vocab), cfg)
         self.xp = self.model.xp
@@ -282,7 +282,7 @@ class Trainer:
         self.window = 0        # windows of the current epoch done
         self.history = []      # (step, train loss), (step, valid loss) records
         self.valid_history = []
-        self._span = []        # (tokens, embedding mask) of the steps TBPTT can reach back over
+        self._span = []        # (tokens, embedding mask, step) of the windows TBPTT can still reach back over
 
     # -- one optimiser step ---------------------------------------------------------------------------------
     def window_gradients(self, tokens, targets):
@@ -294,14 +294,14 @@ class Trainer:
         h = self.tbptt.forward(emb)
         loss, grads, dh = model.loss_and_output_grads(h, targets, self.step)
         d_emb = self.tbptt.backward(dh)
-        self._span.append((tokens, emb_mask))
+        self._span.append((tokens, emb_mask, self.step))
         reach = cfg.k1 if cfg.k2 is None else cfg.k2
-        while sum(t.shape[0] for t, _ in self._span[1:]) >= reach:
+        while sum(chunk[0].shape[0] for chunk in self._span[1:]) >= reach:
             self._span.pop(0)
         span = d_emb.shape[0]  # the steps TBPTT went back over, the newest last
-        span_tokens = xp.concatenate([t for t, _ in self._span])[-span:]
+        span_tokens = xp.concatenate([chunk[0] for chunk in self._span])[-span:]
         if emb_mask is not None:
-            d_emb = d_emb * xp.concatenate([m for _, m in self._span])[-span:]
+            d_emb = d_emb * xp.concatenate([chunk[1] for chunk in self._span])[-span:]
         d_embedding = xp.zeros_like(model.params["embedding"])
         _scatter_add(xp, d_embedding, span_tokens.reshape(-1), d_emb.reshape(-1, d_emb.shape[-1]))
         output_weight_grad = grads.pop("_output_weight")
@@ -389,6 +389,13 @@ class Trainer:
                     rnn_windows=self.model.rnn._windows, history=self.history,
                     valid_history=self.valid_history,
                     config=self.cfg.__dict__, vocab=self.corpus.vocab)
+        if self._span:
+            # TBPTT(k1, k2 > k1) reaches back over earlier windows: keep their saved values and tokens.
+            history, info = self.tbptt.export_history()
+            arrays.update({f"history.{k}": _to_numpy(v) for k, v in history.items()})
+            arrays["span.tokens"] = _to_numpy(self.xp.concatenate([chunk[0] for chunk in self._span]))
+            meta["span"] = {"history": info, "steps": [chunk[2] for chunk in self._span],
+                            "lengths": [int(chunk[0].shape[0]) for chunk in self._span]}
         arrays["meta"] = np.frombuffer(repr(meta).encode(), np.uint8)
         tmp = path + ".tmp.npz"
         np.savez(tmp, **arrays)
@@ -413,12 +420,25 @@ class Trainer:
                 self.optimizer.load({"lr": meta["lr"]})
             state = (xp.asarray(f["state.h"]) if "state.h" in f.files else None,
                      xp.asarray(f["state.c"]) if "state.c" in f.files else None)
+            span = None
+            if "span" in meta:
+                history = {k[len("history."):]: xp.asarray(f[k]) for k in f.files if k.startswith("history.")}
+                span = (xp.asarray(f["span.tokens"]), history)
         self.step, self.epoch, self.window = meta["step"], meta["epoch"], meta["window"]
         self.model.rnn._windows = meta["rnn_windows"]
         self.history, self.valid_history = meta["history"], meta["valid_history"]
         self.tbptt.reset()
-        self.tbptt.state = state
         self._span = []
+        if span is not None:
+            tokens, history = span
+            self.tbptt.import_history(history, meta["span"]["history"])
+            self.model.rnn.train()
+            offset = 0
+            for step, length in zip(meta["span"]["steps"], meta["span"]["lengths"]):
+                chunk = tokens[offset:offset + length]
+                offset += length
+                self._span.append((chunk, self.model.embed(chunk, step)[1], step))
+        self.tbptt.state = state
 
 
 def _scatter_add(xp, target, rows, values):
@@ -465,8 +485,9 @@ class _Progress:
 
 
 def run(cfg: Config, corpus: Corpus, *, checkpoint=None, resume=None, sample_length=300, plot=None,
-        print_every=20, out=sys.stdout) -> dict:
-    """Trains as `cfg` says and returns the figures of the run (also printed)."""
+        print_every=20, out=None) -> dict:
+    """Trains as `cfg` says and returns the figures of the run (also printed, to `out` or stdout)."""
+    out = sys.stdout if out is None else out
     trainer = Trainer(corpus, cfg, out)
     if resume is not None:
         trainer.load(resume)

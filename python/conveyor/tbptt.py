@@ -20,6 +20,7 @@ from collections import deque
 import numpy as np
 
 from . import _stack
+from ._functional import Saved
 
 __all__ = ["TBPTT"]
 
@@ -120,3 +121,43 @@ class TBPTT:
         layer.grads = grads
         dxs.reverse()
         return dxs[0] if len(dxs) == 1 else ops.concat_time(dxs)
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def export_history(self):
+        """What a checkpoint needs to resume TBPTT exactly: the saved values of the sub-windows a later
+        backward still reaches (computed with the parameters of their time, which a replay could not give
+        back) as ``(arrays, info)``; ``import_history`` rebuilds them around the layer's current
+        parameters."""
+        arrays, info = {}, []
+        for i, (saved, steps) in enumerate(self._history):
+            windows = []
+            for k, w in enumerate(saved.saved):
+                for name in ("x", "h0", "c0", "y", "cache"):
+                    if getattr(w, name) is not None:
+                        arrays[f"{i}.{k}.{name}"] = getattr(w, name)
+                windows.append({"options": w.options, "has_bW": w.has_bW, "has_bR": w.has_bR,
+                                "peephole": w.P is not None})
+            for m, mask in enumerate(saved.masks):
+                if mask is not None:
+                    arrays[f"{i}.mask.{m}"] = mask
+            info.append({"steps": steps, "windows": windows, "masks": [m is not None for m in saved.masks]})
+        return arrays, info
+
+    def import_history(self, arrays, info) -> None:
+        layer = self.layer
+        weights = layer._weights()
+        self._history.clear()
+        for i, entry in enumerate(info):
+            windows = []
+            for k, w in enumerate(entry["windows"]):
+                W, R, bW, bR, *rest = weights[k]
+                P = rest[0] if rest and w["peephole"] else None
+                windows.append(Saved(layer._cell, w["options"], arrays[f"{i}.{k}.x"], W, R,
+                                     bW if w["has_bW"] else None, bR if w["has_bR"] else None,
+                                     arrays.get(f"{i}.{k}.h0"), arrays.get(f"{i}.{k}.c0"), P,
+                                     arrays[f"{i}.{k}.y"], arrays.get(f"{i}.{k}.cache")))
+            masks = [arrays[f"{i}.mask.{m}"] if present else None for m, present in enumerate(entry["masks"])]
+            saved = _stack.StackSaved(layer._cell, layer.num_layers, 1, layer.hidden_size, windows, masks,
+                                      windows[0].x)
+            self._history.append((saved, entry["steps"]))
+        self._latest = 0
