@@ -201,36 +201,45 @@ def _sigmoid(v):
     return 1.0 / (1.0 + np.exp(-v))
 
 
-@pytest.mark.parametrize(("cell", "opts"), CONFIGS, ids=CONFIG_IDS)
-def test_single_step_matches_spec(cell, opts):
-    p, _ = _problem(cell, 1, 3, 5, 4, np.random.default_rng(7))
+def _one_step(cell, opts, p, mask=None):
+    """One step of SPEC.md written out by hand: (h_1, c_1) for the LSTM, (h_1,) otherwise. ``mask``
+    multiplies h_0 where it meets R; the GRU's output mix uses the unmasked h_0."""
     act = np.tanh if opts["activation"] == "tanh" else (lambda v: np.maximum(v, 0.0))
     x, h0 = p["x"][0], p["h0"]
+    hm = h0 if mask is None else mask[0] * h0  # what R sees
     G = GATES[cell]
     Ws, Rs = np.split(p["W"], G), np.split(p["R"], G)
     bWs, bRs = np.split(p["bW"], G), np.split(p["bR"], G)
 
     def pre(k):
-        return x @ Ws[k].T + bWs[k] + h0 @ Rs[k].T + bRs[k]
+        return x @ Ws[k].T + bWs[k] + hm @ Rs[k].T + bRs[k]
 
     if cell == "lstm":
         i, f, g, o = _sigmoid(pre(0)), _sigmoid(pre(1)), act(pre(2)), _sigmoid(pre(3))
         c = f * p["c0"] + i * g
-        expected = (o * act(c), c)
-    elif cell == "gru":
+        return o * act(c), c
+    if cell == "gru":
         r, z = _sigmoid(pre(0)), _sigmoid(pre(1))
         if opts["reset_after"]:
-            n = act(x @ Ws[2].T + bWs[2] + r * (h0 @ Rs[2].T + bRs[2]))
+            n = act(x @ Ws[2].T + bWs[2] + r * (hm @ Rs[2].T + bRs[2]))
         else:
-            n = act(x @ Ws[2].T + bWs[2] + (r * h0) @ Rs[2].T + bRs[2])
-        expected = ((1.0 - z) * n + z * h0,)
-    else:
-        expected = (act(pre(0)),)
+            n = act(x @ Ws[2].T + bWs[2] + (r * hm) @ Rs[2].T + bRs[2])
+        return ((1.0 - z) * n + z * h0,)
+    return (act(pre(0)),)
 
-    y, states, _ = _forward(cell, opts, p)
+
+def _assert_step(y, states, expected):
     np.testing.assert_allclose(y[0], expected[0], rtol=1e-13, atol=1e-15)
-    for got, want in zip(states, expected, strict=True):
+    assert len(states) == len(expected)
+    for got, want in zip(states, expected):
         np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize(("cell", "opts"), CONFIGS, ids=CONFIG_IDS)
+def test_single_step_matches_spec(cell, opts):
+    p, _ = _problem(cell, 1, 3, 5, 4, np.random.default_rng(7))
+    y, states, _ = _forward(cell, opts, p)
+    _assert_step(y, states, _one_step(cell, opts, p))
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
@@ -286,34 +295,8 @@ def test_lstm_with_options_matches_spec(coupled, activation, rng):
 def test_single_step_with_recurrent_mask_matches_spec(cell, opts, rng):
     p, _ = _problem(cell, 1, 3, 5, 4, rng)
     mask = _mask(1, 3, 4, rng)
-    act = np.tanh if opts["activation"] == "tanh" else (lambda v: np.maximum(v, 0.0))
-    x, h0 = p["x"][0], p["h0"]
-    hm = mask[0] * h0  # what R sees
-    G = GATES[cell]
-    Ws, Rs = np.split(p["W"], G), np.split(p["R"], G)
-    bWs, bRs = np.split(p["bW"], G), np.split(p["bR"], G)
-
-    def pre(k):
-        return x @ Ws[k].T + bWs[k] + hm @ Rs[k].T + bRs[k]
-
-    if cell == "lstm":
-        i, f, g, o = _sigmoid(pre(0)), _sigmoid(pre(1)), act(pre(2)), _sigmoid(pre(3))
-        c = f * p["c0"] + i * g
-        expected = (o * act(c), c)
-    elif cell == "gru":
-        r, z = _sigmoid(pre(0)), _sigmoid(pre(1))
-        if opts["reset_after"]:
-            n = act(x @ Ws[2].T + bWs[2] + r * (hm @ Rs[2].T + bRs[2]))
-        else:
-            n = act(x @ Ws[2].T + bWs[2] + (r * hm) @ Rs[2].T + bRs[2])
-        expected = ((1.0 - z) * n + z * h0,)  # the output mix uses the unmasked h_{t-1}
-    else:
-        expected = (act(pre(0)),)
-
     y, states, _ = _forward(cell, {**opts, "recurrent_mask": mask}, p)
-    np.testing.assert_allclose(y[0], expected[0], rtol=1e-13, atol=1e-15)
-    for got, want in zip(states, expected, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+    _assert_step(y, states, _one_step(cell, opts, p, mask))
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
@@ -343,7 +326,8 @@ def test_coupled_gates_equal_a_tied_four_gate_lstm(activation, rng):
     y3, states3, cache3 = _forward("lstm", {**opts, "coupled_gates": True}, p)
     y4, states4, cache4 = _forward("lstm", opts, p4)
     np.testing.assert_allclose(y3, y4, rtol=1e-12, atol=1e-14)
-    for got, want in zip(states3, states4, strict=True):
+    assert len(states3) == len(states4)
+    for got, want in zip(states3, states4):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
 
     g3, g4 = _backward("lstm", cache3, seeds), _backward("lstm", cache4, seeds)
@@ -371,7 +355,8 @@ def test_neutral_options_reproduce_the_plain_results_exactly(cell, opts):
     y, states, cache = _forward(cell, opts, p)
     y_n, states_n, cache_n = _forward(cell, neutral, p_neutral)
     np.testing.assert_array_equal(y_n, y)
-    for got, want in zip(states_n, states, strict=True):
+    assert len(states_n) == len(states)
+    for got, want in zip(states_n, states):
         np.testing.assert_array_equal(got, want)
     grads, grads_n = _backward(cell, cache, seeds), _backward(cell, cache_n, seeds)
     assert set(grads_n) == set(p_neutral)
@@ -389,7 +374,8 @@ def test_lstm_windows_with_options_give_the_same_forward_as_one_call():
     second = {**p, "x": p["x"][2:], "h0": states1[0], "c0": states1[1]}
     y2, states2, _ = _forward("lstm", {**opts, "recurrent_mask": mask[2:]}, second)
     np.testing.assert_array_equal(np.concatenate([y1, y2]), y)
-    for got, want in zip(states2, states, strict=True):
+    assert len(states2) == len(states)
+    for got, want in zip(states2, states):
         np.testing.assert_array_equal(got, want)
 
 
@@ -404,7 +390,8 @@ def test_windows_give_the_same_forward_as_one_call(cell, opts):
         second["c0"] = states1[1]
     y2, states2, _ = _forward(cell, opts, second)
     np.testing.assert_array_equal(np.concatenate([y1, y2]), y)
-    for got, want in zip(states2, states, strict=True):
+    assert len(states2) == len(states)
+    for got, want in zip(states2, states):
         np.testing.assert_array_equal(got, want)
 
 
@@ -469,5 +456,6 @@ def test_forward_matches_torch(cell, opts):
 
     y, states, _ = _forward(cell, opts, p)
     np.testing.assert_allclose(y, y_torch.numpy(), rtol=1e-12, atol=1e-14)
-    for got, want in zip(states, states_torch, strict=True):
+    assert len(states) == len(states_torch)
+    for got, want in zip(states, states_torch):
         np.testing.assert_allclose(got, want[0].numpy(), rtol=1e-12, atol=1e-14)
