@@ -141,3 +141,22 @@ def test_training_on_the_gpu_follows_the_cpu(tmp_path):
     cpu, gpu = (np.array([loss for _, loss in runs[d]["trainer"].history]) for d in ("cpu", "cuda"))
     np.testing.assert_allclose(gpu, cpu, rtol=2e-3)
     assert abs(runs["cuda"]["valid_loss"] - runs["cpu"]["valid_loss"]) < 1e-2
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_torch_dropin_on_the_gpu_matches_cudnn(cell, torch):
+    """conveyor.torch modules on CUDA tensors (the current stream) against torch.nn's cuDNN modules."""
+    import conveyor.torch as ct
+
+    torch.manual_seed(8)
+    reference = getattr(torch.nn, cell)(16, 32, num_layers=2, bidirectional=True).cuda().double()
+    module = getattr(ct, cell)(16, 32, num_layers=2, bidirectional=True).cuda().double()
+    module.load_state_dict(reference.state_dict())
+    x = torch.randn(12, 4, 16, device="cuda", dtype=torch.float64, requires_grad=True)
+    expected, got = reference(x)[0], module(x)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
+    w = torch.randn_like(expected)
+    grads_e = torch.autograd.grad((expected * w).sum(), [x] + list(reference.parameters()))
+    grads_g = torch.autograd.grad((got * w).sum(), [x] + list(module.parameters()))
+    for e, g in zip(grads_e, grads_g):
+        torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-10)

@@ -1,0 +1,260 @@
+"""PyTorch drop-in: ``conveyor.torch.LSTM``, ``GRU`` and ``RNN``.
+
+Replace ``torch.nn.LSTM(...)`` with ``conveyor.torch.LSTM(...)``: the constructor arguments, the forward
+signature (``input, hx`` in; ``output, h_n`` or ``output, (h_n, c_n)`` out), ``batch_first``, unbatched
+input, the parameter names, shapes and initialisation are PyTorch's, so ``load_state_dict`` of a torch model
+works unchanged and gives the same outputs and gradients. Conveyor's variants are extra keyword arguments:
+``peephole``, ``coupled_gates``, ``forget_bias``, ``cell_clip``, ``activation`` (LSTM/GRU; the RNN keeps
+``nonlinearity``), ``reset_after`` (GRU), ``variational`` and ``recurrent_dropout``.
+
+Autograd goes through one ``torch.autograd.Function`` per call that runs Conveyor's window kernels on the
+tensors' memory (DLPack, no copies), on their device and the current CUDA stream, and keeps only what the
+backward needs (the inputs, outputs and the kernels' gate cache). Parameters are ordinary ``nn.Parameter``s,
+so optimisers, ``DistributedDataParallel`` and ``state_dict`` treat them as any other.
+
+``torch.compile``: the call into Conveyor is marked ``torch._dynamo.disable``, so a compiled model runs it
+eagerly between compiled graphs (a graph break), with the same results. ``PackedSequence`` input is refused
+with a message: pad it (``torch.nn.utils.rnn.pad_packed_sequence``) and pass the padded tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+try:
+    import torch
+except ImportError as error:  # the extra is optional: say how to get it
+    raise ImportError("conveyor.torch needs PyTorch: pip install 'conveyor-rnn[torch]' "
+                      "(or pip install torch)") from error
+
+from . import _stack
+
+__all__ = ["GRU", "LSTM", "RNN"]
+
+
+class _StackFunction(torch.autograd.Function):
+    """(x, h0, c0, *weights) -> (y, h_n, c_n) through stack_forward / stack_backward. c0 and c_n are empty
+    tensors for cells without a cell state; absent biases and peepholes are empty tensors too."""
+
+    @staticmethod
+    def forward(ctx, spec, x, h0, c0, *flat):
+        cell, layout, kwargs = spec
+        weights, k = [], 0
+        for count in layout:
+            entry = [None if t.numel() == 0 else t.detach() for t in flat[k:k + count]]
+            weights.append(tuple(entry))
+            k += count
+        lstm = cell == "lstm"
+        y, h_n, c_n, saved = _stack.stack_forward(cell, x.detach(), weights, h0.detach(),
+                                                  c0.detach() if lstm else None, training=True, **kwargs)
+        ctx.saved_stack = saved
+        ctx.spec = spec
+        ctx.shapes = [t.shape for t in flat]
+        return y, h_n, c_n if lstm else h_n.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n):
+        cell, layout, _ = ctx.spec
+        lstm = cell == "lstm"
+        # Kept (not consumed): autograd may run this backward more than once with retain_graph (gradcheck
+        # does); the saved values go when the graph does.
+        grads = _stack.stack_backward(ctx.saved_stack, dy.contiguous(), dh_n.contiguous(),
+                                      dc_n.contiguous() if lstm else None, _keep=True)
+        flat = []
+        for g, count in zip(grads.weights, layout):
+            parts = [g.dW, g.dR, g.dbW, g.dbR] + ([g.dP] if lstm else [])
+            flat += parts[:count]
+        flat = [torch.zeros(shape, dtype=dy.dtype, device=dy.device) if g is None else g
+                for g, shape in zip(flat, ctx.shapes)]
+        return (None, grads.dx, grads.dh0, grads.dc0 if lstm else None, *flat)
+
+
+@torch._dynamo.disable
+def _run(spec, x, h0, c0, flat):
+    return _StackFunction.apply(spec, x, h0, c0, *flat)
+
+
+class _ConveyorRNNBase(torch.nn.Module):
+    _cell = ""
+    _gates = 1
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, device=None, dtype=None, *, activation="tanh", variational=False,
+                 recurrent_dropout=0.0, cell_options=None, peephole=False):
+        super().__init__()
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
+                            ("num_layers", num_layers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bool(bias), bool(batch_first), float(dropout)
+        self.bidirectional = bool(bidirectional)
+        self.activation = activation
+        self.variational, self.recurrent_dropout = bool(variational), float(recurrent_dropout)
+        self.peephole = bool(peephole)
+        self._cell_options = dict(cell_options or {})
+        gates = 3 if self._cell_options.get("coupled_gates") else self._gates
+        factory = {"device": device, "dtype": dtype}
+        directions = 2 if self.bidirectional else 1
+        self._layout = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else directions * hidden_size
+            for suffix in ("", "_reverse")[:directions]:
+                names = [f"weight_ih_l{layer}{suffix}", f"weight_hh_l{layer}{suffix}"]
+                self.register_parameter(names[0], torch.nn.Parameter(
+                    torch.empty(gates * hidden_size, layer_input, **factory)))
+                self.register_parameter(names[1], torch.nn.Parameter(
+                    torch.empty(gates * hidden_size, hidden_size, **factory)))
+                for name in (f"bias_ih_l{layer}{suffix}", f"bias_hh_l{layer}{suffix}"):
+                    names.append(name)
+                    if self.bias:
+                        self.register_parameter(name, torch.nn.Parameter(torch.empty(gates * hidden_size,
+                                                                                     **factory)))
+                    else:
+                        self.register_parameter(name, None)
+                if self._cell == "lstm":
+                    name = f"weight_peephole_l{layer}{suffix}"
+                    names.append(name)
+                    self.register_parameter(name, torch.nn.Parameter(torch.empty(3, hidden_size, **factory))
+                                            if self.peephole else None)
+                self._layout.append(names)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) for every parameter, as PyTorch's RNNs."""
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for p in self.parameters():
+            torch.nn.init.uniform_(p, -bound, bound)
+
+    def _options(self):
+        return {"activation": self.activation, **self._cell_options}
+
+    def forward(self, input, hx=None):  # noqa: A002 (PyTorch's argument name)
+        if isinstance(input, torch.nn.utils.rnn.PackedSequence):
+            raise TypeError("input: conveyor.torch does not take a PackedSequence; pad it with "
+                            "torch.nn.utils.rnn.pad_packed_sequence and pass the padded tensor (outputs past "
+                            "a sequence's length are then not masked), or use torch.nn for packed input")
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
+        batched = input.dim() == 3
+        if input.dim() not in (2, 3):
+            raise ValueError(f"input: expected a 2-D (unbatched) or 3-D tensor, got shape "
+                             f"{tuple(input.shape)}")
+        x = input if batched else input.unsqueeze(1)
+        if batched and self.batch_first:
+            x = x.transpose(0, 1)
+        x = x.contiguous()
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"input: expected {self.input_size} features (input_size), got shape "
+                             f"{tuple(input.shape)}")
+        directions = 2 if self.bidirectional else 1
+        state_shape = (self.num_layers * directions, x.shape[1], self.hidden_size)
+        lstm = self._cell == "lstm"
+        if hx is None:
+            h0 = x.new_zeros(state_shape)
+            c0 = x.new_zeros(state_shape) if lstm else x.new_empty(0)
+        else:
+            if lstm:
+                if not (isinstance(hx, tuple) and len(hx) == 2):
+                    raise TypeError("hx: expected a tuple (h_0, c_0) for an LSTM")
+                h0, c0 = hx
+            else:
+                h0, c0 = hx, x.new_empty(0)
+            if not batched:
+                h0 = h0.unsqueeze(1)
+                c0 = c0.unsqueeze(1) if lstm else c0
+            for name, state in (("h_0", h0),) + ((("c_0", c0),) if lstm else ()):
+                if tuple(state.shape) != state_shape:
+                    raise ValueError(f"hx: expected {name} of shape {state_shape}, got {tuple(state.shape)}")
+            h0, c0 = h0.contiguous(), c0.contiguous()
+        training = self.training
+        kwargs = dict(num_layers=self.num_layers, bidirectional=self.bidirectional,
+                      dropout=self.dropout if training else 0.0, variational=self.variational,
+                      recurrent_dropout=self.recurrent_dropout if training else 0.0,
+                      seed=int(torch.randint(0, 2**62, (1,)).item()) if training and (
+                          self.dropout or self.recurrent_dropout) else 0, **self._options())
+        flat, layout = [], []
+        for names in self._layout:
+            for name in names:
+                p = getattr(self, name)
+                flat.append(p if p is not None else x.new_empty(0))
+            layout.append(len(names))
+        spec = (self._cell, tuple(layout), kwargs)
+        y, h_n, c_n = _run(spec, x, h0, c0, flat)
+        if batched and self.batch_first:
+            y = y.transpose(0, 1)
+        if not batched:
+            y, h_n = y.squeeze(1), h_n.squeeze(1)
+            c_n = c_n.squeeze(1) if lstm else c_n
+        return (y, (h_n, c_n)) if lstm else (y, h_n)
+
+    def extra_repr(self) -> str:
+        text = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            text += f", num_layers={self.num_layers}"
+        defaults = (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False),
+                    ("variational", False), ("recurrent_dropout", 0.0), ("peephole", False))
+        for name, default in defaults:
+            if getattr(self, name) != default:
+                text += f", {name}={getattr(self, name)}"
+        for key, value in self._cell_options.items():
+            text += f", {key}={value!r}"
+        return text
+
+
+class LSTM(_ConveyorRNNBase):
+    """``torch.nn.LSTM`` with Conveyor's kernels; extra options ``peephole``, ``coupled_gates``,
+    ``forget_bias``, ``cell_clip``, ``activation``, ``variational``, ``recurrent_dropout``."""
+
+    _cell, _gates = "lstm", 4
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, proj_size=0, device=None, dtype=None, *, peephole=False,
+                 coupled_gates=False, forget_bias=0.0, cell_clip=None, activation="tanh", variational=False,
+                 recurrent_dropout=0.0):
+        if proj_size:
+            raise ValueError("proj_size: projections are not supported by conveyor.torch.LSTM; use "
+                             "torch.nn.LSTM")
+        options = {}
+        if coupled_gates:
+            options["coupled_gates"] = True
+        if forget_bias:
+            options["forget_bias"] = float(forget_bias)
+        if cell_clip is not None:
+            options["cell_clip"] = float(cell_clip)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         device, dtype, activation=activation, variational=variational,
+                         recurrent_dropout=recurrent_dropout, cell_options=options, peephole=peephole)
+
+
+class GRU(_ConveyorRNNBase):
+    """``torch.nn.GRU`` with Conveyor's kernels; extra options ``reset_after`` (False: Cho et al. 2014),
+    ``activation``, ``variational``, ``recurrent_dropout``."""
+
+    _cell, _gates = "gru", 3
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, device=None, dtype=None, *, reset_after=True, activation="tanh",
+                 variational=False, recurrent_dropout=0.0):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         device, dtype, activation=activation, variational=variational,
+                         recurrent_dropout=recurrent_dropout, cell_options={"reset_after": bool(reset_after)})
+
+
+class RNN(_ConveyorRNNBase):
+    """``torch.nn.RNN`` with Conveyor's kernels (``nonlinearity`` "tanh" or "relu"); extra options
+    ``variational``, ``recurrent_dropout``."""
+
+    _cell, _gates = "rnn", 1
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, *,
+                 variational=False, recurrent_dropout=0.0):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         device, dtype, activation=nonlinearity, variational=variational,
+                         recurrent_dropout=recurrent_dropout)

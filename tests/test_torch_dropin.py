@@ -1,0 +1,230 @@
+"""conveyor.torch.LSTM/GRU/RNN as drop-in replacements for torch.nn.LSTM/GRU/RNN: the same outputs and
+gradients on the same state dict for every cell, layer count, direction, batch_first and initial state;
+gradcheck in float64; state dicts both ways; a training loop that falls as torch's; torch.compile;
+DistributedDataParallel; the refusals; and ``import conveyor`` without torch."""
+
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ct = pytest.importorskip("conveyor.torch")
+
+CELLS = {
+    "lstm": (lambda *a, **k: torch.nn.LSTM(*a, **k), lambda *a, **k: ct.LSTM(*a, **k)),
+    "gru": (lambda *a, **k: torch.nn.GRU(*a, **k), lambda *a, **k: ct.GRU(*a, **k)),
+    "rnn-tanh": (lambda *a, **k: torch.nn.RNN(*a, **k), lambda *a, **k: ct.RNN(*a, **k)),
+    "rnn-relu": (lambda *a, **k: torch.nn.RNN(*a, nonlinearity="relu", **k),
+                 lambda *a, **k: ct.RNN(*a, nonlinearity="relu", **k)),
+}
+CASES = list(itertools.product(CELLS, [1, 2], [False, True], [False, True], [False, True]))
+
+
+def pair(cell, *args, **kwargs):
+    torch.manual_seed(0)
+    reference = CELLS[cell][0](*args, **kwargs).double()
+    module = CELLS[cell][1](*args, **kwargs).double()
+    module.load_state_dict(reference.state_dict())
+    return reference, module
+
+
+def flat_outputs(out):
+    y, state = out
+    return (y,) + (tuple(state) if isinstance(state, tuple) else (state,))
+
+
+@pytest.mark.parametrize(("cell", "layers", "bidirectional", "batch_first", "with_hx"), CASES,
+                         ids=["-".join(map(str, c)) for c in CASES])
+def test_same_outputs_and_gradients_as_torch(cell, layers, bidirectional, batch_first, with_hx):
+    reference, module = pair(cell, 3, 5, num_layers=layers, bidirectional=bidirectional,
+                             batch_first=batch_first)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn((2, 6, 3) if batch_first else (6, 2, 3), generator=gen, dtype=torch.float64)
+    x.requires_grad_(True)
+    D = 2 if bidirectional else 1
+    hx = None
+    inputs = [x]
+    if with_hx:
+        h0 = torch.randn(layers * D, 2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+        inputs.append(h0)
+        if cell == "lstm":
+            c0 = torch.randn(layers * D, 2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+            inputs.append(c0)
+            hx = (h0, c0)
+        else:
+            hx = h0
+    expected, got = flat_outputs(reference(x, hx)), flat_outputs(module(x, hx))
+    weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in expected]
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    loss_e = sum((o * w).sum() for o, w in zip(expected, weights))
+    loss_g = sum((o * w).sum() for o, w in zip(got, weights))
+    grads_e = torch.autograd.grad(loss_e, inputs + list(reference.parameters()))
+    grads_g = torch.autograd.grad(loss_g, inputs + list(module.parameters()))
+    for e, g in zip(grads_e, grads_g):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_unbatched_input(cell):
+    reference, module = pair(cell, 3, 4)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    for e, g in zip(flat_outputs(reference(x)), flat_outputs(module(x))):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("module", [
+    lambda: ct.LSTM(3, 4, num_layers=2, bidirectional=True),
+    lambda: ct.GRU(3, 4, num_layers=2),
+    lambda: ct.GRU(3, 4, reset_after=False, activation="relu"),
+    lambda: ct.RNN(3, 4, nonlinearity="relu", bidirectional=True),
+    lambda: ct.LSTM(3, 4, peephole=True, coupled_gates=True, forget_bias=1.0, cell_clip=2.0),
+], ids=["lstm-2x-bi", "gru-2x", "gru-reset-before-relu", "rnn-relu-bi", "lstm-every-option"])
+def test_gradcheck(module):
+    torch.manual_seed(2)
+    m = module().double()
+    D = 2 if m.bidirectional else 1
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(m.num_layers * D, 2, 4, dtype=torch.float64, requires_grad=True)
+    if isinstance(m, ct.LSTM):
+        c0 = torch.randn(m.num_layers * D, 2, 4, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x, h, c: flat_outputs(m(x, (h, c))), (x, h0, c0))
+    else:
+        assert torch.autograd.gradcheck(lambda x, h: flat_outputs(m(x, h)), (x, h0))
+    # The parameters too: one at a time, as functions of the module's output.
+    for name, p in m.named_parameters():
+        def of_parameter(value, name=name):
+            with torch.no_grad():
+                original = getattr(m, name).clone()
+                getattr(m, name).copy_(value)
+            try:
+                return flat_outputs(m(x.detach()))[0]
+            finally:
+                with torch.no_grad():
+                    getattr(m, name).copy_(original)
+        y = flat_outputs(m(x.detach()))[0]
+        w = torch.randn_like(y)
+        (grad,) = torch.autograd.grad((y * w).sum(), [p])
+        eps = 1e-6
+        index = tuple(int(torch.randint(0, n, (1,))) for n in p.shape)
+        plus, minus = p.detach().clone(), p.detach().clone()
+        plus[index] += eps
+        minus[index] -= eps
+        fd = ((of_parameter(plus) * w).sum() - (of_parameter(minus) * w).sum()) / (2 * eps)
+        assert abs(grad[index].item() - fd.item()) <= 1e-7 + 1e-5 * abs(fd.item()), (name, index)
+
+
+def test_state_dicts_go_both_ways():
+    torch.manual_seed(3)
+    theirs = torch.nn.GRU(4, 6, num_layers=2, bidirectional=True)
+    ours = ct.GRU(4, 6, num_layers=2, bidirectional=True)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    back = torch.nn.GRU(4, 6, num_layers=2, bidirectional=True)
+    back.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 3, 4)
+    torch.testing.assert_close(back(x)[0], theirs(x)[0])
+    assert all(isinstance(p, torch.nn.Parameter) for p in ours.parameters())
+
+
+def test_initialisation_is_pytorchs():
+    m = ct.LSTM(5, 16, num_layers=2)
+    values = torch.cat([p.detach().flatten() for p in m.parameters()])
+    bound = 1 / np.sqrt(16)
+    assert values.abs().max() <= bound and abs(values.std().item() - bound / np.sqrt(3)) < 0.1 * bound
+
+
+def test_a_training_loop_falls_as_torchs():
+    def train(make):
+        torch.manual_seed(4)
+        rnn = make()
+        head = torch.nn.Linear(8, 1)
+        params = list(rnn.parameters()) + list(head.parameters())
+        opt = torch.optim.SGD(params, lr=0.5)
+        gen = torch.Generator().manual_seed(5)
+        losses = []
+        for _ in range(30):
+            x = torch.randint(0, 2, (10, 16, 1), generator=gen).float()
+            target = torch.roll(x, 2, dims=0)  # recall the input two steps back
+            opt.zero_grad()
+            y, _ = rnn(x)
+            loss = torch.nn.functional.mse_loss(head(y[2:]), target[2:])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(loss.item())
+        return np.array(losses)
+
+    theirs = train(lambda: torch.nn.LSTM(1, 8))
+    ours = train(lambda: ct.LSTM(1, 8))
+    assert ours[-5:].mean() < 0.8 * ours[:5].mean()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_falls_back_to_eager_calls():
+    m = ct.GRU(3, 4)
+    x = torch.randn(5, 2, 3)
+    compiled = torch.compile(m, backend="eager")
+    torch.testing.assert_close(compiled(x)[0], m(x)[0])
+
+
+def test_distributed_data_parallel_sees_ordinary_parameters(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(6)
+        plain = ct.LSTM(3, 4)
+        wrapped = torch.nn.parallel.DistributedDataParallel(ct.LSTM(3, 4))
+        wrapped.module.load_state_dict(plain.state_dict())
+        x = torch.randn(5, 2, 3)
+        plain(x)[0].sum().backward()
+        wrapped(x)[0].sum().backward()
+        for (name, p), q in zip(plain.named_parameters(), wrapped.module.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dropout_trains_and_evaluates_as_expected():
+    m = ct.LSTM(3, 4, num_layers=2, dropout=0.5, recurrent_dropout=0.3, variational=True)
+    x = torch.randn(6, 2, 3)
+    torch.manual_seed(7)
+    a = m(x)[0]
+    torch.manual_seed(7)
+    b = m(x)[0]
+    torch.testing.assert_close(a, b)  # masks come from torch's generator: seeded, reproducible
+    assert not torch.equal(m(x)[0], a)
+    m.eval()
+    torch.testing.assert_close(m(x)[0], m(x)[0])
+
+
+def test_refusals_name_the_problem():
+    m = ct.LSTM(3, 4)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
+    with pytest.raises(TypeError, match="PackedSequence; pad it"):
+        m(packed)
+    with pytest.raises(ValueError, match="input: expected 3 features"):
+        m(torch.randn(5, 2, 4))
+    with pytest.raises(ValueError, match=r"hx: expected h_0 of shape \(1, 2, 4\)"):
+        m(torch.randn(5, 2, 3), (torch.zeros(2, 2, 4), torch.zeros(1, 2, 4)))
+    with pytest.raises(TypeError, match="hx: expected a tuple"):
+        m(torch.randn(5, 2, 3), torch.zeros(1, 2, 4))
+    with pytest.raises(ValueError, match="proj_size"):
+        ct.LSTM(3, 4, proj_size=2)
+
+
+def test_conveyor_imports_without_torch_and_explains_the_extra():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import conveyor\n"
+            "try:\n"
+            "    import conveyor.torch\n"
+            "except ImportError as e:\n"
+            "    print('refused:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "refused: conveyor.torch needs PyTorch: pip install 'conveyor-rnn[torch]'" in out.stdout
