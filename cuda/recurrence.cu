@@ -435,10 +435,6 @@ const T* data_or_null(const TensorView& v) {
   return v.present() ? static_cast<const T*>(v.data) : nullptr;
 }
 
-std::string operation_name(const CellOptions& options, const char* direction) {
-  return std::string("conveyor::") + cell_name(options.cell) + "_" + direction;
-}
-
 // Sets `count` elements of `out` to the value of `in` converted, or to zero when `in` is absent.
 template <typename To, typename From>
 void init_from(int64_t count, const From* in, To* out, cudaStream_t stream) {
@@ -762,15 +758,14 @@ void run_window(const CellOptions& options, const WindowSizes& sizes, const Back
   }
 }
 
-// Runs the window in the storage type of x, on x's device, inside an NVTX range named after the operation.
+// Runs the window in the storage type of x, on x's device (api.cpp opens the operation's NVTX range).
 template <typename Args>
-void run_window(const char* direction, const CellOptions& options, const WindowSizes& sizes, const Args& args,
-                void* stream_handle) {
+void run_on_device(const CellOptions& options, const WindowSizes& sizes, const Args& args,
+                   void* stream_handle) {
   if (blocks_for(sizes.batch, kStepRows) > 65535) {
     throw ArgumentError("x: B = " + std::to_string(sizes.batch) + " batch rows exceed the CUDA backend's limit of " +
                         std::to_string(65535 * kStepRows));
   }
-  const NvtxRange range(operation_name(options, direction).c_str());
   const DeviceGuard guard(args.x.device.index);
   const auto stream = static_cast<cudaStream_t>(stream_handle);
   switch (args.x.dtype) {
@@ -787,11 +782,11 @@ void run_window(const char* direction, const CellOptions& options, const WindowS
 namespace conveyor::detail {
 
 void cuda_forward(const CellOptions& options, const WindowSizes& sizes, const ForwardArgs& args, void* stream) {
-  cuda::run_window("forward", options, sizes, args, stream);
+  cuda::run_on_device(options, sizes, args, stream);
 }
 
 void cuda_backward(const CellOptions& options, const WindowSizes& sizes, const BackwardArgs& args, void* stream) {
-  cuda::run_window("backward", options, sizes, args, stream);
+  cuda::run_on_device(options, sizes, args, stream);
 }
 
 void cuda_dropout_mask(double p, bool variational, uint64_t seed, uint64_t mask_stream, const TensorView& out,

@@ -10,6 +10,7 @@
 
 #include "conveyor/conveyor.h"
 #include "core/backends.h"
+#include "core/nvtx.h"
 
 #ifndef CONVEYOR_VERSION
 #define CONVEYOR_VERSION "0.0.0"
@@ -328,6 +329,40 @@ Checked check_backward_inputs_impl(const CellOptions& options, const BackwardArg
   return c;
 }
 
+int64_t itemsize(DType dtype) {
+  return dtype == DType::float64 ? 8 : dtype == DType::float32 ? 4 : 2;
+}
+
+struct Named {
+  const char* name;
+  const TensorView* view;
+};
+
+bool overlap(const TensorView& a, const TensorView& b) {
+  if (!a.present() || !b.present() || a.numel() == 0 || b.numel() == 0) return false;
+  const auto* a0 = static_cast<const char*>(a.data);
+  const auto* b0 = static_cast<const char*>(b.data);
+  return a0 < b0 + b.numel() * itemsize(b.dtype) && b0 < a0 + a.numel() * itemsize(a.dtype);
+}
+
+// The header's promise: outputs share memory with no input and no other output.
+void check_no_aliasing(std::initializer_list<Named> outputs, std::initializer_list<Named> inputs) {
+  for (auto o = outputs.begin(); o != outputs.end(); ++o) {
+    for (const Named& i : inputs) {
+      if (overlap(*o->view, *i.view)) {
+        throw ArgumentError(std::string(o->name) + ": shares memory with the input " + i.name +
+                            "; outputs must not alias inputs");
+      }
+    }
+    for (auto other = outputs.begin(); other != o; ++other) {
+      if (overlap(*o->view, *other->view)) {
+        throw ArgumentError(std::string(o->name) + ": shares memory with the output " + other->name +
+                            "; outputs must not alias each other");
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void check_forward_inputs(const CellOptions& options, const ForwardArgs& args) {
@@ -348,6 +383,11 @@ void forward(const CellOptions& options, const ForwardArgs& args, void* stream) 
   if (cache_width(options) > 0) {
     check("cache", args.cache, {c.T, c.B, cache_width(options) * c.H}, "[T, B, cache_width*hidden_size]", true);
   }
+  check_no_aliasing({{"y", &args.y}, {"h_T", &args.h_T}, {"c_T", &args.c_T}, {"cache", &args.cache}},
+                    {{"x", &args.x}, {"W", &args.W}, {"R", &args.R}, {"bW", &args.bW}, {"bR", &args.bR},
+                     {"h0", &args.h0}, {"c0", &args.c0}, {"P", &args.P}});
+  const std::string operation = std::string("conveyor::") + cell_name(options.cell) + "_forward";
+  const detail::NvtxRange range(operation.c_str());
   if (args.x.device.kind == DeviceKind::cuda) {
     detail::cuda_forward(options, c.sizes, args, stream);
   } else {
@@ -365,6 +405,7 @@ void dropout_mask(double p, bool variational, uint64_t seed, uint64_t mask_strea
   const ViewChecker check(out);
   check("out", out, {out.shape[0], out.shape[1], out.shape[2]}, "(T, B, H)");
   check_device_supported(out);
+  const detail::NvtxRange range("conveyor::dropout_mask");
   if (out.device.kind == DeviceKind::cuda) {
     detail::cuda_dropout_mask(p, variational, seed, mask_stream, out, stream);
   } else {
@@ -388,6 +429,13 @@ void backward(const CellOptions& options, const BackwardArgs& args, void* stream
     throw ArgumentError("dP: a peephole gradient was asked for, but the cell has no peephole");
   }
   check("dP", args.dP, {3, c.H}, "[3, hidden_size]", true);
+  check_no_aliasing({{"dx", &args.dx}, {"dh0", &args.dh0}, {"dc0", &args.dc0}, {"dW", &args.dW}, {"dR", &args.dR},
+                     {"dbW", &args.dbW}, {"dbR", &args.dbR}, {"dP", &args.dP}},
+                    {{"x", &args.x}, {"W", &args.W}, {"R", &args.R}, {"h0", &args.h0}, {"c0", &args.c0},
+                     {"P", &args.P}, {"y", &args.y}, {"cache", &args.cache}, {"dy", &args.dy},
+                     {"dh_T", &args.dh_T}, {"dc_T", &args.dc_T}});
+  const std::string operation = std::string("conveyor::") + cell_name(options.cell) + "_backward";
+  const detail::NvtxRange range(operation.c_str());
   if (args.x.device.kind == DeviceKind::cuda) {
     detail::cuda_backward(options, c.sizes, args, stream);
   } else {

@@ -59,14 +59,17 @@ class CudaError : public std::runtime_error {
 // ---------------------------------------------------------------------------------------------------------
 // Arrays
 
+// Element types (the CPU computes in float32 and float64; CUDA also stores float16 and bfloat16) and devices.
 enum class DType : int { float32 = 0, float64 = 1, float16 = 2, bfloat16 = 3 };
 enum class DeviceKind : int { cpu = 0, cuda = 1 };
 
+// Where an array lives.
 struct Device {
   DeviceKind kind = DeviceKind::cpu;
   int index = 0;  // CUDA device ordinal; 0 for the CPU
 };
 
+// The most dimensions a TensorView has.
 constexpr int kMaxRank = 4;
 
 // A non-owning view of an array: the caller keeps the memory alive for the duration of the call.
@@ -89,16 +92,19 @@ struct TensorView {
                                Device device = {});
 };
 
+// Names for messages: "float32", "cuda:0", and a shape written as "(2, 3, 4)".
 const char* dtype_name(DType dtype);
 std::string device_name(const Device& device);
-std::string shape_string(const TensorView& view);  // "(2, 3, 4)"
+std::string shape_string(const TensorView& view);
 
 // ---------------------------------------------------------------------------------------------------------
 // Cells
 
+// The cell (SPEC.md, "Cells") and its activation act().
 enum class CellType : int { lstm = 0, gru = 1, rnn = 2 };
 enum class Activation : int { tanh = 0, relu = 1 };
 
+// What a window computes: the cell, its activation and its options (each documented below).
 struct CellOptions {
   CellType cell = CellType::lstm;
   // The cell activation: LSTM's g and act(c_t), GRU's n, the RNN's output.
@@ -131,6 +137,7 @@ struct CellOptions {
   bool allow_tf32 = false;
 };
 
+// Names for messages: "lstm", "gru", "rnn"; "tanh", "relu".
 const char* cell_name(CellType cell);
 const char* activation_name(Activation activation);
 
@@ -150,12 +157,14 @@ struct WindowSizes {
   int64_t input_size = 0;   // I
   int64_t hidden_size = 0;  // H
 };
+// Reads the sizes off x, W and R as described above.
 WindowSizes window_sizes(const CellOptions& options, const TensorView& x, const TensorView& W,
                          const TensorView& R);
 
 // ---------------------------------------------------------------------------------------------------------
 // Forward over a window
 
+// The arrays of forward(): inputs, then outputs.
 struct ForwardArgs {
   // Inputs (read only).
   TensorView x;   // [T, B, I]
@@ -185,6 +194,8 @@ void forward(const CellOptions& options, const ForwardArgs& args, void* stream =
 // ---------------------------------------------------------------------------------------------------------
 // Backward over a window
 
+// The arrays of backward(): what forward read and wrote, the gradients of its outputs, and the gradients
+// to compute.
 struct BackwardArgs {
   // What forward() read and wrote (read only): the same views, unchanged since.
   TensorView x;      // [T, B, I]
