@@ -3,7 +3,8 @@
 //     make_reference_values.py) for an LSTM, both GRUs and a relu RNN: outputs and every gradient;
 //   - outputs that share memory with an input or with another output are refused with ArgumentError naming
 //     both, before anything is written;
-//   - shapes are checked against the window (a wrong one names the argument).
+//   - shapes are checked against the window (a wrong one names the argument);
+//   - sizes whose products pass 2^31 and 2^32 are counted and checked in 64 bits.
 #include <conveyor/conveyor.h>
 
 #include <cmath>
@@ -173,6 +174,26 @@ void shapes_are_checked() {
   expect_argument_error("a bias of the wrong length", "bW: expected shape (9,)", [&] { forward(gru, f); });
 }
 
+// Sizes whose products pass 2^31 and 2^32 elements are counted and checked in 64 bits (views that are never
+// read, so no memory is needed). The backends index with int64_t throughout (recurrence.cpp, cuda/).
+void sizes_are_64_bit() {
+  static double storage[1];
+  auto huge = [](std::initializer_list<int64_t> shape) {
+    return TensorView::contiguous(storage, DType::float64, shape);
+  };
+  const int64_t T = 1 << 16, B = 1 << 12, I = 3, H = 1 << 10;  // T*B*4H = 2^40
+  CHECK(huge({T, B, 4 * H}).numel() == (int64_t(1) << 40));
+  CHECK(huge({T, B, 4 * H}).is_contiguous());
+  CellOptions lstm;
+  ForwardArgs f;
+  f.x = huge({T, B, I});
+  f.W = huge({4 * H, I});
+  f.R = huge({4 * H, H});
+  const WindowSizes s = window_sizes(lstm, f.x, f.W, f.R);
+  CHECK(s.steps == T && s.batch == B && s.hidden_size == H);
+  check_forward_inputs(lstm, f);  // accepts the shapes without overflowing anywhere
+}
+
 }  // namespace
 
 int main() {
@@ -198,5 +219,6 @@ int main() {
                      rv::rnn_relu_dW, rv::rnn_relu_dR, rv::rnn_relu_dbW, rv::rnn_relu_dbR});
   aliasing_is_refused();
   shapes_are_checked();
+  sizes_are_64_bit();
   return conveyor_test::report();
 }

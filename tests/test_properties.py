@@ -1,0 +1,211 @@
+"""Property-based tests (hypothesis): random cells, options and shapes on the CPU backend against the float64
+reference, forward and backward, in float64.
+
+Each example draws a cell (LSTM, GRU, RNN), its options (activation; GRU reset_after; LSTM peephole, coupled
+gates, forget bias, cell clip), optional recurrent dropout (variational or per step, any seed and mask
+stream), whether the biases, the initial state and the final-state gradients are given, and T, B, I, H down
+to 1 and at odd sizes. Inputs come from a NumPy generator seeded by a drawn integer. Conveyor must match the
+reference within support.TOLERANCES[float64] for y, h_T, c_T and every gradient.
+
+Two legitimate sources of mismatch are assumed away rather than covered by looser tolerances: a relu argument
+within KINK of zero (either side of the kink is right) and an unclipped LSTM cell value within KINK of
++-cell_clip (either side of the bound is right). Exact zeros stay in: both sides compute them exactly (an
+LSTM with relu and no initial state has c_t == 0 wherever g == 0) and both take relu'(0) = 0, the reference's
+convention.
+
+The explicit @examples are regression cases at the edges (no failing example was found while writing this
+file; see their comment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+
+import conveyor
+
+import reference as ref
+from support import assert_close
+
+DTYPE = np.dtype(np.float64)  # support.TOLERANCES[float64]: atol 1e-11, rtol 1e-9
+KINK = 1e-9  # relu arguments and unclipped cell values this close to a kink or a clip bound are skipped
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One drawn example: the cell, its options, the sizes and the seeds (make_arrays draws the arrays)."""
+
+    cell: str
+    activation: str
+    T: int
+    B: int
+    I: int
+    H: int
+    data_seed: int
+    reset_after: bool = True  # GRU only
+    peephole: bool = False  # LSTM only, and the next three
+    coupled_gates: bool = False
+    forget_bias: float = 0.0
+    cell_clip: float | None = None
+    dropout: float = 0.0
+    variational: bool = True
+    seed: int = 0
+    mask_stream: int = 0
+    bias: bool = True
+    initial_state: bool = True
+    final_grads: bool = True
+
+
+@st.composite
+def cases(draw):
+    cell = draw(st.sampled_from(["lstm", "gru", "rnn"]))
+    kwargs = dict(
+        cell=cell,
+        activation=draw(st.sampled_from(["tanh", "relu"])),
+        T=draw(st.integers(1, 6)), B=draw(st.integers(1, 5)), I=draw(st.integers(1, 7)),
+        H=draw(st.integers(1, 9)),
+        data_seed=draw(st.integers(0, 2**32 - 1)),
+        bias=draw(st.booleans()), initial_state=draw(st.booleans()), final_grads=draw(st.booleans()),
+    )
+    if cell == "gru":
+        kwargs["reset_after"] = draw(st.booleans())
+    if cell == "lstm":
+        kwargs.update(peephole=draw(st.booleans()), coupled_gates=draw(st.booleans()),
+                      forget_bias=draw(st.sampled_from([0.0, 1.0])),
+                      cell_clip=draw(st.sampled_from([None, 0.5, 3.0])))
+    q = draw(st.sampled_from([0.0, 0.3]))
+    if q > 0:
+        kwargs.update(dropout=q, variational=draw(st.booleans()), seed=draw(st.integers(0, 2**64 - 1)),
+                      mask_stream=draw(st.integers(0, 2**64 - 1)))
+    return Case(**kwargs)
+
+
+def make_arrays(c: Case) -> dict:
+    """Random float64 inputs and upstream gradients (never zeros): uniform in [-1, 1], weights and biases
+    scaled by 1/sqrt(H), states and peephole weights in [-0.5, 0.5]; absent ones are None."""
+    rng = np.random.default_rng(c.data_seed)
+    G = 3 if c.coupled_gates else GATES[c.cell]
+    w = 1.0 / np.sqrt(c.H)
+    lstm = c.cell == "lstm"
+
+    def u(shape, s=1.0):
+        return rng.uniform(-s, s, size=shape)
+
+    return dict(
+        x=u((c.T, c.B, c.I)), W=u((G * c.H, c.I), w), R=u((G * c.H, c.H), w),
+        bW=u(G * c.H, w) if c.bias else None, bR=u(G * c.H, w) if c.bias else None,
+        h0=u((c.B, c.H), 0.5) if c.initial_state else None,
+        c0=u((c.B, c.H), 0.5) if c.initial_state and lstm else None,
+        P=u((3, c.H), 0.5) if c.peephole else None,
+        dy=u((c.T, c.B, c.H)), dh_T=u((c.B, c.H)) if c.final_grads else None,
+        dc_T=u((c.B, c.H)) if c.final_grads and lstm else None,
+    )
+
+
+def run_conveyor(c: Case, a: dict) -> dict:
+    dropout = dict(recurrent_dropout=c.dropout, variational=c.variational, seed=c.seed,
+                   mask_stream=c.mask_stream)
+    if c.cell == "lstm":
+        y, h_T, c_T, saved = conveyor.lstm_forward(
+            a["x"], a["W"], a["R"], a["bW"], a["bR"], a["h0"], a["c0"], P=a["P"],
+            coupled_gates=c.coupled_gates, forget_bias=c.forget_bias, cell_clip=c.cell_clip,
+            activation=c.activation, **dropout)
+        grads = conveyor.lstm_backward(saved, a["dy"], a["dh_T"], a["dc_T"])._asdict()
+        return {"y": y, "h_T": h_T, "c_T": c_T, **grads}
+    options = dict(activation=c.activation, **dropout)
+    if c.cell == "gru":
+        options["reset_after"] = c.reset_after
+    forward, backward = getattr(conveyor, f"{c.cell}_forward"), getattr(conveyor, f"{c.cell}_backward")
+    y, h_T, saved = forward(a["x"], a["W"], a["R"], a["bW"], a["bR"], a["h0"], **options)
+    grads = backward(saved, a["dy"], a["dh_T"])._asdict()
+    return {"y": y, "h_T": h_T, **grads}
+
+
+def run_reference(c: Case, a: dict) -> tuple[dict, dict]:
+    """The reference's outputs and gradients (absent arrays as zeros, absent bias gradients as None), and its
+    cache."""
+    G = 3 if c.coupled_gates else GATES[c.cell]
+    T, B, H = c.T, c.B, c.H
+
+    def given_or_zeros(name, shape):
+        return np.zeros(shape) if a[name] is None else a[name]
+
+    bW, bR = given_or_zeros("bW", G * H), given_or_zeros("bR", G * H)
+    h0, dh_T = given_or_zeros("h0", (B, H)), given_or_zeros("dh_T", (B, H))
+    mask = ref.dropout_mask(c.dropout, c.variational, c.seed, c.mask_stream, (T, B, H)) if c.dropout else None
+    if c.cell == "lstm":
+        y, h_T, c_T, cache = ref.lstm_forward(
+            a["x"], a["W"], a["R"], bW, bR, h0, given_or_zeros("c0", (B, H)), c.activation, peephole=a["P"],
+            coupled_gates=c.coupled_gates, forget_bias=c.forget_bias, cell_clip=c.cell_clip,
+            recurrent_mask=mask)
+        names = ("dx", "dh0", "dc0", "dW", "dR", "dbW", "dbR", "dP")
+        grads = ref.lstm_backward(cache, a["dy"], dh_T, given_or_zeros("dc_T", (B, H)))
+        out = {"y": y, "h_T": h_T, "c_T": c_T, **dict(zip(names, grads))}
+    else:
+        if c.cell == "gru":
+            y, h_T, cache = ref.gru_forward(a["x"], a["W"], a["R"], bW, bR, h0, c.reset_after, c.activation,
+                                            recurrent_mask=mask)
+        else:
+            y, h_T, cache = ref.rnn_forward(a["x"], a["W"], a["R"], bW, bR, h0, c.activation,
+                                            recurrent_mask=mask)
+        names = ("dx", "dh0", "dW", "dR", "dbW", "dbR")
+        grads = getattr(ref, f"{c.cell}_backward")(cache, a["dy"], dh_T)
+        out = {"y": y, "h_T": h_T, **dict(zip(names, grads))}
+    if a["bW"] is None:
+        out["dbW"] = None
+    if a["bR"] is None:
+        out["dbR"] = None
+    return out, cache
+
+
+def near_nonzero(values, target, tol=KINK) -> bool:
+    """Whether any value lies within tol of target without being exactly on it."""
+    distance = np.abs(np.asarray(values) - target)
+    return bool(np.any((distance > 0) & (distance < tol)))
+
+
+def on_a_kink(c: Case, cache: dict) -> bool:
+    """Whether the example sits where float64 rounding may legitimately pick the other side of a kink."""
+    if c.activation == "relu":
+        relu_arguments = [v for k, v in cache.items() if k.startswith("pre_")]
+        if c.cell == "lstm":
+            relu_arguments.append(cache["cs"][1:])  # h_t = o * act(c_t)
+        if any(near_nonzero(v, 0.0) for v in relu_arguments):
+            return True
+    if c.cell_clip is not None:
+        unclipped = cache["c_unclipped"]
+        return near_nonzero(unclipped, c.cell_clip) or near_nonzero(unclipped, -c.cell_clip)
+    return False
+
+
+# Regression examples at the edges. None of them failed, and no failing example was found while developing
+# this file; they pin cases that the derandomized draw of 60 may miss:
+# - every size 1 with every LSTM option at once: relu, peephole, coupled gates, forget bias, a cell clip that
+#   acts (c_1 = 0.66 is clipped to 0.5), per-step dropout;
+# - odd sizes for a GRU with reset before the product (the r * h_{t-1} recurrent input) and relu, without
+#   bias, initial state or final-state gradients;
+# - odd sizes for a coupled-gate LSTM with the wide clip (3.0) and variational dropout from the largest seed
+#   and mask stream, without an initial state.
+@given(case=cases())
+@example(case=Case("lstm", "relu", T=1, B=1, I=1, H=1, data_seed=4, peephole=True, coupled_gates=True,
+                   forget_bias=1.0, cell_clip=0.5, dropout=0.3, variational=False, seed=7, mask_stream=3))
+@example(case=Case("gru", "relu", T=5, B=3, I=7, H=9, data_seed=2, reset_after=False, bias=False,
+                   initial_state=False, final_grads=False))
+@example(case=Case("lstm", "tanh", T=3, B=5, I=7, H=9, data_seed=3, coupled_gates=True, cell_clip=3.0,
+                   dropout=0.3, variational=True, seed=2**64 - 1, mask_stream=2**64 - 1, initial_state=False))
+@settings(max_examples=60, deadline=2000, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+def test_matches_the_reference(case):
+    arrays = make_arrays(case)
+    expected, cache = run_reference(case, arrays)
+    assume(not on_a_kink(case, cache))
+    got = run_conveyor(case, arrays)
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        if value is None:
+            assert got[name] is None, f"{name}: expected None"
+        else:
+            assert_close(name, got[name], value, DTYPE)
