@@ -584,6 +584,18 @@ CRASH_SCRIPT = textwrap.dedent("""
         lambda: conveyor.GRU(I, H).backward(u(T, B, H)),
         lambda: conveyor.RNN(I, H)(u(T, B, I + 1)),
         lambda: conveyor.set_num_threads(0),
+        lambda: lstm(P=u(3, H + 1)),
+        lambda: lstm(cell_clip=float("nan")),
+        lambda: lstm(recurrent_dropout=1.0),
+        lambda: conveyor.dropout_mask(u(1), (T, B), 0.5),
+        lambda: conveyor.dropout_mask(u(1), (T, B, H), -0.1),
+        lambda: conveyor.clip_grad_norm([u(2)], 0.0),
+        lambda: conveyor.clip_grad_norm("grads", 1.0),
+        lambda: conveyor.stack_forward("lstm", u(T, B, I), [], num_layers=1),
+        lambda: conveyor.stack_forward("lstm", u(T, B, I), conveyor.LSTM(I, H)._weights(), h0=u(B, H)),
+        lambda: conveyor.TBPTT(conveyor.GRU(I, H), 3, 2),
+        lambda: conveyor.TBPTT(conveyor.GRU(I, H), 3).backward(u(3, B, H)),
+        lambda: conveyor.LSTM(I, H, num_layers=2, bidirectional=True)(u(T, B, I), u(1, B, H)),
     ]
     not_raised = []
     for index, call in enumerate(calls):
