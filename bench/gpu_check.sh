@@ -7,10 +7,11 @@
 #   bash bench/gpu_check.sh sanitize  compute-sanitizer memcheck, racecheck and synccheck on the CUDA tests
 #                                     (the 4096-step windows left out: under the sanitizer they take minutes)
 #   bash bench/gpu_check.sh bench     bench/cuda_rnn.py for the LSTM and the GRU, float32 and bfloat16
+#   bash bench/gpu_check.sh speed     bench/speed.py: the full grid of issue 7 against cuDNN and FlashRNN
 #
 # The machine has no network: the build uses the installed pybind11, scikit-build-core and CMake.
 set -uo pipefail
-stage=${1:?usage: bash bench/gpu_check.sh test|sanitize|bench [OUT_DIR]}
+stage=${1:?usage: bash bench/gpu_check.sh test|sanitize|bench|speed [OUT_DIR]}
 out=${2:-${OUT:-/tmp/conveyor-gpu}}
 mkdir -p "$out"
 summary=()
@@ -58,8 +59,14 @@ case "$stage" in
       done
     done
     ;;
+  speed)
+    install
+    python3 bench/speed.py --out "$out/speed.md" --plot "$out/speed.png" > "$out/speed.log" 2>&1
+    note "bench/speed.py: rc $?"
+    tail -20 "$out/speed.md" 2>/dev/null
+    ;;
   *)
-    echo "unknown stage '$stage': expected test, sanitize or bench"
+    echo "unknown stage '$stage': expected test, sanitize, bench or speed"
     exit 2
     ;;
 esac
