@@ -369,6 +369,19 @@ void check_forward_inputs(const CellOptions& options, const ForwardArgs& args) {
   check_forward_inputs_impl(options, args);
 }
 
+BackwardArgs backward_args_for(const ForwardArgs& f) {
+  BackwardArgs b;
+  b.x = f.x;
+  b.W = f.W;
+  b.R = f.R;
+  b.h0 = f.h0;
+  b.c0 = f.c0;
+  b.P = f.P;
+  b.y = f.y;
+  b.cache = f.cache;
+  return b;
+}
+
 void check_backward_inputs(const CellOptions& options, const BackwardArgs& args) {
   check_backward_inputs_impl(options, args);
 }

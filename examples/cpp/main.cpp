@@ -89,12 +89,7 @@ int main() {
       }
       if (first_loss < 0) first_loss = loss;
 
-      BackwardArgs bk;
-      bk.x = f.x;
-      bk.W = f.W;
-      bk.R = f.R;
-      bk.y = f.y;
-      bk.cache = f.cache;
+      BackwardArgs bk = backward_args_for(f);
       bk.dy = view(dy, {T, B, H});
       bk.dx = view(dx, {T, B, I});
       bk.dW = view(dW, {GH, I});

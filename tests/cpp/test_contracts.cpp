@@ -74,14 +74,7 @@ void against_reference(const char* name, CellOptions options, const Expected& e)
   if (cw > 0) f.cache = view(cache, {T, B, cw});
   forward(options, f);
 
-  BackwardArgs b;
-  b.x = f.x;
-  b.W = f.W;
-  b.R = f.R;
-  b.h0 = f.h0;
-  b.c0 = f.c0;
-  b.y = f.y;
-  b.cache = f.cache;
+  BackwardArgs b = backward_args_for(f);
   b.dy = view(dy, {T, B, H});
   b.dh_T = view(dh_T, {B, H});
   if (lstm) b.dc_T = view(dc_T, {B, H});
@@ -142,11 +135,7 @@ void aliasing_is_refused() {
   forward(rnn, f);  // the distinct arrays are fine
 
   Vec cache_unused, dy = formula(T * B * H, 8, 1), dx(T * B * I), dW(H * I), dR(H * H);
-  BackwardArgs b;
-  b.x = f.x;
-  b.W = f.W;
-  b.R = f.R;
-  b.y = f.y;
+  BackwardArgs b = backward_args_for(f);
   b.dy = view(dy, {T, B, H});
   b.dx = view(dx, {T, B, I});
   b.dW = view(dW, {H, I});

@@ -122,14 +122,7 @@ void compare_backends(const char* what, CellOptions options, int64_t T, int64_t 
     if (cw > 0) f.cache = on(out(cpu.cache, gcache), {T, B, cw}, d);
     forward(options, f, on_gpu ? stream : nullptr);
 
-    BackwardArgs b;
-    b.x = f.x;
-    b.W = f.W;
-    b.R = f.R;
-    b.h0 = f.h0;
-    b.c0 = f.c0;
-    b.y = f.y;
-    b.cache = f.cache;
+    BackwardArgs b = backward_args_for(f);
     b.dy = on(in(dy, ddy), {T, B, H}, d);
     b.dh_T = on(in(dh_T, ddh_T), {B, H}, d);
     if (lstm) b.dc_T = on(in(dc_T, ddc_T), {B, H}, d);

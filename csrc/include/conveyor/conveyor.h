@@ -226,6 +226,10 @@ struct BackwardArgs {
   bool accumulate = false;
 };
 
+// A BackwardArgs that holds what `forward_args` read and wrote (x, W, R, h0, c0, P, y, cache), for the caller
+// to complete with dy (and dh_T, dc_T) and the gradients it wants.
+BackwardArgs backward_args_for(const ForwardArgs& forward_args);
+
 // Checks every input of `args` (what forward read and wrote, dy, dh_T, dc_T) as backward() does, ignoring
 // the gradient outputs. Throws ArgumentError or DTypeError.
 void check_backward_inputs(const CellOptions& options, const BackwardArgs& args);
