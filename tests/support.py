@@ -142,3 +142,14 @@ def assert_close(name, got, expected, dtype):
     assert excess[worst] <= 0, (
         f"{name}: at {worst} got {got[worst]!r}, expected {expected[worst]!r} "
         f"(|diff| {abs(got[worst] - expected[worst]):.3g} > atol {atol} + rtol {rtol} * |ref|)")
+
+
+def assert_all_close(got: dict, expected: dict, dtype):
+    """Every result by name: the same names, None where the expected value is None (an absent bias or
+    peephole), else assert_close in `dtype`."""
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        if value is None:
+            assert got[name] is None, f"{name}: expected None"
+        else:
+            assert_close(name, got[name], value, dtype)

@@ -11,6 +11,7 @@ import pytest
 
 import conveyor
 
+import support
 from support import (
     ARRAY_FIELDS,
     CONFIGS,
@@ -107,12 +108,8 @@ def reference_results(p: Problem):
 
 def assert_all_close(got: dict, expected: dict, dtype):
     """got: float64 copies of GPU results of `dtype` (run_on_gpu checked their dtype), compared in it."""
-    assert set(got) == set(expected)
-    for name, value in expected.items():
-        if value is None:
-            assert got[name] is None, f"{name}: expected None"
-        else:
-            assert_close(name, got[name].astype(dtype), value, dtype)
+    support.assert_all_close({k: None if v is None else v.astype(dtype) for k, v in got.items()}, expected,
+                             dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

@@ -10,7 +10,7 @@ import pytest
 import conveyor
 
 import reference as ref
-from support import CONFIGS, assert_close, config_id
+from support import CONFIGS, assert_all_close, assert_close, config_id
 
 LSTM_OPTIONS = [
     dict(peephole=peephole, coupled_gates=coupled, forget_bias=forget_bias, cell_clip=cell_clip,
@@ -55,15 +55,6 @@ def reference_lstm(p, o, mask=None):
     names = ("dx", "dh0", "dc0", "dW", "dR", "dbW", "dbR", "dP")
     grads = dict(zip(names, ref.lstm_backward(cache, p["dy"], p["dh_T"], p["dc_T"])))
     return {"y": y, "h_T": h_T, "c_T": c_T, **grads}, cache
-
-
-def assert_all_close(got, expected, dtype):
-    assert set(got) == set(expected)
-    for name, value in expected.items():
-        if value is None:
-            assert got[name] is None, f"{name}: expected None"
-        else:
-            assert_close(name, got[name], value, dtype)
 
 
 @pytest.mark.parametrize("o", LSTM_OPTIONS, ids=lstm_id)
