@@ -45,6 +45,14 @@ __global__ void cell_check_kernel(int count, float* out) {
 
 bool cuda_backend_built() { return true; }
 
+bool cuda_backend_emulated() {
+#ifdef CONVEYOR_EMULATE_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
 int cuda_device_count_or_zero() {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess) {
@@ -61,8 +69,7 @@ double cuda_cell_check(int device) {
   CONVEYOR_CUDA_CHECK(cudaMalloc(&out, sizeof(float) * kCount * kCellCheckOutputs));
   std::vector<float> got(kCount * kCellCheckOutputs);
   try {
-    cell_check_kernel<<<1, kCount>>>(kCount, out);
-    CONVEYOR_CUDA_CHECK_LAUNCH("cell_check_kernel");
+    cuda::launch("cell_check_kernel", cell_check_kernel, 1, kCount, 0, nullptr, kCount, out);
     CONVEYOR_CUDA_CHECK(cudaMemcpy(got.data(), out, sizeof(float) * got.size(), cudaMemcpyDeviceToHost));
   } catch (...) {
     cudaFree(out);

@@ -1,5 +1,5 @@
 // Turns CUDA errors into conveyor::CudaError exceptions that name the failing call, file and line.
-// Every runtime call goes through CONVEYOR_CUDA_CHECK, every launch is followed by CONVEYOR_CUDA_CHECK_LAUNCH.
+// Every runtime call goes through CONVEYOR_CUDA_CHECK; launches (device.cuh's launch()) check themselves.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -17,8 +17,14 @@ inline void check(cudaError_t status, const char* call, const char* file, int li
   }
 }
 
+// A launch's status (cudaGetLastError() after it): throws naming the kernel.
+inline void check_launch(cudaError_t status, const char* kernel) {
+  if (status != cudaSuccess) {
+    throw CudaError(std::string("launch of ") + kernel + " failed: " + cudaGetErrorName(status) + " (" +
+                    cudaGetErrorString(status) + ")");
+  }
+}
+
 }  // namespace conveyor::cuda
 
 #define CONVEYOR_CUDA_CHECK(call) ::conveyor::cuda::check((call), #call, __FILE__, __LINE__)
-#define CONVEYOR_CUDA_CHECK_LAUNCH(kernel_name) \
-  ::conveyor::cuda::check(cudaGetLastError(), "launch of " kernel_name, __FILE__, __LINE__)

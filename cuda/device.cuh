@@ -1,6 +1,10 @@
 // What every CUDA source of the backend shares: the storage and compute types, conversions between them,
 // the device guard, stream-ordered workspace memory, and NVTX ranges.
 //
+// Kernels declare block-shared memory with CONVEYOR_SHARED and are launched with launch() (or
+// launch_cooperative()): the one place where the GPU build and the emulated build (CONVEYOR_EMULATE_CUDA,
+// cuda/emulator/) differ, so that every kernel body is the same source in both.
+//
 // Storage types are what arrays hold: float, double, __half, __nv_bfloat16. Every kernel computes in
 // Compute<S>: double for double, float for the rest (SPEC.md: float16/bfloat16 storage, float32 accumulation
 // and a float32 cell state).
@@ -13,11 +17,62 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "check.cuh"
 
+// CONVEYOR_SHARED(float, tile, [16][33]) declares the block's shared array `float tile[16][33]`, aligned to
+// 128 bytes; CONVEYOR_DYNAMIC_SHARED(float, buffer) points `float* buffer` at the launch's dynamic shared
+// memory.
+#ifdef CONVEYOR_EMULATE_CUDA
+#define CONVEYOR_SHARED(type, name, dims) CONVEYOR_EMULATED_SHARED(type, name, dims)
+#define CONVEYOR_DYNAMIC_SHARED(type, name) CONVEYOR_EMULATED_DYNAMIC_SHARED(type, name)
+#else
+#define CONVEYOR_SHARED(type, name, dims) __shared__ __align__(128) type name dims
+#define CONVEYOR_DYNAMIC_SHARED(type, name)                                    \
+  extern __shared__ __align__(128) unsigned char conveyor_dynamic_shared[]; \
+  type* name = reinterpret_cast<type*>(conveyor_dynamic_shared)
+#endif
+
 namespace conveyor::cuda {
+
+// Launches kernel<<<grid, block, shared_bytes, stream>>>(args...) and throws CudaError naming `kernel_name`
+// when the launch fails.
+template <typename... Params, typename... Args>
+void launch(const char* kernel_name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
+            cudaStream_t stream, Args&&... args) {
+#ifdef CONVEYOR_EMULATE_CUDA
+  emulator::launch(reinterpret_cast<const void*>(kernel), kernel_name, grid, block, shared_bytes, stream, false,
+                   [kernel, values = std::tuple<Params...>(std::forward<Args>(args)...)] { std::apply(kernel, values); });
+#else
+  kernel<<<grid, block, shared_bytes, stream>>>(std::forward<Args>(args)...);
+#endif
+  check_launch(cudaGetLastError(), kernel_name);
+}
+
+// The same as a cooperative launch (cudaLaunchCooperativeKernel): every block is resident at once, so the
+// kernel may synchronise the whole grid; refused when the grid exceeds what the device holds at once.
+template <typename... Params, typename... Args>
+void launch_cooperative(const char* kernel_name, void (*kernel)(Params...), dim3 grid, dim3 block,
+                        size_t shared_bytes, cudaStream_t stream, Args&&... args) {
+  std::tuple<Params...> values(std::forward<Args>(args)...);
+#ifdef CONVEYOR_EMULATE_CUDA
+  emulator::launch(reinterpret_cast<const void*>(kernel), kernel_name, grid, block, shared_bytes, stream, true,
+                   [kernel, values] { std::apply(kernel, values); });
+  check_launch(cudaGetLastError(), kernel_name);
+#else
+  void* pointers[sizeof...(Params) + 1] = {};
+  std::apply([&](auto&... v) {
+    int i = 0;
+    ((pointers[i++] = &v), ...);
+  }, values);
+  check_launch(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, pointers,
+                                           shared_bytes, stream),
+               kernel_name);
+#endif
+}
 
 using bfloat16 = __nv_bfloat16;
 

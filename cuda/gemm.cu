@@ -24,8 +24,8 @@ template <typename Acc, typename TA, typename TB, typename TC>
 __global__ void __launch_bounds__(kSimtThreads)
     gemm_simt_kernel(int64_t M, int64_t N, int64_t K, Operand<TA> A, Operand<TB> B, bool accumulate, TC* C,
                      int64_t ldc) {
-  __shared__ Acc a_tile[kSimtK][kSimtTile + 1];
-  __shared__ Acc b_tile[kSimtK][kSimtTile + 1];
+  CONVEYOR_SHARED(Acc, a_tile, [kSimtK][kSimtTile + 1]);
+  CONVEYOR_SHARED(Acc, b_tile, [kSimtK][kSimtTile + 1]);
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t m0 = int64_t(blockIdx.x) * kSimtTile, n0 = int64_t(blockIdx.y) * kSimtTile;
   // Walk the operand's contiguous direction with consecutive threads, so that global loads coalesce.
@@ -124,9 +124,9 @@ __global__ void __launch_bounds__(kMmaThreads)
   constexpr int kK = Traits::kK;
   constexpr bool kTf32 = std::is_same_v<MmaInput, Tf32>;
 
-  __shared__ __align__(128) Tile a_tile[kMmaTile * kMmaLd];   // (m, k) at m * kMmaLd + k
-  __shared__ __align__(128) Tile b_tile[kMmaTile * kMmaLd];   // (k, n) at n * kMmaLd + k
-  __shared__ __align__(128) float out_tile[kMmaTile * kMmaOutLd];
+  CONVEYOR_SHARED(Tile, a_tile, [kMmaTile * kMmaLd]);  // (m, k) at m * kMmaLd + k
+  CONVEYOR_SHARED(Tile, b_tile, [kMmaTile * kMmaLd]);  // (k, n) at n * kMmaLd + k
+  CONVEYOR_SHARED(float, out_tile, [kMmaTile * kMmaOutLd]);
 
   const int tid = threadIdx.x, warp = tid / 32;
   const int warp_m = warp % 4, warp_n = warp / 4;
@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kMmaThreads)
 
 template <typename Acc, typename TM, typename TO>
 __global__ void column_sums_kernel(int64_t rows, int64_t cols, const TM* m, int64_t ld, bool accumulate, TO* out) {
-  __shared__ Acc partial[8][33];
+  CONVEYOR_SHARED(Acc, partial, [8][33]);
   const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
   const int64_t c = int64_t(blockIdx.x) * 32 + tx;
   Acc sum = 0;
@@ -223,8 +223,8 @@ __global__ void convert_copy_kernel(int64_t count, const From* in, To* out) {
 template <typename MmaInput, typename TA, typename TB, typename TC>
 void launch_tensor_core(dim3 grid, int64_t M, int64_t N, int64_t K, Operand<TA> A, Operand<TB> B,
                         bool accumulate, TC* C, int64_t ldc, cudaStream_t stream) {
-  gemm_tensor_core_kernel<MmaInput><<<grid, kMmaThreads, 0, stream>>>(M, N, K, A, B, accumulate, C, ldc);
-  CONVEYOR_CUDA_CHECK_LAUNCH("gemm_tensor_core_kernel");
+  launch("gemm_tensor_core_kernel", gemm_tensor_core_kernel<MmaInput, TA, TB, TC>, grid, kMmaThreads, 0, stream, M,
+         N, K, A, B, accumulate, C, ldc);
 }
 
 
@@ -251,8 +251,8 @@ void gemm(int64_t M, int64_t N, int64_t K, Operand<TA> A, Operand<TB> B, bool ac
     if (tensor_cores && allow_tf32) return launch_tensor_core<Tf32>(grid, M, N, K, A, B, accumulate, C, ldc, stream);
   }
   using Acc = std::conditional_t<std::is_same_v<TA, double> || std::is_same_v<TB, double>, double, float>;
-  gemm_simt_kernel<Acc><<<grid, kSimtThreads, 0, stream>>>(M, N, K, A, B, accumulate, C, ldc);
-  CONVEYOR_CUDA_CHECK_LAUNCH("gemm_simt_kernel");
+  launch("gemm_simt_kernel", gemm_simt_kernel<Acc, TA, TB, TC>, grid, kSimtThreads, 0, stream, M, N, K, A, B,
+         accumulate, C, ldc);
 }
 
 template <typename TM, typename TO>
@@ -260,16 +260,15 @@ void column_sums(int64_t rows, int64_t cols, const TM* m, int64_t ld, bool accum
   if (cols <= 0) return;
   const NvtxRange range("conveyor::column_sums");
   using Acc = std::conditional_t<std::is_same_v<TM, double>, double, float>;
-  column_sums_kernel<Acc><<<blocks_for(cols, 32), 256, 0, stream>>>(rows, cols, m, ld, accumulate, out);
-  CONVEYOR_CUDA_CHECK_LAUNCH("column_sums_kernel");
+  launch("column_sums_kernel", column_sums_kernel<Acc, TM, TO>, blocks_for(cols, 32), 256, 0, stream, rows, cols, m,
+         ld, accumulate, out);
 }
 
 template <typename To, typename From>
 void convert_copy(int64_t count, const From* in, To* out, cudaStream_t stream) {
   if (count <= 0) return;
   const unsigned blocks = count / 256 + 1 < 4096 ? unsigned(count / 256 + 1) : 4096u;
-  convert_copy_kernel<<<blocks, 256, 0, stream>>>(count, in, out);
-  CONVEYOR_CUDA_CHECK_LAUNCH("convert_copy_kernel");
+  launch("convert_copy_kernel", convert_copy_kernel<To, From>, blocks, 256, 0, stream, count, in, out);
 }
 
 // float and double compute in their own type, so their two products and conversions coincide.

@@ -153,8 +153,8 @@ __global__ void __launch_bounds__(kStepThreads) forward_step_kernel(ForwardStep<
   using C = Compute<S>;
   using Input = std::conditional_t<kComputeInput, C, S>;
   constexpr int G = product_gates(kEpilogue);
-  __shared__ C h_tile[kStepRows][kStepK + 1];
-  __shared__ C r_tile[G * kStepUnits][kStepK + 1];
+  CONVEYOR_SHARED(C, h_tile, [kStepRows][kStepK + 1]);
+  CONVEYOR_SHARED(C, r_tile, [G * kStepUnits][kStepK + 1]);
   const int tid = threadIdx.x, tx = tid % kStepUnits, ty = tid / kStepUnits;
   const int64_t B = p.batch, H = p.hidden;
   const int64_t b0 = int64_t(blockIdx.y) * kStepRows, j0 = int64_t(blockIdx.x) * kStepUnits;
@@ -199,8 +199,8 @@ __global__ void __launch_bounds__(kStepThreads) forward_step_kernel(ForwardStep<
 template <ForwardEpilogue kEpilogue, bool kRelu, bool kComputeInput = false, typename S>
 void forward_step(const ForwardStep<S>& p, cudaStream_t stream) {
   const dim3 grid(blocks_for(p.hidden, kStepUnits), blocks_for(p.batch, kStepRows));
-  forward_step_kernel<S, kEpilogue, kRelu, kComputeInput><<<grid, kStepThreads, 0, stream>>>(p);
-  CONVEYOR_CUDA_CHECK_LAUNCH("forward_step_kernel");
+  launch("forward_step_kernel", forward_step_kernel<S, kEpilogue, kRelu, kComputeInput>, grid, kStepThreads, 0, stream,
+         p);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -308,8 +308,8 @@ __device__ __forceinline__ void backward_epilogue(const BackwardStep<S>& p, int6
 template <typename S, BackwardEpilogue kEpilogue, bool kRelu>
 __global__ void __launch_bounds__(kStepThreads) backward_step_kernel(BackwardStep<S> p) {
   using C = Compute<S>;
-  __shared__ C a_tile[kStepRows][kStepK + 1];
-  __shared__ C r_tile[kStepK][kStepUnits];
+  CONVEYOR_SHARED(C, a_tile, [kStepRows][kStepK + 1]);
+  CONVEYOR_SHARED(C, r_tile, [kStepK][kStepUnits]);
   const int tid = threadIdx.x, tx = tid % kStepUnits, ty = tid / kStepUnits;
   const int64_t B = p.batch, H = p.hidden;
   const int64_t b0 = int64_t(blockIdx.y) * kStepRows, j0 = int64_t(blockIdx.x) * kStepUnits;
@@ -351,8 +351,7 @@ __global__ void __launch_bounds__(kStepThreads) backward_step_kernel(BackwardSte
 template <BackwardEpilogue kEpilogue, bool kRelu, typename S>
 void backward_step(const BackwardStep<S>& p, cudaStream_t stream) {
   const dim3 grid(blocks_for(p.hidden, kStepUnits), blocks_for(p.batch, kStepRows));
-  backward_step_kernel<S, kEpilogue, kRelu><<<grid, kStepThreads, 0, stream>>>(p);
-  CONVEYOR_CUDA_CHECK_LAUNCH("backward_step_kernel");
+  launch("backward_step_kernel", backward_step_kernel<S, kEpilogue, kRelu>, grid, kStepThreads, 0, stream, p);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -375,8 +374,8 @@ void dropout_mask(int64_t steps, int64_t rows, int64_t units, double p, bool var
   const NvtxRange range("conveyor::dropout_mask");
   const int64_t count = steps * rows * units;
   const unsigned blocks = count / 256 + 1 < 4096 ? unsigned(count / 256 + 1) : 4096u;
-  dropout_mask_kernel<<<blocks, 256, 0, stream>>>(steps, rows, units, p, variational, seed, mask_stream, out);
-  CONVEYOR_CUDA_CHECK_LAUNCH("dropout_mask_kernel");
+  launch("dropout_mask_kernel", dropout_mask_kernel<T>, blocks, 256, 0, stream, steps, rows, units, p, variational, seed,
+         mask_stream, out);
 }
 
 template <typename S>
@@ -421,9 +420,8 @@ void peephole_grads(int64_t steps, int64_t batch, int64_t hidden, bool coupled, 
   Workspace<Compute<S>> products(rows * 3 * hidden, stream);
   const int64_t count = rows * hidden;
   const unsigned blocks = count / 256 + 1 < 4096 ? unsigned(count / 256 + 1) : 4096u;
-  peephole_products_kernel<S><<<blocks, 256, 0, stream>>>(steps, batch, hidden, coupled, da, da_ld, cache, c0,
-                                                           products.get());
-  CONVEYOR_CUDA_CHECK_LAUNCH("peephole_products_kernel");
+  launch("peephole_products_kernel", peephole_products_kernel<S>, blocks, 256, 0, stream, steps, batch, hidden, coupled,
+         da, da_ld, cache, c0, products.get());
   column_sums(rows, 3 * hidden, products.get(), 3 * hidden, accumulate, dP, stream);
 }
 
@@ -700,9 +698,8 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   Workspace<C> h_products(masks.active() && args.dR.present() ? TB * H : 0, stream);
   if (h_products.get() != nullptr) {
     const unsigned blocks = TB * H / 256 + 1 < 4096 ? unsigned(TB * H / 256 + 1) : 4096u;
-    masked_inputs_kernel<S><<<blocks, 256, 0, stream>>>(z.T, B, H, options.variational, masks.all(), h0.get(), y,
-                                                         h_products.get());
-    CONVEYOR_CUDA_CHECK_LAUNCH("masked_inputs_kernel");
+    launch("masked_inputs_kernel", masked_inputs_kernel<S>, blocks, 256, 0, stream, z.T, B, H, options.variational,
+           masks.all(), h0.get(), y, h_products.get());
   }
   auto recurrent_weight_grad = [&](int64_t row0, int64_t rows, const C* da, int64_t lda) {
     S* out = static_cast<S*>(args.dR.data) + row0 * H;

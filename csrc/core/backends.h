@@ -19,6 +19,8 @@ void cpu_dropout_mask(double p, bool variational, uint64_t seed, uint64_t mask_s
 void cuda_dropout_mask(double p, bool variational, uint64_t seed, uint64_t mask_stream, const TensorView& out,
                        void* stream);
 bool cuda_backend_built();
+// Whether that backend is the CPU emulation of cuda/emulator (a test build), not a GPU's.
+bool cuda_backend_emulated();
 // Runs the shared cell math on `device` and on the host and returns the largest difference (NaN if a
 // result is NaN). Throws CudaError when the kernel cannot run (no code for this GPU, no driver).
 double cuda_cell_check(int device);

@@ -5,6 +5,8 @@ namespace conveyor::detail {
 
 bool cuda_backend_built() { return false; }
 
+bool cuda_backend_emulated() { return false; }
+
 int cuda_device_count_or_zero() { return 0; }
 
 double cuda_cell_check(int) { throw ArgumentError("device: this build of Conveyor has no CUDA backend"); }
