@@ -88,4 +88,52 @@ double cuda_cell_check(int device) {
   return worst;
 }
 
+uintptr_t cuda_test_malloc(int device, size_t bytes) {
+  const cuda::DeviceGuard guard(device);
+  void* p = nullptr;
+  CONVEYOR_CUDA_CHECK(cudaMalloc(&p, bytes));
+  return reinterpret_cast<uintptr_t>(p);
+}
+
+void cuda_test_free(int device, uintptr_t address) {
+  const cuda::DeviceGuard guard(device);
+  CONVEYOR_CUDA_CHECK(cudaFree(reinterpret_cast<void*>(address)));
+}
+
+void cuda_test_copy(int device, uintptr_t dst, uintptr_t src, size_t bytes, bool to_device) {
+  const cuda::DeviceGuard guard(device);
+  CONVEYOR_CUDA_CHECK(cudaMemcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes,
+                                 to_device ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost));
+}
+
+uintptr_t cuda_test_stream_create(int device) {
+  const cuda::DeviceGuard guard(device);
+  cudaStream_t stream = nullptr;
+  CONVEYOR_CUDA_CHECK(cudaStreamCreate(&stream));
+  return reinterpret_cast<uintptr_t>(stream);
+}
+
+void cuda_test_stream_destroy(int device, uintptr_t stream) {
+  const cuda::DeviceGuard guard(device);
+  CONVEYOR_CUDA_CHECK(cudaStreamDestroy(reinterpret_cast<cudaStream_t>(stream)));
+}
+
+void cuda_test_synchronize(int device, uintptr_t stream) {
+  const cuda::DeviceGuard guard(device);
+  if (stream == 0) {
+    CONVEYOR_CUDA_CHECK(cudaDeviceSynchronize());
+  } else {
+    CONVEYOR_CUDA_CHECK(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
+  }
+}
+
+uint64_t cuda_test_pool_release_threshold(int device) {
+  const cuda::DeviceGuard guard(device);
+  cudaMemPool_t pool = nullptr;
+  CONVEYOR_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+  uint64_t threshold = 0;
+  CONVEYOR_CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  return threshold;
+}
+
 }  // namespace conveyor::detail

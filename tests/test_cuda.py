@@ -1,17 +1,22 @@
-"""The CUDA backend on a GPU, through PyTorch and CuPy arrays: every cell and option against the float64
-reference and against the CPU backend, outputs and every gradient, in float64 and float32; float16 and
-bfloat16 within twice the error of a naive computation in the same dtype (STYLE.md); shapes that do not
-divide the kernels' tiles, T=1, B=1 and T=4096; streams; mixed devices and bad arrays.
+"""The CUDA backend: every cell and option against the float64 reference and against the CPU backend,
+outputs and every gradient, in float64 and float32; float16 and bfloat16 within twice the error of a naive
+computation in the same dtype (STYLE.md); shapes that do not divide the kernels' tiles, T=1, B=1 and T=4096;
+streams; mixed devices and bad arrays.
 
-Outputs are NaN-poisoned before every run (conftest.py), so an element a kernel forgets to write fails.
-Every test carries the cuda marker and is skipped without a GPU and the CUDA backend."""
+Arrays reach the backend as Conveyor's own device arrays (device_arrays.py), so every test runs on a GPU and
+in the emulated build (CONVEYOR_EMULATE_CUDA) alike; the same tests through PyTorch and CuPy CUDA tensors,
+and the tests of interop with them, run where those libraries have a GPU. Outputs are NaN-poisoned before
+every run (conftest.py), so an element a kernel forgets to write fails. Every test carries the cuda marker
+and is skipped without the CUDA backend and a device (a GPU, or the emulator)."""
 
 import numpy as np
 import pytest
 
 import conveyor
 
+import device_arrays
 import support
+from device_arrays import DeviceArray
 from support import (
     ARRAY_FIELDS,
     CONFIGS,
@@ -37,11 +42,27 @@ SHAPES = [  # (T, B, I, H)
 ]
 
 
+class DeviceArrays:
+    name = "device"
+
+    def to_device(self, a, dtype):
+        return None if a is None else DeviceArray.from_numpy(a, dtype)
+
+    def to_numpy(self, a):
+        return None if a is None else a.numpy().astype(np.float64)
+
+    def check_kind(self, name, a, dtype):
+        assert isinstance(a, DeviceArray) and a.device == 0, f"{name}: {a!r}"
+        assert a.dtype == dtype, f"{name}: {a.dtype}"
+
+
 class TorchArrays:
     name = "torch"
 
     def __init__(self):
         self.torch = pytest.importorskip("torch")
+        if not self.torch.cuda.is_available():
+            pytest.skip("interop with PyTorch CUDA tensors needs PyTorch with a GPU")
 
     def to_device(self, a, dtype):
         t = self.torch
@@ -61,6 +82,8 @@ class CupyArrays:
 
     def __init__(self):
         self.cupy = pytest.importorskip("cupy")
+        if conveyor.cuda_emulated():
+            pytest.skip("interop with CuPy needs a GPU, not the emulated build")
 
     def to_device(self, a, dtype):
         if dtype == "bfloat16":
@@ -75,9 +98,14 @@ class CupyArrays:
         assert a.dtype == np.dtype(dtype), f"{name}: {a.dtype}"
 
 
-@pytest.fixture(params=["torch", "cupy"])
+@pytest.fixture(params=["device", "torch", "cupy"])
 def gpu(request):
-    return TorchArrays() if request.param == "torch" else CupyArrays()
+    return {"device": DeviceArrays, "torch": TorchArrays, "cupy": CupyArrays}[request.param]()
+
+
+@pytest.fixture
+def device():
+    return DeviceArrays()
 
 
 @pytest.fixture
@@ -122,11 +150,11 @@ def test_matches_reference(config, shape, dtype, gpu, rng):
 
 @pytest.mark.parametrize("shape", SHAPES[2:], ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
-def test_matches_the_cpu_backend(config, shape, torch_gpu, rng):
+def test_matches_the_cpu_backend(config, shape, device, rng):
     p = make_problem(*config, *shape, rng)
     y, h_T, c_T, grads = run_conveyor(p.cast(np.float32))
     cpu = {"y": y, "h_T": h_T, "c_T": c_T, **grads}
-    assert_all_close(run_on_gpu(p, torch_gpu, "float32"), cpu, np.float32)
+    assert_all_close(run_on_gpu(p, device, "float32"), cpu, np.float32)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
@@ -140,26 +168,29 @@ def test_optional_arguments(config, variant, gpu, rng):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
-def test_long_window_of_4096_steps(config, torch_gpu, rng):
+def test_long_window_of_4096_steps(config, device, rng):
     p = make_problem(*config, 4096, 2, 3, 8, rng)
-    assert_all_close(run_on_gpu(p, torch_gpu, "float64"), reference_results(p), np.float64)
+    assert_all_close(run_on_gpu(p, device, "float64"), reference_results(p), np.float64)
     y, h_T, c_T, _ = run_conveyor(p.cast(np.float32))
-    got = run_on_gpu(p, torch_gpu, "float32")
+    got = run_on_gpu(p, device, "float32")
     assert_close("y", got["y"].astype(np.float32), y, np.float32)
     assert_close("h_T", got["h_T"].astype(np.float32), h_T, np.float32)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
-def test_inference_mode_gives_the_same_outputs(config, torch_gpu, rng):
+def test_inference_mode_gives_the_same_outputs(config, device, rng):
     p = make_problem(*config, 5, 4, 6, 9, rng)
-    pd = on_device(p, torch_gpu, "float32")
+    pd = on_device(p, device, "float32")
     forward = getattr(conveyor, f"{p.cell}_forward")
     args = (pd.x, pd.W, pd.R, pd.bW, pd.bR, pd.h0) + ((pd.c0,) if p.cell == "lstm" else ())
     trained = forward(*args, **p.options)
     inferred = forward(*args, **p.options, training=False)
     assert inferred[-1] is None
     for a, b in zip(trained[:-1], inferred[:-1]):
-        torch_gpu.torch.testing.assert_close(a, b, rtol=0, atol=0)
+        if a is None:
+            assert b is None
+        else:
+            np.testing.assert_array_equal(b.numpy(), a.numpy())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,11 +198,13 @@ def test_inference_mode_gives_the_same_outputs(config, torch_gpu, rng):
 # dtype, autograd for the gradients), plus one rounding of the output.
 
 def naive_torch(p: Problem, dtype: str):
+    """On the GPU where PyTorch has one, else on the CPU: either way PyTorch's products in `dtype`."""
     torch = pytest.importorskip("torch")
     dt = getattr(torch, dtype)
+    where = "cuda" if torch.cuda.is_available() else "cpu"
 
     def leaf(a):
-        return None if a is None else torch.tensor(a, dtype=dt, device="cuda", requires_grad=True)
+        return None if a is None else torch.tensor(a, dtype=dt, device=where, requires_grad=True)
 
     x, W, R, bW, bR, h0, c0 = (leaf(getattr(p, n)) for n in ("x", "W", "R", "bW", "bR", "h0", "c0"))
     H = p.R.shape[1]
@@ -214,10 +247,10 @@ def naive_torch(p: Problem, dtype: str):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
-def test_half_precision_within_twice_the_naive_error(config, dtype, torch_gpu, rng):
+def test_half_precision_within_twice_the_naive_error(config, dtype, device, rng):
     p = make_problem(*config, 6, 5, 24, 40, rng)
     expected = reference_results(p)
-    got = run_on_gpu(p, torch_gpu, dtype)
+    got = run_on_gpu(p, device, dtype)
     naive = naive_torch(p, dtype)
     unit_roundoff = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}[dtype]
     for name, ref in expected.items():
@@ -231,10 +264,10 @@ def test_half_precision_within_twice_the_naive_error(config, dtype, torch_gpu, r
 
 
 @pytest.mark.parametrize("config", CONFIGS[:3], ids=config_id)
-def test_tf32_option_stays_near_float32(config, torch_gpu, rng):
+def test_tf32_option_stays_near_float32(config, device, rng):
     p = make_problem(*config, 6, 8, 64, 48, rng)
     expected = reference_results(p)
-    got = run_on_gpu(p, torch_gpu, "float32", allow_tf32=True)
+    got = run_on_gpu(p, device, "float32", allow_tf32=True)
     for name, ref in expected.items():
         if ref is not None:
             np.testing.assert_allclose(got[name], ref, atol=2e-3, rtol=2e-2, err_msg=name)
@@ -242,6 +275,21 @@ def test_tf32_option_stays_near_float32(config, torch_gpu, rng):
 
 # ---------------------------------------------------------------------------------------------------------
 # Streams, devices and bad arrays
+
+def test_runs_on_a_given_stream(device, rng):
+    p = on_device(make_problem("lstm", {}, 16, 8, 32, 64, rng), device, "float32")
+    args = (p.x, p.W, p.R, p.bW, p.bR, p.h0, p.c0)
+    expected, *_ = conveyor.lstm_forward(*args, training=False)
+    stream = device_arrays.stream_create()
+    try:
+        y, h_T, c_T, saved = conveyor.lstm_forward(*args, stream=stream)
+        grads = conveyor.lstm_backward(saved, y, stream=stream)
+        device_arrays.synchronize(stream)
+    finally:
+        device_arrays.stream_destroy(stream)
+    np.testing.assert_array_equal(y.numpy(), expected.numpy())
+    assert np.all(np.isfinite(grads.dW.numpy()))
+
 
 def test_runs_on_the_callers_current_and_given_streams(torch_gpu, rng):
     torch = torch_gpu.torch
@@ -271,31 +319,31 @@ def test_cupy_current_stream(rng):
     np.testing.assert_array_equal(cupy.asnumpy(got), cupy.asnumpy(expected))
 
 
-def test_outputs_are_on_the_device_of_x(torch_gpu, rng):
-    p = on_device(make_problem("rnn", {}, 3, 2, 4, 5, rng), torch_gpu, "float32")
+def test_outputs_are_on_the_device_of_x(gpu, rng):
+    p = on_device(make_problem("rnn", {}, 3, 2, 4, 5, rng), gpu, "float32")
     y, h_T, _ = conveyor.rnn_forward(p.x, p.W, p.R, p.bW, p.bR, p.h0, training=False)
     assert y.device == p.x.device and h_T.device == p.x.device
+    gpu.check_kind("y", y, "float32")
 
 
 @pytest.mark.parametrize("other", ["numpy", "torch-cpu"])
-def test_mixed_devices_raise_naming_the_argument(other, torch_gpu, rng):
+def test_mixed_devices_raise_naming_the_argument(other, device, rng):
     p = make_problem("lstm", {}, 3, 2, 4, 5, rng).cast(np.float32)
-    pd = on_device(p, torch_gpu, "float32")
-    W = p.W if other == "numpy" else torch_gpu.torch.from_numpy(p.W)
+    pd = on_device(p, device, "float32")
+    W = p.W if other == "numpy" else pytest.importorskip("torch").from_numpy(p.W)
     message = r"W: expected an array on cuda:\d+ \(the device of x\), got one on cpu"
     with pytest.raises(ValueError, match=message):
         conveyor.lstm_forward(pd.x, W, pd.R, pd.bW, pd.bR)
 
 
-def test_bad_gpu_arrays_raise(torch_gpu, rng):
-    torch = torch_gpu.torch
-    p = on_device(make_problem("lstm", {}, 3, 2, 4, 5, rng), torch_gpu, "float32")
+def test_bad_gpu_arrays_raise(device, rng):
+    p = on_device(make_problem("lstm", {}, 3, 2, 4, 5, rng), device, "float32")
     with pytest.raises(TypeError, match="W: expected a float32, float64, float16 or bfloat16 array"):
-        conveyor.lstm_forward(p.x, p.W.to(torch.int32), p.R, None, None)
+        conveyor.lstm_forward(p.x, p.W.astype("int32"), p.R, None, None)
     with pytest.raises(ValueError, match="R: expected a C-contiguous array"):
-        conveyor.lstm_forward(p.x, p.W, p.R.reshape(5, 20).t(), None, None)
+        conveyor.lstm_forward(p.x, p.W, p.R.reshape(5, 20).T, None, None)
     with pytest.raises(TypeError, match="W: expected dtype float32 \\(the dtype of x\\), got float16"):
-        conveyor.lstm_forward(p.x, p.W.half(), p.R, None, None)
+        conveyor.lstm_forward(p.x, p.W.astype("float16"), p.R, None, None)
 
 
 def test_tensors_that_require_grad_are_read_in_place(torch_gpu, rng):

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "conveyor/conveyor.h"
+#include "core/backends.h"
 
 namespace py = pybind11;
 using namespace conveyor;
@@ -441,6 +442,24 @@ PYBIND11_MODULE(_conveyor, m) {
   m.def("cuda_built", &cuda_built);
   m.def("cuda_available", &cuda_available);
   m.def("cuda_device_count", &cuda_device_count);
+  m.def("cuda_emulated", &detail::cuda_backend_emulated);
+  // Device memory and streams for tests/device_arrays.py (core/backends.h); not for users.
+  m.def("_device_malloc", &detail::cuda_test_malloc, py::arg("device"), py::arg("nbytes"));
+  m.def("_device_free", &detail::cuda_test_free, py::arg("device"), py::arg("address"));
+  m.def("_copy_to_device", [](int device, uintptr_t address, const py::buffer& host) {
+    const py::buffer_info info = host.request();
+    detail::cuda_test_copy(device, address, reinterpret_cast<uintptr_t>(info.ptr), size_t(info.size * info.itemsize),
+                           true);
+  }, py::arg("device"), py::arg("address"), py::arg("host"));
+  m.def("_copy_to_host", [](int device, const py::buffer& host, uintptr_t address) {
+    const py::buffer_info info = host.request(true);
+    detail::cuda_test_copy(device, reinterpret_cast<uintptr_t>(info.ptr), address, size_t(info.size * info.itemsize),
+                           false);
+  }, py::arg("device"), py::arg("host"), py::arg("address"));
+  m.def("_stream_create", &detail::cuda_test_stream_create, py::arg("device"));
+  m.def("_stream_destroy", &detail::cuda_test_stream_destroy, py::arg("device"), py::arg("stream"));
+  m.def("_synchronize", &detail::cuda_test_synchronize, py::arg("device"), py::arg("stream") = 0);
+  m.def("_pool_release_threshold", &detail::cuda_test_pool_release_threshold, py::arg("device"));
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("_set_poison_outputs", [](bool on) { poison_outputs = on; }, py::arg("on"));

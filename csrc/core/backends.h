@@ -25,6 +25,21 @@ bool cuda_backend_emulated();
 // result is NaN). Throws CudaError when the kernel cannot run (no code for this GPU, no driver).
 double cuda_cell_check(int device);
 
+// Device memory and streams for the test suites' device arrays (tests/device_arrays.py), which must run the
+// same tests on a GPU and on the emulated build without CuPy or PyTorch: the CUDA runtime's calls, checked
+// (CudaError). Addresses and stream handles travel as integers. Not part of the public API.
+uintptr_t cuda_test_malloc(int device, size_t bytes);
+void cuda_test_free(int device, uintptr_t address);
+// Copies `bytes` between host and device memory (`to_device`: from host `src` to device `dst`), after the
+// work queued before it on the legacy default stream, as cudaMemcpy does.
+void cuda_test_copy(int device, uintptr_t dst, uintptr_t src, size_t bytes, bool to_device);
+uintptr_t cuda_test_stream_create(int device);
+void cuda_test_stream_destroy(int device, uintptr_t stream);
+// Waits for `stream`'s work; for stream 0, for the whole device's.
+void cuda_test_synchronize(int device, uintptr_t stream);
+// The release threshold of the device's default stream-ordered memory pool (cudaMallocAsync's), in bytes.
+uint64_t cuda_test_pool_release_threshold(int device);
+
 // The LSTM options of `options` in the form the cell math takes (csrc/cells/lstm.h), in compute type T.
 template <typename T>
 cells::LstmOptions<T> lstm_options(const CellOptions& options) {

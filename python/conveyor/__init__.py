@@ -44,6 +44,7 @@ __all__ = [
     "cuda_available",
     "cuda_built",
     "cuda_device_count",
+    "cuda_emulated",
     "dropout_mask",
     "gru_backward",
     "gru_forward",
@@ -72,6 +73,12 @@ def cuda_available() -> bool:
 def cuda_device_count() -> int:
     """The number of CUDA devices visible now (0 without the backend, a driver or a device)."""
     return _conveyor.cuda_device_count()
+
+
+def cuda_emulated() -> bool:
+    """Whether the CUDA backend of this installation is the emulator that runs its kernels on the CPU
+    (a test build: ``CMAKE_ARGS=-DCONVEYOR_EMULATE_CUDA=ON``), not a GPU's."""
+    return _conveyor.cuda_emulated()
 
 
 def num_threads() -> int:

@@ -1,4 +1,5 @@
-"""Arrays of other libraries: CuPy, PyTorch and JAX (any array with ``__dlpack__``), on the CPU or a GPU.
+"""Arrays of other libraries: CuPy, PyTorch and JAX (any array with ``__dlpack__``), on the CPU or a GPU, and
+any other library whose arrays follow the Python array API standard (``__array_namespace__``).
 
 The compiled core reads and writes such arrays in place through DLPack. This module does the three things
 that need the array's own library: it allocates outputs of the same kind, dtype and device as ``x``; it finds
@@ -79,11 +80,19 @@ class Allocator:
         self._x = x
         self._library = library_of(x) if is_foreign(x) else "numpy"
         if self._library not in ("numpy", "torch", "cupy", "jax", "jaxlib"):
-            raise TypeError(f"x: Conveyor reads any array with __dlpack__, but makes its outputs with NumPy, "
-                            f"CuPy, PyTorch or JAX; got a {type(x).__module__}.{type(x).__name__}")
+            if not hasattr(x, "__array_namespace__"):
+                raise TypeError(f"x: Conveyor reads any array with __dlpack__, but makes its outputs with NumPy, "
+                                f"CuPy, PyTorch, JAX or the array API (__array_namespace__); got a "
+                                f"{type(x).__module__}.{type(x).__name__}")
+            self._library = "array-api"
         self._poison = _conveyor._poison_outputs()
 
     def __call__(self, shape):
+        if self._library == "array-api":
+            xp, x = self._x.__array_namespace__(), self._x
+            if self._poison:
+                return xp.full(tuple(shape), float("nan"), dtype=x.dtype, device=x.device)
+            return xp.empty(tuple(shape), dtype=x.dtype, device=x.device)
         out = self._empty(tuple(shape))
         if self._poison:
             if hasattr(out, "fill_"):

@@ -81,7 +81,8 @@ def demo(args) -> int:
 
 def info(_args) -> int:
     print(f"conveyor {__version__}")
-    print(f"CUDA backend built: {_conveyor.cuda_built()}")
+    emulated = " (emulated on the CPU: a test build)" if _conveyor.cuda_emulated() else ""
+    print(f"CUDA backend built: {_conveyor.cuda_built()}{emulated}")
     print(f"CUDA available:     {_conveyor.cuda_available()} ({_conveyor.cuda_device_count()} device(s))")
     print(f"CPU threads:        {_conveyor.num_threads()}")
     return 0
