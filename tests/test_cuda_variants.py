@@ -1,6 +1,7 @@
-"""The variants on the GPU (cuda marker; skipped without a GPU and the CUDA backend): every LSTM option
-combination and recurrent dropout against the float64 reference through PyTorch CUDA tensors, dropout masks
-equal to the CPU's bit for bit, stacks equal to the CPU's, and gradient clipping on GPU arrays."""
+"""The variants on the CUDA backend (cuda marker; a GPU or the emulated build): every LSTM option combination
+and recurrent dropout against the float64 reference, and dropout masks equal to the CPU's bit for bit,
+through Conveyor's own device arrays (device_arrays.py); then, where PyTorch or CuPy has a GPU, stacks equal
+to the CPU's, gradient clipping on their arrays, training on CuPy and the torch drop-in against cuDNN."""
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from test_variants import LSTM_OPTIONS, lstm_id, lstm_problem, reference_lstm
 import conveyor
 
 import reference as ref
+from device_arrays import DeviceArray
 from support import CONFIGS, assert_close, config_id
 
 pytestmark = pytest.mark.cuda
@@ -16,28 +18,48 @@ pytestmark = pytest.mark.cuda
 
 @pytest.fixture
 def torch():
-    return pytest.importorskip("torch")
+    """PyTorch with a GPU, for the tests of interop with its CUDA tensors."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("interop with PyTorch CUDA tensors needs PyTorch with a GPU")
+    return torch
 
 
-def to_gpu(torch, arrays: dict, dtype):
-    def move(v):
-        return torch.from_numpy(np.ascontiguousarray(v)).to("cuda", getattr(torch, dtype))
-
-    return {k: None if v is None else move(v) for k, v in arrays.items()}
+def to_gpu(arrays: dict, dtype):
+    return {k: None if v is None else DeviceArray.from_numpy(v, dtype) for k, v in arrays.items()}
 
 
 def to_numpy(value):
-    return None if value is None else value.detach().double().cpu().numpy()
+    if value is None:
+        return None
+    if isinstance(value, DeviceArray):
+        return value.numpy().astype(np.float64)
+    return value.detach().double().cpu().numpy()
+
+
+def problem_clear_of_the_clip_bound(o, rng, margin=1e-3):
+    """A problem on which float32 makes the clip decisions of float64: the same units are clipped with the
+    bound moved by a relative `margin` either way, so no cell value comes within it of the bound, and the
+    clip acts somewhere."""
+    def clipped(p, bound):
+        _, cache = reference_lstm(p, {**o, "cell_clip": bound})
+        return np.abs(cache["cs"][1:]) == bound
+
+    while True:
+        p = lstm_problem(o, 6, 3, 5, 7, rng)
+        low, high = clipped(p, o["cell_clip"] * (1 - margin)), clipped(p, o["cell_clip"] * (1 + margin))
+        if np.any(low) and np.array_equal(low, high):
+            return p
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("o", LSTM_OPTIONS, ids=lstm_id)
-def test_lstm_options_on_the_gpu_match_the_reference(o, dtype, torch, rng):
-    if dtype == "float32" and o["cell_clip"]:
-        pytest.skip("float32 may fall on the other side of a clip bound than float64")
+def test_lstm_options_on_the_gpu_match_the_reference(o, dtype, rng):
     p = lstm_problem(o, 6, 3, 5, 7, rng)
+    if dtype == "float32" and o["cell_clip"]:
+        p = problem_clear_of_the_clip_bound(o, rng)
     expected, _ = reference_lstm(p, o)
-    g = to_gpu(torch, p, dtype)
+    g = to_gpu(p, dtype)
     y, h_T, c_T, saved = conveyor.lstm_forward(
         g["x"], g["W"], g["R"], g["bW"], g["bR"], g["h0"], g["c0"], P=g["P"],
         coupled_gates=o["coupled_gates"], forget_bias=o["forget_bias"], cell_clip=o["cell_clip"],
@@ -48,13 +70,13 @@ def test_lstm_options_on_the_gpu_match_the_reference(o, dtype, torch, rng):
         if value is None:
             assert got[name] is None, name
         else:
-            assert got[name].is_cuda, name
+            assert isinstance(got[name], DeviceArray), name
             assert_close(name, to_numpy(got[name]).astype(dtype), value, np.dtype(dtype))
 
 
 @pytest.mark.parametrize("variational", [True, False], ids=["variational", "per-step"])
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
-def test_recurrent_dropout_on_the_gpu_matches_the_cpu(config, variational, torch, rng):
+def test_recurrent_dropout_on_the_gpu_matches_the_cpu(config, variational, rng):
     cell, options = config
     T, B, I, H = 5, 4, 3, 6
     G = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
@@ -71,7 +93,7 @@ def test_recurrent_dropout_on_the_gpu_matches_the_cpu(config, variational, torch
         return {"y": out[0], "h_T": out[1], **grads}
 
     cpu = run(arrays, dy)
-    g = to_gpu(torch, {**arrays, "dy": dy}, "float64")
+    g = to_gpu({**arrays, "dy": dy}, "float64")
     gpu = run(g, g["dy"])
     for name, value in cpu.items():
         if value is not None and name != "dP":
@@ -80,12 +102,13 @@ def test_recurrent_dropout_on_the_gpu_matches_the_cpu(config, variational, torch
 
 @pytest.mark.parametrize("variational", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
-def test_masks_on_the_gpu_equal_the_cpus_bit_for_bit(dtype, variational, torch):
-    x = torch.zeros(1, device="cuda", dtype=getattr(torch, dtype))
-    got = conveyor.dropout_mask(x, (9, 7, 45), 0.35, variational=variational, seed=2**63 + 5, mask_stream=12)
-    assert got.is_cuda and got.dtype == x.dtype
+def test_masks_on_the_gpu_equal_the_cpus_bit_for_bit(dtype, variational):
+    like = DeviceArray.from_numpy(np.zeros(1), dtype)
+    got = conveyor.dropout_mask(like, (9, 7, 45), 0.35, variational=variational, seed=2**63 + 5, mask_stream=12)
+    assert isinstance(got, DeviceArray) and got.dtype == dtype
     expected = ref.dropout_mask(0.35, variational, 2**63 + 5, 12, (9, 7, 45))
-    np.testing.assert_array_equal(to_numpy(got), to_numpy(torch.from_numpy(expected).to(x.dtype)))
+    # The mask's values rounded to the dtype as the host rounds them: 0 and 1 / (1 - p) in that type.
+    np.testing.assert_array_equal(to_numpy(got), to_numpy(DeviceArray.from_numpy(expected, dtype)))
 
 
 def test_masks_through_cupy(rng):

@@ -73,6 +73,72 @@ constexpr size_t kStackBytes = 1 << 20;  // sanitizer frames are larger
 constexpr size_t kStackBytes = 128 << 10;
 #endif
 
+// ---------------------------------------------------------------------------------------------------------
+// Execution contexts. On x86-64 a switch saves the callee-saved registers and the stack pointer (a few
+// nanoseconds); elsewhere ucontext does it, with a system call per switch for the signal mask.
+
+#if defined(__x86_64__)
+extern "C" void conveyor_emulator_switch(void** save_sp, void* new_sp);
+asm(R"(
+  .text
+  .globl conveyor_emulator_switch
+  .type conveyor_emulator_switch, @function
+conveyor_emulator_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size conveyor_emulator_switch, .-conveyor_emulator_switch
+)");
+
+struct Context {
+  void* sp = nullptr;
+};
+
+// Prepares `c` to enter `entry` (which never returns) on the given stack when first switched to.
+void context_start(Context& c, void* stack, size_t bytes, void (*entry)()) {
+  auto* top = reinterpret_cast<uintptr_t*>((reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t(15));
+  *--top = 0;                                  // entry's return address: none; leaves rsp = 8 mod 16 at entry
+  *--top = reinterpret_cast<uintptr_t>(entry);  // where the first switch's ret goes
+  for (int r = 0; r < 6; ++r) *--top = 0;       // rbp, rbx, r12..r15
+  c.sp = top;
+}
+void context_switch(Context& from, Context& to) { conveyor_emulator_switch(&from.sp, to.sp); }
+[[noreturn]] void context_jump(Context& to) {
+  void* discarded = nullptr;
+  conveyor_emulator_switch(&discarded, to.sp);
+  __builtin_unreachable();
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+
+__attribute__((noinline)) void context_start(Context& c, void* stack, size_t bytes, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+[[noreturn]] void context_jump(Context& to) {
+  setcontext(&to.uc);
+  __builtin_unreachable();
+}
+#endif
+
 struct KernelFault {
   cudaError_t error;
   std::string what;
@@ -95,7 +161,7 @@ struct Group;
 enum class FiberState { ready, at_block_barrier, at_warp_collective, at_grid_barrier, done };
 
 struct Fiber {
-  ucontext_t context;
+  Context context;
   void* stack = nullptr;
   ThreadContext thread{};
   Block* block = nullptr;
@@ -155,7 +221,7 @@ struct Group {
   unsigned grid_generation = 0;
   char grid_sync[2];
   char start_sync = 0, end_sync = 0;
-  ucontext_t scheduler;
+  Context scheduler;
   Fiber* running = nullptr;
   bool faulted = false;
   KernelFault fault{cudaSuccess, ""};
@@ -200,7 +266,7 @@ void switch_to_scheduler(Fiber* f) {
   void* fake_stack = nullptr;
   __sanitizer_start_switch_fiber(&fake_stack, g->scheduler_stack_bottom, g->scheduler_stack_size);
 #endif
-  swapcontext(&f->context, &g->scheduler);
+  context_switch(f->context, g->scheduler);
 #ifdef CONVEYOR_EMULATOR_ASAN
   __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
 #endif
@@ -290,7 +356,7 @@ void fiber_main() {
 #ifdef CONVEYOR_EMULATOR_ASAN
   __sanitizer_start_switch_fiber(nullptr, g->scheduler_stack_bottom, g->scheduler_stack_size);
 #endif
-  setcontext(&g->scheduler);
+  context_jump(g->scheduler);
 }
 
 // Fiber stacks, reused from launch to launch by the host thread that ran them.
@@ -336,16 +402,6 @@ std::string describe_deadlock(const Group& g) {
   return text;
 }
 
-// Prepares `f` to enter fiber_main on its own stack when first switched to. (A function of its own, so that
-// no local of the caller lives across getcontext.)
-__attribute__((noinline)) void start_fiber(Fiber& f) {
-  getcontext(&f.context);
-  f.context.uc_stack.ss_sp = f.stack;
-  f.context.uc_stack.ss_size = kStackBytes;
-  f.context.uc_link = nullptr;
-  makecontext(&f.context, fiber_main, 0);
-}
-
 // Runs the blocks of `g` until every thread has exited or one faulted.
 void run_group(Group& g, dim3 block_dim, dim3 grid_dim, size_t dynamic_shared_bytes) {
   Group* outer = tls_group;
@@ -377,7 +433,7 @@ void run_group(Group& g, dim3 block_dim, dim3 grid_dim, size_t dynamic_shared_by
       f.thread.warp = t / 32;
       f.thread.kernel = g.kernel;
       f.stack = tls_stacks.take();
-      start_fiber(f);
+      context_start(f.context, f.stack, kStackBytes, fiber_main);
 #ifdef CONVEYOR_EMULATOR_TSAN
       f.tsan_fiber = __tsan_create_fiber(0);
       std::snprintf(f.name, sizeof f.name, "CUDA %s block (%u,%u,%u) thread (%u,%u,%u)", g.kernel, b.index.x,
@@ -408,7 +464,7 @@ void run_group(Group& g, dim3 block_dim, dim3 grid_dim, size_t dynamic_shared_by
     void* fake_stack = nullptr;
     __sanitizer_start_switch_fiber(&fake_stack, f->stack, kStackBytes);
 #endif
-    swapcontext(&g.scheduler, &f->context);
+    context_switch(g.scheduler, f->context);
 #ifdef CONVEYOR_EMULATOR_ASAN
     __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
 #endif
