@@ -1,10 +1,12 @@
 // The CUDA backend's queries: the device count, and a launch check that runs the shared cell math of
 // csrc/cells/ on the device and compares it with the same functions run on the host. The check proves that
 // this build has code for the GPU present and that the formulas the CPU tests check give the same numbers
-// there. The windows are in recurrence.cu.
+// there. Also the one-time configuration of each device's memory pool. The windows are in recurrence.cu.
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -13,6 +15,31 @@
 #include "cells/rnn.h"
 #include "core/backends.h"
 #include "device.cuh"
+
+namespace conveyor::cuda {
+
+void keep_pool_memory_between_calls(int device) {
+  static std::mutex mutex;
+  static std::vector<bool> configured;  // by device index
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (device < int(configured.size()) && configured[device]) return;
+  int pools_supported = 0;
+  CONVEYOR_CUDA_CHECK(cudaDeviceGetAttribute(&pools_supported, cudaDevAttrMemoryPoolsSupported, device));
+  if (pools_supported != 0) {
+    cudaMemPool_t pool = nullptr;
+    CONVEYOR_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+    uint64_t threshold = 0;
+    CONVEYOR_CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+    if (threshold == 0) {
+      threshold = UINT64_MAX;
+      CONVEYOR_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+    }
+  }
+  if (device >= int(configured.size())) configured.resize(device + 1, false);
+  configured[device] = true;
+}
+
+}  // namespace conveyor::cuda
 
 namespace conveyor::detail {
 namespace {

@@ -124,8 +124,15 @@ class DeviceGuard {
   bool changed_ = false;
 };
 
+// Raises the release threshold of `device`'s default memory pool, which Workspace allocates from, from the
+// driver's 0 to "never": with 0, every synchronisation hands the pool's free memory back to the driver and
+// the next call maps it again. PyTorch and CuPy configure the pool the same way; cudaMemPoolTrimTo still
+// releases it. Does so once per device and process, thread-safely, and leaves a threshold that the
+// application has set (anything but 0) as it is. backend.cu defines it.
+void keep_pool_memory_between_calls(int device);
+
 // Device memory for one call, allocated and freed in the order of `stream` (cudaMallocAsync), so that
-// neither waits for the GPU and the pool reuses the memory at the next call.
+// neither waits for the GPU and the pool reuses the memory at the next call (keep_pool_memory_between_calls).
 template <typename T>
 class Workspace {
  public:

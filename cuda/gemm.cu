@@ -243,9 +243,14 @@ void gemm(int64_t M, int64_t N, int64_t K, Operand<TA> A, Operand<TB> B, bool ac
   const NvtxRange range("conveyor::gemm");
   const dim3 grid(blocks_for(M, kSimtTile), blocks_for(N, kSimtTile));
   if (grid.y > 65535) throw ArgumentError("gemm: N = " + std::to_string(N) + " columns exceed the grid limit");
-  // TB is the storage type in every product the backend forms; it decides the multiply type.
+  // TB is the storage type in every product the backend forms; it decides the multiply type. A float A
+  // beside float16 is a gradient (dx, dW, dR): float16's range would flush the small ones to zero (below
+  // 6e-8) or leave them a few bits, so those products multiply in TF32, float16's precision with float's
+  // range. bfloat16 has float's range already.
   const bool tensor_cores = current_device_major() >= 8;
-  if constexpr (std::is_same_v<TB, __half> || std::is_same_v<TB, bfloat16>) {
+  if constexpr (std::is_same_v<TA, float> && std::is_same_v<TB, __half>) {
+    if (tensor_cores) return launch_tensor_core<Tf32>(grid, M, N, K, A, B, accumulate, C, ldc, stream);
+  } else if constexpr (std::is_same_v<TB, __half> || std::is_same_v<TB, bfloat16>) {
     if (tensor_cores) return launch_tensor_core<TB>(grid, M, N, K, A, B, accumulate, C, ldc, stream);
   } else if constexpr (std::is_same_v<TA, float> && std::is_same_v<TB, float>) {
     if (tensor_cores && allow_tf32) return launch_tensor_core<Tf32>(grid, M, N, K, A, B, accumulate, C, ldc, stream);

@@ -33,7 +33,9 @@ Operand<T> transpose_of(const T* data, int64_t ld) {
 // C[M, N] = A[M, K] B[K, N], or C += A B when `accumulate`; C is row-major with leading dimension ldc.
 // Accumulates in float (double for double operands). Where the GPU has tensor cores (compute capability 8.0
 // and up), float16 and bfloat16 operands multiply on them, and float32 ones too, in TF32, when
-// `allow_tf32`. Any M, N, K >= 0; K = 0 writes zeros (or leaves C as it is when accumulating).
+// `allow_tf32`; a float32 A with a float16 B (the gradient products of float16 storage) always multiplies in
+// TF32, so that gradients below float16's range keep their value. Any M, N, K >= 0; K = 0 writes zeros (or
+// leaves C as it is when accumulating).
 template <typename TA, typename TB, typename TC>
 void gemm(int64_t M, int64_t N, int64_t K, Operand<TA> A, Operand<TB> B, bool accumulate, TC* C, int64_t ldc,
           bool allow_tf32, cudaStream_t stream);

@@ -78,6 +78,29 @@ struct ForwardStep {
   int64_t cache_stride;                // cache_width * H
 };
 
+// c_t rounded to S for the cache, on the same side of the clip bound as c_t itself. The backward
+// (cells::lstm_backward) stops the gradient where the cached |c_t| >= cell_clip; rounded to nearest, a c_t
+// just inside the bound can land on it (so an unclipped unit would lose its gradient), and a clipped c_t =
+// +-cell_clip that S does not hold can fall inside it (so a clipped one would keep it). There, rounding the
+// other way (toward zero to stay inside, away from zero to stay on or beyond) keeps the forward's float32
+// decision at the cost of one unit in the last place. float and double hold c_t exactly.
+template <typename S, typename C>
+__device__ __forceinline__ S cell_state_for_cache(C c, C cell_clip) {
+  const S nearest = convert<S>(c);
+  if constexpr (std::is_same_v<S, __half> || std::is_same_v<S, bfloat16>) {
+    auto clipped = [cell_clip](C v) { return cell_clip > C(0) && (v >= cell_clip || v <= -cell_clip); };
+    if (clipped(convert<C>(nearest)) == clipped(c)) return nearest;
+    const bool round_up = clipped(c) == (c > C(0));
+    if constexpr (std::is_same_v<S, __half>) {
+      return round_up ? __float2half_ru(c) : __float2half_rd(c);
+    } else {
+      return round_up ? __float2bfloat16_ru(c) : __float2bfloat16_rd(c);
+    }
+  } else {
+    return nearest;
+  }
+}
+
 template <typename S, ForwardEpilogue kEpilogue, bool kRelu>
 __device__ __forceinline__ void forward_epilogue(const ForwardStep<S>& p, int64_t b, int64_t j,
                                                  const Compute<S>* product) {
@@ -111,7 +134,7 @@ __device__ __forceinline__ void forward_epilogue(const ForwardStep<S>& p, int64_
       cache[H + j] = convert<S>(s.f);
       cache[2 * H + j] = convert<S>(s.g);
       cache[3 * H + j] = convert<S>(s.o);
-      cache[4 * H + j] = convert<S>(s.c);
+      cache[4 * H + j] = cell_state_for_cache<S>(s.c, opt.cell_clip);
     }
   } else if constexpr (kEpilogue == ForwardEpilogue::gru_reset_after) {
     const C r = cells::sigmoid(input(0) + (product[0] + recurrent_bias(0)));
@@ -764,6 +787,7 @@ void run_on_device(const CellOptions& options, const WindowSizes& sizes, const A
                         std::to_string(65535 * kStepRows));
   }
   const DeviceGuard guard(args.x.device.index);
+  keep_pool_memory_between_calls(args.x.device.index);
   const auto stream = static_cast<cudaStream_t>(stream_handle);
   switch (args.x.dtype) {
     case DType::float32: return run_window<float>(options, sizes, args, stream);

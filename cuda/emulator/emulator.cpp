@@ -115,11 +115,6 @@ void context_start(Context& c, void* stack, size_t bytes, void (*entry)()) {
   c.sp = top;
 }
 void context_switch(Context& from, Context& to) { conveyor_emulator_switch(&from.sp, to.sp); }
-[[noreturn]] void context_jump(Context& to) {
-  void* discarded = nullptr;
-  conveyor_emulator_switch(&discarded, to.sp);
-  __builtin_unreachable();
-}
 #else
 struct Context {
   ucontext_t uc;
@@ -133,11 +128,13 @@ __attribute__((noinline)) void context_start(Context& c, void* stack, size_t byt
   makecontext(&c.uc, entry, 0);
 }
 void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
-[[noreturn]] void context_jump(Context& to) {
-  setcontext(&to.uc);
-  __builtin_unreachable();
-}
 #endif
+
+// `bytes` of memory aligned to `alignment`, not rounded up, so that AddressSanitizer sees its true end.
+void* aligned_exactly(size_t alignment, size_t bytes) {
+  void* p = nullptr;
+  return posix_memalign(&p, alignment, bytes > 0 ? bytes : 1) == 0 ? p : nullptr;
+}
 
 struct KernelFault {
   cudaError_t error;
@@ -181,12 +178,27 @@ struct SharedVariable {
   const char* name;
 };
 
-struct Warp {
+// A warp collective under way: the lanes of `mask` that have arrived at `op`.
+struct Collective {
   unsigned arrived = 0;
   unsigned mask = 0;
   const char* op = nullptr;
   unsigned generation = 0;
   char sync[2];  // ThreadSanitizer's synchronisation objects, alternating by generation
+};
+
+// Groups of lanes with disjoint masks may each be in a collective of their own at the same time (divergent
+// branches under independent thread scheduling): one slot per group, at the lowest lane of its mask, which
+// disjoint masks never share.
+struct Warp {
+  Collective by_lowest_lane[32];
+  // The collective under way that waits for `lane`, if any.
+  const Collective* waiting_for(unsigned lane) const {
+    for (const Collective& c : by_lowest_lane) {
+      if (c.arrived != 0 && (c.mask >> lane & 1u)) return &c;
+    }
+    return nullptr;
+  }
 };
 
 struct Block {
@@ -317,9 +329,8 @@ void fiber_exited(Fiber* f) {
   f->state = FiberState::done;
   --b->live;
   --g->live;
-  Warp& w = b->warps[f->thread.warp];
-  if (w.arrived != 0 && (w.mask >> f->thread.lane & 1u)) {
-    fault(cudaErrorLaunchFailure, std::string("exited while lanes of its warp wait for it at ") + w.op);
+  if (const Collective* c = b->warps[f->thread.warp].waiting_for(f->thread.lane)) {
+    fault(cudaErrorLaunchFailure, std::string("exited while lanes of its warp wait for it at ") + c->op);
   }
   if (b->live > 0 && b->at_barrier == b->live) complete_block_barrier(b);
   if (g->live > 0 && g->at_grid == g->live) complete_grid_barrier(g);
@@ -356,8 +367,22 @@ void fiber_main() {
 #ifdef CONVEYOR_EMULATOR_ASAN
   __sanitizer_start_switch_fiber(nullptr, g->scheduler_stack_bottom, g->scheduler_stack_size);
 #endif
-  context_jump(g->scheduler);
+  // A plain switch, never resumed: a noreturn jump would have AddressSanitizer unpoison this stack midway
+  // through the announced switch.
+  context_switch(f->context, g->scheduler);
 }
+
+#ifdef CONVEYOR_EMULATOR_ASAN
+// AddressSanitizer's report names the host thread and the kernel's stack; this adds the CUDA thread.
+void name_the_cuda_thread(const char*) {
+  const Group* g = tls_group;
+  if (g != nullptr && g->running != nullptr) {
+    std::fprintf(stderr, "Conveyor CUDA emulator: the access above was made by %s\n",
+                 describe(g->running->thread).c_str());
+  }
+}
+const bool g_asan_names_cuda_threads = (__asan_set_error_report_callback(name_the_cuda_thread), true);
+#endif
 
 // Fiber stacks, reused from launch to launch by the host thread that ran them.
 class StackPool {
@@ -394,7 +419,9 @@ std::string describe_deadlock(const Group& g) {
       switch (t->state) {
         case FiberState::at_block_barrier: text += "__syncthreads;"; break;
         case FiberState::at_grid_barrier: text += "grid sync;"; break;
-        case FiberState::at_warp_collective: text += std::string(b->warps[t->thread.warp].op) + ";"; break;
+        case FiberState::at_warp_collective:
+          text += std::string(b->warps[t->thread.warp].waiting_for(t->thread.lane)->op) + ";";
+          break;
         default: text += "?;"; break;
       }
     }
@@ -417,7 +444,7 @@ void run_group(Group& g, dim3 block_dim, dim3 grid_dim, size_t dynamic_shared_by
   for (size_t bi = 0; bi < g.blocks.size(); ++bi) {
     Block& b = *g.blocks[bi];
     if (dynamic_shared_bytes > 0) {
-      dynamic[bi] = std::aligned_alloc(128, (dynamic_shared_bytes + 127) / 128 * 128);
+      dynamic[bi] = aligned_exactly(128, dynamic_shared_bytes);
       std::memset(dynamic[bi], 0xff, dynamic_shared_bytes);
       b.dynamic_shared = dynamic[bi];
     }
@@ -710,7 +737,7 @@ void sync_grid() {
 void warp_collective(const char* op, unsigned mask, const void* in, void* out, CollectiveCompletion complete) {
   Fiber* f = current_fiber();
   Block* b = f->block;
-  Warp& w = b->warps[f->thread.warp];
+  Warp& warp = b->warps[f->thread.warp];
   const unsigned lane_bit = 1u << f->thread.lane;
   char text[200];
   if (!(mask & lane_bit)) {
@@ -724,11 +751,14 @@ void warp_collective(const char* op, unsigned mask, const void* in, void* out, C
                   op, mask, present);
     fault(cudaErrorLaunchFailure, text);
   }
-  if (w.arrived != 0 && (w.mask != mask || std::strcmp(w.op, op) != 0)) {
-    std::snprintf(text, sizeof text, "%s with mask 0x%08x while other lanes of the warp wait at %s with mask 0x%08x",
-                  op, mask, w.op, w.mask);
-    fault(cudaErrorLaunchFailure, text);
+  for (const Collective& other : warp.by_lowest_lane) {
+    if (other.arrived != 0 && (other.mask & mask) != 0 && (other.mask != mask || std::strcmp(other.op, op) != 0)) {
+      std::snprintf(text, sizeof text, "%s with mask 0x%08x while other lanes of the warp wait at %s with mask 0x%08x",
+                    op, mask, other.op, other.mask);
+      fault(cudaErrorLaunchFailure, text);
+    }
   }
+  Collective& w = warp.by_lowest_lane[__builtin_ctz(mask)];
   const unsigned generation = w.generation;
   if (w.arrived == 0) {
     w.op = op;
@@ -767,7 +797,7 @@ void* block_shared(size_t bytes, size_t alignment, const char* name) {
   Block* b = f->block;
   const size_t k = f->shared_calls++;
   if (k == b->shared.size()) {
-    void* data = std::aligned_alloc(alignment, (bytes + alignment - 1) / alignment * alignment);
+    void* data = aligned_exactly(alignment, bytes);
     std::memset(data, 0xff, bytes);
     b->shared.push_back({data, bytes, name});
   }
@@ -850,7 +880,7 @@ cudaError_t allocate(void** ptr, size_t bytes) {
   *ptr = nullptr;
   if (bytes == 0) return cudaSuccess;
   if (bytes > emu::kGlobalMemory) return emu::record(cudaErrorMemoryAllocation);
-  void* p = std::aligned_alloc(256, (bytes + 255) / 256 * 256);
+  void* p = emu::aligned_exactly(256, bytes);
   if (p == nullptr) return emu::record(cudaErrorMemoryAllocation);
   std::memset(p, 0xff, bytes);  // fresh device memory holds leftovers, never zeros to rely on
   const std::lock_guard<std::mutex> lock(emu::g_memory_mutex);
@@ -1085,25 +1115,33 @@ cudaError_t cudaMemPoolGetAttribute(cudaMemPool_t pool, cudaMemPoolAttr attr, vo
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
   CONVEYOR_EMULATOR_STICKY();
   if (const cudaError_t e = check_copy(dst, src, bytes, kind); e != cudaSuccess) return emu::record(e);
-  return enqueue_and_maybe_wait(stream, [=] { std::memmove(dst, src, bytes); }, false);
+  return enqueue_and_maybe_wait(stream, [=] {
+    if (bytes > 0) std::memmove(dst, src, bytes);
+  }, false);
 }
 
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
   CONVEYOR_EMULATOR_STICKY();
   if (const cudaError_t e = check_copy(dst, src, bytes, kind); e != cudaSuccess) return emu::record(e);
-  return enqueue_and_maybe_wait(nullptr, [=] { std::memmove(dst, src, bytes); }, true);
+  return enqueue_and_maybe_wait(nullptr, [=] {
+    if (bytes > 0) std::memmove(dst, src, bytes);
+  }, true);
 }
 
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t stream) {
   CONVEYOR_EMULATOR_STICKY();
   if (bytes > 0 && (ptr == nullptr || !emu::in_device_memory(ptr, bytes))) return emu::record(cudaErrorInvalidValue);
-  return enqueue_and_maybe_wait(stream, [=] { std::memset(ptr, value, bytes); }, false);
+  return enqueue_and_maybe_wait(stream, [=] {
+    if (bytes > 0) std::memset(ptr, value, bytes);
+  }, false);
 }
 
 cudaError_t cudaMemset(void* ptr, int value, size_t bytes) {
   CONVEYOR_EMULATOR_STICKY();
   if (bytes > 0 && (ptr == nullptr || !emu::in_device_memory(ptr, bytes))) return emu::record(cudaErrorInvalidValue);
-  return enqueue_and_maybe_wait(nullptr, [=] { std::memset(ptr, value, bytes); }, true);
+  return enqueue_and_maybe_wait(nullptr, [=] {
+    if (bytes > 0) std::memset(ptr, value, bytes);
+  }, true);
 }
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned flags) {
