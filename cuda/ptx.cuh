@@ -3,15 +3,13 @@
 // and asynchronous global-to-shared copies (cp.async). Each wrapper has two bodies: the GPU's, one asm
 // statement, and the emulated build's (CONVEYOR_EMULATE_CUDA), which implements what the PTX ISA documents
 // for the instruction, fragment layouts included, so that a kernel written against these wrappers computes
-// the same thing on the emulator as on the GPU. The wrappers are the only place where the two builds
-// differ; kernel bodies that call them are one source.
+// the same thing on the emulator as on the GPU, and kernel bodies that call them stay one source.
 //
 // Fragments, as in the PTX ISA ("Matrix fragments for mma.m16n8k16 / mma.m16n8k8", "ldmatrix"): a warp's
 // lane holds g = lane / 4 (its group) and t = lane % 4 (its place in the group); 16-bit elements are packed
 // two to a uint32_t, the lower-numbered element in the low half.
 //
-// Requires compute capability 8.0 or later (bfloat16 mma and cp.async), which every architecture the build
-// targets has.
+// Needs compute capability 8.0 or later (bfloat16 mma, cp.async); the build targets 9.0 unless told otherwise.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -304,7 +304,8 @@ void check_ldmatrix(const char* order, const std::vector<int>& lane_row, const s
   const std::vector<uint16_t> tile = random_16bit<__nv_bfloat16>(256, gen);
   DeviceArray<uint16_t> dtile(tile);
   DeviceArray<int> drow(lane_row), dcol(lane_col);
-  DeviceArray<uint32_t> dplain(std::vector<uint32_t>(128, 0xffffffffu)), dtrans(std::vector<uint32_t>(128, 0xffffffffu));
+  const std::vector<uint32_t> poisoned(128, 0xffffffffu);  // two 16-bit NaNs per register
+  DeviceArray<uint32_t> dplain(poisoned), dtrans(poisoned);
   launch("ldmatrix_kernel", ldmatrix_kernel, dim3(1), dim3(32), 0, nullptr, dtile.get(), drow.get(), dcol.get(),
          dplain.get(), dtrans.get());
   for (int transposed = 0; transposed < 2; ++transposed) {
