@@ -1,5 +1,8 @@
 // The CUDA backend's windows: forward and backward over T steps for every cell, in float32, float64,
-// float16 and bfloat16 storage (float32 accumulation and cell state for the 16-bit types).
+// float16 and bfloat16 storage (float32 accumulation and cell state for the 16-bit types). The LSTM's
+// cell-state arrays (c0, c_T, dc_T, dc0) are of Compute<S>, which is cell_state_dtype(x) (conveyor.h): the
+// state enters and leaves a window unrounded, so windows chained through (h_T, c_T) equal one call. The cache
+// keeps each step's c_t in S.
 //
 // Forward: one product projects the whole window's input (ax = x W^T, all T*B rows at once, gemm.cu); then
 // one kernel per step computes, for a tile of batch rows and hidden units, the recurrent product of every
@@ -11,8 +14,9 @@
 // through R (da_{t+1} R, a product over the gate rows) and applies the cell's backward math to it at once.
 // dx, dW and dR are then one product each over the whole window, and the bias gradients column sums.
 //
-// All views have been checked by api.cpp: shapes, one dtype, C-contiguous, on one CUDA device. Kernels end
-// in _kernel; the launchers that follow them have the kernel's name without it.
+// All views have been checked by api.cpp: shapes, x's dtype (Compute<S> for the cell-state arrays),
+// C-contiguous, on one CUDA device. Kernels end in _kernel; the launchers that follow them have the kernel's
+// name without it.
 #include <string>
 
 #include "cells/dropout.h"
@@ -256,8 +260,8 @@ struct BackwardStep {
   int64_t cache_stride;  // cache_width * H
   const S* h;            // [B, H] h_t
   const S* h_prev;       // [B, H] h_{t-1}
-  const S* c_prev;       // LSTM c_{t-1}: row b at c_prev[b * c_prev_ld]
-  int64_t c_prev_ld;
+  const S* c_prev;       // LSTM c_{t-1} from the cache (row b at c_prev[b * cache_stride]), or null at step 0
+  const C* c0;           // [B, H] LSTM c0, read for c_{t-1} at step 0
   const S* P;                   // [3, H] LSTM peephole weights, or null
   cells::LstmOptions<C> lstm;   // LSTM options, coupled included (relu is a template constant)
   const C* product_mask;  // [B, H] recurrent dropout: the mask the product's h went through (m_{t+1}), or null
@@ -295,10 +299,10 @@ __device__ __forceinline__ void backward_epilogue(const BackwardStep<S>& p, int6
       const cells::Peephole<C> peephole =
           p.P != nullptr ? cells::Peephole<C>{convert<C>(p.P[j]), convert<C>(p.P[H + j]), convert<C>(p.P[2 * H + j])}
                          : cells::Peephole<C>{C(0), C(0), C(0)};
+      const C c_prev = p.c_prev != nullptr ? convert<C>(p.c_prev[b * p.cache_stride + j]) : p.c0[unit];
       const auto d = cells::lstm_backward(opt, convert<C>(saved[j]), convert<C>(saved[H + j]),
                                           convert<C>(saved[2 * H + j]), convert<C>(saved[3 * H + j]),
-                                          convert<C>(saved[4 * H + j]), convert<C>(p.c_prev[b * p.c_prev_ld + j]),
-                                          dh, p.dc[unit], peephole);
+                                          convert<C>(saved[4 * H + j]), c_prev, dh, p.dc[unit], peephole);
       const cells::LstmBlocks blocks = cells::lstm_blocks(opt.coupled);
       if (!opt.coupled) dax[j] = d.da_i;
       dax[blocks.f * H + j] = d.da_f;
@@ -414,19 +418,20 @@ __global__ void masked_inputs_kernel(int64_t steps, int64_t batch, int64_t hidde
 
 // ---------------------------------------------------------------------------------------------------------
 // Peephole gradients: products[tb, :] = (da_i c_{t-1}, da_f c_{t-1}, da_o c_t) per (step, batch row), summed
-// over the rows afterwards by column_sums (dp_i stays 0 with coupled gates).
+// over the rows afterwards by column_sums (dp_i stays 0 with coupled gates). c_t comes from the cache (S), and
+// c_{t-1} at step 0 from c0 (Compute<S>), as in the backward's steps.
 
 template <typename S>
 __global__ void peephole_products_kernel(int64_t steps, int64_t batch, int64_t hidden, bool coupled,
-                                         const Compute<S>* da, int64_t da_ld, const S* cache, const S* c0,
-                                         Compute<S>* products) {
+                                         const Compute<S>* da, int64_t da_ld, const S* cache,
+                                         const Compute<S>* c0, Compute<S>* products) {
   using C = Compute<S>;
   const int64_t H = hidden, cw = 5 * H, count = steps * batch * H;
   const int64_t f = coupled ? 0 : 1, o = coupled ? 2 : 3;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = e / H, j = e % H, t = row / batch, b = row % batch;
     const C c = convert<C>(cache[row * cw + 4 * H + j]);
-    const C c_prev = t == 0 ? convert<C>(c0[b * H + j]) : convert<C>(cache[(row - batch) * cw + 4 * H + j]);
+    const C c_prev = t == 0 ? c0[b * H + j] : convert<C>(cache[(row - batch) * cw + 4 * H + j]);
     const C* d = da + row * da_ld;
     C* out = products + row * 3 * H;
     out[j] = coupled ? C(0) : d[j] * c_prev;
@@ -437,7 +442,7 @@ __global__ void peephole_products_kernel(int64_t steps, int64_t batch, int64_t h
 
 template <typename S>
 void peephole_grads(int64_t steps, int64_t batch, int64_t hidden, bool coupled, const Compute<S>* da, int64_t da_ld,
-                    const S* cache, const S* c0, bool accumulate, S* dP, cudaStream_t stream) {
+                    const S* cache, const Compute<S>* c0, bool accumulate, S* dP, cudaStream_t stream) {
   const NvtxRange range("conveyor::peephole_grads");
   const int64_t rows = steps * batch;
   Workspace<Compute<S>> products(rows * 3 * hidden, stream);
@@ -475,22 +480,23 @@ Sizes sizes_of(const CellOptions& options, const WindowSizes& s) {
   return {s.steps, s.batch, s.input_size, s.hidden_size, G, G * s.hidden_size, cache_width(options) * s.hidden_size};
 }
 
-// A zero [B, H] array standing in for an absent initial state, or the state itself.
-template <typename S>
+// A zero [B, H] array standing in for an absent initial state, or the state itself; T is the state's element
+// type (S for h0, Compute<S> for the LSTM's c0).
+template <typename T>
 class StateOrZeros {
  public:
   StateOrZeros(const TensorView& state, int64_t count, cudaStream_t stream)
       : zeros_(state.present() ? 0 : count, stream) {
     if (!state.present() && count > 0) {
-      CONVEYOR_CUDA_CHECK(cudaMemsetAsync(zeros_.get(), 0, sizeof(S) * size_t(count), stream));
+      CONVEYOR_CUDA_CHECK(cudaMemsetAsync(zeros_.get(), 0, sizeof(T) * size_t(count), stream));
     }
-    data_ = state.present() ? static_cast<const S*>(state.data) : zeros_.get();
+    data_ = state.present() ? static_cast<const T*>(state.data) : zeros_.get();
   }
-  const S* get() const { return data_; }
+  const T* get() const { return data_; }
 
  private:
-  Workspace<S> zeros_;
-  const S* data_;
+  Workspace<T> zeros_;
+  const T* data_;
 };
 
 // The recurrent dropout masks m_t of the window, [T or 1, B, H] (none without recurrent dropout).
@@ -540,7 +546,7 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   }
   const StateOrZeros<S> h0(args.h0, z.B * z.H, stream);
   Workspace<C> cell_state(lstm ? z.B * z.H : 0, stream);
-  if (lstm) init_from(z.B * z.H, data_or_null<S>(args.c0), cell_state.get(), stream);
+  if (lstm) init_from(z.B * z.H, data_or_null<C>(args.c0), cell_state.get(), stream);  // c0 is of C
   Workspace<C> reset_hidden(reset_before ? z.B * z.H : 0, stream);
   Workspace<C> update_gate(reset_before ? z.B * z.H : 0, stream);
 
@@ -596,7 +602,10 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
     CONVEYOR_CUDA_CHECK(cudaMemcpyAsync(args.h_T.data, y + (z.T - 1) * z.B * z.H, sizeof(S) * size_t(z.B * z.H),
                                         cudaMemcpyDeviceToDevice, stream));
   }
-  if (args.c_T.present()) convert_copy(z.B * z.H, cell_state.get(), static_cast<S*>(args.c_T.data), stream);
+  if (args.c_T.present()) {  // c_T is of C: the state as the window carried it, unrounded
+    CONVEYOR_CUDA_CHECK(cudaMemcpyAsync(args.c_T.data, cell_state.get(), sizeof(C) * size_t(z.B * z.H),
+                                        cudaMemcpyDeviceToDevice, stream));
+  }
 }
 
 template <typename S, bool kRelu>
@@ -621,9 +630,9 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   Workspace<C> dh_carry(B * H, stream);
   Workspace<C> dc(lstm ? B * H : 0, stream);
   init_from(B * H, data_or_null<S>(args.dh_T), dh_carry.get(), stream);
-  if (lstm) init_from(B * H, data_or_null<S>(args.dc_T), dc.get(), stream);
+  if (lstm) init_from(B * H, data_or_null<C>(args.dc_T), dc.get(), stream);  // dc_T, c0 and dc0 are of C
   const StateOrZeros<S> h0(args.h0, B * H, stream);
-  const StateOrZeros<S> c0(lstm ? args.c0 : TensorView{}, lstm ? B * H : 0, stream);
+  const StateOrZeros<C> c0(lstm ? args.c0 : TensorView{}, lstm ? B * H : 0, stream);
 
   const RecurrentMasks<C> masks(options, z.T, B, H, stream);
   BackwardStep<S> p{};
@@ -636,6 +645,7 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   p.dc = dc.get();
   p.P = data_or_null<S>(args.P);
   p.lstm = detail::lstm_options<C>(options);
+  p.c0 = c0.get();
   // The product over the pre-activation gradients of `step` (the recurrent path's, along R's rows).
   auto product_of_step = [&](int64_t step) {
     p.product_mask = masks.step(step);
@@ -662,10 +672,7 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
       p.cache = cache != nullptr ? cache + t * B * z.cw : nullptr;
       p.h = y + t * B * H;
       p.h_prev = t == 0 ? h0.get() : y + (t - 1) * B * H;
-      if (lstm) {
-        p.c_prev = t == 0 ? c0.get() : cache + (t - 1) * B * z.cw + 4 * H;
-        p.c_prev_ld = t == 0 ? H : z.cw;
-      }
+      if (lstm) p.c_prev = t == 0 ? nullptr : cache + (t - 1) * B * z.cw + 4 * H;  // null: c0
       p.dax = dax.get() + t * B * GH;
       p.dar_n = reset_after_gru ? dar_n.get() + t * B * H : nullptr;
       switch (options.cell) {
@@ -696,7 +703,10 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
       p.dh0 = static_cast<S*>(args.dh0.data);
       backward_step<BackwardEpilogue::initial_state, kRelu>(p, stream);
     }
-    if (args.dc0.present()) convert_copy(B * H, dc.get(), static_cast<S*>(args.dc0.data), stream);
+    if (args.dc0.present()) {
+      CONVEYOR_CUDA_CHECK(cudaMemcpyAsync(args.dc0.data, dc.get(), sizeof(C) * size_t(B * H),
+                                          cudaMemcpyDeviceToDevice, stream));
+    }
   }
 
   NvtxRange range("conveyor::weight_gradients");

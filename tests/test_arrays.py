@@ -117,6 +117,40 @@ def test_allocator_makes_outputs_like_x_and_poisons_them():
     assert torch.isnan(out).all()
 
 
+@pytest.mark.parametrize("x_dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_allocator_makes_outputs_of_the_dtype_it_is_asked_for(x_dtype):
+    """The compiled core asks for the LSTM's c_T and dc0 in float32 beside 16-bit x: allocate(shape, name)."""
+    _conveyor._set_poison_outputs(True)
+    allocate = _arrays.Allocator(torch.zeros(2, dtype=getattr(torch, x_dtype)))
+    assert allocate((3, 4)).dtype == getattr(torch, x_dtype)
+    for name in ("float32", "float64", "float16", "bfloat16"):
+        out = allocate((3, 4), name)
+        assert isinstance(out, torch.Tensor) and out.dtype == getattr(torch, name) and out.shape == (3, 4)
+        assert torch.isnan(out).all()
+    if x_dtype != "bfloat16":
+        allocate = _arrays.Allocator(np.zeros(2, dtype=x_dtype))
+        assert allocate((3,)).dtype == np.dtype(x_dtype)
+        for name in ("float32", "float64", "float16"):
+            out = allocate((3,), name)
+            assert isinstance(out, np.ndarray) and out.dtype == np.dtype(name) and np.isnan(out).all()
+
+
+@pytest.mark.parametrize("x_dtype", ["float16", "bfloat16"])
+def test_the_cell_state_dtype_is_float32_beside_16_bit_x(x_dtype):
+    assert _arrays.cell_state_dtype_name(getattr(torch, x_dtype)) == "float32"
+    assert _arrays.cell_state_dtype_name(torch.float64) == "float64"
+    assert _arrays.cell_state_dtype_name(np.dtype(np.float32)) == "float32"
+    # A stack checks its states before any window runs (here one that could not run on the CPU).
+    dt = getattr(torch, x_dtype)
+    x, weights = torch.zeros(3, 2, 4, dtype=dt), [(torch.zeros(20, 4, dtype=dt), torch.zeros(20, 5, dtype=dt),
+                                                   None, None, None)]
+    message = rf"c0: expected dtype float32 \(the cell state's, for {x_dtype} x\), got {x_dtype}"
+    with pytest.raises(TypeError, match=message):
+        conveyor.stack_forward("lstm", x, weights, None, torch.zeros(1, 2, 5, dtype=dt))
+    with pytest.raises(TypeError, match=f"x: the CPU backend computes in float32 or float64, got {x_dtype}"):
+        conveyor.stack_forward("lstm", x, weights, None, torch.zeros(1, 2, 5))
+
+
 def test_allocator_refuses_a_library_it_cannot_allocate_with():
     class Foreign:
         __module__ = "somelib.arrays"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import conveyor
-from conveyor import _conveyor
+from conveyor import _arrays, _conveyor
 
 import device_arrays
 import reference as ref
@@ -116,19 +116,35 @@ def torch_gpu():
     return TorchArrays()
 
 
+# The LSTM's cell-state arrays and their dtype beside x's (conveyor.h, cell_state_dtype): float32 beside
+# 16-bit storage, since the backend keeps the cell state in float32 and hands it on unrounded.
+CELL_STATE_ARRAYS = ("c0", "c_T", "dc_T", "dc0")
+
+
+def cell_state_dtype(dtype: str) -> str:
+    return "float32" if dtype in ("float16", "bfloat16") else dtype
+
+
+def dtype_of(name: str, dtype: str) -> str:
+    """The dtype of the array `name` of a call whose x is of `dtype`."""
+    return cell_state_dtype(dtype) if name in CELL_STATE_ARRAYS else dtype
+
+
 def on_device(p: Problem, gpu, dtype: str) -> Problem:
-    return Problem(p.cell, p.options, *(gpu.to_device(getattr(p, n), dtype) for n in ARRAY_FIELDS))
+    return Problem(p.cell, p.options,
+                   *(gpu.to_device(getattr(p, n), dtype_of(n, dtype)) for n in ARRAY_FIELDS))
 
 
 def run_on_gpu(p: Problem, gpu, dtype: str, **options):
-    """Forward and backward on the GPU; the results as float64 NumPy arrays, after checking their kind."""
+    """Forward and backward on the GPU; the results as float64 NumPy arrays, after checking their kind (and
+    dtype: x's, or the cell state's for c_T and dc0)."""
     pd = on_device(p, gpu, dtype)
     pd.options = {**p.options, **options}
     y, h_T, c_T, grads = run_conveyor(pd)
     results = {"y": y, "h_T": h_T, "c_T": c_T, **grads}
     for name, value in results.items():
         if value is not None:
-            gpu.check_kind(name, value, dtype)
+            gpu.check_kind(name, value, dtype_of(name, dtype))
     return {name: gpu.to_numpy(value) for name, value in results.items()}
 
 
@@ -342,21 +358,15 @@ def test_half_precision_cell_clip_stops_the_gradient_of_exactly_the_clipped_unit
                                        atol=4 * u * np.max(np.abs(ref_value)), err_msg=name)
 
 
-# c_T and c0 have x's dtype (api.cpp checks it, the bindings allocate it): a 16-bit c_T rounds the float32
-# cell state that the whole call carries on. SPEC.md's float32 cell state needs them float32 beside 16-bit
-# storage, a change of the public API (api.cpp, the bindings, the Python allocator, the torch adapter).
-CELL_STATE_IN_STORAGE_TYPE = pytest.mark.xfail(
-    strict=True, reason="c_T is rounded to the 16-bit storage type; SPEC.md wants a float32 cell state")
-
-
-@pytest.mark.parametrize("dtype", ["float32", pytest.param("float16", marks=CELL_STATE_IN_STORAGE_TYPE),
-                                   pytest.param("bfloat16", marks=CELL_STATE_IN_STORAGE_TYPE)])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_a_window_equals_its_two_halves_chained_through_the_final_state(dtype, device, rng):
     """SPEC.md: a sequence cut into windows gives exactly the outputs of one call over the whole of it,
-    in every storage type, since the state the halves hand over is the state the whole call carries."""
+    in every storage type, since the state the halves hand over is the state the whole call carries (c_T is
+    float32, unrounded, beside 16-bit storage)."""
     T = 8
     p = make_problem("lstm", {}, T, 5, 24, 40, rng)
-    W, R, bW, bR, h0, c0 = (DeviceArray.from_numpy(a, dtype) for a in (p.W, p.R, p.bW, p.bR, p.h0, p.c0))
+    W, R, bW, bR, h0 = (DeviceArray.from_numpy(a, dtype) for a in (p.W, p.R, p.bW, p.bR, p.h0))
+    c0 = DeviceArray.from_numpy(p.c0, cell_state_dtype(dtype))
     whole = conveyor.lstm_forward(DeviceArray.from_numpy(p.x, dtype), W, R, bW, bR, h0, c0, training=False)
     y1, h1, c1, _ = conveyor.lstm_forward(DeviceArray.from_numpy(p.x[:T // 2], dtype), W, R, bW, bR, h0, c0,
                                           training=False)
@@ -365,6 +375,56 @@ def test_a_window_equals_its_two_halves_chained_through_the_final_state(dtype, d
     halves = {"y": np.concatenate([y1.numpy(), y2.numpy()]), "h_T": h2.numpy(), "c_T": c2.numpy()}
     for name, value in zip(("y", "h_T", "c_T"), whole[:3]):
         np.testing.assert_array_equal(halves[name], value.numpy(), err_msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_cell_state_arrays_are_float32(dtype, training, device, rng):
+    """c0 and dc_T go in, c_T and dc0 come out, as float32 beside 16-bit x; the rest in x's dtype."""
+    p = on_device(make_problem("lstm", {}, 3, 4, 5, 6, rng), device, dtype)
+    assert (p.c0.dtype, p.dc_T.dtype) == ("float32", "float32")
+    y, h_T, c_T, saved = conveyor.lstm_forward(p.x, p.W, p.R, p.bW, p.bR, p.h0, p.c0, training=training)
+    assert (y.dtype, h_T.dtype, c_T.dtype) == (dtype, dtype, "float32")
+    # Without c0 too: the zeros the backend makes stand for a float32 state.
+    _, _, c_T_from_zeros, _ = conveyor.lstm_forward(p.x, p.W, p.R, p.bW, p.bR, training=False)
+    assert c_T_from_zeros.dtype == "float32" and np.all(np.isfinite(c_T_from_zeros.numpy()))
+    if not training:
+        return
+    for dc_T in (p.dc_T, None):
+        _, _, c_T, saved = conveyor.lstm_forward(p.x, p.W, p.R, p.bW, p.bR, p.h0, p.c0)
+        grads = conveyor.lstm_backward(saved, p.dy, p.dh_T, dc_T)
+        assert grads.dc0.dtype == "float32", grads.dc0
+        assert np.all(np.isfinite(grads.dc0.numpy()))
+        for name in ("dx", "dh0", "dW", "dR", "dbW", "dbR"):
+            assert getattr(grads, name).dtype == dtype, name
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_cell_state_arrays_of_x_dtype_are_refused(dtype, device, rng):
+    p = make_problem("lstm", {}, 3, 4, 5, 6, rng)
+    pd = on_device(p, device, dtype)
+    c0 = DeviceArray.from_numpy(p.c0, dtype)
+    message = rf"c0: expected dtype float32 \(the cell state's, for {dtype} x\), got {dtype}"
+    with pytest.raises(TypeError, match=message):
+        conveyor.lstm_forward(pd.x, pd.W, pd.R, pd.bW, pd.bR, pd.h0, c0)
+    _, _, _, saved = conveyor.lstm_forward(pd.x, pd.W, pd.R, pd.bW, pd.bR, pd.h0, pd.c0)
+    dc_T = DeviceArray.from_numpy(p.dc_T, dtype)
+    message = rf"dc_T: expected dtype float32 \(the cell state's, for {dtype} x\), got {dtype}"
+    with pytest.raises(TypeError, match=message):
+        conveyor.lstm_backward(saved, pd.dy, pd.dh_T, dc_T)
+    # A refused call leaves `saved` for the next one.
+    assert conveyor.lstm_backward(saved, pd.dy, pd.dh_T, pd.dc_T).dc0.dtype == "float32"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_allocator_makes_device_arrays_of_a_named_dtype(dtype, device):
+    """The array-API path of the output allocator: x's dtype by default, else the dtype the core names."""
+    x = DeviceArray.from_numpy(np.zeros((2, 3)), dtype)
+    allocate = _arrays.Allocator(x)
+    assert allocate((4, 5)).dtype == dtype
+    for name in ("float32", "float64", "float16", "bfloat16"):
+        out = allocate((4, 5), name)
+        assert isinstance(out, DeviceArray) and out.shape == (4, 5) and out.dtype == name
 
 
 @pytest.mark.parametrize("config", CONFIGS[:4], ids=config_id)

@@ -204,6 +204,62 @@ def test_dropout_trains_and_evaluates_as_expected():
     torch.testing.assert_close(m(x)[0], m(x)[0])
 
 
+@pytest.mark.parametrize("with_hx", [False, True], ids=["zero-state", "hx"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_16_bit_cell_state_reaches_conveyor_as_float32_and_returns_in_the_inputs_dtype(dtype, with_hx,
+                                                                                         monkeypatch):
+    """Conveyor takes and returns the LSTM's cell state as float32 beside 16-bit x (the CUDA backend keeps it
+    so); the drop-in keeps torch.nn.LSTM's dtypes: c_0 and c_n in x's dtype, gradients reaching c_0 in it.
+    The CPU backend computes in float32 and float64 only, so here the stack is stood in for by Conveyor's
+    float64 stack on converted copies, which records the dtypes it was handed."""
+    from conveyor import _stack
+
+    dt = getattr(torch, dtype)
+    real_forward, real_backward = _stack.stack_forward, _stack.stack_backward
+    seen = {}
+
+    def double(a):
+        return None if a is None else a.double()
+
+    def stack_forward(cell, x, weights, h0=None, c0=None, **kwargs):
+        seen["x"], seen["c0"] = x.dtype, c0.dtype
+        weights = [tuple(double(w) for w in entry) for entry in weights]
+        y, h_n, c_n, saved = real_forward(cell, x.double(), weights, h0.double(), c0.double(), **kwargs)
+        return y.to(x.dtype), h_n.to(x.dtype), c_n.float(), (saved, x.dtype)
+
+    def stack_backward(saved, dy, dh_n=None, dc_n=None, **kwargs):
+        saved, x_dtype = saved
+        seen["dy"], seen["dc_n"] = dy.dtype, dc_n.dtype
+        g = real_backward(saved, dy.double(), dh_n.double(), dc_n.double(), **kwargs)
+        weights = [type(w)(*(None if a is None else a.to(x_dtype) for a in w)) for w in g.weights]
+        return _stack.StackGrads(g.dx.to(x_dtype), g.dh0.to(x_dtype), g.dc0.float(), weights)
+
+    monkeypatch.setattr(_stack, "stack_forward", stack_forward)
+    monkeypatch.setattr(_stack, "stack_backward", stack_backward)
+    torch.manual_seed(3)
+    reference = ct.LSTM(4, 5, num_layers=2).double()
+    module = ct.LSTM(4, 5, num_layers=2).to(dt)
+    module.load_state_dict(reference.state_dict())
+    reference.load_state_dict(module.state_dict())  # the weights as 16-bit holds them
+    x = torch.randn(3, 2, 4, dtype=torch.float64).to(dt)
+    h0, c0 = (torch.randn(2, 2, 5, dtype=torch.float64).to(dt).requires_grad_(with_hx) for _ in range(2))
+    y, (h_n, c_n) = module(x, (h0, c0) if with_hx else None)
+    assert (seen["x"], seen["c0"]) == (dt, torch.float32)
+    assert (y.dtype, h_n.dtype, c_n.dtype) == (dt, dt, dt)
+    y_ref, (h_ref, c_ref) = reference(x.double(), (h0.detach().double(), c0.detach().double()) if with_hx
+                                      else None)
+    torch.testing.assert_close(c_n, c_ref.float().to(dt), rtol=0, atol=0)  # float32 from Conveyor, then dt
+    if with_hx:
+        weights = torch.randn(3, 2, 5, dtype=torch.float64), torch.randn(2, 2, 5, dtype=torch.float64)
+        ((y.double() * weights[0]).sum() + (c_n.double() * weights[1]).sum()).backward()
+        assert (seen["dy"], seen["dc_n"]) == (dt, torch.float32)
+        assert c0.grad is not None and c0.grad.dtype == dt and h0.grad.dtype == dt
+        c0_ref = c0.detach().double().requires_grad_(True)
+        y_ref, (_, c_ref) = reference(x.double(), (h0.detach().double(), c0_ref))
+        ((y_ref * weights[0].to(dt).double()).sum() + (c_ref * weights[1]).sum()).backward()
+        torch.testing.assert_close(c0.grad.double(), c0_ref.grad, rtol=0.02, atol=0.02)
+
+
 def test_refusals_name_the_problem():
     m = ct.LSTM(3, 4)
     packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])

@@ -6,7 +6,8 @@
 // Two entry points per direction: forward/backward take NumPy arrays and allocate NumPy outputs;
 // forward_dlpack/backward_dlpack take arrays of any library that exports DLPack (CuPy, PyTorch, JAX, on the
 // CPU or a CUDA device), without copies, and get their outputs from a Python callable that allocates them in
-// the caller's library.
+// the caller's library. Outputs have x's dtype but for the LSTM's c_T and dc0, which have cell_state_dtype(x)
+// (float32 beside 16-bit x; conveyor.h).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -254,21 +255,22 @@ struct NumpyViews {
 
 using Output = std::pair<py::object, TensorView>;
 
-// New NumPy outputs of x's dtype.
+// New NumPy outputs of the given dtype (float32 or float64: the CPU backend's, checked before any output is
+// made).
 struct NumpyOutputs {
-  py::dtype dtype;
-  Output operator()(const std::vector<py::ssize_t>& shape) const {
-    py::array out = new_output(dtype, shape);
+  Output operator()(const std::vector<py::ssize_t>& shape, DType dtype) const {
+    py::array out = new_output(py::dtype(std::string(dtype_name(dtype))), shape);
     return {out, output_view(out)};
   }
 };
 
-// Outputs from the caller's allocator, allocate(shape) -> a new array of x's library, dtype and device.
+// Outputs from the caller's allocator, allocate(shape, dtype_name) -> a new array of x's library and device
+// and of the dtype named ("float32", "float64", "float16" or "bfloat16").
 struct DLPackOutputs {
   const py::function& allocate;
   DLPackViews& views;
-  Output operator()(const std::vector<py::ssize_t>& shape) const {
-    py::object out = allocate(py::tuple(py::cast(shape)));
+  Output operator()(const std::vector<py::ssize_t>& shape, DType dtype) const {
+    py::object out = allocate(py::tuple(py::cast(shape)), dtype_name(dtype));
     return {out, views("output", out)};
   }
 };
@@ -290,12 +292,15 @@ py::tuple run_forward(const CellOptions& options, Views& views, const Outputs& o
   args.P = views.optional("P", P);
   check_forward_inputs(options, args);
   const WindowSizes s = window_sizes(options, args.x, args.W, args.R);
-  Output y = outputs({s.steps, s.batch, s.hidden_size});
-  Output h_T = outputs({s.batch, s.hidden_size});
+  const DType dtype = args.x.dtype, cell_dtype = cell_state_dtype(args.x.dtype);
+  Output y = outputs({s.steps, s.batch, s.hidden_size}, dtype);
+  Output h_T = outputs({s.batch, s.hidden_size}, dtype);
   Output c_T{py::none(), TensorView{}};
   Output cache{py::none(), TensorView{}};
-  if (options.cell == CellType::lstm) c_T = outputs({s.batch, s.hidden_size});
-  if (training && cache_width(options) > 0) cache = outputs({s.steps, s.batch, cache_width(options) * s.hidden_size});
+  if (options.cell == CellType::lstm) c_T = outputs({s.batch, s.hidden_size}, cell_dtype);
+  if (training && cache_width(options) > 0) {
+    cache = outputs({s.steps, s.batch, cache_width(options) * s.hidden_size}, dtype);
+  }
   args.y = y.second;
   args.h_T = h_T.second;
   args.c_T = c_T.second;
@@ -329,14 +334,15 @@ py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& 
   const WindowSizes s = window_sizes(options, args.x, args.W, args.R);
   const int64_t GH = gate_count(options) * s.hidden_size;
   const Output none{py::none(), TensorView{}};
-  Output dx = outputs({s.steps, s.batch, s.input_size});
-  Output dh0 = outputs({s.batch, s.hidden_size});
-  Output dc0 = options.cell == CellType::lstm ? outputs({s.batch, s.hidden_size}) : none;
-  Output dW = outputs({GH, s.input_size});
-  Output dR = outputs({GH, s.hidden_size});
-  Output dbW = has_bW ? outputs({GH}) : none;
-  Output dbR = has_bR ? outputs({GH}) : none;
-  Output dP = options.peephole ? outputs({3, s.hidden_size}) : none;
+  const DType dtype = args.x.dtype, cell_dtype = cell_state_dtype(args.x.dtype);
+  Output dx = outputs({s.steps, s.batch, s.input_size}, dtype);
+  Output dh0 = outputs({s.batch, s.hidden_size}, dtype);
+  Output dc0 = options.cell == CellType::lstm ? outputs({s.batch, s.hidden_size}, cell_dtype) : none;
+  Output dW = outputs({GH, s.input_size}, dtype);
+  Output dR = outputs({GH, s.hidden_size}, dtype);
+  Output dbW = has_bW ? outputs({GH}, dtype) : none;
+  Output dbR = has_bR ? outputs({GH}, dtype) : none;
+  Output dP = options.peephole ? outputs({3, s.hidden_size}, dtype) : none;
   args.dx = dx.second;
   args.dh0 = dh0.second;
   args.dc0 = dc0.second;
@@ -352,17 +358,11 @@ py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& 
   return py::make_tuple(dx.first, dh0.first, dc0.first, dW.first, dR.first, dbW.first, dbR.first, dP.first);
 }
 
-py::dtype dtype_of_x(const py::object& x) {
-  view_of("x", x);  // the TypeError naming x when it is not a NumPy array of a supported dtype
-  return py::reinterpret_borrow<py::array>(x).dtype();
-}
-
 py::tuple forward_numpy(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
                         const py::object& R, const py::object& bW, const py::object& bR, const py::object& h0,
                         const py::object& c0, const py::object& P, bool training) {
   NumpyViews views;
-  return run_forward(cell_options(cell, options), views, NumpyOutputs{dtype_of_x(x)}, x, W, R, bW, bR, h0, c0, P,
-                     training, 0);
+  return run_forward(cell_options(cell, options), views, NumpyOutputs{}, x, W, R, bW, bR, h0, c0, P, training, 0);
 }
 
 py::tuple backward_numpy(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
@@ -370,8 +370,8 @@ py::tuple backward_numpy(const std::string& cell, const py::dict& options, const
                          const py::object& y, const py::object& cache, const py::object& dy, const py::object& dh_T,
                          const py::object& dc_T, bool has_bW, bool has_bR) {
   NumpyViews views;
-  return run_backward(cell_options(cell, options), views, NumpyOutputs{dtype_of_x(x)}, x, W, R, h0, c0, P, y, cache,
-                      dy, dh_T, dc_T, has_bW, has_bR, 0);
+  return run_backward(cell_options(cell, options), views, NumpyOutputs{}, x, W, R, h0, c0, P, y, cache, dy, dh_T,
+                      dc_T, has_bW, has_bR, 0);
 }
 
 py::tuple forward_dlpack(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,

@@ -67,6 +67,10 @@ const char* dtype_name(DType dtype) {
   return "unknown";
 }
 
+DType cell_state_dtype(DType x_dtype) {
+  return x_dtype == DType::float16 || x_dtype == DType::bfloat16 ? DType::float32 : x_dtype;
+}
+
 std::string device_name(const Device& device) {
   return device.kind == DeviceKind::cpu ? std::string("cpu") : "cuda:" + std::to_string(device.index);
 }
@@ -170,14 +174,29 @@ void check_options(const CellOptions& options) {
   }
 }
 
-// Checks one view against the window: present (unless optional), the expected shape, the dtype and device of
-// x, C-contiguous.
+// Checks one view against the window: present (unless optional), the expected shape, the dtype (x's, or
+// the cell state's for the LSTM's cell-state arrays) and device of x, C-contiguous.
 class ViewChecker {
  public:
   explicit ViewChecker(const TensorView& x) : x_(x) {}
 
   void operator()(const char* name, const TensorView& v, std::initializer_list<int64_t> dims,
                   const char* meaning, bool optional = false) const {
+    check(name, v, dims, meaning, optional, x_.dtype, "the dtype of x");
+  }
+
+  // c0, c_T, dc_T, dc0: of cell_state_dtype(x's dtype), float32 beside 16-bit x.
+  void cell_state(const char* name, const TensorView& v, std::initializer_list<int64_t> dims, const char* meaning,
+                  bool optional) const {
+    const DType dtype = cell_state_dtype(x_.dtype);
+    check(name, v, dims, meaning, optional, dtype,
+          dtype == x_.dtype ? std::string("the dtype of x")
+                            : std::string("the cell state's, for ") + dtype_name(x_.dtype) + " x");
+  }
+
+ private:
+  void check(const char* name, const TensorView& v, std::initializer_list<int64_t> dims, const char* meaning,
+             bool optional, DType dtype, const std::string& why) const {
     if (!v.present()) {
       if (optional) return;
       throw ArgumentError(std::string(name) + ": expected an array of shape " + dims_string(dims) + " " + meaning +
@@ -193,8 +212,8 @@ class ViewChecker {
       throw ArgumentError(std::string(name) + ": expected shape " + dims_string(dims) + " " + meaning + ", got " +
                           shape_string(v));
     }
-    if (v.dtype != x_.dtype) {
-      throw DTypeError(std::string(name) + ": expected dtype " + dtype_name(x_.dtype) + " (the dtype of x), got " +
+    if (v.dtype != dtype) {
+      throw DTypeError(std::string(name) + ": expected dtype " + dtype_name(dtype) + " (" + why + "), got " +
                        dtype_name(v.dtype));
     }
     if (v.device.kind != x_.device.kind || v.device.index != x_.device.index) {
@@ -207,7 +226,6 @@ class ViewChecker {
     }
   }
 
- private:
   const TensorView& x_;
 };
 
@@ -301,7 +319,7 @@ Checked check_window_inputs(const CellOptions& options, const TensorView& x, con
   check("R", R, {c.GH, c.H}, "[G*hidden_size, hidden_size]");
   check("h0", h0, {c.B, c.H}, "[B, hidden_size]", true);
   check_no_cell_state_unless_lstm(options, "c0", c0);
-  check("c0", c0, {c.B, c.H}, "[B, hidden_size]", true);
+  check.cell_state("c0", c0, {c.B, c.H}, "[B, hidden_size]", true);
   return c;
 }
 
@@ -324,7 +342,7 @@ Checked check_backward_inputs_impl(const CellOptions& options, const BackwardArg
   check("dy", args.dy, {c.T, c.B, c.H}, "[T, B, hidden_size]");
   check("dh_T", args.dh_T, {c.B, c.H}, "[B, hidden_size]", true);
   check_no_cell_state_unless_lstm(options, "dc_T", args.dc_T);
-  check("dc_T", args.dc_T, {c.B, c.H}, "[B, hidden_size]", true);
+  check.cell_state("dc_T", args.dc_T, {c.B, c.H}, "[B, hidden_size]", true);
   check_peephole(options, check, c, args.P);
   return c;
 }
@@ -392,7 +410,7 @@ void forward(const CellOptions& options, const ForwardArgs& args, void* stream) 
   check("y", args.y, {c.T, c.B, c.H}, "[T, B, hidden_size]");
   check("h_T", args.h_T, {c.B, c.H}, "[B, hidden_size]", true);
   check_no_cell_state_unless_lstm(options, "c_T", args.c_T);
-  check("c_T", args.c_T, {c.B, c.H}, "[B, hidden_size]", true);
+  check.cell_state("c_T", args.c_T, {c.B, c.H}, "[B, hidden_size]", true);
   if (cache_width(options) > 0) {
     check("cache", args.cache, {c.T, c.B, cache_width(options) * c.H}, "[T, B, cache_width*hidden_size]", true);
   }
@@ -433,7 +451,7 @@ void backward(const CellOptions& options, const BackwardArgs& args, void* stream
   check("dx", args.dx, {c.T, c.B, c.I}, "[T, B, input_size]", true);
   check("dh0", args.dh0, {c.B, c.H}, "[B, hidden_size]", true);
   check_no_cell_state_unless_lstm(options, "dc0", args.dc0);
-  check("dc0", args.dc0, {c.B, c.H}, "[B, hidden_size]", true);
+  check.cell_state("dc0", args.dc0, {c.B, c.H}, "[B, hidden_size]", true);
   check("dW", args.dW, {c.GH, c.I}, "[G*hidden_size, input_size]", true);
   check("dR", args.dR, {c.GH, c.H}, "[G*hidden_size, hidden_size]", true);
   check("dbW", args.dbW, {c.GH}, "[G*hidden_size]", true);

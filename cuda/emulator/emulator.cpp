@@ -550,13 +550,16 @@ std::set<Stream*> g_streams;  // every live stream but the legacy default one
 
 struct Stream {
   explicit Stream(unsigned flags_) : flags(flags_), worker([this] { work(); }) {}
-  ~Stream() {
+  ~Stream() { stop(); }
+
+  // Finishes the work enqueued so far and ends the worker thread.
+  void stop() {
     {
       const std::lock_guard<std::mutex> lock(mutex);
       stopping = true;
     }
     changed.notify_all();
-    worker.join();
+    if (worker.joinable()) worker.join();
   }
 
   // Appends `task` to the stream's work; returns the count of tasks enqueued so far (the task's number).
@@ -1165,7 +1168,9 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
     const std::lock_guard<std::mutex> lock(emu::g_streams_mutex);
     if (stream == nullptr || emu::g_streams.erase(s) == 0) return emu::record(cudaErrorInvalidResourceHandle);
   }
-  delete s;  // finishes its work first, as a GPU does before releasing the stream
+  // Finishes its work first, as a GPU does before releasing the stream. The object is never freed: events
+  // recorded on the stream, and other streams' waits for them, still point at it, as CUDA allows.
+  s->stop();
   return cudaSuccess;
 }
 

@@ -2,7 +2,8 @@
 any other library whose arrays follow the Python array API standard (``__array_namespace__``).
 
 The compiled core reads and writes such arrays in place through DLPack. This module does the three things
-that need the array's own library: it allocates outputs of the same kind, dtype and device as ``x``; it finds
+that need the array's own library: it allocates outputs of the same kind and device as ``x``, of x's dtype
+or of the one the core names (float32 for the LSTM's cell state beside 16-bit ``x``); it finds
 the stream to run on (the library's current stream on x's device, unless the caller names one); and it hands
 JAX its outputs back as JAX arrays.
 """
@@ -28,6 +29,29 @@ def library_of(a) -> str:
 
 def _is_torch(a) -> bool:
     return library_of(a) == "torch"
+
+
+def dtype_name(dtype) -> str:
+    """The name of a NumPy, CuPy, JAX, PyTorch or array-API dtype: "float32", "bfloat16", ..."""
+    name = getattr(dtype, "name", None)
+    if isinstance(name, str):
+        return name
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype).rsplit(".", 1)[-1]  # torch.float16, array_api_strict.float32
+
+
+# The dtype of the LSTM's cell-state arrays (c0, c_T, dc_T, dc0) where it is not x's (conveyor.h,
+# cell_state_dtype): the CUDA backend keeps the cell state in float32 beside 16-bit storage.
+_CELL_STATE_DTYPES = {"float16": "float32", "bfloat16": "float32"}
+
+
+def cell_state_dtype_name(x_dtype) -> str:
+    """The name of the cell-state dtype for x of ``x_dtype``: "float32" for float16 and bfloat16 x, else
+    x's own."""
+    name = dtype_name(x_dtype)
+    return _CELL_STATE_DTYPES.get(name, name)
 
 
 def for_export(a):
@@ -74,7 +98,9 @@ def stream_of(x, stream) -> int:
 
 
 class Allocator:
-    """Allocates outputs like ``x``: same library, dtype and device. NaN-filled when the tests ask for it."""
+    """Allocates outputs like ``x``: same library and device, and x's dtype or the one named by the call,
+    ``allocate(shape, "float32")`` (the compiled core asks for the LSTM's c_T and dc0 so). NaN-filled when
+    the tests ask for it."""
 
     def __init__(self, x):
         self._x = x
@@ -87,13 +113,19 @@ class Allocator:
             self._library = "array-api"
         self._poison = _conveyor._poison_outputs()
 
-    def __call__(self, shape):
+    def __call__(self, shape, dtype=None):
+        """A new array of ``shape``, of x's dtype, or of the dtype named ``dtype`` ("float32", "float64",
+        "float16", "bfloat16")."""
+        if dtype is not None and dtype == dtype_name(self._x.dtype):
+            dtype = None
         if self._library == "array-api":
             xp, x = self._x.__array_namespace__(), self._x
+            # The standard's namespaces name their dtypes (xp.float32); one without them takes the name.
+            dt = x.dtype if dtype is None else getattr(xp, dtype, dtype)
             if self._poison:
-                return xp.full(tuple(shape), float("nan"), dtype=x.dtype, device=x.device)
-            return xp.empty(tuple(shape), dtype=x.dtype, device=x.device)
-        out = self._empty(tuple(shape))
+                return xp.full(tuple(shape), float("nan"), dtype=dt, device=x.device)
+            return xp.empty(tuple(shape), dtype=dt, device=x.device)
+        out = self._empty(tuple(shape), dtype)
         if self._poison:
             if hasattr(out, "fill_"):
                 out.fill_(float("nan"))
@@ -101,20 +133,21 @@ class Allocator:
                 out.fill(float("nan"))
         return out
 
-    def _empty(self, shape):
+    def _empty(self, shape, dtype):
         x = self._x
         if self._library == "numpy":
-            return np.empty(shape, dtype=x.dtype)
+            return np.empty(shape, dtype=x.dtype if dtype is None else dtype)
         if self._library == "torch":
             import torch
 
-            return torch.empty(shape, dtype=x.dtype, device=x.device)
+            return torch.empty(shape, dtype=x.dtype if dtype is None else getattr(torch, dtype),
+                               device=x.device)
         if self._library == "cupy":
             import cupy
 
             with cupy.cuda.Device(x.device.id):
-                return cupy.empty(shape, dtype=x.dtype)
-        return _empty_for_jax(x, shape)
+                return cupy.empty(shape, dtype=x.dtype if dtype is None else dtype)
+        return _empty_for_jax(x, shape, dtype)
 
     def finish(self, outputs):
         """The outputs as the caller's library holds them (JAX arrays for JAX input)."""
@@ -125,11 +158,11 @@ class Allocator:
         return tuple(None if o is None else jax.dlpack.from_dlpack(o) for o in outputs)
 
 
-def _empty_for_jax(x, shape):
+def _empty_for_jax(x, shape, dtype=None):
     # JAX arrays are immutable, so outputs for JAX input are made by PyTorch or CuPy (whichever is
     # installed) on x's device and handed to JAX through DLPack afterwards, without a copy.
     device_type, device_id = x.__dlpack_device__()
-    dtype = np.dtype(x.dtype).name
+    dtype = dtype_name(x.dtype) if dtype is None else dtype
     try:
         import torch
 

@@ -65,10 +65,11 @@ def forward_dlpack(
     c0: Any | None,
     P: Any | None,
     training: bool,
-    allocate: Callable[[tuple[int, ...]], Any],
+    allocate: Callable[[tuple[int, ...], str], Any],
     stream: int,
 ) -> tuple[Any, Any, Any | None, Any | None]:
-    """forward() for arrays with __dlpack__; outputs come from allocate(shape)."""
+    """forward() for arrays with __dlpack__; outputs come from allocate(shape, dtype_name): x's dtype, but
+    float32 for the LSTM's c_T beside float16 or bfloat16 x."""
 
 def backward_dlpack(
     cell: str,
@@ -86,10 +87,11 @@ def backward_dlpack(
     dc_T: Any | None,
     has_bW: bool,
     has_bR: bool,
-    allocate: Callable[[tuple[int, ...]], Any],
+    allocate: Callable[[tuple[int, ...], str], Any],
     stream: int,
 ) -> tuple[Any, Any, Any | None, Any, Any, Any | None, Any | None, Any | None]:
-    """backward() for arrays with __dlpack__; outputs come from allocate(shape)."""
+    """backward() for arrays with __dlpack__; outputs come from allocate(shape, dtype_name): x's dtype, but
+    float32 for the LSTM's dc0 beside float16 or bfloat16 x."""
 
 def gate_count(cell: str, options: dict[str, object] = ...) -> int: ...
 def dropout_mask(p: float, variational: bool, seed: int, mask_stream: int, out: Any, stream: int) -> Any: ...

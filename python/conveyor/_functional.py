@@ -3,8 +3,10 @@
 Shapes (time-major) and weight layout follow SPEC.md and PyTorch: ``x`` is ``[T, B, input_size]``, ``W`` is
 ``[G*hidden_size, input_size]``, ``R`` is ``[G*hidden_size, hidden_size]``, ``bW`` and ``bR`` are
 ``[G*hidden_size]`` with G = 4 (LSTM: i, f, g, o), 3 (GRU: r, z, n) or 1 (RNN). Every array of one call has
-the same dtype and device and is C-contiguous; anything else raises ValueError or TypeError naming the
-argument. The math runs in the compiled core with the GIL released.
+the same dtype and device and is C-contiguous, but for the LSTM's cell-state arrays (``c0``, ``c_T``,
+``dc_T``, ``dc0``), which are float32 when x is float16 or bfloat16 (the cell state is kept in float32, so
+windows chained through ``(h_T, c_T)`` give exactly the outputs of one call); anything else raises
+ValueError or TypeError naming the argument. The math runs in the compiled core with the GIL released.
 
 Arrays may be NumPy arrays (CPU; float32 or float64) or the arrays of any library that exports DLPack: CuPy,
 PyTorch and JAX, on the CPU (float32, float64) or a CUDA GPU (float32, float64, float16, bfloat16). They
@@ -208,8 +210,9 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, coupled_gates=Fal
                  mask_stream=0, training=True, allow_tf32=False, stream=None):
     """Runs an LSTM over the window ``x`` ``[T, B, input_size]``.
 
-    ``bW``/``bR`` may be None (no bias); ``h0``/``c0`` ``[B, hidden_size]`` default to zeros. Options
-    (SPEC.md):
+    ``bW``/``bR`` may be None (no bias); ``h0``/``c0`` ``[B, hidden_size]`` default to zeros. ``c0`` and the
+    returned ``c_T`` have x's dtype, but float32 for float16 and bfloat16 x (the float32 cell state,
+    unrounded, so that ``c_T`` chains the next window exactly). Options (SPEC.md):
     ``P`` ``[3, hidden_size]``, peephole weights p_i, p_f, p_o (Gers & Schmidhuber 2000; None: no peepholes);
     ``coupled_gates`` (CIFG, i = 1 - f; W, R and the biases then hold 3 gate blocks f, g, o); ``forget_bias``
     added to f's pre-activation; ``cell_clip`` (None, or c_t clamped to [-cell_clip, cell_clip]);
@@ -232,7 +235,8 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, coupled_gates=Fal
 def lstm_backward(saved, dy, dh_T=None, dc_T=None, *, stream=None, _keep=False) -> LSTMGrads:
     """Exact gradients of the window from :func:`lstm_forward`'s ``saved``, given ``dy``
     ``[T, B, hidden_size]`` and optionally ``dh_T``/``dc_T`` ``[B, hidden_size]`` (None: no loss on the
-    final state)."""
+    final state). ``dc_T`` and the returned ``dc0`` have the dtype of ``c0``: float32 for float16 and bfloat16
+    x."""
     return LSTMGrads(*_backward("lstm", saved, dy, dh_T, dc_T, stream, _keep))
 
 

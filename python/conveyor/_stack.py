@@ -114,17 +114,24 @@ def _is_contiguous(a) -> bool:
     return True if flags is None else bool(flags.c_contiguous)
 
 
-def _check_array(name, a, shape, meaning, like):
+def _check_array(name, a, shape, meaning, like, *, cell_state=False):
     """An array argument of the stack: its type, shape, dtype and layout, checked before any window runs, so
-    that a bad one is blamed by its own name and a rejected backward leaves the forward pass usable."""
+    that a bad one is blamed by its own name and a rejected backward leaves the forward pass usable. The
+    LSTM's cell-state arrays (``cell_state``: c0, dc_n) have the cell state's dtype, float32 beside 16-bit
+    x."""
     if a is None:
         return
     if not hasattr(a, "shape") or not hasattr(a, "dtype"):
         raise TypeError(f"{name}: expected an array of shape {meaning}, got {type(a).__name__}")
     if tuple(a.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)} = {meaning}, got {tuple(a.shape)}")
-    if like is not None and hasattr(like, "dtype") and a.dtype != like.dtype:
-        raise TypeError(f"{name}: expected dtype {like.dtype} (the dtype of x), got {a.dtype}")
+    if like is not None and hasattr(like, "dtype"):
+        expected = _arrays.dtype_name(like.dtype)
+        why = "the dtype of x"
+        if cell_state and _arrays.cell_state_dtype_name(like.dtype) != expected:
+            expected, why = _arrays.cell_state_dtype_name(like.dtype), f"the cell state's, for {expected} x"
+        if _arrays.dtype_name(a.dtype) != expected:
+            raise TypeError(f"{name}: expected dtype {expected} ({why}), got {_arrays.dtype_name(a.dtype)}")
     if not _is_contiguous(a):
         raise ValueError(f"{name}: expected a C-contiguous array of shape {tuple(a.shape)}")
 
@@ -134,7 +141,8 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
     """Runs ``num_layers`` layers of ``cell`` (``"lstm"``, ``"gru"`` or ``"rnn"``) over the window ``x``.
 
     ``weights``: a sequence of L*D tuples ``(W, R, bW, bR)`` (LSTM: ``(W, R, bW, bR, P)``, P None without
-    peepholes), layer-major then direction. ``h0``/``c0``: ``[L*D, B, H]`` or None. ``dropout``: inverted
+    peepholes), layer-major then direction. ``h0``/``c0``: ``[L*D, B, H]`` or None (c0, and the returned
+    c_n, of the cell state's dtype: float32 beside float16 or bfloat16 x). ``dropout``: inverted
     dropout on each layer's output but the last; ``variational``: its masks (and those of
     ``recurrent_dropout``) shared by every step; both apply in training only. ``options``: the cell's own
     options (activation, reset_after, coupled_gates, forget_bias, cell_clip, allow_tf32, stream).
@@ -162,7 +170,8 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
         getattr(_functional, f"{cell}_forward")(x, *weights[0][:4], training=False)
     states_shape = (num_layers * directions, x.shape[1], hidden)
     for name, state in (("h0", h0), ("c0", c0)):
-        _check_array(name, state, states_shape, "(num_layers * directions, B, hidden_size)", x)
+        _check_array(name, state, states_shape, "(num_layers * directions, B, hidden_size)", x,
+                     cell_state=name == "c0")
 
     forward = getattr(_functional, f"{cell}_forward")
     saved, masks, h_n, c_n = [], [], [], []
@@ -205,7 +214,8 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
 
 def stack_backward(saved, dy, dh_n=None, dc_n=None, *, stream=None, _keep=False) -> StackGrads:
     """Exact gradients of a stack from :func:`stack_forward`'s ``saved`` (serves one call), given ``dy``
-    ``[T, B, D*H]`` and optionally ``dh_n``/``dc_n`` ``[L*D, B, H]``. (``_keep``: the TBPTT driver's, for
+    ``[T, B, D*H]`` and optionally ``dh_n``/``dc_n`` ``[L*D, B, H]`` (dc_n, and the returned dc0, of the cell
+    state's dtype, as c0). (``_keep``: the TBPTT driver's, for
     windows that later spans reach back over again.)"""
     if not isinstance(saved, StackSaved):
         raise TypeError(f"saved: expected the StackSaved that stack_forward returned with training=True, "
@@ -218,7 +228,8 @@ def stack_backward(saved, dy, dh_n=None, dc_n=None, *, stream=None, _keep=False)
     if dy is None:
         raise TypeError("dy: expected an array of shape (T, B, directions * hidden_size), got NoneType")
     for name, final in (("dh_n", dh_n), ("dc_n", dc_n)):
-        _check_array(name, final, (L * D, B, H), "(num_layers * directions, B, hidden_size)", saved.x)
+        _check_array(name, final, (L * D, B, H), "(num_layers * directions, B, hidden_size)", saved.x,
+                     cell_state=name == "dc_n")
     if cell != "lstm" and dc_n is not None:
         raise ValueError(f"dc_n: only an LSTM has a cell state, but the cell is {cell}")
     backward = getattr(_functional, f"{cell}_backward")

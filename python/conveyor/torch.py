@@ -12,6 +12,14 @@ tensors' memory (DLPack, no copies), on their device and the current CUDA stream
 backward needs (the inputs, outputs and the kernels' gate cache). Parameters are ordinary ``nn.Parameter``s,
 so optimisers, ``DistributedDataParallel`` and ``state_dict`` treat them as any other.
 
+Cell state in float16 and bfloat16: Conveyor keeps the LSTM's cell state in float32 beside 16-bit storage
+and takes and returns it as float32 (``conveyor.lstm_forward``'s ``c0`` and ``c_T``). ``conveyor.torch.LSTM``
+keeps ``torch.nn.LSTM``'s dtypes instead: it takes ``c_0`` in the input's dtype, converts it to float32
+before calling Conveyor, and returns ``c_n`` converted back to the input's dtype (a ``c_0`` already float32
+is taken as it is). The conversions are ordinary torch ops, so gradients reach ``c_0`` in its own dtype.
+Windows chained through a 16-bit ``c_n`` therefore see the cell state rounded to 16 bits between calls; for
+exact chaining use ``conveyor.lstm_forward``, whose float32 ``c_T`` hands the state on unrounded.
+
 ``torch.compile``: the call into Conveyor is marked ``torch._dynamo.disable``, so a compiled model runs it
 eagerly between compiled graphs (a graph break), with the same results. ``PackedSequence`` input is refused
 with a message: pad it (``torch.nn.utils.rnn.pad_packed_sequence``) and pass the padded tensor.
@@ -34,7 +42,8 @@ __all__ = ["GRU", "LSTM", "RNN"]
 
 class _StackFunction(torch.autograd.Function):
     """(x, h0, c0, *weights) -> (y, h_n, c_n) through stack_forward / stack_backward. c0 and c_n are empty
-    tensors for cells without a cell state; absent biases and peepholes are empty tensors too."""
+    tensors for cells without a cell state; absent biases and peepholes are empty tensors too. c0 and c_n
+    (and their gradients) are of Conveyor's cell-state dtype: float32 beside float16 or bfloat16 x."""
 
     @staticmethod
     def forward(ctx, spec, x, h0, c0, *flat):
@@ -152,9 +161,11 @@ class _ConveyorRNNBase(torch.nn.Module):
         directions = 2 if self.bidirectional else 1
         state_shape = (self.num_layers * directions, x.shape[1], self.hidden_size)
         lstm = self._cell == "lstm"
+        # Conveyor's cell state is float32 beside 16-bit x; torch.nn.LSTM's c_0 and c_n have x's dtype.
+        cell_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         if hx is None:
             h0 = x.new_zeros(state_shape)
-            c0 = x.new_zeros(state_shape) if lstm else x.new_empty(0)
+            c0 = x.new_zeros(state_shape, dtype=cell_dtype) if lstm else x.new_empty(0)
         else:
             if lstm:
                 if not (isinstance(hx, tuple) and len(hx) == 2):
@@ -169,6 +180,8 @@ class _ConveyorRNNBase(torch.nn.Module):
                 if tuple(state.shape) != state_shape:
                     raise ValueError(f"hx: expected {name} of shape {state_shape}, got {tuple(state.shape)}")
             h0, c0 = h0.contiguous(), c0.contiguous()
+            if lstm and c0.dtype == x.dtype != cell_dtype:
+                c0 = c0.to(cell_dtype)  # a torch op: autograd converts dc_0 back to c_0's dtype
         training = self.training
         kwargs = dict(num_layers=self.num_layers, bidirectional=self.bidirectional,
                       dropout=self.dropout if training else 0.0, variational=self.variational,
@@ -183,6 +196,8 @@ class _ConveyorRNNBase(torch.nn.Module):
             layout.append(len(names))
         spec = (self._cell, tuple(layout), kwargs)
         y, h_n, c_n = _run(spec, x, h0, c0, flat)
+        if lstm and c_n.dtype != x.dtype:
+            c_n = c_n.to(x.dtype)  # torch.nn.LSTM's c_n dtype; autograd takes dc_n back to float32
         if batched and self.batch_first:
             y = y.transpose(0, 1)
         if not batched:

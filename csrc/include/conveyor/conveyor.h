@@ -13,6 +13,12 @@
 // dict loads unchanged: W [G*H, I] (weight_ih), R [G*H, H] (weight_hh), bW and bR [G*H] (bias_ih, bias_hh),
 // gate blocks stacked along the first axis in the order above.
 //
+// Element types. Every array of one call has the dtype of x, but for the LSTM's cell-state arrays (c0 and c_T
+// of forward(), c0, dc_T and dc0 of backward()), which have cell_state_dtype(x's dtype): float32 when x is
+// float16 or bfloat16 (CUDA keeps the cell state in float32 beside 16-bit storage, so that c_T hands on
+// exactly the state the window carried, and windows chained through (h_T, c_T) give exactly the outputs of
+// one call), x's dtype otherwise.
+//
 // Memory spaces. All views passed to one call live on one device: the CPU (host memory) or one CUDA device
 // (device memory, work queued on the `stream` argument). A mismatch is an ArgumentError, never a crash.
 //
@@ -91,6 +97,10 @@ struct TensorView {
   static TensorView contiguous(void* data, DType dtype, std::initializer_list<int64_t> shape,
                                Device device = {});
 };
+
+// The dtype of the LSTM's cell-state arrays (c0, c_T, dc_T, dc0) for x of `x_dtype`: float32 for float16
+// and bfloat16 x, `x_dtype` itself for float32 and float64.
+DType cell_state_dtype(DType x_dtype);
 
 // Names for messages: "float32", "cuda:0", and a shape written as "(2, 3, 4)".
 const char* dtype_name(DType dtype);
@@ -173,13 +183,13 @@ struct ForwardArgs {
   TensorView bW;  // [G*H]; optional (absent: no input bias)
   TensorView bR;  // [G*H]; optional (absent: no recurrent bias)
   TensorView h0;  // [B, H] initial hidden state; optional (absent: zeros)
-  TensorView c0;  // [B, H] initial cell state, LSTM only; optional (absent: zeros)
+  TensorView c0;  // [B, H] initial cell state, LSTM only, of cell_state_dtype(x); optional (absent: zeros)
   TensorView P;   // [3, H] peephole weights p_i, p_f, p_o; required with peephole, else absent
 
   // Outputs.
   TensorView y;      // [T, B, H] =  hidden state of every step
   TensorView h_T;    // [B, H]    =  final hidden state (equal to y[T-1]); optional
-  TensorView c_T;    // [B, H]    =  final cell state, LSTM only; optional
+  TensorView c_T;    // [B, H]    =  final cell state, LSTM only, of cell_state_dtype(x), unrounded; optional
   TensorView cache;  // [T, B, cache_width * H] =  what backward() needs; absent for inference only
 };
 
@@ -202,7 +212,7 @@ struct BackwardArgs {
   TensorView W;      // [G*H, I]
   TensorView R;      // [G*H, H]
   TensorView h0;     // [B, H]; absent if forward's was
-  TensorView c0;     // [B, H]; LSTM only; absent if forward's was
+  TensorView c0;     // [B, H]; LSTM only, of cell_state_dtype(x); absent if forward's was
   TensorView P;      // [3, H]; with peephole only
   TensorView y;      // [T, B, H]
   TensorView cache;  // [T, B, cache_width * H]
@@ -210,12 +220,12 @@ struct BackwardArgs {
   // Gradients of the loss with respect to forward's outputs (read only).
   TensorView dy;    // [T, B, H]
   TensorView dh_T;  // [B, H]; optional (absent: zeros, no loss on the final state)
-  TensorView dc_T;  // [B, H]; LSTM only; optional (absent: zeros)
+  TensorView dc_T;  // [B, H]; LSTM only, of cell_state_dtype(x); optional (absent: zeros)
 
   // Gradients of the loss with respect to forward's inputs. Each is optional: absent means not wanted.
   TensorView dx;   // [T, B, I] =
   TensorView dh0;  // [B, H]    =
-  TensorView dc0;  // [B, H]    =  LSTM only
+  TensorView dc0;  // [B, H]    =  LSTM only, of cell_state_dtype(x)
   TensorView dW;   // [G*H, I]  =, or += when accumulate
   TensorView dR;   // [G*H, H]  =, or += when accumulate
   TensorView dbW;  // [G*H]     =, or += when accumulate
