@@ -63,7 +63,7 @@ class TorchArrays:
     name = "torch"
 
     def __init__(self):
-        self.torch = pytest.importorskip("torch")
+        self.torch = pytest.importorskip("torch", reason="interop with PyTorch CUDA tensors needs PyTorch")
         if not self.torch.cuda.is_available():
             pytest.skip("interop with PyTorch CUDA tensors needs PyTorch with a GPU")
 
@@ -84,7 +84,7 @@ class CupyArrays:
     name = "cupy"
 
     def __init__(self):
-        self.cupy = pytest.importorskip("cupy")
+        self.cupy = pytest.importorskip("cupy", reason="interop with CuPy needs CuPy")
         if conveyor.cuda_emulated():
             pytest.skip("interop with CuPy needs a GPU, not the emulated build")
 
@@ -498,7 +498,7 @@ def test_runs_on_the_callers_current_and_given_streams(torch_gpu, rng):
 
 
 def test_cupy_current_stream(rng):
-    cupy = pytest.importorskip("cupy")
+    cupy = pytest.importorskip("cupy", reason="interop with CuPy needs CuPy")
     p = make_problem("gru", {"reset_after": False}, 8, 4, 16, 32, rng)
     pd = on_device(p, CupyArrays(), "float32")
     args = (pd.x, pd.W, pd.R, pd.bW, pd.bR, pd.h0)

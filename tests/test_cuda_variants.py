@@ -19,7 +19,7 @@ pytestmark = pytest.mark.cuda
 @pytest.fixture
 def torch():
     """PyTorch with a GPU, for the tests of interop with its CUDA tensors."""
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="interop with PyTorch CUDA tensors needs PyTorch")
     if not torch.cuda.is_available():
         pytest.skip("interop with PyTorch CUDA tensors needs PyTorch with a GPU")
     return torch
@@ -112,7 +112,7 @@ def test_masks_on_the_gpu_equal_the_cpus_bit_for_bit(dtype, variational):
 
 
 def test_masks_through_cupy(rng):
-    cupy = pytest.importorskip("cupy")
+    cupy = pytest.importorskip("cupy", reason="interop with CuPy needs CuPy")
     got = conveyor.dropout_mask(cupy.zeros(1, cupy.float32), (4, 3, 10), 0.5, seed=1)
     assert isinstance(got, cupy.ndarray)
     expected = ref.dropout_mask(0.5, False, 1, 0, (4, 3, 10)).astype(np.float32)
@@ -150,7 +150,7 @@ def test_clip_grad_norm_on_gpu_arrays(torch, rng):
 
 def test_training_on_the_gpu_follows_the_cpu(tmp_path):
     """conveyor train --device cuda: every array on the GPU (CuPy), the same losses as on the CPU."""
-    pytest.importorskip("cupy")
+    pytest.importorskip("cupy", reason="interop with CuPy needs CuPy")
     from conveyor import lm
 
     path = tmp_path / "corpus.txt"
