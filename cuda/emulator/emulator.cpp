@@ -44,6 +44,11 @@
 #if defined(__SANITIZE_THREAD__)
 #include <sanitizer/tsan_interface.h>
 #define CONVEYOR_EMULATOR_TSAN 1
+// ThreadSanitizer's dynamic annotations: its runtime defines them, no header declares them.
+extern "C" void AnnotateIgnoreReadsBegin(const char* file, int line);
+extern "C" void AnnotateIgnoreReadsEnd(const char* file, int line);
+extern "C" void AnnotateIgnoreWritesBegin(const char* file, int line);
+extern "C" void AnnotateIgnoreWritesEnd(const char* file, int line);
 #endif
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
@@ -268,10 +273,38 @@ Fiber* current_fiber() {
   throw KernelFault{error, describe(current_fiber()->thread) + ": " + what};
 }
 
+// ThreadSanitizer sees each fiber as a thread of its own, and the scheduler switches between them without
+// synchronising (a synchronising switch would order every CUDA thread after the one before it and hide every
+// race). The emulator's own state, which the fibers of a launch share (the running fiber, the ready list,
+// barrier counts, warp collectives, shared-variable allocation), is therefore kept out of race detection
+// while a fiber works on it (a Bookkeeping object in scope): only the kernels' own accesses count. A fiber
+// leaves the region while it is switched out (switch_to_scheduler), so that none is destroyed inside one
+// (after a fault), which ThreadSanitizer reports as an error.
+void ignore_bookkeeping_begin() {
+#ifdef CONVEYOR_EMULATOR_TSAN
+  AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+  AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+#endif
+}
+void ignore_bookkeeping_end() {
+#ifdef CONVEYOR_EMULATOR_TSAN
+  AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+  AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+#endif
+}
+struct Bookkeeping {
+  Bookkeeping() { ignore_bookkeeping_begin(); }
+  ~Bookkeeping() { ignore_bookkeeping_end(); }
+  Bookkeeping(const Bookkeeping&) = delete;
+  Bookkeeping& operator=(const Bookkeeping&) = delete;
+};
+
 // Switches from the running fiber back to the scheduler; returns when the scheduler resumes this fiber.
+// Called inside one Bookkeeping region (the caller's), which it leaves while switched out.
 void switch_to_scheduler(Fiber* f) {
   Group* g = tls_group;
 #ifdef CONVEYOR_EMULATOR_TSAN
+  ignore_bookkeeping_end();
   __tsan_switch_to_fiber(g->scheduler_tsan, __tsan_switch_to_fiber_no_sync);
 #endif
 #ifdef CONVEYOR_EMULATOR_ASAN
@@ -281,6 +314,9 @@ void switch_to_scheduler(Fiber* f) {
   context_switch(f->context, g->scheduler);
 #ifdef CONVEYOR_EMULATOR_ASAN
   __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+#ifdef CONVEYOR_EMULATOR_TSAN
+  ignore_bookkeeping_begin();
 #endif
 }
 
@@ -337,32 +373,45 @@ void fiber_exited(Fiber* f) {
 }
 
 void fiber_main() {
-  Group* g = tls_group;
-  Fiber* f = g->running;
+  Group* g = nullptr;
+  Fiber* f = nullptr;
+  {
+    const Bookkeeping bookkeeping;
+    g = tls_group;
+    f = g->running;
+  }
 #ifdef CONVEYOR_EMULATOR_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &g->scheduler_stack_bottom, &g->scheduler_stack_size);
 #endif
   tsan_acquire(&g->start_sync);
   try {
     (*g->body)();
+    const Bookkeeping bookkeeping;
     fiber_exited(f);
   } catch (const KernelFault& e) {
+    const Bookkeeping bookkeeping;
     if (!g->faulted) {
       g->faulted = true;
       g->fault = e;
     }
     f->state = FiberState::done;
   } catch (const std::exception& e) {
+    const Bookkeeping bookkeeping;
     if (!g->faulted) {
       g->faulted = true;
       g->fault = {cudaErrorLaunchFailure, describe(f->thread) + ": " + e.what()};
     }
     f->state = FiberState::done;
   }
-  tsan_release(&g->end_sync);
   g = tls_group;  // the same group; reread after the body, which may have switched many times
 #ifdef CONVEYOR_EMULATOR_TSAN
-  __tsan_switch_to_fiber(g->scheduler_tsan, __tsan_switch_to_fiber_no_sync);
+  void* const scheduler_fiber = g->scheduler_tsan;
+#endif
+  // After every read of the group: the scheduler acquires this once all fibers have ended, before it reuses
+  // the group's memory.
+  tsan_release(&g->end_sync);
+#ifdef CONVEYOR_EMULATOR_TSAN
+  __tsan_switch_to_fiber(scheduler_fiber, __tsan_switch_to_fiber_no_sync);
 #endif
 #ifdef CONVEYOR_EMULATOR_ASAN
   __sanitizer_start_switch_fiber(nullptr, g->scheduler_stack_bottom, g->scheduler_stack_size);
@@ -712,9 +761,13 @@ void run_grid(const void* function, const char* kernel, dim3 grid, dim3 block, s
 // ---------------------------------------------------------------------------------------------------------
 // What kernels call (cuda_emulator.h)
 
-const ThreadContext& current_thread() { return current_fiber()->thread; }
+const ThreadContext& current_thread() {
+  const Bookkeeping bookkeeping;
+  return current_fiber()->thread;
+}
 
 void sync_block() {
+  const Bookkeeping bookkeeping;
   Fiber* f = current_fiber();
   Block* b = f->block;
   const unsigned generation = b->barrier_generation;
@@ -726,6 +779,7 @@ void sync_block() {
 }
 
 void sync_grid() {
+  const Bookkeeping bookkeeping;
   Fiber* f = current_fiber();
   Group* g = tls_group;
   if (!g->cooperative) fault(cudaErrorLaunchFailure, "grid sync in a launch that is not cooperative");
@@ -738,6 +792,7 @@ void sync_grid() {
 }
 
 void warp_collective(const char* op, unsigned mask, const void* in, void* out, CollectiveCompletion complete) {
+  const Bookkeeping bookkeeping;
   Fiber* f = current_fiber();
   Block* b = f->block;
   Warp& warp = b->warps[f->thread.warp];
@@ -796,6 +851,7 @@ void warp_collective(const char* op, unsigned mask, const void* in, void* out, C
 }
 
 void* block_shared(size_t bytes, size_t alignment, const char* name) {
+  const Bookkeeping bookkeeping;  // the allocating thread's fill too: the block's threads write the memory next
   Fiber* f = current_fiber();
   Block* b = f->block;
   const size_t k = f->shared_calls++;
@@ -813,14 +869,19 @@ void* block_shared(size_t bytes, size_t alignment, const char* name) {
 }
 
 void* dynamic_shared() {
+  const Bookkeeping bookkeeping;
   Fiber* f = current_fiber();
   if (f->block->dynamic_shared == nullptr) fault(cudaErrorLaunchFailure, "dynamic shared memory in a launch of 0 bytes");
   return f->block->dynamic_shared;
 }
 
-void kernel_fault(cudaError_t error, const char* what) { fault(error, what); }
+void kernel_fault(cudaError_t error, const char* what) {
+  const Bookkeeping bookkeeping;
+  fault(error, what);
+}
 
 void yield() {
+  const Bookkeeping bookkeeping;
   Fiber* f = current_fiber();
   release(f);
   switch_to_scheduler(f);
