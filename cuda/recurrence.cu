@@ -17,6 +17,8 @@
 // All views have been checked by api.cpp: shapes, x's dtype (Compute<S> for the cell-state arrays),
 // C-contiguous, on one CUDA device. Kernels end in _kernel; the launchers that follow them have the kernel's
 // name without it.
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "cells/dropout.h"
@@ -26,6 +28,8 @@
 #include "core/backends.h"
 #include "device.cuh"
 #include "gemm.cuh"
+#include "persistent.cuh"
+#include "step.cuh"
 
 namespace conveyor::cuda {
 
@@ -38,140 +42,7 @@ constexpr int kStepThreads = 256;
 static_assert(kStepThreads == kStepUnits * kStepRows / 2, "two rows per thread");
 
 // ---------------------------------------------------------------------------------------------------------
-// Forward step
-
-enum class ForwardEpilogue {
-  lstm,
-  lstm_coupled,             // CIFG: three gate blocks f, g, o
-  gru_reset_after,
-  gru_reset_before_gates,   // r, z and r * h_{t-1}
-  gru_reset_before_output,  // n and h_t, after the n block's product over r * h_{t-1}
-  rnn,
-};
-
-__host__ __device__ constexpr int product_gates(ForwardEpilogue e) {
-  switch (e) {
-    case ForwardEpilogue::lstm: return 4;
-    case ForwardEpilogue::lstm_coupled: return 3;
-    case ForwardEpilogue::gru_reset_after: return 3;
-    case ForwardEpilogue::gru_reset_before_gates: return 2;
-    default: return 1;
-  }
-}
-
-// One step's arguments. Step-indexed pointers point at step t's slice.
-template <typename S>
-struct ForwardStep {
-  using C = Compute<S>;
-  int64_t batch, hidden, gate_stride;  // B, H, G*H
-  const S* R;                          // [G*H, H]
-  int64_t R_row0;                      // R's row of the product's first gate block (2H for the n block)
-  const void* h_in;                    // [B, H] the product's vector: h_{t-1} (S) or r * h_{t-1} (C)
-  const C* ax;                         // [B, G*H] x_t W^T, without bias
-  const S* bW;                         // [G*H] or null
-  const S* bR;                         // [G*H] or null
-  const S* P;                          // [3, H] LSTM peephole weights p_i, p_f, p_o, or null
-  cells::LstmOptions<C> lstm;          // LSTM options (relu and coupled are template constants)
-  const C* mask;                       // [B, H] recurrent dropout mask m_t on the product's h, or null
-  const S* h_prev;                     // [B, H] h_{t-1}
-  C* cell_state;                       // [B, H] LSTM: c_{t-1} in, c_t out
-  C* reset_hidden;                     // [B, H] GRU reset_before: r * h_{t-1}, out
-  C* update_gate;                      // [B, H] GRU reset_before: z, from the gates pass to the output pass
-  S* h;                                // [B, H] h_t (y_t)
-  S* cache;                            // [B, cache_width * H] or null (inference)
-  int64_t cache_stride;                // cache_width * H
-};
-
-// c_t rounded to S for the cache, on the same side of the clip bound as c_t itself. The backward
-// (cells::lstm_backward) stops the gradient where the cached |c_t| >= cell_clip; rounded to nearest, a c_t
-// just inside the bound can land on it (so an unclipped unit would lose its gradient), and a clipped c_t =
-// +-cell_clip that S does not hold can fall inside it (so a clipped one would keep it). There, rounding the
-// other way (toward zero to stay inside, away from zero to stay on or beyond) keeps the forward's float32
-// decision at the cost of one unit in the last place. float and double hold c_t exactly.
-template <typename S, typename C>
-__device__ __forceinline__ S cell_state_for_cache(C c, C cell_clip) {
-  const S nearest = convert<S>(c);
-  if constexpr (std::is_same_v<S, __half> || std::is_same_v<S, bfloat16>) {
-    auto clipped = [cell_clip](C v) { return cell_clip > C(0) && (v >= cell_clip || v <= -cell_clip); };
-    if (clipped(convert<C>(nearest)) == clipped(c)) return nearest;
-    const bool round_up = clipped(c) == (c > C(0));
-    if constexpr (std::is_same_v<S, __half>) {
-      return round_up ? __float2half_ru(c) : __float2half_rd(c);
-    } else {
-      return round_up ? __float2bfloat16_ru(c) : __float2bfloat16_rd(c);
-    }
-  } else {
-    return nearest;
-  }
-}
-
-template <typename S, ForwardEpilogue kEpilogue, bool kRelu>
-__device__ __forceinline__ void forward_epilogue(const ForwardStep<S>& p, int64_t b, int64_t j,
-                                                 const Compute<S>* product) {
-  using C = Compute<S>;
-  const int64_t H = p.hidden, unit = b * H + j;
-  // Gate block g's input part (x W^T + bW) and recurrent bias.
-  auto input = [&](int g) {
-    const int64_t col = g * H + j;
-    return p.ax[b * p.gate_stride + col] + (p.bW != nullptr ? convert<C>(p.bW[col]) : C(0));
-  };
-  auto recurrent_bias = [&](int g) { return p.bR != nullptr ? convert<C>(p.bR[g * H + j]) : C(0); };
-  S* cache = p.cache != nullptr ? p.cache + b * p.cache_stride : nullptr;
-
-  if constexpr (kEpilogue == ForwardEpilogue::lstm || kEpilogue == ForwardEpilogue::lstm_coupled) {
-    constexpr bool kCoupled = kEpilogue == ForwardEpilogue::lstm_coupled;
-    constexpr int kF = kCoupled ? 0 : 1, kG = kF + 1, kO = kF + 2;
-    cells::LstmOptions<C> opt = p.lstm;
-    opt.relu = kRelu;
-    opt.coupled = kCoupled;
-    const C a_i = kCoupled ? C(0) : input(0) + (product[0] + recurrent_bias(0));
-    const cells::Peephole<C> peephole =
-        p.P != nullptr ? cells::Peephole<C>{convert<C>(p.P[j]), convert<C>(p.P[H + j]), convert<C>(p.P[2 * H + j])}
-                       : cells::Peephole<C>{C(0), C(0), C(0)};
-    const auto s = cells::lstm_forward(opt, a_i, input(kF) + (product[kF] + recurrent_bias(kF)),
-                                       input(kG) + (product[kG] + recurrent_bias(kG)),
-                                       input(kO) + (product[kO] + recurrent_bias(kO)), p.cell_state[unit], peephole);
-    p.cell_state[unit] = s.c;
-    p.h[unit] = convert<S>(s.h);
-    if (cache != nullptr) {
-      cache[j] = convert<S>(s.i);
-      cache[H + j] = convert<S>(s.f);
-      cache[2 * H + j] = convert<S>(s.g);
-      cache[3 * H + j] = convert<S>(s.o);
-      cache[4 * H + j] = cell_state_for_cache<S>(s.c, opt.cell_clip);
-    }
-  } else if constexpr (kEpilogue == ForwardEpilogue::gru_reset_after) {
-    const C r = cells::sigmoid(input(0) + (product[0] + recurrent_bias(0)));
-    const C z = cells::sigmoid(input(1) + (product[1] + recurrent_bias(1)));
-    const C ar_n = product[2] + recurrent_bias(2);
-    const C n = cells::gru_candidate_reset_after(kRelu, input(2), r, ar_n);
-    p.h[unit] = convert<S>(cells::gru_output(z, n, convert<C>(p.h_prev[unit])));
-    if (cache != nullptr) {
-      cache[j] = convert<S>(r);
-      cache[H + j] = convert<S>(z);
-      cache[2 * H + j] = convert<S>(n);
-      cache[3 * H + j] = convert<S>(ar_n);
-    }
-  } else if constexpr (kEpilogue == ForwardEpilogue::gru_reset_before_gates) {
-    const C r = cells::sigmoid(input(0) + (product[0] + recurrent_bias(0)));
-    const C z = cells::sigmoid(input(1) + (product[1] + recurrent_bias(1)));
-    const C h_product = convert<C>(p.h_prev[unit]) * (p.mask != nullptr ? p.mask[unit] : C(1));
-    const C reset_hidden = r * h_product;
-    p.reset_hidden[unit] = reset_hidden;
-    p.update_gate[unit] = z;
-    if (cache != nullptr) {
-      cache[j] = convert<S>(r);
-      cache[H + j] = convert<S>(z);
-      cache[3 * H + j] = convert<S>(reset_hidden);
-    }
-  } else if constexpr (kEpilogue == ForwardEpilogue::gru_reset_before_output) {
-    const C n = cells::gru_candidate_reset_before(kRelu, input(2), product[0] + recurrent_bias(2));
-    p.h[unit] = convert<S>(cells::gru_output(p.update_gate[unit], n, convert<C>(p.h_prev[unit])));
-    if (cache != nullptr) cache[2 * H + j] = convert<S>(n);
-  } else {
-    p.h[unit] = convert<S>(cells::rnn_forward(kRelu, input(0) + (product[0] + recurrent_bias(0))));
-  }
-}
+// Forward step (its arguments and cell math: step.cuh)
 
 // For the block's tile of (batch row, hidden unit), every gate's recurrent product
 // sum_k h_in[b, k] R[R_row0 + g*H + j, k], then the cell math.
@@ -231,106 +102,7 @@ void forward_step(const ForwardStep<S>& p, cudaStream_t stream) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Backward step
-
-enum class BackwardEpilogue {
-  lstm,
-  gru_reset_after,
-  gru_reset_before_update,  // everything but r's gradient
-  gru_reset_before_reset,   // r's gradient, after the product d(r * h_{t-1}) = dax_n R_n
-  rnn,
-  initial_state,            // dh0 = the product + the carried part
-};
-
-// One step's arguments. The product is P[b, j] = sum_{k < K} A(b, k) R[R_row0 + k, j], where A(b, k) is
-// a_first[b * a_first_ld + k] for k < K_first and a_second[b * a_second_ld + k - K_first] after: the
-// pre-activation gradients of step t+1 along R's rows (K = 0 at the window's last step).
-template <typename S>
-struct BackwardStep {
-  using C = Compute<S>;
-  int64_t batch, hidden, gate_stride;  // B, H, G*H
-  const S* R;                          // [G*H, H]
-  int64_t R_row0, K, K_first;
-  const C* a_first;
-  int64_t a_first_ld;
-  const C* a_second;
-  int64_t a_second_ld;
-  const S* dy;           // [B, H] dy_t
-  const S* cache;        // [B, cache_width * H] step t's cache
-  int64_t cache_stride;  // cache_width * H
-  const S* h;            // [B, H] h_t
-  const S* h_prev;       // [B, H] h_{t-1}
-  const S* c_prev;       // LSTM c_{t-1} from the cache (row b at c_prev[b * cache_stride]), or null at step 0
-  const C* c0;           // [B, H] LSTM c0, read for c_{t-1} at step 0
-  const S* P;                   // [3, H] LSTM peephole weights, or null
-  cells::LstmOptions<C> lstm;   // LSTM options, coupled included (relu is a template constant)
-  const C* product_mask;  // [B, H] recurrent dropout: the mask the product's h went through (m_{t+1}), or null
-  const C* step_mask;     // [B, H] recurrent dropout: m_t (GRU reset_before's r gradient), or null
-  C* dh_carry;  // [B, H] in: what reaches h_t other than through R and dy; out: the same for h_{t-1}
-  C* dc;        // [B, H] LSTM: dc_t in, dc_{t-1} out
-  C* dax;       // [B, G*H] step t's pre-activation gradients (input path), out
-  C* dar_n;     // [B, H] GRU reset_after: the gradient of R_n h_{t-1} + bR_n, out
-  S* dh0;       // [B, H] initial_state: out
-};
-
-template <typename S, BackwardEpilogue kEpilogue, bool kRelu>
-__device__ __forceinline__ void backward_epilogue(const BackwardStep<S>& p, int64_t b, int64_t j,
-                                                  Compute<S> product) {
-  using C = Compute<S>;
-  const int64_t H = p.hidden, unit = b * H + j;
-  if (p.product_mask != nullptr) product *= p.product_mask[unit];
-  if constexpr (kEpilogue == BackwardEpilogue::initial_state) {
-    p.dh0[unit] = convert<S>(product + p.dh_carry[unit]);
-    return;
-  } else if constexpr (kEpilogue == BackwardEpilogue::gru_reset_before_reset) {
-    const C r = convert<C>(p.cache[b * p.cache_stride + j]);
-    const C m = p.step_mask != nullptr ? p.step_mask[unit] : C(1);
-    p.dax[b * p.gate_stride + j] =
-        cells::gru_reset_gate_grad_reset_before(r, convert<C>(p.h_prev[unit]) * m, product);
-    p.dh_carry[unit] += product * r * m;
-    return;
-  } else {
-    const C dh = product + p.dh_carry[unit] + convert<C>(p.dy[unit]);
-    const S* saved = p.cache + b * p.cache_stride;
-    C* dax = p.dax + b * p.gate_stride;
-    if constexpr (kEpilogue == BackwardEpilogue::lstm) {
-      cells::LstmOptions<C> opt = p.lstm;
-      opt.relu = kRelu;
-      const cells::Peephole<C> peephole =
-          p.P != nullptr ? cells::Peephole<C>{convert<C>(p.P[j]), convert<C>(p.P[H + j]), convert<C>(p.P[2 * H + j])}
-                         : cells::Peephole<C>{C(0), C(0), C(0)};
-      const C c_prev = p.c_prev != nullptr ? convert<C>(p.c_prev[b * p.cache_stride + j]) : p.c0[unit];
-      const auto d = cells::lstm_backward(opt, convert<C>(saved[j]), convert<C>(saved[H + j]),
-                                          convert<C>(saved[2 * H + j]), convert<C>(saved[3 * H + j]),
-                                          convert<C>(saved[4 * H + j]), c_prev, dh, p.dc[unit], peephole);
-      const cells::LstmBlocks blocks = cells::lstm_blocks(opt.coupled);
-      if (!opt.coupled) dax[j] = d.da_i;
-      dax[blocks.f * H + j] = d.da_f;
-      dax[blocks.g * H + j] = d.da_g;
-      dax[blocks.o * H + j] = d.da_o;
-      p.dc[unit] = d.dc_prev;
-      p.dh_carry[unit] = C(0);
-    } else if constexpr (kEpilogue == BackwardEpilogue::gru_reset_after) {
-      const auto d = cells::gru_backward_reset_after(kRelu, convert<C>(saved[j]), convert<C>(saved[H + j]),
-                                                     convert<C>(saved[2 * H + j]), convert<C>(saved[3 * H + j]),
-                                                     convert<C>(p.h_prev[unit]), dh);
-      dax[j] = d.da_r;
-      dax[H + j] = d.da_z;
-      dax[2 * H + j] = d.dax_n;
-      p.dar_n[unit] = d.dar_n;
-      p.dh_carry[unit] = d.dh_prev;
-    } else if constexpr (kEpilogue == BackwardEpilogue::gru_reset_before_update) {
-      const auto d = cells::gru_backward_reset_before(kRelu, convert<C>(saved[H + j]), convert<C>(saved[2 * H + j]),
-                                                      convert<C>(p.h_prev[unit]), dh);
-      dax[H + j] = d.da_z;
-      dax[2 * H + j] = d.dax_n;
-      p.dh_carry[unit] = d.dh_prev;
-    } else {
-      dax[j] = cells::rnn_backward(kRelu, convert<C>(p.h[unit]), dh);
-      p.dh_carry[unit] = C(0);
-    }
-  }
-}
+// Backward step (its arguments and cell math: step.cuh)
 
 template <typename S, BackwardEpilogue kEpilogue, bool kRelu>
 __global__ void __launch_bounds__(kStepThreads) backward_step_kernel(BackwardStep<S> p) {
@@ -525,6 +297,73 @@ class RecurrentMasks {
   Workspace<C> masks_;
 };
 
+// The persistent kernel's plan for this window, unless the options ask for the per-step path (then none).
+template <typename S, bool kRelu>
+PersistentPlan persistent_plan(const CellOptions& options, int64_t hidden, bool forward) {
+  if (options.algorithm == Algorithm::per_step) return {};
+  return forward ? persistent_forward_plan<S, kRelu>(options, hidden) : persistent_backward_plan<S, kRelu>(options, hidden);
+}
+
+// Whether the window runs on the persistent kernel: where it fits unless told otherwise; told to and it does
+// not fit, an ArgumentError says why. CONVEYOR_LOG_ALGORITHM=1 prints the choice.
+bool use_persistent(const CellOptions& options, const PersistentPlan& plan, const char* direction) {
+  if (options.algorithm == Algorithm::persistent && !plan.fits) {
+    throw ArgumentError(std::string("algorithm: 'persistent' cannot run this ") + cell_name(options.cell) + " " +
+                        direction + " window: " + plan.why + " (use 'auto' or 'per_step')");
+  }
+  const bool persistent = options.algorithm != Algorithm::per_step && plan.fits;
+  static const bool log = [] {
+    const char* v = std::getenv("CONVEYOR_LOG_ALGORITHM");
+    return v != nullptr && *v != '\0' && std::string(v) != "0";
+  }();
+  if (log) {
+    if (persistent) {
+      std::fprintf(stderr, "conveyor: %s %s: persistent (%u blocks of %d units, %zu bytes of R each)\n",
+                   cell_name(options.cell), direction, plan.blocks, plan.units, plan.shared_bytes);
+    } else {
+      std::fprintf(stderr, "conveyor: %s %s: per_step%s%s\n", cell_name(options.cell), direction,
+                   options.algorithm == Algorithm::per_step ? " (asked for)" : " (persistent does not fit: ",
+                   options.algorithm == Algorithm::per_step ? "" : (plan.why + ")").c_str());
+    }
+  }
+  return persistent;
+}
+
+// Step t of a forward window on the per-step path: one kernel (two for the GRU with reset_before).
+template <typename S, bool kRelu>
+void forward_steps(const CellOptions& options, const ForwardWindow<S>& w, int64_t t, cudaStream_t stream) {
+  ForwardStep<S> p = w.step(t);
+  switch (options.cell) {
+    case CellType::lstm:
+      if (options.coupled_gates) return forward_step<ForwardEpilogue::lstm_coupled, kRelu>(p, stream);
+      return forward_step<ForwardEpilogue::lstm, kRelu>(p, stream);
+    case CellType::rnn:
+      return forward_step<ForwardEpilogue::rnn, kRelu>(p, stream);
+    case CellType::gru:
+      if (options.reset_after) return forward_step<ForwardEpilogue::gru_reset_after, kRelu>(p, stream);
+      forward_step<ForwardEpilogue::gru_reset_before_gates, kRelu>(p, stream);
+      ForwardWindow<S>::to_output_phase(p);
+      return forward_step<ForwardEpilogue::gru_reset_before_output, kRelu, true>(p, stream);
+  }
+}
+
+// Step t of a backward window on the per-step path.
+template <typename S, bool kRelu>
+void backward_steps(const CellOptions& options, const BackwardWindow<S>& w, int64_t t, cudaStream_t stream) {
+  BackwardStep<S> p = w.step(t);
+  switch (options.cell) {
+    case CellType::lstm:
+      return backward_step<BackwardEpilogue::lstm, kRelu>(p, stream);
+    case CellType::rnn:
+      return backward_step<BackwardEpilogue::rnn, kRelu>(p, stream);
+    case CellType::gru:
+      if (options.reset_after) return backward_step<BackwardEpilogue::gru_reset_after, kRelu>(p, stream);
+      backward_step<BackwardEpilogue::gru_reset_before_update, kRelu>(p, stream);
+      BackwardWindow<S>::to_reset_phase(p);
+      return backward_step<BackwardEpilogue::gru_reset_before_reset, kRelu>(p, stream);
+  }
+}
+
 template <typename S, bool kRelu>
 void forward_window(const CellOptions& options, const WindowSizes& sizes, const ForwardArgs& args,
                     cudaStream_t stream) {
@@ -552,7 +391,8 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
 
   const RecurrentMasks<C> masks(options, z.T, z.B, z.H, stream);
   NvtxRange range("conveyor::recurrence");
-  ForwardStep<S> p{};
+  ForwardWindow<S> w{};
+  ForwardStep<S>& p = w.base;
   p.batch = z.B;
   p.hidden = z.H;
   p.gate_stride = z.GH;
@@ -565,37 +405,18 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   p.reset_hidden = reset_hidden.get();
   p.update_gate = update_gate.get();
   p.cache_stride = z.cw;
-  for (int64_t t = 0; t < z.T; ++t) {
-    p.h_prev = t == 0 ? h0.get() : y + (t - 1) * z.B * z.H;
-    p.h_in = p.h_prev;
-    p.mask = masks.step(t);
-    p.R_row0 = 0;
-    p.ax = ax.get() + t * z.B * z.GH;
-    p.h = y + t * z.B * z.H;
-    p.cache = cache != nullptr ? cache + t * z.B * z.cw : nullptr;
-    switch (options.cell) {
-      case CellType::lstm:
-        if (options.coupled_gates) {
-          forward_step<ForwardEpilogue::lstm_coupled, kRelu>(p, stream);
-        } else {
-          forward_step<ForwardEpilogue::lstm, kRelu>(p, stream);
-        }
-        break;
-      case CellType::rnn:
-        forward_step<ForwardEpilogue::rnn, kRelu>(p, stream);
-        break;
-      case CellType::gru:
-        if (options.reset_after) {
-          forward_step<ForwardEpilogue::gru_reset_after, kRelu>(p, stream);
-        } else {
-          forward_step<ForwardEpilogue::gru_reset_before_gates, kRelu>(p, stream);
-          p.h_in = reset_hidden.get();  // r * m_t * h_{t-1}: masked already
-          p.mask = nullptr;
-          p.R_row0 = 2 * z.H;
-          forward_step<ForwardEpilogue::gru_reset_before_output, kRelu, true>(p, stream);
-        }
-        break;
-    }
+  w.steps = z.T;
+  w.h0 = h0.get();
+  w.y = y;
+  w.cache = cache;
+  w.ax = ax.get();
+  w.masks = masks.all();
+  w.variational = options.variational;
+  const PersistentPlan plan = persistent_plan<S, kRelu>(options, z.H, true);
+  if (use_persistent(options, plan, "forward")) {
+    forward_persistent<S, kRelu>(options, plan, w, stream);
+  } else {
+    for (int64_t t = 0; t < z.T; ++t) forward_steps<S, kRelu>(options, w, t, stream);
   }
 
   if (args.h_T.present()) {
@@ -623,7 +444,6 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   const bool lstm = options.cell == CellType::lstm;
   const bool gru = options.cell == CellType::gru;
   const bool reset_after_gru = gru && options.reset_after;
-  const bool reset_before_gru = gru && !options.reset_after;
 
   Workspace<C> dax(TB * GH, stream);
   Workspace<C> dar_n(reset_after_gru ? TB * H : 0, stream);
@@ -635,7 +455,8 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   const StateOrZeros<C> c0(lstm ? args.c0 : TensorView{}, lstm ? B * H : 0, stream);
 
   const RecurrentMasks<C> masks(options, z.T, B, H, stream);
-  BackwardStep<S> p{};
+  BackwardWindow<S> w{};
+  BackwardStep<S>& p = w.base;
   p.batch = B;
   p.hidden = H;
   p.gate_stride = GH;
@@ -646,62 +467,28 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   p.P = data_or_null<S>(args.P);
   p.lstm = detail::lstm_options<C>(options);
   p.c0 = c0.get();
-  // The product over the pre-activation gradients of `step` (the recurrent path's, along R's rows).
-  auto product_of_step = [&](int64_t step) {
-    p.product_mask = masks.step(step);
-    p.R_row0 = 0;
-    p.a_first = dax.get() + step * B * GH;
-    p.a_first_ld = GH;
-    p.a_second = reset_after_gru ? dar_n.get() + step * B * H : nullptr;
-    p.a_second_ld = H;
-    p.K_first = gru ? 2 * H : GH;
-    p.K = reset_before_gru ? 2 * H : GH;
-  };
+  w.steps = z.T;
+  w.dax = dax.get();
+  w.dar_n = dar_n.get();
+  w.masks = masks.all();
+  w.variational = options.variational;
+  w.lstm = lstm;
+  w.gru = gru;
+  w.reset_after = options.reset_after;
+  w.dy = dy;
+  w.cache = cache;
+  w.y = y;
+  w.h0 = h0.get();
+  S* dh0 = args.dh0.present() ? static_cast<S*>(args.dh0.data) : nullptr;
 
   {
     NvtxRange range("conveyor::recurrence");
-    for (int64_t t = z.T - 1; t >= 0; --t) {
-      p.step_mask = masks.step(t);
-      if (t == z.T - 1) {
-        p.K = 0;
-        p.product_mask = nullptr;
-      } else {
-        product_of_step(t + 1);
-      }
-      p.dy = dy + t * B * H;
-      p.cache = cache != nullptr ? cache + t * B * z.cw : nullptr;
-      p.h = y + t * B * H;
-      p.h_prev = t == 0 ? h0.get() : y + (t - 1) * B * H;
-      if (lstm) p.c_prev = t == 0 ? nullptr : cache + (t - 1) * B * z.cw + 4 * H;  // null: c0
-      p.dax = dax.get() + t * B * GH;
-      p.dar_n = reset_after_gru ? dar_n.get() + t * B * H : nullptr;
-      switch (options.cell) {
-        case CellType::lstm:
-          backward_step<BackwardEpilogue::lstm, kRelu>(p, stream);
-          break;
-        case CellType::rnn:
-          backward_step<BackwardEpilogue::rnn, kRelu>(p, stream);
-          break;
-        case CellType::gru:
-          if (options.reset_after) {
-            backward_step<BackwardEpilogue::gru_reset_after, kRelu>(p, stream);
-          } else {
-            backward_step<BackwardEpilogue::gru_reset_before_update, kRelu>(p, stream);
-            // d(r * h_{t-1}) = dax_n R_n, which r's gradient needs.
-            p.R_row0 = 2 * H;
-            p.a_first = p.dax + 2 * H;
-            p.a_first_ld = GH;
-            p.K = p.K_first = H;
-            p.product_mask = nullptr;  // d(r * m_t * h_{t-1}) itself
-            backward_step<BackwardEpilogue::gru_reset_before_reset, kRelu>(p, stream);
-          }
-          break;
-      }
-    }
-    if (args.dh0.present()) {
-      product_of_step(0);
-      p.dh0 = static_cast<S*>(args.dh0.data);
-      backward_step<BackwardEpilogue::initial_state, kRelu>(p, stream);
+    const PersistentPlan plan = persistent_plan<S, kRelu>(options, H, false);
+    if (use_persistent(options, plan, "backward")) {
+      backward_persistent<S, kRelu>(options, plan, w, dh0, stream);
+    } else {
+      for (int64_t t = z.T - 1; t >= 0; --t) backward_steps<S, kRelu>(options, w, t, stream);
+      if (dh0 != nullptr) backward_step<BackwardEpilogue::initial_state, kRelu>(w.initial_state(dh0), stream);
     }
     if (args.dc0.present()) {
       CONVEYOR_CUDA_CHECK(cudaMemcpyAsync(args.dc0.data, dc.get(), sizeof(C) * size_t(B * H),

@@ -91,7 +91,10 @@ class DeviceArray:
     def from_numpy(cls, a, dtype: str, device: int = 0) -> DeviceArray:
         a = np.asarray(a)
         out = cls(a.shape, dtype, device)
-        host = _bfloat16_bits(a) if out.dtype == "bfloat16" else np.ascontiguousarray(a, _HOST_TYPES[out.dtype])
+        if out.dtype == "bfloat16":
+            host = _bfloat16_bits(a)
+        else:
+            host = np.ascontiguousarray(a, _HOST_TYPES[out.dtype])
         if out.size:
             _conveyor._copy_to_device(device, out._memory.address, host)
         return out

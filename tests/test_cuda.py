@@ -10,16 +10,16 @@ and the tests of interop with them, run where those libraries have a GPU. Output
 every run (conftest.py), so an element a kernel forgets to write fails. Every test carries the cuda marker
 and is skipped without the CUDA backend and a device (a GPU, or the emulator)."""
 
+import device_arrays
 import numpy as np
 import pytest
+from device_arrays import DeviceArray
 
 import conveyor
 from conveyor import _arrays, _conveyor
 
-import device_arrays
 import reference as ref
 import support
-from device_arrays import DeviceArray
 from support import (
     ARRAY_FIELDS,
     CONFIGS,
@@ -101,19 +101,31 @@ class CupyArrays:
         assert a.dtype == np.dtype(dtype), f"{name}: {a.dtype}"
 
 
+@pytest.fixture(params=["per_step", "persistent"])
+def algorithm(request):
+    """Every test of the backend runs both algorithms of the recurrence (conveyor.h, Algorithm)."""
+    return request.param
+
+
+def with_algorithm(arrays, algorithm):
+    arrays.algorithm = algorithm
+    return arrays
+
+
 @pytest.fixture(params=["device", "torch", "cupy"])
-def gpu(request):
-    return {"device": DeviceArrays, "torch": TorchArrays, "cupy": CupyArrays}[request.param]()
+def gpu(request, algorithm):
+    kind = {"device": DeviceArrays, "torch": TorchArrays, "cupy": CupyArrays}[request.param]
+    return with_algorithm(kind(), algorithm)
 
 
 @pytest.fixture
-def device():
-    return DeviceArrays()
+def device(algorithm):
+    return with_algorithm(DeviceArrays(), algorithm)
 
 
 @pytest.fixture
-def torch_gpu():
-    return TorchArrays()
+def torch_gpu(algorithm):
+    return with_algorithm(TorchArrays(), algorithm)
 
 
 # The LSTM's cell-state arrays and their dtype beside x's (conveyor.h, cell_state_dtype): float32 beside
@@ -139,7 +151,7 @@ def run_on_gpu(p: Problem, gpu, dtype: str, **options):
     """Forward and backward on the GPU; the results as float64 NumPy arrays, after checking their kind (and
     dtype: x's, or the cell state's for c_T and dc0)."""
     pd = on_device(p, gpu, dtype)
-    pd.options = {**p.options, **options}
+    pd.options = {**p.options, "algorithm": gpu.algorithm, **options}
     y, h_T, c_T, grads = run_conveyor(pd)
     results = {"y": y, "h_T": h_T, "c_T": c_T, **grads}
     for name, value in results.items():
@@ -202,8 +214,8 @@ def test_inference_mode_gives_the_same_outputs(config, device, rng):
     pd = on_device(p, device, "float32")
     forward = getattr(conveyor, f"{p.cell}_forward")
     args = (pd.x, pd.W, pd.R, pd.bW, pd.bR, pd.h0) + ((pd.c0,) if p.cell == "lstm" else ())
-    trained = forward(*args, **p.options)
-    inferred = forward(*args, **p.options, training=False)
+    trained = forward(*args, **p.options, algorithm=device.algorithm)
+    inferred = forward(*args, **p.options, training=False, algorithm=device.algorithm)
     assert inferred[-1] is None
     for a, b in zip(trained[:-1], inferred[:-1]):
         if a is None:
@@ -264,20 +276,37 @@ def naive_torch(p: Problem, dtype: str):
     return {k: None if v is None else v.detach().to(torch.float64).cpu().numpy() for k, v in results.items()}
 
 
+def clear_of_the_relu_kink(p: Problem, rng) -> Problem:
+    """`p` with the pre-activations that feed a ReLU kept away from 0, where a 16-bit rounding could take
+    either side of the kink: the gradient is discontinuous there, and a flip costs a whole dh, so a bound
+    made of rounding errors cannot hold. The ReLU's bias block becomes +-3 (each unit always on or always off,
+    both sides tested), far beyond what the weights add; the LSTM's c0 >= 0 keeps c_t, which a ReLU also
+    reads, on one side (f, i > 0 and g = relu(.) >= 0)."""
+    if p.options.get("activation") != "relu":
+        return p
+    H = p.R.shape[1]
+    block = slice(0, H) if p.cell == "rnn" else slice(2 * H, 3 * H)  # RNN: its one block; LSTM g; GRU n
+    p.bW = p.bW.copy()
+    p.bW[block] = 3.0 * rng.choice([-1.0, 1.0], H)
+    if p.cell == "lstm":
+        p.c0 = np.abs(p.c0)
+    return p
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_half_precision_within_twice_the_naive_error(config, dtype, device, rng):
-    p = make_problem(*config, 6, 5, 24, 40, rng)
+    p = clear_of_the_relu_kink(make_problem(*config, 6, 5, 24, 40, rng), rng)
     expected = reference_results(p)
     got = run_on_gpu(p, device, dtype)
     naive = naive_torch(p, dtype)
     unit_roundoff = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}[dtype]
-    for name, ref in expected.items():
-        if ref is None:
+    for name, exact in expected.items():
+        if exact is None:
             continue
         assert np.all(np.isfinite(got[name])), f"{name}: non-finite elements"
-        ours = np.max(np.abs(got[name] - ref))
-        bound = 2 * np.max(np.abs(naive[name] - ref)) + unit_roundoff * np.max(np.abs(ref))
+        ours = np.max(np.abs(got[name] - exact))
+        bound = 2 * np.max(np.abs(naive[name] - exact)) + unit_roundoff * np.max(np.abs(exact))
         assert ours <= bound, (f"{name}: max error {ours:.3g} > bound {bound:.3g} "
                                f"(twice the naive {dtype} error)")
 
@@ -287,9 +316,9 @@ def test_tf32_option_stays_near_float32(config, device, rng):
     p = make_problem(*config, 6, 8, 64, 48, rng)
     expected = reference_results(p)
     got = run_on_gpu(p, device, "float32", allow_tf32=True)
-    for name, ref in expected.items():
-        if ref is not None:
-            np.testing.assert_allclose(got[name], ref, atol=2e-3, rtol=2e-2, err_msg=name)
+    for name, exact in expected.items():
+        if exact is not None:
+            np.testing.assert_allclose(got[name], exact, atol=2e-3, rtol=2e-2, err_msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -358,6 +387,31 @@ def test_half_precision_cell_clip_stops_the_gradient_of_exactly_the_clipped_unit
                                        atol=4 * u * np.max(np.abs(ref_value)), err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_two_runs_agree_bit_for_bit(config, dtype, device, rng):
+    """Deterministic kernels: the persistent kernels' split products add their parts in a fixed order, so no
+    schedule changes a result (the emulator runs the threads of the two calls in different orders)."""
+    p = make_problem(*config, 6, 19, 12, 37, rng)
+    first, second = run_on_gpu(p, device, dtype), run_on_gpu(p, device, dtype)
+    for name, value in first.items():
+        if value is not None:
+            np.testing.assert_array_equal(second[name], value, err_msg=name)
+
+
+def test_persistent_where_it_cannot_run_raises_saying_why(rng):
+    """Forced where the slices of R do not fit on the device, the persistent kernel refuses with the reason,
+    before any work; auto runs the same window on the per-step kernels."""
+    H = 2048  # float64 LSTM: a block's slice of R for 4 units is 4 * 4 * 2048 * 8 bytes, over 227 KiB
+    x, W, R = (DeviceArray.from_numpy(rng.uniform(-0.1, 0.1, shape), "float64")
+               for shape in ((1, 1, 1), (4 * H, 1), (4 * H, H)))
+    message = r"algorithm: 'persistent' cannot run this lstm forward window: .*shared memory"
+    with pytest.raises(ValueError, match=message):
+        conveyor.lstm_forward(x, W, R, None, None, algorithm="persistent", training=False)
+    y, *_ = conveyor.lstm_forward(x, W, R, None, None, training=False)
+    assert np.all(np.isfinite(y.numpy()))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_a_window_equals_its_two_halves_chained_through_the_final_state(dtype, device, rng):
     """SPEC.md: a sequence cut into windows gives exactly the outputs of one call over the whole of it,
@@ -367,11 +421,13 @@ def test_a_window_equals_its_two_halves_chained_through_the_final_state(dtype, d
     p = make_problem("lstm", {}, T, 5, 24, 40, rng)
     W, R, bW, bR, h0 = (DeviceArray.from_numpy(a, dtype) for a in (p.W, p.R, p.bW, p.bR, p.h0))
     c0 = DeviceArray.from_numpy(p.c0, cell_state_dtype(dtype))
-    whole = conveyor.lstm_forward(DeviceArray.from_numpy(p.x, dtype), W, R, bW, bR, h0, c0, training=False)
-    y1, h1, c1, _ = conveyor.lstm_forward(DeviceArray.from_numpy(p.x[:T // 2], dtype), W, R, bW, bR, h0, c0,
-                                          training=False)
-    y2, h2, c2, _ = conveyor.lstm_forward(DeviceArray.from_numpy(p.x[T // 2:], dtype), W, R, bW, bR, h1, c1,
-                                          training=False)
+    run = {"training": False, "algorithm": device.algorithm}
+    def window(x, h, c):
+        return conveyor.lstm_forward(DeviceArray.from_numpy(x, dtype), W, R, bW, bR, h, c, **run)
+
+    whole = window(p.x, h0, c0)
+    y1, h1, c1, _ = window(p.x[:T // 2], h0, c0)
+    y2, h2, c2, _ = window(p.x[T // 2:], h1, c1)
     halves = {"y": np.concatenate([y1.numpy(), y2.numpy()]), "h_T": h2.numpy(), "c_T": c2.numpy()}
     for name, value in zip(("y", "h_T", "c_T"), whole[:3]):
         np.testing.assert_array_equal(halves[name], value.numpy(), err_msg=name)

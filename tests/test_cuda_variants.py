@@ -5,12 +5,12 @@ to the CPU's, gradient clipping on their arrays, training on CuPy and the torch 
 
 import numpy as np
 import pytest
+from device_arrays import DeviceArray
 from test_variants import LSTM_OPTIONS, lstm_id, lstm_problem, reference_lstm
 
 import conveyor
 
 import reference as ref
-from device_arrays import DeviceArray
 from support import CONFIGS, assert_close, config_id
 
 pytestmark = pytest.mark.cuda
@@ -52,9 +52,10 @@ def problem_clear_of_the_clip_bound(o, rng, margin=1e-3):
             return p
 
 
+@pytest.mark.parametrize("algorithm", ["per_step", "persistent"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("o", LSTM_OPTIONS, ids=lstm_id)
-def test_lstm_options_on_the_gpu_match_the_reference(o, dtype, rng):
+def test_lstm_options_on_the_gpu_match_the_reference(o, dtype, algorithm, rng):
     p = lstm_problem(o, 6, 3, 5, 7, rng)
     if dtype == "float32" and o["cell_clip"]:
         p = problem_clear_of_the_clip_bound(o, rng)
@@ -63,7 +64,7 @@ def test_lstm_options_on_the_gpu_match_the_reference(o, dtype, rng):
     y, h_T, c_T, saved = conveyor.lstm_forward(
         g["x"], g["W"], g["R"], g["bW"], g["bR"], g["h0"], g["c0"], P=g["P"],
         coupled_gates=o["coupled_gates"], forget_bias=o["forget_bias"], cell_clip=o["cell_clip"],
-        activation=o["activation"])
+        activation=o["activation"], algorithm=algorithm)
     grads = conveyor.lstm_backward(saved, g["dy"], g["dh_T"], g["dc_T"])._asdict()
     got = {"y": y, "h_T": h_T, "c_T": c_T, **grads}
     for name, value in expected.items():
@@ -74,9 +75,10 @@ def test_lstm_options_on_the_gpu_match_the_reference(o, dtype, rng):
             assert_close(name, to_numpy(got[name]).astype(dtype), value, np.dtype(dtype))
 
 
+@pytest.mark.parametrize("algorithm", ["per_step", "persistent"])
 @pytest.mark.parametrize("variational", [True, False], ids=["variational", "per-step"])
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
-def test_recurrent_dropout_on_the_gpu_matches_the_cpu(config, variational, rng):
+def test_recurrent_dropout_on_the_gpu_matches_the_cpu(config, variational, algorithm, rng):
     cell, options = config
     T, B, I, H = 5, 4, 3, 6
     G = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
@@ -94,6 +96,7 @@ def test_recurrent_dropout_on_the_gpu_matches_the_cpu(config, variational, rng):
 
     cpu = run(arrays, dy)
     g = to_gpu({**arrays, "dy": dy}, "float64")
+    dropout["algorithm"] = algorithm
     gpu = run(g, g["dy"])
     for name, value in cpu.items():
         if value is not None and name != "dP":
@@ -104,7 +107,8 @@ def test_recurrent_dropout_on_the_gpu_matches_the_cpu(config, variational, rng):
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 def test_masks_on_the_gpu_equal_the_cpus_bit_for_bit(dtype, variational):
     like = DeviceArray.from_numpy(np.zeros(1), dtype)
-    got = conveyor.dropout_mask(like, (9, 7, 45), 0.35, variational=variational, seed=2**63 + 5, mask_stream=12)
+    got = conveyor.dropout_mask(like, (9, 7, 45), 0.35, variational=variational, seed=2**63 + 5,
+                                mask_stream=12)
     assert isinstance(got, DeviceArray) and got.dtype == dtype
     expected = ref.dropout_mask(0.35, variational, 2**63 + 5, 12, (9, 7, 45))
     # The mask's values rounded to the dtype as the host rounds them: 0 and 1 / (1 - p) in that type.

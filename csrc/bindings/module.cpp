@@ -224,6 +224,17 @@ CellOptions cell_options(const std::string& cell, const py::dict& given) {
       o.reset_after = value.cast<bool>();
     } else if (key == "allow_tf32") {
       o.allow_tf32 = value.cast<bool>();
+    } else if (key == "algorithm") {
+      const std::string algorithm = py::str(value);
+      if (algorithm == "auto") {
+        o.algorithm = Algorithm::automatic;
+      } else if (algorithm == "per_step") {
+        o.algorithm = Algorithm::per_step;
+      } else if (algorithm == "persistent") {
+        o.algorithm = Algorithm::persistent;
+      } else {
+        throw py::value_error("algorithm: expected 'auto', 'per_step' or 'persistent', got " + repr_of(value));
+      }
     } else if (key == "peephole") {
       o.peephole = value.cast<bool>();
     } else if (key == "coupled_gates") {

@@ -104,6 +104,15 @@ const char* activation_name(Activation activation) {
   return activation == Activation::relu ? "relu" : "tanh";
 }
 
+const char* algorithm_name(Algorithm algorithm) {
+  switch (algorithm) {
+    case Algorithm::automatic: return "auto";
+    case Algorithm::per_step: return "per_step";
+    case Algorithm::persistent: return "persistent";
+  }
+  return "unknown";
+}
+
 int gate_count(const CellOptions& options) {
   switch (options.cell) {
     case CellType::lstm: return options.coupled_gates ? 3 : 4;
@@ -172,6 +181,11 @@ void check_options(const CellOptions& options) {
     throw ArgumentError("cell_clip: expected a finite number > 0 (or 0 for no clip), got " +
                         number(options.cell_clip));
   }
+  if (options.algorithm != Algorithm::automatic && options.algorithm != Algorithm::per_step &&
+      options.algorithm != Algorithm::persistent) {
+    throw ArgumentError("algorithm: expected auto, per_step or persistent, got " +
+                        std::to_string(static_cast<int>(options.algorithm)));
+  }
 }
 
 // Checks one view against the window: present (unless optional), the expected shape, the dtype (x's, or
@@ -235,7 +249,11 @@ void check_dtype_supported(const TensorView& x) {
   }
 }
 
-void check_device_supported(const TensorView& x) {
+void check_device_supported(const TensorView& x, const CellOptions& options) {
+  if (x.device.kind == DeviceKind::cpu && options.algorithm != Algorithm::automatic) {
+    throw ArgumentError(std::string("algorithm: '") + algorithm_name(options.algorithm) +
+                        "' is an algorithm of the CUDA backend, but x is on the CPU (expected 'auto')");
+  }
   if (x.device.kind == DeviceKind::cuda && !cuda_built()) {
     throw ArgumentError("x: the array is on " + device_name(x.device) +
                         " but this build of Conveyor has no CUDA backend (rebuild where nvcc is found)");
@@ -295,7 +313,7 @@ struct Checked {
 
 Checked check_window(const CellOptions& options, const TensorView& x, const TensorView& W, const TensorView& R) {
   const WindowSizes s = window_sizes(options, x, W, R);
-  check_device_supported(x);
+  check_device_supported(x, options);
   check_dtype_supported(x);
   return {s, s.steps, s.batch, s.input_size, s.hidden_size, gate_count(options) * s.hidden_size};
 }
@@ -435,7 +453,7 @@ void dropout_mask(double p, bool variational, uint64_t seed, uint64_t mask_strea
   }
   const ViewChecker check(out);
   check("out", out, {out.shape[0], out.shape[1], out.shape[2]}, "(T, B, H)");
-  check_device_supported(out);
+  check_device_supported(out, CellOptions{});
   const detail::NvtxRange range("conveyor::dropout_mask");
   if (out.device.kind == DeviceKind::cuda) {
     detail::cuda_dropout_mask(p, variational, seed, mask_stream, out, stream);

@@ -107,8 +107,8 @@ class Allocator:
         self._library = library_of(x) if is_foreign(x) else "numpy"
         if self._library not in ("numpy", "torch", "cupy", "jax", "jaxlib"):
             if not hasattr(x, "__array_namespace__"):
-                raise TypeError(f"x: Conveyor reads any array with __dlpack__, but makes its outputs with NumPy, "
-                                f"CuPy, PyTorch, JAX or the array API (__array_namespace__); got a "
+                raise TypeError(f"x: Conveyor reads any array with __dlpack__, but makes its outputs with "
+                                f"NumPy, CuPy, PyTorch, JAX or the array API (__array_namespace__); got a "
                                 f"{type(x).__module__}.{type(x).__name__}")
             self._library = "array-api"
         self._poison = _conveyor._poison_outputs()

@@ -149,11 +149,25 @@ def check_seed(name: str, value) -> int:
     return int(value)
 
 
-def _options(activation, training, allow_tf32, dropout=(0.0, True, 0, 0), **flags) -> tuple[dict, bool]:
+ALGORITHMS = ("auto", "per_step", "persistent")
+
+
+def check_algorithm(algorithm) -> str:
+    if not isinstance(algorithm, str):
+        raise TypeError(f"algorithm: expected one of {', '.join(map(repr, ALGORITHMS))}, got {algorithm!r} "
+                        f"of type {type(algorithm).__name__}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm: expected one of {', '.join(map(repr, ALGORITHMS))}, got {algorithm!r}")
+    return algorithm
+
+
+def _options(activation, training, allow_tf32, dropout=(0.0, True, 0, 0), algorithm="auto",
+             **flags) -> tuple[dict, bool]:
     """The cell options as the compiled core takes them, checked; and `training`. `dropout` is
     (recurrent_dropout, variational, seed, mask_stream), applied in training only."""
     options = {"activation": _check_activation(activation),
-               "allow_tf32": _check_flag("allow_tf32", allow_tf32)}
+               "allow_tf32": _check_flag("allow_tf32", allow_tf32),
+               "algorithm": check_algorithm(algorithm)}
     for name, value in flags.items():
         options[name] = _check_flag(name, value)
     training = _check_flag("training", training)
@@ -207,7 +221,7 @@ def _backward(cell: str, saved, dy, dh_T, dc_T, stream, keep=False):
 
 def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, coupled_gates=False, forget_bias=0.0,
                  cell_clip=None, activation="tanh", recurrent_dropout=0.0, variational=True, seed=0,
-                 mask_stream=0, training=True, allow_tf32=False, stream=None):
+                 mask_stream=0, training=True, allow_tf32=False, algorithm="auto", stream=None):
     """Runs an LSTM over the window ``x`` ``[T, B, input_size]``.
 
     ``bW``/``bR`` may be None (no bias); ``h0``/``c0`` ``[B, hidden_size]`` default to zeros. ``c0`` and the
@@ -223,9 +237,15 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, coupled_gates=Fal
     the recurrent product, ``R (m * h_{t-1})``, with the mask ``dropout_mask(..., q, variational=variational,
     seed=seed, mask_stream=mask_stream)`` of shape ``[T, B, hidden_size]`` (one mask shared by every step when
     ``variational``, Gal & Ghahramani 2016).
+
+    ``algorithm`` (every forward; the backward of a window follows its forward's): how the CUDA backend runs
+    the recurrence. ``"persistent"``: one cooperative launch for the window, each block keeping its slice
+    of R on chip; ``"per_step"``: one launch per step; ``"auto"``: persistent wherever it fits on the
+    device. Forcing ``"persistent"`` where it does not fit raises ``ValueError`` saying why; arrays on the
+    CPU take ``"auto"`` only. ``CONVEYOR_LOG_ALGORITHM=1`` prints each CUDA window's choice.
     """
     options, training = _options(activation, training, allow_tf32,
-                                 (recurrent_dropout, variational, seed, mask_stream),
+                                 (recurrent_dropout, variational, seed, mask_stream), algorithm,
                                  coupled_gates=coupled_gates, peephole=P is not None)
     options["forget_bias"] = _check_number("forget_bias", forget_bias)
     options["cell_clip"] = 0.0 if cell_clip is None else _check_number("cell_clip", cell_clip, positive=True)
@@ -241,12 +261,14 @@ def lstm_backward(saved, dy, dh_T=None, dc_T=None, *, stream=None, _keep=False) 
 
 
 def gru_forward(x, W, R, bW, bR, h0=None, *, reset_after=True, activation="tanh", recurrent_dropout=0.0,
-                variational=True, seed=0, mask_stream=0, training=True, allow_tf32=False, stream=None):
+                variational=True, seed=0, mask_stream=0, training=True, allow_tf32=False, algorithm="auto",
+                stream=None):
     """Runs a GRU over the window ``x``. ``reset_after=True`` applies the reset gate after the recurrent
     product (cuDNN, PyTorch); False before it (Cho et al. 2014). Recurrent dropout as in :func:`lstm_forward`
     (the output mix uses the unmasked h_{t-1}). Returns ``(y, h_T, saved)``."""
     options, training = _options(activation, training, allow_tf32,
-                                 (recurrent_dropout, variational, seed, mask_stream), reset_after=reset_after)
+                                 (recurrent_dropout, variational, seed, mask_stream), algorithm,
+                                 reset_after=reset_after)
     y, h_T, _, saved = _forward("gru", options, x, W, R, bW, bR, h0, None, None, training, stream)
     return y, h_T, saved
 
@@ -258,11 +280,11 @@ def gru_backward(saved, dy, dh_T=None, *, stream=None, _keep=False) -> GRUGrads:
 
 
 def rnn_forward(x, W, R, bW, bR, h0=None, *, activation="tanh", recurrent_dropout=0.0, variational=True,
-                seed=0, mask_stream=0, training=True, allow_tf32=False, stream=None):
+                seed=0, mask_stream=0, training=True, allow_tf32=False, algorithm="auto", stream=None):
     """Runs a plain RNN, ``h_t = act(W x_t + bW + R h_{t-1} + bR)``, over the window ``x``. Recurrent dropout
     as in :func:`lstm_forward`. Returns ``(y, h_T, saved)``."""
     options, training = _options(activation, training, allow_tf32,
-                                 (recurrent_dropout, variational, seed, mask_stream))
+                                 (recurrent_dropout, variational, seed, mask_stream), algorithm)
     y, h_T, _, saved = _forward("rnn", options, x, W, R, bW, bR, h0, None, None, training, stream)
     return y, h_T, saved
 

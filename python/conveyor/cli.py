@@ -84,6 +84,9 @@ def info(_args) -> int:
     emulated = " (emulated on the CPU: a test build)" if _conveyor.cuda_emulated() else ""
     print(f"CUDA backend built: {_conveyor.cuda_built()}{emulated}")
     print(f"CUDA available:     {_conveyor.cuda_available()} ({_conveyor.cuda_device_count()} device(s))")
+    if _conveyor.cuda_built():
+        print("CUDA recurrence:    algorithm='auto' runs the persistent kernels where they fit on the "
+              "device, else one launch per step (CONVEYOR_LOG_ALGORITHM=1 prints each window's choice)")
     print(f"CPU threads:        {_conveyor.num_threads()}")
     return 0
 

@@ -35,7 +35,7 @@ except ImportError as error:  # the extra is optional: say how to get it
     raise ImportError("conveyor.torch needs PyTorch: pip install 'conveyor-rnn[torch]' "
                       "(or pip install torch)") from error
 
-from . import _stack
+from . import _functional, _stack
 
 __all__ = ["GRU", "LSTM", "RNN"]
 
@@ -89,7 +89,7 @@ class _ConveyorRNNBase(torch.nn.Module):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, device=None, dtype=None, *, activation="tanh", variational=False,
-                 recurrent_dropout=0.0, cell_options=None, peephole=False):
+                 recurrent_dropout=0.0, cell_options=None, peephole=False, algorithm="auto"):
         super().__init__()
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                             ("num_layers", num_layers)):
@@ -104,6 +104,8 @@ class _ConveyorRNNBase(torch.nn.Module):
         self.variational, self.recurrent_dropout = bool(variational), float(recurrent_dropout)
         self.peephole = bool(peephole)
         self._cell_options = dict(cell_options or {})
+        if _functional.check_algorithm(algorithm) != "auto":
+            self._cell_options["algorithm"] = algorithm
         gates = 3 if self._cell_options.get("coupled_gates") else self._gates
         factory = {"device": device, "dtype": dtype}
         directions = 2 if self.bidirectional else 1
@@ -221,14 +223,14 @@ class _ConveyorRNNBase(torch.nn.Module):
 
 class LSTM(_ConveyorRNNBase):
     """``torch.nn.LSTM`` with Conveyor's kernels; extra options ``peephole``, ``coupled_gates``,
-    ``forget_bias``, ``cell_clip``, ``activation``, ``variational``, ``recurrent_dropout``."""
+    ``forget_bias``, ``cell_clip``, ``activation``, ``variational``, ``recurrent_dropout``, ``algorithm``."""
 
     _cell, _gates = "lstm", 4
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, proj_size=0, device=None, dtype=None, *, peephole=False,
                  coupled_gates=False, forget_bias=0.0, cell_clip=None, activation="tanh", variational=False,
-                 recurrent_dropout=0.0):
+                 recurrent_dropout=0.0, algorithm="auto"):
         if proj_size:
             raise ValueError("proj_size: projections are not supported by conveyor.torch.LSTM; use "
                              "torch.nn.LSTM")
@@ -241,35 +243,37 @@ class LSTM(_ConveyorRNNBase):
             options["cell_clip"] = float(cell_clip)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device, dtype, activation=activation, variational=variational,
-                         recurrent_dropout=recurrent_dropout, cell_options=options, peephole=peephole)
+                         recurrent_dropout=recurrent_dropout, cell_options=options, peephole=peephole,
+                         algorithm=algorithm)
 
 
 class GRU(_ConveyorRNNBase):
     """``torch.nn.GRU`` with Conveyor's kernels; extra options ``reset_after`` (False: Cho et al. 2014),
-    ``activation``, ``variational``, ``recurrent_dropout``."""
+    ``activation``, ``variational``, ``recurrent_dropout``, ``algorithm``."""
 
     _cell, _gates = "gru", 3
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, device=None, dtype=None, *, reset_after=True, activation="tanh",
-                 variational=False, recurrent_dropout=0.0):
+                 variational=False, recurrent_dropout=0.0, algorithm="auto"):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device, dtype, activation=activation, variational=variational,
-                         recurrent_dropout=recurrent_dropout, cell_options={"reset_after": bool(reset_after)})
+                         recurrent_dropout=recurrent_dropout, cell_options={"reset_after": bool(reset_after)},
+                         algorithm=algorithm)
 
 
 class RNN(_ConveyorRNNBase):
     """``torch.nn.RNN`` with Conveyor's kernels (``nonlinearity`` "tanh" or "relu"); extra options
-    ``variational``, ``recurrent_dropout``."""
+    ``variational``, ``recurrent_dropout``, ``algorithm``."""
 
     _cell, _gates = "rnn", 1
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, *,
-                 variational=False, recurrent_dropout=0.0):
+                 variational=False, recurrent_dropout=0.0, algorithm="auto"):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device, dtype, activation=nonlinearity, variational=variational,
-                         recurrent_dropout=recurrent_dropout)
+                         recurrent_dropout=recurrent_dropout, algorithm=algorithm)

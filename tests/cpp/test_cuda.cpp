@@ -78,9 +78,10 @@ void check_close(const char* what, const char* name, const Vec& got, const Vec& 
                     (worst < got.size() ? std::to_string(got[worst]) + " vs " + std::to_string(expected[worst]) : ""));
 }
 
-// One window on the CPU and on device 0, forward and backward (with accumulate), compared.
-void compare_backends(const char* what, CellOptions options, int64_t T, int64_t B, int64_t I, int64_t H,
-                      std::mt19937& gen) {
+// One window on the CPU and on device 0 (with the CUDA backend's `algorithm`), forward and backward (with
+// accumulate), compared.
+void compare_backends(const char* what, CellOptions options, Algorithm algorithm, int64_t T, int64_t B, int64_t I,
+                      int64_t H, std::mt19937& gen) {
   const int64_t G = gate_count(options), GH = G * H, cw = cache_width(options) * H;
   const bool lstm = options.cell == CellType::lstm;
   const double w = 1.0 / std::sqrt(double(H));
@@ -120,7 +121,9 @@ void compare_backends(const char* what, CellOptions options, int64_t T, int64_t 
     f.h_T = on(out(cpu.h_T, gh_T), {B, H}, d);
     if (lstm) f.c_T = on(out(cpu.c_T, gc_T), {B, H}, d);
     if (cw > 0) f.cache = on(out(cpu.cache, gcache), {T, B, cw}, d);
-    forward(options, f, on_gpu ? stream : nullptr);
+    CellOptions backend_options = options;
+    if (on_gpu) backend_options.algorithm = algorithm;
+    forward(backend_options, f, on_gpu ? stream : nullptr);
 
     BackwardArgs b = backward_args_for(f);
     b.dy = on(in(dy, ddy), {T, B, H}, d);
@@ -144,7 +147,7 @@ void compare_backends(const char* what, CellOptions options, int64_t T, int64_t 
       cuda_ok(cudaMemset(gdbW.get(), 0, sizeof(double) * GH), "cudaMemset");
       cuda_ok(cudaMemset(gdbR.get(), 0, sizeof(double) * GH), "cudaMemset");
     }
-    backward(options, b, on_gpu ? stream : nullptr);
+    backward(backend_options, b, on_gpu ? stream : nullptr);
   }
   cuda_ok(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
   cuda_ok(cudaStreamDestroy(stream), "cudaStreamDestroy");
@@ -201,9 +204,12 @@ int main() {
       {"rnn tanh", {CellType::rnn, Activation::tanh, true}},
       {"rnn relu", {CellType::rnn, Activation::relu, true}},
   };
-  for (const Case& c : cases) {
-    compare_backends(c.name, c.options, 5, 3, 4, 7, gen);
-    compare_backends(c.name, c.options, 3, 20, 70, 40, gen);
+  for (const Algorithm algorithm : {Algorithm::per_step, Algorithm::persistent}) {
+    for (const Case& c : cases) {
+      const std::string what = std::string(c.name) + " " + algorithm_name(algorithm);
+      compare_backends(what.c_str(), c.options, algorithm, 5, 3, 4, 7, gen);
+      compare_backends(what.c_str(), c.options, algorithm, 3, 20, 70, 40, gen);
+    }
   }
   return conveyor_test::report();
 }

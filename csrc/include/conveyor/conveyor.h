@@ -114,6 +114,14 @@ std::string shape_string(const TensorView& view);
 enum class CellType : int { lstm = 0, gru = 1, rnn = 2 };
 enum class Activation : int { tanh = 0, relu = 1 };
 
+// How the CUDA backend runs a window's recurrence. per_step: one launch per step (two for the GRU with
+// reset_after = false), for any size. persistent: one cooperative launch for the whole window, each block
+// keeping its slice of R on chip for all T steps and the grid synchronising once per step (twice for that
+// GRU); it needs the slices to fit in shared memory and the blocks to be co-resident on the device.
+// automatic: persistent wherever it fits, per_step elsewhere. The CPU backend has one algorithm: it takes
+// automatic and refuses the others.
+enum class Algorithm : int { automatic = 0, per_step = 1, persistent = 2 };
+
 // What a window computes: the cell, its activation and its options (each documented below).
 struct CellOptions {
   CellType cell = CellType::lstm;
@@ -145,11 +153,16 @@ struct CellOptions {
   // TF32 (inputs rounded to 10 mantissa bits, float32 accumulation). The recurrence itself stays float32.
   // Ignored by the CPU backend and by other dtypes.
   bool allow_tf32 = false;
+  // The CUDA backend's algorithm for the recurrence (see Algorithm). Forcing persistent where it cannot run
+  // throws ArgumentError saying why; set the environment variable CONVEYOR_LOG_ALGORITHM=1 to have every
+  // CUDA window print the algorithm it ran on standard error.
+  Algorithm algorithm = Algorithm::automatic;
 };
 
 // Names for messages: "lstm", "gru", "rnn"; "tanh", "relu".
 const char* cell_name(CellType cell);
 const char* activation_name(Activation activation);
+const char* algorithm_name(Algorithm algorithm);  // "auto", "per_step", "persistent"
 
 // G, the number of gate blocks in W, R, bW and bR.
 int gate_count(const CellOptions& options);

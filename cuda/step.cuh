@@ -1,0 +1,364 @@
+// What a step of a window computes, shared by the per-step kernels (recurrence.cu) and the persistent ones
+// (persistent.cu): a step's arguments (ForwardStep, BackwardStep), where they point at step t of a window
+// (ForwardWindow, BackwardWindow), and the cell math applied to a unit once its recurrent product is formed
+// (forward_epilogue, backward_epilogue). Device code for both builds, GPU and emulated.
+#pragma once
+
+#include "cells/dropout.h"
+#include "cells/gru.h"
+#include "cells/lstm.h"
+#include "cells/rnn.h"
+#include "device.cuh"
+
+namespace conveyor::cuda {
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward step
+
+enum class ForwardEpilogue {
+  lstm,
+  lstm_coupled,             // CIFG: three gate blocks f, g, o
+  gru_reset_after,
+  gru_reset_before_gates,   // r, z and r * h_{t-1}
+  gru_reset_before_output,  // n and h_t, after the n block's product over r * h_{t-1}
+  rnn,
+};
+
+__host__ __device__ constexpr int product_gates(ForwardEpilogue e) {
+  switch (e) {
+    case ForwardEpilogue::lstm: return 4;
+    case ForwardEpilogue::lstm_coupled: return 3;
+    case ForwardEpilogue::gru_reset_after: return 3;
+    case ForwardEpilogue::gru_reset_before_gates: return 2;
+    default: return 1;
+  }
+}
+
+// One step's arguments. Step-indexed pointers point at step t's slice.
+template <typename S>
+struct ForwardStep {
+  using C = Compute<S>;
+  int64_t batch, hidden, gate_stride;  // B, H, G*H
+  const S* R;                          // [G*H, H]
+  int64_t R_row0;                      // R's row of the product's first gate block (2H for the n block)
+  const void* h_in;                    // [B, H] the product's vector: h_{t-1} (S) or r * h_{t-1} (C)
+  const C* ax;                         // [B, G*H] x_t W^T, without bias
+  const S* bW;                         // [G*H] or null
+  const S* bR;                         // [G*H] or null
+  const S* P;                          // [3, H] LSTM peephole weights p_i, p_f, p_o, or null
+  cells::LstmOptions<C> lstm;          // LSTM options (relu and coupled are template constants)
+  const C* mask;                       // [B, H] recurrent dropout mask m_t on the product's h, or null
+  const S* h_prev;                     // [B, H] h_{t-1}
+  C* cell_state;                       // [B, H] LSTM: c_{t-1} in, c_t out
+  C* reset_hidden;                     // [B, H] GRU reset_before: r * h_{t-1}, out
+  C* update_gate;                      // [B, H] GRU reset_before: z, from the gates pass to the output pass
+  S* h;                                // [B, H] h_t (y_t)
+  S* cache;                            // [B, cache_width * H] or null (inference)
+  int64_t cache_stride;                // cache_width * H
+};
+
+// c_t rounded to S for the cache, on the same side of the clip bound as c_t itself. The backward
+// (cells::lstm_backward) stops the gradient where the cached |c_t| >= cell_clip; rounded to nearest, a c_t
+// just inside the bound can land on it (so an unclipped unit would lose its gradient), and a clipped c_t =
+// +-cell_clip that S does not hold can fall inside it (so a clipped one would keep it). There, rounding the
+// other way (toward zero to stay inside, away from zero to stay on or beyond) keeps the forward's float32
+// decision at the cost of one unit in the last place. float and double hold c_t exactly.
+template <typename S, typename C>
+__device__ __forceinline__ S cell_state_for_cache(C c, C cell_clip) {
+  const S nearest = convert<S>(c);
+  if constexpr (std::is_same_v<S, __half> || std::is_same_v<S, bfloat16>) {
+    auto clipped = [cell_clip](C v) { return cell_clip > C(0) && (v >= cell_clip || v <= -cell_clip); };
+    if (clipped(convert<C>(nearest)) == clipped(c)) return nearest;
+    const bool round_up = clipped(c) == (c > C(0));
+    if constexpr (std::is_same_v<S, __half>) {
+      return round_up ? __float2half_ru(c) : __float2half_rd(c);
+    } else {
+      return round_up ? __float2bfloat16_ru(c) : __float2bfloat16_rd(c);
+    }
+  } else {
+    return nearest;
+  }
+}
+
+template <typename S, ForwardEpilogue kEpilogue, bool kRelu>
+__device__ __forceinline__ void forward_epilogue(const ForwardStep<S>& p, int64_t b, int64_t j,
+                                                 const Compute<S>* product) {
+  using C = Compute<S>;
+  const int64_t H = p.hidden, unit = b * H + j;
+  // Gate block g's input part (x W^T + bW) and recurrent bias.
+  auto input = [&](int g) {
+    const int64_t col = g * H + j;
+    return p.ax[b * p.gate_stride + col] + (p.bW != nullptr ? convert<C>(p.bW[col]) : C(0));
+  };
+  auto recurrent_bias = [&](int g) { return p.bR != nullptr ? convert<C>(p.bR[g * H + j]) : C(0); };
+  S* cache = p.cache != nullptr ? p.cache + b * p.cache_stride : nullptr;
+
+  if constexpr (kEpilogue == ForwardEpilogue::lstm || kEpilogue == ForwardEpilogue::lstm_coupled) {
+    constexpr bool kCoupled = kEpilogue == ForwardEpilogue::lstm_coupled;
+    constexpr int kF = kCoupled ? 0 : 1, kG = kF + 1, kO = kF + 2;
+    cells::LstmOptions<C> opt = p.lstm;
+    opt.relu = kRelu;
+    opt.coupled = kCoupled;
+    const C a_i = kCoupled ? C(0) : input(0) + (product[0] + recurrent_bias(0));
+    const cells::Peephole<C> peephole =
+        p.P != nullptr ? cells::Peephole<C>{convert<C>(p.P[j]), convert<C>(p.P[H + j]), convert<C>(p.P[2 * H + j])}
+                       : cells::Peephole<C>{C(0), C(0), C(0)};
+    const auto s = cells::lstm_forward(opt, a_i, input(kF) + (product[kF] + recurrent_bias(kF)),
+                                       input(kG) + (product[kG] + recurrent_bias(kG)),
+                                       input(kO) + (product[kO] + recurrent_bias(kO)), p.cell_state[unit], peephole);
+    p.cell_state[unit] = s.c;
+    p.h[unit] = convert<S>(s.h);
+    if (cache != nullptr) {
+      cache[j] = convert<S>(s.i);
+      cache[H + j] = convert<S>(s.f);
+      cache[2 * H + j] = convert<S>(s.g);
+      cache[3 * H + j] = convert<S>(s.o);
+      cache[4 * H + j] = cell_state_for_cache<S>(s.c, opt.cell_clip);
+    }
+  } else if constexpr (kEpilogue == ForwardEpilogue::gru_reset_after) {
+    const C r = cells::sigmoid(input(0) + (product[0] + recurrent_bias(0)));
+    const C z = cells::sigmoid(input(1) + (product[1] + recurrent_bias(1)));
+    const C ar_n = product[2] + recurrent_bias(2);
+    const C n = cells::gru_candidate_reset_after(kRelu, input(2), r, ar_n);
+    p.h[unit] = convert<S>(cells::gru_output(z, n, convert<C>(p.h_prev[unit])));
+    if (cache != nullptr) {
+      cache[j] = convert<S>(r);
+      cache[H + j] = convert<S>(z);
+      cache[2 * H + j] = convert<S>(n);
+      cache[3 * H + j] = convert<S>(ar_n);
+    }
+  } else if constexpr (kEpilogue == ForwardEpilogue::gru_reset_before_gates) {
+    const C r = cells::sigmoid(input(0) + (product[0] + recurrent_bias(0)));
+    const C z = cells::sigmoid(input(1) + (product[1] + recurrent_bias(1)));
+    const C h_product = convert<C>(p.h_prev[unit]) * (p.mask != nullptr ? p.mask[unit] : C(1));
+    const C reset_hidden = r * h_product;
+    p.reset_hidden[unit] = reset_hidden;
+    p.update_gate[unit] = z;
+    if (cache != nullptr) {
+      cache[j] = convert<S>(r);
+      cache[H + j] = convert<S>(z);
+      cache[3 * H + j] = convert<S>(reset_hidden);
+    }
+  } else if constexpr (kEpilogue == ForwardEpilogue::gru_reset_before_output) {
+    const C n = cells::gru_candidate_reset_before(kRelu, input(2), product[0] + recurrent_bias(2));
+    p.h[unit] = convert<S>(cells::gru_output(p.update_gate[unit], n, convert<C>(p.h_prev[unit])));
+    if (cache != nullptr) cache[2 * H + j] = convert<S>(n);
+  } else {
+    p.h[unit] = convert<S>(cells::rnn_forward(kRelu, input(0) + (product[0] + recurrent_bias(0))));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward step
+
+enum class BackwardEpilogue {
+  lstm,
+  gru_reset_after,
+  gru_reset_before_update,  // everything but r's gradient
+  gru_reset_before_reset,   // r's gradient, after the product d(r * h_{t-1}) = dax_n R_n
+  rnn,
+  initial_state,            // dh0 = the product + the carried part
+};
+
+// One step's arguments. The product is P[b, j] = sum_{k < K} A(b, k) R[R_row0 + k, j], where A(b, k) is
+// a_first[b * a_first_ld + k] for k < K_first and a_second[b * a_second_ld + k - K_first] after: the
+// pre-activation gradients of step t+1 along R's rows (K = 0 at the window's last step).
+template <typename S>
+struct BackwardStep {
+  using C = Compute<S>;
+  int64_t batch, hidden, gate_stride;  // B, H, G*H
+  const S* R;                          // [G*H, H]
+  int64_t R_row0, K, K_first;
+  const C* a_first;
+  int64_t a_first_ld;
+  const C* a_second;
+  int64_t a_second_ld;
+  const S* dy;           // [B, H] dy_t
+  const S* cache;        // [B, cache_width * H] step t's cache
+  int64_t cache_stride;  // cache_width * H
+  const S* h;            // [B, H] h_t
+  const S* h_prev;       // [B, H] h_{t-1}
+  const S* c_prev;       // LSTM c_{t-1} from the cache (row b at c_prev[b * cache_stride]), or null at step 0
+  const C* c0;           // [B, H] LSTM c0, read for c_{t-1} at step 0
+  const S* P;                   // [3, H] LSTM peephole weights, or null
+  cells::LstmOptions<C> lstm;   // LSTM options, coupled included (relu is a template constant)
+  const C* product_mask;  // [B, H] recurrent dropout: the mask the product's h went through (m_{t+1}), or null
+  const C* step_mask;     // [B, H] recurrent dropout: m_t (GRU reset_before's r gradient), or null
+  C* dh_carry;  // [B, H] in: what reaches h_t other than through R and dy; out: the same for h_{t-1}
+  C* dc;        // [B, H] LSTM: dc_t in, dc_{t-1} out
+  C* dax;       // [B, G*H] step t's pre-activation gradients (input path), out
+  C* dar_n;     // [B, H] GRU reset_after: the gradient of R_n h_{t-1} + bR_n, out
+  S* dh0;       // [B, H] initial_state: out
+};
+
+template <typename S, BackwardEpilogue kEpilogue, bool kRelu>
+__device__ __forceinline__ void backward_epilogue(const BackwardStep<S>& p, int64_t b, int64_t j,
+                                                  Compute<S> product) {
+  using C = Compute<S>;
+  const int64_t H = p.hidden, unit = b * H + j;
+  if (p.product_mask != nullptr) product *= p.product_mask[unit];
+  if constexpr (kEpilogue == BackwardEpilogue::initial_state) {
+    p.dh0[unit] = convert<S>(product + p.dh_carry[unit]);
+    return;
+  } else if constexpr (kEpilogue == BackwardEpilogue::gru_reset_before_reset) {
+    const C r = convert<C>(p.cache[b * p.cache_stride + j]);
+    const C m = p.step_mask != nullptr ? p.step_mask[unit] : C(1);
+    p.dax[b * p.gate_stride + j] =
+        cells::gru_reset_gate_grad_reset_before(r, convert<C>(p.h_prev[unit]) * m, product);
+    p.dh_carry[unit] += product * r * m;
+    return;
+  } else {
+    const C dh = product + p.dh_carry[unit] + convert<C>(p.dy[unit]);
+    const S* saved = p.cache + b * p.cache_stride;
+    C* dax = p.dax + b * p.gate_stride;
+    if constexpr (kEpilogue == BackwardEpilogue::lstm) {
+      cells::LstmOptions<C> opt = p.lstm;
+      opt.relu = kRelu;
+      const cells::Peephole<C> peephole =
+          p.P != nullptr ? cells::Peephole<C>{convert<C>(p.P[j]), convert<C>(p.P[H + j]), convert<C>(p.P[2 * H + j])}
+                         : cells::Peephole<C>{C(0), C(0), C(0)};
+      const C c_prev = p.c_prev != nullptr ? convert<C>(p.c_prev[b * p.cache_stride + j]) : p.c0[unit];
+      const auto d = cells::lstm_backward(opt, convert<C>(saved[j]), convert<C>(saved[H + j]),
+                                          convert<C>(saved[2 * H + j]), convert<C>(saved[3 * H + j]),
+                                          convert<C>(saved[4 * H + j]), c_prev, dh, p.dc[unit], peephole);
+      const cells::LstmBlocks blocks = cells::lstm_blocks(opt.coupled);
+      if (!opt.coupled) dax[j] = d.da_i;
+      dax[blocks.f * H + j] = d.da_f;
+      dax[blocks.g * H + j] = d.da_g;
+      dax[blocks.o * H + j] = d.da_o;
+      p.dc[unit] = d.dc_prev;
+      p.dh_carry[unit] = C(0);
+    } else if constexpr (kEpilogue == BackwardEpilogue::gru_reset_after) {
+      const auto d = cells::gru_backward_reset_after(kRelu, convert<C>(saved[j]), convert<C>(saved[H + j]),
+                                                     convert<C>(saved[2 * H + j]), convert<C>(saved[3 * H + j]),
+                                                     convert<C>(p.h_prev[unit]), dh);
+      dax[j] = d.da_r;
+      dax[H + j] = d.da_z;
+      dax[2 * H + j] = d.dax_n;
+      p.dar_n[unit] = d.dar_n;
+      p.dh_carry[unit] = d.dh_prev;
+    } else if constexpr (kEpilogue == BackwardEpilogue::gru_reset_before_update) {
+      const auto d = cells::gru_backward_reset_before(kRelu, convert<C>(saved[H + j]), convert<C>(saved[2 * H + j]),
+                                                      convert<C>(p.h_prev[unit]), dh);
+      dax[H + j] = d.da_z;
+      dax[2 * H + j] = d.dax_n;
+      p.dh_carry[unit] = d.dh_prev;
+    } else {
+      dax[j] = cells::rnn_backward(kRelu, convert<C>(p.h[unit]), dh);
+      p.dh_carry[unit] = C(0);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Windows: where step t's arguments point. The per-step path sets them on the host before each launch, the
+// persistent kernels on the device at each step: one definition serves both.
+
+// A forward window: `base` holds what every step shares; step(t) points the rest at step t.
+template <typename S>
+struct ForwardWindow {
+  using C = Compute<S>;
+  ForwardStep<S> base;
+  int64_t steps;
+  const S* h0;               // [B, H]
+  S* y;                      // [T, B, H]
+  S* cache;                  // [T, B, cache_width * H] or null
+  const C* ax;               // [T, B, G*H] x W^T
+  const C* masks;            // [T or 1, B, H] recurrent dropout masks, or null
+  bool variational;          // one mask for every step
+
+  // Step t's arguments, for the product over h_{t-1} (for the GRU with reset_before, the r and z gates').
+  __host__ __device__ ForwardStep<S> step(int64_t t) const {
+    ForwardStep<S> p = base;
+    const int64_t BH = base.batch * base.hidden;
+    p.h_prev = t == 0 ? h0 : y + (t - 1) * BH;
+    p.h_in = p.h_prev;
+    p.mask = masks != nullptr ? masks + (variational ? 0 : t) * BH : nullptr;
+    p.R_row0 = 0;
+    p.ax = ax + t * base.batch * base.gate_stride;
+    p.h = y + t * BH;
+    p.cache = cache != nullptr ? cache + t * base.batch * base.cache_stride : nullptr;
+    return p;
+  }
+
+  // The GRU with reset_before, second phase: the n block's product over r * m_t * h_{t-1} (masked already).
+  __host__ __device__ static void to_output_phase(ForwardStep<S>& p) {
+    p.h_in = p.reset_hidden;
+    p.mask = nullptr;
+    p.R_row0 = 2 * p.hidden;
+  }
+};
+
+// A backward window: `base` holds what every step shares; step(t) points the rest at step t.
+template <typename S>
+struct BackwardWindow {
+  using C = Compute<S>;
+  BackwardStep<S> base;
+  int64_t steps;
+  C* dax;                    // [T, B, G*H] pre-activation gradients, written step by step
+  C* dar_n;                  // [T, B, H] GRU reset_after: the gradient of R_n h_{t-1} + bR_n, or null
+  const C* masks;            // [T or 1, B, H] recurrent dropout masks, or null
+  bool variational;
+  bool lstm, gru, reset_after;
+  const S* dy;               // [T, B, H]
+  const S* cache;            // [T, B, cache_width * H]
+  const S* y;                // [T, B, H]
+  const S* h0;               // [B, H]
+
+  __host__ __device__ const C* mask(int64_t t) const {
+    return masks != nullptr ? masks + (variational ? 0 : t) * base.batch * base.hidden : nullptr;
+  }
+
+  // Points p's product at the pre-activation gradients of `step` (the recurrent path's, along R's rows).
+  __host__ __device__ void product_of_step(BackwardStep<S>& p, int64_t step) const {
+    const int64_t B = base.batch, H = base.hidden, GH = base.gate_stride;
+    p.product_mask = mask(step);
+    p.R_row0 = 0;
+    p.a_first = dax + step * B * GH;
+    p.a_first_ld = GH;
+    p.a_second = gru && reset_after ? dar_n + step * B * H : nullptr;
+    p.a_second_ld = H;
+    p.K_first = gru ? 2 * H : GH;
+    p.K = gru && !reset_after ? 2 * H : GH;
+  }
+
+  // Step t's arguments (for the GRU with reset_before, the phase of every gradient but r's).
+  __host__ __device__ BackwardStep<S> step(int64_t t) const {
+    BackwardStep<S> p = base;
+    const int64_t B = base.batch, H = base.hidden, BH = B * H;
+    p.step_mask = mask(t);
+    if (t == steps - 1) {
+      p.K = 0;
+      p.product_mask = nullptr;
+    } else {
+      product_of_step(p, t + 1);
+    }
+    p.dy = dy + t * BH;
+    p.cache = cache != nullptr ? cache + t * B * base.cache_stride : nullptr;
+    p.h = y + t * BH;
+    p.h_prev = t == 0 ? h0 : y + (t - 1) * BH;
+    if (lstm) p.c_prev = t == 0 ? nullptr : cache + (t - 1) * B * base.cache_stride + 4 * H;  // null: c0
+    p.dax = dax + t * B * base.gate_stride;
+    p.dar_n = gru && reset_after ? dar_n + t * BH : nullptr;
+    return p;
+  }
+
+  // The GRU with reset_before, second phase: d(r * m_t * h_{t-1}) = dax_n R_n, which r's gradient needs.
+  __host__ __device__ static void to_reset_phase(BackwardStep<S>& p) {
+    p.R_row0 = 2 * p.hidden;
+    p.a_first = p.dax + 2 * p.hidden;
+    p.a_first_ld = p.gate_stride;
+    p.K = p.K_first = p.hidden;
+    p.product_mask = nullptr;  // d(r * m_t * h_{t-1}) itself
+  }
+
+  // The arguments of dh0 = (the product over step 0's gradients) + what dh_carry holds.
+  __host__ __device__ BackwardStep<S> initial_state(S* dh0) const {
+    BackwardStep<S> p = base;
+    product_of_step(p, 0);
+    p.dh0 = dh0;
+    return p;
+  }
+};
+
+}  // namespace conveyor::cuda
