@@ -208,6 +208,14 @@ def test_long_window_of_4096_steps(config, device, rng):
     assert_close("h_T", got["h_T"].astype(np.float32), h_T, np.float32)
 
 
+@pytest.mark.parametrize("config", CONFIGS[::2], ids=config_id)
+def test_grids_of_several_waves(config, device, rng):
+    """Grids larger than the device holds at once: the time-parallel products' 161 blocks of 64 rows
+    (T B = 10280) against 132 SMs, 34 blocks per step kernel, the persistent kernel's partial last block."""
+    p = make_problem(*config, 40, 257, 5, 33, rng)
+    assert_all_close(run_on_gpu(p, device, "float32"), reference_results(p), np.float32)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_inference_mode_gives_the_same_outputs(config, device, rng):
     p = make_problem(*config, 5, 4, 6, 9, rng)
