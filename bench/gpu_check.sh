@@ -1,75 +1,308 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine has to run for the CUDA backend, in stages that each fit one call of at most
-# ten minutes. Run from the repository root on the GPU machine; results and logs go to $OUT (or the second
-# argument), and the last lines printed are a short summary.
+# Everything a lent GPU machine has to check for the CUDA backend, as one prepared command. Run from the
+# repository root on the GPU machine (16 cores, an H100 or H200, no network: the build uses the installed
+# pybind11, scikit-build-core and CMake). Results go to OUT_DIR (the second argument, else $OUT): at most
+# five files, summary.txt, bench.md, ncu.txt, ncu.ncu-rep and logs.tar.gz (every log). The last lines printed
+# are the summary; the exit code is 0 only when every stage that should have run ran and passed.
 #
-#   bash bench/gpu_check.sh test      build and install, conveyor info, the CUDA tests, the whole suite, ctest
-#   bash bench/gpu_check.sh sanitize  compute-sanitizer memcheck, racecheck and synccheck on the CUDA tests
-#                                     (the 4096-step windows left out: under the sanitizer they take minutes)
-#   bash bench/gpu_check.sh bench     bench/cuda_rnn.py for the LSTM and the GRU, float32 and bfloat16
-#   bash bench/gpu_check.sh speed     bench/speed.py: the full grid of issue 7 against cuDNN and FlashRNN
+#   bash bench/gpu_check.sh all OUT_DIR   about 8 minutes on an H100, at most CONVEYOR_GPU_CHECK_SECONDS
+#                                         (default 500): the stages below, after one build
+#   bash bench/gpu_check.sh test|sanitize|bench|ncu|speed OUT_DIR   one stage, building first if needed
 #
-# The machine has no network: the build uses the installed pybind11, scikit-build-core and CMake.
+# Stages, each under its own timeout (clipped to the time left), so one stuck stage cannot eat the rest:
+#   preflight  a GPU (nvidia-smi) and nvcc, before anything is built: without them, fail at once
+#   build      pip install --no-build-isolation --no-deps . with every core, into build-gpu/ with the C++
+#              tests and -lineinfo (one build dir: ctest and the sanitizers reuse its test binaries)
+#   a gpu      nvidia-smi and conveyor info; fails loudly when the CUDA backend is not built, is the
+#              emulated one, or sees no GPU
+#   b test     python -m pytest -m cuda (once) and ctest -R 'test_cuda|test_emulator|test_ptx'
+#   c sanitize compute-sanitizer memcheck, racecheck and synccheck on a few fast tests of test_cuda.py (both
+#              algorithms), test_floor.py, and the test_ptx and test_emulator binaries (b and c run at once:
+#              they check correctness, not speed)
+#   d bench    bench/cuda_rnn.py: LSTM and GRU against cuDNN, H 768, 256, 1024, B 16, 64, 1, 256, T=256,
+#              float32 and bfloat16, per_step and persistent, with the persistent floor; rows flushed to
+#              bench.md as they are measured, so a timeout keeps them
+#   e ncu      Nsight Compute (--set full) on one forward_persistent_kernel and one backward_persistent_kernel
+#              (LSTM, H=768, B=16, T=64, float32): the report and its details page as text
+#   speed      bench/speed.py, the full grid of issue 7 (not part of all: it takes far longer)
 set -uo pipefail
-stage=${1:?usage: bash bench/gpu_check.sh test|sanitize|bench|speed [OUT_DIR]}
-out=${2:-${OUT:-/tmp/conveyor-gpu}}
-mkdir -p "$out"
-summary=()
-note() { summary+=("$1"); }
 
-install() {
-  if ! python3 -c "import conveyor, sys; sys.exit(0 if conveyor.cuda_built() else 1)" 2>/dev/null; then
-    python3 -m pip install --no-build-isolation --no-deps . > "$out/build.log" 2>&1 \
-      || { tail -40 "$out/build.log"; echo "build failed"; exit 1; }
-  fi
-  python3 -m conveyor info | tee "$out/info.txt"
-}
-
+stage=${1:-}
+out=${2:-${OUT:-}}
 case "$stage" in
-  test)
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
-    install
-    python3 -m pytest -q -m cuda tests > "$out/pytest-cuda.txt" 2>&1
-    note "pytest -m cuda: rc $? -- $(tail -1 "$out/pytest-cuda.txt")"
-    python3 -m pytest -q tests > "$out/pytest-all.txt" 2>&1
-    note "pytest (all): rc $? -- $(tail -1 "$out/pytest-all.txt")"
-    { cmake -S . -B build-gpu -DCONVEYOR_BUILD_TESTS=ON && cmake --build build-gpu -j "$(nproc)" \
-        && ctest --test-dir build-gpu --output-on-failure; } > "$out/ctest.txt" 2>&1
-    note "ctest: rc $? -- $(grep -E 'tests passed|tests failed' "$out/ctest.txt" | tail -1)"
-    grep -E "FAILED|Error" "$out/pytest-cuda.txt" | head -20
-    ;;
-  sanitize)
-    install
-    for tool in memcheck racecheck synccheck; do
-      timeout 170 compute-sanitizer --tool "$tool" --error-exitcode 99 \
-        python3 -m pytest -q -x -m cuda tests/test_cuda.py -k "not 4096 and (T4-B3 or T5-B17 or T3-B33 or optional)" \
-        > "$out/sanitizer-$tool.txt" 2>&1
-      note "compute-sanitizer $tool: rc $? -- $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|passed|failed' \
-        "$out/sanitizer-$tool.txt" | tail -2 | tr '\n' ' ')"
-    done
-    ;;
-  bench)
-    install
-    for cell in lstm gru; do
-      for dtype in float32 bfloat16; do
-        python3 bench/cuda_rnn.py --cell "$cell" --dtype "$dtype" --out "$out/cuda-$cell-$dtype.md" \
-          > "$out/bench-$cell-$dtype.log" 2>&1
-        note "bench $cell $dtype: rc $?"
-        tail -9 "$out/cuda-$cell-$dtype.md" 2>/dev/null
-      done
-    done
-    ;;
-  speed)
-    install
-    python3 bench/speed.py --out "$out/speed.md" --plot "$out/speed.png" > "$out/speed.log" 2>&1
-    note "bench/speed.py: rc $?"
-    tail -20 "$out/speed.md" 2>/dev/null
-    ;;
+  all | test | sanitize | bench | ncu | speed) ;;
   *)
-    echo "unknown stage '$stage': expected test, sanitize, bench or speed"
+    echo "usage: bash bench/gpu_check.sh all|test|sanitize|bench|ncu|speed OUT_DIR" >&2
     exit 2
     ;;
 esac
+if [[ -z "$out" ]]; then
+  echo "usage: bash bench/gpu_check.sh $stage OUT_DIR (or set OUT)" >&2
+  exit 2
+fi
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+python=${PYTHON:-python3}
+build_dir=build-gpu
+logs=$(mktemp -d "${TMPDIR:-/tmp}/conveyor-gpu-check.XXXXXX")
+results="$logs/results"
+mkdir -p "$results"
+deadline=$((SECONDS + ${CONVEYOR_GPU_CHECK_SECONDS:-500}))
+reserve=15   # seconds kept for packing the logs and printing the summary
+names=()
+started=$SECONDS
 
-echo "== summary ($stage)"
-printf '%s\n' "${summary[@]}"
+# Each check leaves one line in $results/NAME: "PASS|FAIL|SKIP NAME (seconds): detail". Background checks
+# write theirs too, so names lists every check in the order it was started.
+verdict() { printf '%s %s: %s\n' "$2" "$1" "$3" > "$results/$1"; }
+skip() {
+  names+=("$1")
+  verdict "$1" SKIP "$2"
+}
+
+# check NAME LIMIT_S PATTERN COMMAND...: runs COMMAND under `timeout` (LIMIT_S clipped to the time left) with
+# its output in $logs/NAME.log; the detail is the log's last line matching PATTERN (or its last line).
+check() {
+  local name=$1 limit=$2 pattern=$3
+  shift 3
+  local left=$((deadline - SECONDS - reserve))
+  ((limit > left)) && limit=$left
+  if ((limit < 10)); then
+    verdict "$name" SKIP "no time left (CONVEYOR_GPU_CHECK_SECONDS)"
+    return 1
+  fi
+  local t0=$SECONDS rc detail
+  timeout -k 10 "$limit" "$@" > "$logs/$name.log" 2>&1
+  rc=$?
+  detail=$(grep -E -- "$pattern" "$logs/$name.log" 2>/dev/null | tail -1)
+  [[ -n "$detail" ]] || detail=$(tail -1 "$logs/$name.log" 2>/dev/null)
+  detail=$(printf '%s' "$detail" | tr -s ' \t' ' ' | cut -c1-160)
+  if ((rc == 0)); then
+    verdict "$name" PASS "($((SECONDS - t0)) s) $detail"
+  elif ((rc == 124 || rc == 137)); then
+    verdict "$name" FAIL "($((SECONDS - t0)) s) timed out after $limit s; last: $detail"
+  else
+    verdict "$name" FAIL "($((SECONDS - t0)) s) exit $rc: $detail"
+  fi
+  return "$rc"
+}
+run() {
+  names+=("$1")
+  check "$@"
+}
+
+# skip_rest WHY NAME...: what a failed preflight, build or GPU check leaves undone, listed as skipped.
+skip_rest() {
+  local why=$1 rest=()
+  shift
+  case "$stage" in
+    all) rest=(b-test c-sanitize d-bench e-ncu) ;;
+    test) rest=(b-test) ;;
+    sanitize) rest=(c-sanitize) ;;
+    bench) rest=(d-bench) ;;
+    ncu) rest=(e-ncu) ;;
+    speed) rest=(speed) ;;
+  esac
+  for name in "$@" "${rest[@]}"; do skip "$name" "not run: $why"; done
+}
+
+finish() {
+  trap - EXIT
+  tar -czf "$out/logs.tar.gz" -C "$logs" . 2> /dev/null
+  local line status=0
+  {
+    echo "== gpu_check.sh $stage: $(date -u '+%Y-%m-%d %H:%M:%S') UTC, $((SECONDS - started)) s" \
+      "(logs: $out/logs.tar.gz)"
+    for name in "${names[@]}"; do
+      if [[ -f "$results/$name" ]]; then
+        line=$(cat "$results/$name")
+      else
+        line="FAIL $name: no result (killed before it finished)"
+      fi
+      [[ "$line" == PASS* ]] || status=1
+      echo "$line"
+    done
+    if ((status == 0)); then echo "== all passed"; else echo "== FAILED: see the lines above that are not PASS"; fi
+  } > "$out/summary.txt"
+  cat "$out/summary.txt"
+  rm -rf "$logs"
+  exit "$status"
+}
+trap finish EXIT
+trap 'exit 130' INT TERM
+
+# -- preflight and build ---------------------------------------------------------------------------------------
+
+# A GPU and nvcc, before minutes go into a build that could not run.
+preflight() {
+  names+=(preflight)
+  local why=""
+  if ! command -v nvidia-smi > /dev/null; then
+    why="no GPU: nvidia-smi is not installed on this machine"
+  elif ! nvidia-smi -L > "$logs/preflight.log" 2>&1 || ! grep -q '^GPU' "$logs/preflight.log"; then
+    why="no GPU: nvidia-smi lists none ($(head -1 "$logs/preflight.log"))"
+  elif ! command -v nvcc > /dev/null; then
+    why="no nvcc: the CUDA backend cannot be built here"
+  fi
+  if [[ -n "$why" ]]; then
+    verdict preflight FAIL "$why"
+    echo "gpu_check.sh: $why; nothing else can run" >&2
+    return 1
+  fi
+  verdict preflight PASS "$(head -1 "$logs/preflight.log" | cut -c1-120); $(nvcc --version | tail -1)"
+}
+
+build() {
+  # CMAKE_ARGS may hold the emulated build's flags from a CPU session; this build is the GPU's.
+  run build 240 'Successfully installed|error|Error' env -u CMAKE_ARGS CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    "$python" -m pip install --no-build-isolation --no-deps -v . -C build-dir="$build_dir" \
+    -C cmake.define.CONVEYOR_BUILD_TESTS=ON -C cmake.define.CONVEYOR_CUDA_LINEINFO=ON \
+    -C cmake.define.CONVEYOR_EMULATE_CUDA=OFF
+}
+
+# -- a: the GPU and the build --------------------------------------------------------------------------------
+
+gpu_and_build_ok() {
+  nvidia-smi
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+    --format=csv
+  "$python" -m conveyor info || return 1
+  "$python" - << 'EOF'
+import sys
+
+import conveyor
+from conveyor import _conveyor
+
+if not conveyor.cuda_built():
+    sys.exit("FAILED: this build has no CUDA backend (was nvcc found? see build.log)")
+if _conveyor.cuda_emulated():
+    sys.exit("FAILED: the CUDA backend is the CPU emulator (CMAKE_ARGS=-DCONVEYOR_EMULATE_CUDA=ON?)")
+if conveyor.cuda_device_count() == 0:
+    sys.exit("FAILED: the CUDA backend sees no GPU")
+if not conveyor.cuda_available():
+    sys.exit("FAILED: the CUDA backend cannot run on this GPU (no code for its architecture?)")
+print(f"OK: CUDA backend built for the GPU, {conveyor.cuda_device_count()} device(s), cell check passed")
+EOF
+}
+
+# -- b, c: correctness -----------------------------------------------------------------------------------------
+
+# A few fast tests of both algorithms for the sanitizers: every cell at one odd shape in float32, the bfloat16
+# tests, and the floor.
+sanitizer_tests=(tests/test_cuda.py tests/test_floor.py -k
+  "(device and T5-B17-I40-H70 and float32 and test_matches_reference) or (device and bfloat16 and test_half_precision_within) or test_floor")
+
+sanitize_with() {
+  local tool=$1 extra=()
+  [[ "$tool" == memcheck ]] && extra=(--leak-check no)
+  local sanitizer=(compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 "${extra[@]}")
+  check "c-$tool-pytest" 200 'ERROR SUMMARY|RACECHECK SUMMARY|passed|failed' env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    "${sanitizer[@]}" "$python" -m pytest -q -x -p no:cacheprovider "${sanitizer_tests[@]}"
+  check "c-$tool-test_ptx" 60 'ERROR SUMMARY|RACECHECK SUMMARY|passed' "${sanitizer[@]}" "$build_dir/tests/cpp/test_ptx"
+  # test_emulator checks the runtime's error codes on purpose: those API errors are not findings.
+  check "c-$tool-test_emulator" 90 'ERROR SUMMARY|RACECHECK SUMMARY|passed' "${sanitizer[@]}" --report-api-errors no \
+    "$build_dir/tests/cpp/test_emulator"
+}
+
+correctness() {
+  local pids=() workers=()
+  if "$python" -c "import xdist" 2> /dev/null; then workers=(-n 4); fi
+  names+=(b-pytest-cuda b-ctest)
+  check b-pytest-cuda 240 'passed|failed|error' "$python" -m pytest -q -m cuda -p no:cacheprovider "${workers[@]}" tests &
+  pids+=($!)
+  check b-ctest 200 'tests passed|tests failed' ctest --test-dir "$build_dir" -R 'test_cuda|test_emulator|test_ptx' \
+    --output-on-failure &
+  pids+=($!)
+  if [[ "$stage" == all || "$stage" == sanitize ]]; then
+    if command -v compute-sanitizer > /dev/null; then
+      for tool in memcheck racecheck synccheck; do
+        names+=("c-$tool-pytest" "c-$tool-test_ptx" "c-$tool-test_emulator")
+        sanitize_with "$tool" &
+        pids+=($!)
+      done
+    else
+      skip c-sanitizers "compute-sanitizer is not installed"
+    fi
+  fi
+  wait "${pids[@]}"
+}
+
+sanitize_only() {
+  local pids=()
+  if ! command -v compute-sanitizer > /dev/null; then
+    skip c-sanitizers "compute-sanitizer is not installed"
+    return
+  fi
+  for tool in memcheck racecheck synccheck; do
+    names+=("c-$tool-pytest" "c-$tool-test_ptx" "c-$tool-test_emulator")
+    sanitize_with "$tool" &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+}
+
+# -- d, e: speed and the profile -------------------------------------------------------------------------------
+
+bench() {
+  run d-bench 170 'failed|^\| ' env PYTHONUNBUFFERED=1 "$python" bench/cuda_rnn.py \
+    --cell lstm,gru --dtype float32,bfloat16 --hidden 768,256,1024 --batch 16,64,1,256 --steps 256 \
+    --algorithm per_step,persistent --repeats 10 --warmup 2 --budget-ms 500 --out "$out/bench.md"
+  local rows
+  rows=$(grep -c '^| \(lstm\|gru\) ' "$out/bench.md" 2> /dev/null)
+  names+=(d-bench-rows)
+  if [[ "${rows:-0}" -ge 96 ]]; then
+    verdict d-bench-rows PASS "$rows of 96 rows in bench.md"
+  else
+    verdict d-bench-rows FAIL "${rows:-0} of 96 rows in bench.md"
+  fi
+}
+
+ncu_profile() {
+  if ! command -v ncu > /dev/null; then
+    skip e-ncu "ncu (Nsight Compute) is not installed"
+    return
+  fi
+  run e-ncu 120 'PROF|Error|error|ms per window' ncu --set full --import-source yes \
+    -k 'regex:(forward|backward)_persistent_kernel' -c 2 -f -o "$logs/ncu" \
+    "$python" bench/profile.py --device cuda --cell lstm --steps 64 --batch 16 --hidden 768 --dtype float32 \
+    --algorithm persistent --repeats 1
+  if [[ -f "$logs/ncu.ncu-rep" ]]; then
+    ncu --import "$logs/ncu.ncu-rep" --page details > "$out/ncu.txt" 2>&1
+    ncu --import "$logs/ncu.ncu-rep" --page details --csv > "$logs/ncu-details.csv" 2>&1
+    # Kept beside the text where it fits what a lent machine sends back (16 MiB a file).
+    if (($(stat -c %s "$logs/ncu.ncu-rep") < 15000000)); then cp "$logs/ncu.ncu-rep" "$out/ncu.ncu-rep"; fi
+    names+=(e-ncu-kernels)
+    local kernels
+    kernels=$(grep -c 'Section: GPU Speed Of Light Throughput' "$out/ncu.txt")
+    if ((kernels >= 2)); then
+      verdict e-ncu-kernels PASS "$kernels kernels profiled (ncu.txt)"
+    else
+      verdict e-ncu-kernels FAIL "$kernels of 2 kernels in ncu.txt"
+    fi
+  fi
+}
+
+speed() {
+  run speed 540 'Note|FlashRNN' env PYTHONUNBUFFERED=1 "$python" bench/speed.py --algorithm per_step,persistent \
+    --out "$out/speed.md" --plot "$out/speed.png"
+}
+
+# -- the stages ------------------------------------------------------------------------------------------------
+
+export python
+preflight || { skip_rest "no GPU or no nvcc" build a-gpu; exit 1; }
+build || { skip_rest "the build failed" a-gpu; exit 1; }
+run a-gpu 90 'OK:|FAILED' bash -c "$(declare -f gpu_and_build_ok); gpu_and_build_ok" || { skip_rest "a-gpu failed"; exit 1; }
+case "$stage" in
+  all)
+    correctness
+    bench
+    ncu_profile
+    ;;
+  test) correctness ;;
+  sanitize) sanitize_only ;;
+  bench) bench ;;
+  ncu) ncu_profile ;;
+  speed) speed ;;
+esac

@@ -38,6 +38,8 @@ def main():
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--algorithm", choices=("auto", "per_step", "persistent"), default="auto",
+                        help="the CUDA backend's recurrence (gpu_check.sh profiles the persistent kernels)")
     args = parser.parse_args()
     T, B, H = args.steps, args.batch, args.hidden
     G = {"lstm": 4, "gru": 3, "rnn": 1}[args.cell]
@@ -57,11 +59,12 @@ def main():
     x, W, R, bW, bR, dy = arrays
     forward = getattr(conveyor, f"{args.cell}_forward")
     backward = getattr(conveyor, f"{args.cell}_backward")
+    options = {"algorithm": args.algorithm} if args.device == "cuda" else {}
     times = []
     for _ in range(args.repeats + 1):  # the first is a warm-up
         sync()
         start = time.perf_counter()
-        saved = forward(x, W, R, bW, bR)[-1]
+        saved = forward(x, W, R, bW, bR, **options)[-1]
         backward(saved, dy)
         sync()
         times.append(time.perf_counter() - start)

@@ -1,13 +1,14 @@
 """The speed benchmark of issue 7, in one run on one GPU: Conveyor, torch.nn.LSTM/GRU (cuDNN) and FlashRNN
-(the ``flashrnn`` package, skipped with a note when it is not installed or cannot run), on the same sizes.
+(the ``flashrnn`` package, skipped with a note when it is not installed or cannot run), on the same sizes, for
+each of Conveyor's algorithms asked for (--algorithm: per_step, persistent, auto, or a list; rows name it).
 
 For each cell (LSTM, GRU), T in {256, 1024}, B in {1, 8, 16, 64, 256}, H in {256, 512, 768, 1024} (input size
 = H) and dtype (float32, bfloat16): forward and forward+backward time per window, timed with CUDA events, the
 median of --repeats runs after warm-up, over rotating inputs (bench/cuda_rnn.py measures Conveyor and cuDNN).
 FlashRNN's interface takes the input projection W x precomputed, so its times leave that product out, while
 Conveyor's and cuDNN's include it: the table says so. Prints a Markdown table with the ratios Conveyor /
-cuDNN and Conveyor / FlashRNN (below 1: Conveyor is faster), writes it to --out, and plots the ratios to
---plot (matplotlib).
+cuDNN and Conveyor / FlashRNN (below 1: Conveyor is faster), writes it to --out row by row (flushed), and
+plots the ratios to --plot (matplotlib). Where the persistent kernel does not fit, a note at the end says why.
 
     python bench/speed.py --out bench/results/speed-h100.md --plot bench/results/speed-h100.png
 """
@@ -15,8 +16,8 @@ cuDNN and Conveyor / FlashRNN (below 1: Conveyor is faster), writes it to --out,
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
-import types
 
 import cuda_rnn
 
@@ -60,59 +61,61 @@ def main(argv=None):
     parser.add_argument("--batch", default="1,8,16,64,256")
     parser.add_argument("--hidden", default="256,512,768,1024")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--algorithm", type=cuda_rnn.comma_list(str, cuda_rnn.ALGORITHMS), default=["auto"],
+                        help="Conveyor's algorithms (per_step, persistent, auto), each in rows of its own")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--budget-ms", type=float, default=1500.0,
+                        help="stop timing a measurement after this many ms of runs (at least 3 runs)")
     parser.add_argument("--out")
     parser.add_argument("--plot")
     args = parser.parse_args(argv)
-    try:
-        import torch
-    except ImportError:
-        sys.exit("bench/speed.py needs PyTorch with CUDA")
-    if not torch.cuda.is_available() or not conveyor.cuda_available():
-        sys.exit("bench/speed.py needs a CUDA GPU, PyTorch with CUDA and Conveyor's CUDA backend")
-    lines = [f"# Speed: Conveyor vs cuDNN vs FlashRNN on {torch.cuda.get_device_name()}", "",
-             f"- torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
-             f"conveyor {conveyor.__version__}",
-             f"- command: python bench/speed.py {' '.join(sys.argv[1:] if argv is None else argv)}",
-             "- ms per window (median, CUDA events); ratios below 1: Conveyor is faster. FlashRNN's times "
-             "leave out the input projection, which its interface takes precomputed.", "",
-             "| cell | dtype | T | B | H | fwd Conveyor | fwd cuDNN | fwd ratio | f+b Conveyor | f+b cuDNN "
-             "| f+b ratio | f+b FlashRNN | Conveyor/FlashRNN |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    print("\n".join(lines), flush=True)
+    torch = cuda_rnn.check_gpu("bench/speed.py")
+    table = cuda_rnn.Table(args.out)
+    table.add(f"# Speed: Conveyor vs cuDNN vs FlashRNN on {torch.cuda.get_device_name()}", "",
+              f"- torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
+              f"conveyor {conveyor.__version__}",
+              f"- command: python bench/speed.py {' '.join(sys.argv[1:] if argv is None else argv)}",
+              "- ms per window (median, CUDA events); ratios below 1: Conveyor is faster. FlashRNN's times "
+              "leave out the input projection, which its interface takes precomputed.", "",
+              "| cell | dtype | algorithm | T | B | H | fwd Conveyor | fwd cuDNN | fwd ratio | f+b Conveyor "
+              "| f+b cuDNN | f+b ratio | f+b FlashRNN | Conveyor/FlashRNN |",
+              "| --- | --- | --- |" + " ---: |" * 11)
     rows, notes = [], set()
-    for cell in args.cells.split(","):
-        for dtype in args.dtypes.split(","):
-            for T in (int(t) for t in args.steps.split(",")):
-                for H in (int(h) for h in args.hidden.split(",")):
-                    for B in (int(b) for b in args.batch.split(",")):
-                        config = types.SimpleNamespace(cell=cell, dtype=dtype, steps=T, tf32=False,
-                                                       repeats=args.repeats, warmup=args.warmup)
-                        m = cuda_rnn.measure(torch, config, B, H)
-                        flash, why = flashrnn_times(torch, cell, T, B, H, getattr(torch, dtype),
-                                                    args.repeats, args.warmup)
-                        if why:
-                            notes.add(why)
-                        f_text = "-" if flash is None else f"{flash[1]:.3f}"
-                        f_ratio = "-" if flash is None else f"{m['conveyor_training'] / flash[1]:.2f}"
-                        fwd = m["conveyor_forward"] / m["cudnn_forward"]
-                        both = m["conveyor_training"] / m["cudnn_training"]
-                        row = (f"| {cell} | {dtype} | {T} | {B} | {H} | {m['conveyor_forward']:.3f} | "
-                               f"{m['cudnn_forward']:.3f} | {fwd:.2f} | {m['conveyor_training']:.3f} | "
-                               f"{m['cudnn_training']:.3f} | {both:.2f} | {f_text} | {f_ratio} |")
-                        print(row, flush=True)
-                        lines.append(row)
-                        rows.append((cell, dtype, T, B, H, both))
+
+    def timing(fn, inputs):
+        return cuda_rnn.median_ms(torch, fn, inputs, args.repeats, args.warmup, args.budget_ms)
+
+    grid = itertools.product(args.cells.split(","), args.dtypes.split(","), _ints(args.steps),
+                             _ints(args.hidden), _ints(args.batch))
+    for cell, dtype, T, H, B in grid:
+        problem = cuda_rnn.Problem(torch, cell, dtype, T, B, H)
+        cudnn = cuda_rnn.cudnn_times(problem, timing)
+        flash, why = flashrnn_times(torch, cell, T, B, H, getattr(torch, dtype), args.repeats, args.warmup)
+        if why:
+            notes.add(why)
+        for algorithm in args.algorithm:
+            fwd, both = cuda_rnn.conveyor_times(problem, algorithm, False, timing)
+            for what, reason in (("fwd", fwd), ("f+b", both)):
+                if isinstance(reason, str):
+                    notes.add(f"{cell} {dtype} T={T} B={B} H={H} {algorithm} {what} does not fit: {reason}")
+            table.add(f"| {cell} | {dtype} | {algorithm} | {T} | {B} | {H} | {cuda_rnn.ms(fwd)} | "
+                      f"{cuda_rnn.ms(cudnn[0])} | {cuda_rnn.ratio(fwd, cudnn[0])} | {cuda_rnn.ms(both)} | "
+                      f"{cuda_rnn.ms(cudnn[1])} | {cuda_rnn.ratio(both, cudnn[1])} | "
+                      f"{'-' if flash is None else cuda_rnn.ms(flash[1])} | "
+                      f"{'-' if flash is None else cuda_rnn.ratio(both, flash[1])} |")
+            if isinstance(both, float):
+                rows.append((cell, dtype, T, B, H, both / cudnn[1], algorithm))
+        del problem
     for note in sorted(notes):
-        lines.append(f"\nFlashRNN: {note}")
-        print(f"FlashRNN: {note}")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        table.add("", f"Note: {note}")
     if args.plot:
         plot(rows, args.plot, torch.cuda.get_device_name())
     return 0
+
+
+def _ints(text):
+    return [int(item) for item in text.split(",")]
 
 
 def plot(rows, path, device):
@@ -128,8 +131,11 @@ def plot(rows, path, device):
     fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.5), squeeze=False)
     for ax, (cell, dtype, T) in zip(axes[0], groups):
         for H in sorted({r[4] for r in rows}):
-            points = sorted((r[3], r[5]) for r in rows if r[:3] == (cell, dtype, T) and r[4] == H)
-            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"H={H}")
+            for algorithm, style in zip(sorted({r[6] for r in rows}), ("o-", "s--", "^:")):
+                points = sorted((r[3], r[5]) for r in rows
+                                if r[:3] == (cell, dtype, T) and r[4] == H and r[6] == algorithm)
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], style, label=f"H={H} {algorithm}")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_title(f"{cell} {dtype} T={T}")

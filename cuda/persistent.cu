@@ -15,7 +15,11 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <string>
+#include <type_traits>
+
+#include "ptx.cuh"
 
 namespace conveyor::cuda {
 
@@ -24,6 +28,15 @@ constexpr int kPersistentRows = 16;        // batch rows per pass
 constexpr int kPersistentK = 32;           // K slice of a pass's input tile
 constexpr int kPersistentMaxColumns = 64;  // gates x units of one pass: at most 4 x 16
 constexpr int kPersistentUnitChoices[] = {4, 8, 16};
+
+// float16 and bfloat16 forward products run on tensor cores (mma.sync m16n8k16, float accumulation): h_{t-1}
+// is stored in that type already, so its operand loses nothing; the rest run in FMAs of the compute type.
+template <typename S>
+constexpr bool kTensorCoreForward = std::is_same_v<S, __half> || std::is_same_v<S, bfloat16>;
+
+// The forward slice's row length: H rounded up to the MMA's K of 16 (zeros past H), so that every row starts
+// 32-byte aligned and an MMA's K step never leaves it.
+__host__ __device__ inline int64_t forward_slice_ld(int64_t hidden) { return (hidden + 15) / 16 * 16; }
 
 template <typename C>
 constexpr size_t persistent_static_shared_bytes() {
@@ -92,10 +105,81 @@ __device__ void tile_product(int columns, int64_t K, const LoadA& load_a, const 
 
 // One product and epilogue over every batch row for the block's units: the product of gate blocks
 // [gate_first, gate_first + gates) over p.h_in (of type Input, masked by p.mask), then kEpilogue.
+// The same on tensor cores, for 16-bit S and an input of type S: the block stages 16 rows of h_{t-1} (masked,
+// rounded to S as the per-step kernels' inputs are not: they multiply the mask in float) in h_stage; warp w
+// takes the n8 tile w % n_tiles of the gate-unit columns and every (8 / n_tiles)-th K step of 16; the warps'
+// partial tiles meet in tiles.product, and each unit's thread adds them in a fixed order.
+template <typename S, ForwardEpilogue kEpilogue, bool kRelu>
+__device__ void forward_pass_tensor_cores(const ForwardStep<S>& p, int units, int64_t j0, const S* r_slice, int64_t ld,
+                                          S* h_stage, int gate_first, int gates, const PassTiles<float>& tiles) {
+  const int64_t B = p.batch, H = p.hidden;
+  const S* h_in = static_cast<const S*>(p.h_in);
+  const int columns = gates * units, n_tiles = (columns + 7) / 8;
+  const int warps_per_tile = 8 / n_tiles, k_steps = int(ld / 16);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const S* weights = r_slice + int64_t(gate_first) * units * ld;
+  const S zero = convert<S>(0.0f);
+  // A 32-bit register of two consecutive 16-bit elements (their pairs start at even, 4-byte aligned offsets).
+  auto pair = [](const S* at) { return *reinterpret_cast<const uint32_t*>(at); };
+  for (int64_t b0 = 0; b0 < B; b0 += kPersistentRows) {
+    for (int64_t e = tid; e < kPersistentRows * ld; e += kPersistentThreads) {
+      const int64_t r = e / ld, k = e % ld, b = b0 + r;
+      S v = zero;
+      if (b < B && k < H) {
+        v = p.mask != nullptr ? convert<S>(convert<float>(h_in[b * H + k]) * p.mask[b * H + k]) : h_in[b * H + k];
+      }
+      h_stage[e] = v;
+    }
+    __syncthreads();
+    if (warp < n_tiles * warps_per_tile) {
+      const int n_tile = warp % n_tiles, part = warp / n_tiles;
+      const int column = n_tile * 8 + g;  // the B fragment's n of this lane
+      const S* w = weights + int64_t(column < columns ? column : 0) * ld;
+      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int step = part; step < k_steps; step += warps_per_tile) {
+        const int64_t k0 = int64_t(step) * 16;
+        const uint32_t a[4] = {pair(h_stage + g * ld + k0 + 2 * t), pair(h_stage + (g + 8) * ld + k0 + 2 * t),
+                               pair(h_stage + g * ld + k0 + 8 + 2 * t), pair(h_stage + (g + 8) * ld + k0 + 8 + 2 * t)};
+        const uint32_t b[2] = {column < columns ? pair(w + k0 + 2 * t) : 0u,
+                               column < columns ? pair(w + k0 + 8 + 2 * t) : 0u};
+        ptx::mma_m16n8k16<S>(d, a, b, d);
+      }
+      // d0, d1: (row g, columns 2t, 2t + 1) of the tile; d2, d3: row g + 8.
+      float* out = &tiles.product[0][0] + (part * n_tiles + n_tile) * 128;
+      out[g * 8 + 2 * t] = d[0];
+      out[g * 8 + 2 * t + 1] = d[1];
+      out[(g + 8) * 8 + 2 * t] = d[2];
+      out[(g + 8) * 8 + 2 * t + 1] = d[3];
+    }
+    __syncthreads();
+    if (tid < kPersistentRows * units) {
+      const int r = tid / units, u = tid % units;
+      const int64_t b = b0 + r, j = j0 + u;
+      if (b < B && j < H) {
+        float product[4];
+        for (int gate = 0; gate < gates; ++gate) {
+          const int c = gate * units + u;
+          float sum = 0.0f;
+          for (int part = 0; part < warps_per_tile; ++part) {
+            sum += (&tiles.product[0][0])[(part * n_tiles + c / 8) * 128 + r * 8 + c % 8];
+          }
+          product[gate] = sum;
+        }
+        forward_epilogue<S, kEpilogue, kRelu>(p, b, j, product);
+      }
+    }
+    __syncthreads();
+  }
+}
+
 template <typename S, ForwardEpilogue kEpilogue, bool kRelu, typename Input>
-__device__ void forward_pass(const ForwardStep<S>& p, int units, int64_t j0, const S* r_slice, int gate_first,
-                             int gates, const PassTiles<Compute<S>>& tiles) {
+__device__ void forward_pass(const ForwardStep<S>& p, int units, int64_t j0, const S* r_slice, int64_t ld,
+                             S* h_stage, int gate_first, int gates, const PassTiles<Compute<S>>& tiles) {
   using C = Compute<S>;
+  if constexpr (kTensorCoreForward<S> && std::is_same_v<Input, S>) {
+    return forward_pass_tensor_cores<S, kEpilogue, kRelu>(p, units, j0, r_slice, ld, h_stage, gate_first, gates,
+                                                          tiles);
+  }
   const int64_t B = p.batch, H = p.hidden;
   const Input* h_in = static_cast<const Input*>(p.h_in);
   for (int64_t b0 = 0; b0 < B; b0 += kPersistentRows) {
@@ -104,7 +188,7 @@ __device__ void forward_pass(const ForwardStep<S>& p, int units, int64_t j0, con
       if (b >= B) return C(0);
       return convert<C>(h_in[b * H + k]) * (p.mask != nullptr ? p.mask[b * H + k] : C(1));
     };
-    tile_product(gates * units, H, load_h, r_slice + int64_t(gate_first) * units * H, H, tiles);
+    tile_product(gates * units, H, load_h, r_slice + int64_t(gate_first) * units * ld, ld, tiles);
     if (int(threadIdx.x) < kPersistentRows * units) {
       const int r = threadIdx.x / units, u = threadIdx.x % units;
       const int64_t b = b0 + r, j = j0 + u;
@@ -126,24 +210,27 @@ __global__ void __launch_bounds__(kPersistentThreads) forward_persistent_kernel(
   CONVEYOR_SHARED(C, a_tile, [kPersistentRows][kPersistentK + 1]);
   CONVEYOR_SHARED(C, partial, [kPersistentThreads]);
   CONVEYOR_SHARED(C, product, [kPersistentRows][kPersistentMaxColumns]);
-  CONVEYOR_DYNAMIC_SHARED(S, r_slice);  // (gate g, unit u, k) at (g * units + u) * H + k
+  CONVEYOR_DYNAMIC_SHARED(S, r_slice);  // (gate g, unit u, k) at (g * units + u) * ld + k; then h_stage
   const PassTiles<C> tiles{a_tile, partial, product};
-  const int64_t H = w.base.hidden, j0 = int64_t(blockIdx.x) * units;
-  for (int64_t e = threadIdx.x; e < kGates * units * H; e += kPersistentThreads) {
-    const int64_t k = e % H, u = e / H % units, g = e / (H * units), j = j0 + u;
-    r_slice[e] = j < H ? w.base.R[(g * H + j) * H + k] : convert<S>(0.0f);
+  const int64_t H = w.base.hidden, ld = forward_slice_ld(H), j0 = int64_t(blockIdx.x) * units;
+  S* h_stage = r_slice + kGates * units * ld;  // [16][ld], tensor-core passes only
+  for (int64_t e = threadIdx.x; e < kGates * units * ld; e += kPersistentThreads) {
+    const int64_t k = e % ld, u = e / ld % units, g = e / (ld * units), j = j0 + u;
+    r_slice[e] = j < H && k < H ? w.base.R[(g * H + j) * H + k] : convert<S>(0.0f);
   }
   __syncthreads();
   const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   for (int64_t t = 0; t < w.steps; ++t) {
     ForwardStep<S> p = w.step(t);
     if constexpr (kResetBefore) {
-      forward_pass<S, ForwardEpilogue::gru_reset_before_gates, kRelu, S>(p, units, j0, r_slice, 0, 2, tiles);
+      forward_pass<S, ForwardEpilogue::gru_reset_before_gates, kRelu, S>(p, units, j0, r_slice, ld, h_stage, 0, 2,
+                                                                         tiles);
       grid.sync();  // every unit's r * h_{t-1} before the n block's product reads them
       ForwardWindow<S>::to_output_phase(p);
-      forward_pass<S, ForwardEpilogue::gru_reset_before_output, kRelu, C>(p, units, j0, r_slice, 2, 1, tiles);
+      forward_pass<S, ForwardEpilogue::gru_reset_before_output, kRelu, C>(p, units, j0, r_slice, ld, h_stage, 2, 1,
+                                                                          tiles);
     } else {
-      forward_pass<S, kEpilogue, kRelu, S>(p, units, j0, r_slice, 0, kGates, tiles);
+      forward_pass<S, kEpilogue, kRelu, S>(p, units, j0, r_slice, ld, h_stage, 0, kGates, tiles);
     }
     grid.sync();  // every unit of h_t before the next step reads it
   }
@@ -248,7 +335,7 @@ BackwardPersistentKernel<S, kRelu> backward_persistent_kernel_for(const CellOpti
 // The fewest units per block (the most blocks) whose slices fit in a block's shared memory and whose blocks
 // the device holds at once; a slice is `bytes_per_unit` for each unit.
 template <typename C>
-PersistentPlan plan_for(const void* kernel, int64_t hidden, size_t bytes_per_unit) {
+PersistentPlan plan_for(const void* kernel, int64_t hidden, size_t bytes_per_unit, size_t bytes_per_block) {
   int device = 0, multiprocessors = 0, shared_optin = 0;
   CONVEYOR_CUDA_CHECK(cudaGetDevice(&device));
   CONVEYOR_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
@@ -256,7 +343,7 @@ PersistentPlan plan_for(const void* kernel, int64_t hidden, size_t bytes_per_uni
   const size_t static_bytes = persistent_static_shared_bytes<C>();
   PersistentPlan plan;
   for (const int units : kPersistentUnitChoices) {
-    const size_t bytes = bytes_per_unit * size_t(units);
+    const size_t bytes = bytes_per_unit * size_t(units) + bytes_per_block;
     const unsigned blocks = blocks_for(hidden, units);
     if (bytes + static_bytes > size_t(shared_optin)) {
       plan.why = "a block's slice of R for " + std::to_string(units) + " units takes " + std::to_string(bytes) +
@@ -286,13 +373,15 @@ PersistentPlan plan_for(const void* kernel, int64_t hidden, size_t bytes_per_uni
 template <typename S, bool kRelu>
 PersistentPlan persistent_forward_plan(const CellOptions& options, int64_t hidden) {
   const void* kernel = reinterpret_cast<const void*>(forward_persistent_kernel_for<S, kRelu>(options));
-  return plan_for<Compute<S>>(kernel, hidden, sizeof(S) * size_t(gate_count(options)) * size_t(hidden));
+  const size_t ld = size_t(forward_slice_ld(hidden));
+  const size_t h_stage = kTensorCoreForward<S> ? sizeof(S) * kPersistentRows * ld : 0;
+  return plan_for<Compute<S>>(kernel, hidden, sizeof(S) * size_t(gate_count(options)) * ld, h_stage);
 }
 
 template <typename S, bool kRelu>
 PersistentPlan persistent_backward_plan(const CellOptions& options, int64_t hidden) {
   const void* kernel = reinterpret_cast<const void*>(backward_persistent_kernel_for<S, kRelu>(options));
-  return plan_for<Compute<S>>(kernel, hidden, sizeof(S) * size_t(gate_count(options)) * size_t(hidden));
+  return plan_for<Compute<S>>(kernel, hidden, sizeof(S) * size_t(gate_count(options)) * size_t(hidden), 0);
 }
 
 template <typename S, bool kRelu>

@@ -471,6 +471,26 @@ PYBIND11_MODULE(_conveyor, m) {
   m.def("_stream_destroy", &detail::cuda_test_stream_destroy, py::arg("device"), py::arg("stream"));
   m.def("_synchronize", &detail::cuda_test_synchronize, py::arg("device"), py::arg("stream") = 0);
   m.def("_pool_release_threshold", &detail::cuda_test_pool_release_threshold, py::arg("device"));
+  // The persistent kernels' floor for the benchmarks (core/backends.h); queued on `stream`, timed by the caller.
+  m.def("_persistent_floor", [](int64_t steps, int64_t batch, int64_t hidden, const std::string& dtype_name,
+                                int64_t stream, const std::string& cell, const std::string& direction) {
+    if (direction != "forward" && direction != "backward") {
+      throw py::value_error("direction: expected 'forward' or 'backward', got '" + direction + "'");
+    }
+    const CellOptions options = cell_options(cell, py::dict());
+    detail::PersistentFloorLaunch launched;
+    {
+      py::gil_scoped_release release;
+      launched = detail::cuda_persistent_floor(options, steps, batch, hidden, dtype_name, direction == "backward",
+                                               reinterpret_cast<void*>(stream));
+    }
+    py::dict out;
+    out["blocks"] = launched.blocks;
+    out["units"] = launched.units;
+    out["shared_bytes"] = launched.shared_bytes;
+    return out;
+  }, py::arg("steps"), py::arg("batch"), py::arg("hidden"), py::arg("dtype_name"), py::arg("stream"),
+        py::arg("cell") = "lstm", py::arg("direction") = "forward");
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("_set_poison_outputs", [](bool on) { poison_outputs = on; }, py::arg("on"));

@@ -2,6 +2,8 @@
 // point per backend and direction. Internal: not installed.
 #pragma once
 
+#include <string>
+
 #include "cells/lstm.h"
 #include "conveyor/conveyor.h"
 
@@ -24,6 +26,19 @@ bool cuda_backend_emulated();
 // Runs the shared cell math on `device` and on the host and returns the largest difference (NaN if a
 // result is NaN). Throws CudaError when the kernel cannot run (no code for this GPU, no driver).
 double cuda_cell_check(int device);
+
+// The persistent kernels' floor (cuda/floor.cu), for the benchmarks: queues on `stream` of the current device
+// one cooperative launch of `steps` steps with the persistent kernel's synchronisation and broadcast and no
+// arithmetic, as many blocks as its plan for `options`' cell, `dtype_name` ("float32", "float64", "float16",
+// "bfloat16") and `hidden` (the forward's, or with `backward` the backward's), and says what it launched.
+// Throws ArgumentError naming a bad argument, or `hidden` where that kernel cannot run.
+struct PersistentFloorLaunch {
+  unsigned blocks = 0;
+  int units = 0;            // hidden units per block
+  size_t shared_bytes = 0;  // dynamic shared memory per block, as the kernel's slice of R takes
+};
+PersistentFloorLaunch cuda_persistent_floor(const CellOptions& options, int64_t steps, int64_t batch, int64_t hidden,
+                                            const std::string& dtype_name, bool backward, void* stream);
 
 // Device memory and streams for the test suites' device arrays (tests/device_arrays.py), which must run the
 // same tests on a GPU and on the emulated build without CuPy or PyTorch: the CUDA runtime's calls, checked

@@ -26,6 +26,11 @@ void cuda_dropout_mask(double, bool, uint64_t, uint64_t, const TensorView&, void
   throw ArgumentError("out: this build of Conveyor has no CUDA backend");
 }
 
+PersistentFloorLaunch cuda_persistent_floor(const CellOptions&, int64_t, int64_t, int64_t, const std::string&, bool,
+                                            void*) {
+  no_backend();
+}
+
 uintptr_t cuda_test_malloc(int, size_t) { no_backend(); }
 void cuda_test_free(int, uintptr_t) { no_backend(); }
 void cuda_test_copy(int, uintptr_t, uintptr_t, size_t, bool) { no_backend(); }
