@@ -66,13 +66,7 @@ float unpack(uint32_t reg, int e) {
 }
 
 // The TF32 value the tensor cores read from a 32-bit register: its low 13 mantissa bits are ignored.
-inline float tf32_bits(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  bits &= 0xffffe000u;
-  std::memcpy(&v, &bits, 4);
-  return v;
-}
+using ::conveyor::emulator::tf32_truncate;
 
 // What one lane hands to an mma collective: pointers to its fragments (D may be C).
 template <typename Register>
@@ -206,13 +200,13 @@ __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const float (&a)
             [](int lane, const float* a, float (&A)[16][8]) {
               for (int e = 0; e < 4; ++e) {
                 const emulated::Place p = emulated::a_m16n8k8_tf32(lane, e);
-                A[p.row][p.col] = emulated::tf32_bits(a[e]);
+                A[p.row][p.col] = emulated::tf32_truncate(a[e]);
               }
             },
             [](int lane, const float* b, float (&B)[8][8]) {
               for (int e = 0; e < 2; ++e) {
                 const emulated::Place p = emulated::b_m16n8k8_tf32(lane, e);
-                B[p.row][p.col] = emulated::tf32_bits(b[e]);
+                B[p.row][p.col] = emulated::tf32_truncate(b[e]);
               }
             });
       });

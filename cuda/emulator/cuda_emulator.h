@@ -85,6 +85,16 @@ cudaError_t launch(const void* function, const char* kernel, dim3 grid, dim3 blo
 // Yields the fiber to the others of its launch: spin loops on memory call it through __nanosleep.
 void yield();
 
+// The TF32 value a tensor core reads from a float: its 10 high mantissa bits, the 13 low ones ignored (the
+// emulated wmma of mma.h and mma.sync of ptx.cuh).
+inline float tf32_truncate(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits &= 0xffffe000u;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
 // Whether this build is the emulator (the test suites ask through conveyor.cuda_emulated()).
 inline constexpr bool kEmulated = true;
 

@@ -1229,9 +1229,14 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
     const std::lock_guard<std::mutex> lock(emu::g_streams_mutex);
     if (stream == nullptr || emu::g_streams.erase(s) == 0) return emu::record(cudaErrorInvalidResourceHandle);
   }
-  // Finishes its work first, as a GPU does before releasing the stream. The object is never freed: events
-  // recorded on the stream, and other streams' waits for them, still point at it, as CUDA allows.
+  // Finishes its work first, as a GPU does before releasing the stream. The object is kept (among the
+  // retired streams, so that leak checkers see it held): events recorded on the stream, and other streams'
+  // waits for them, still point at it, as CUDA allows.
   s->stop();
+  static std::mutex retired_mutex;
+  static std::vector<Stream*>* retired = new std::vector<Stream*>;
+  const std::lock_guard<std::mutex> lock(retired_mutex);
+  retired->push_back(s);
   return cudaSuccess;
 }
 

@@ -58,14 +58,7 @@ T from_float(float v) {
   }
 }
 
-// The TF32 value the tensor cores read from a float: its 10 high mantissa bits (the rest ignored).
-inline float tf32_truncate(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  bits &= 0xffffe000u;
-  std::memcpy(&v, &bits, 4);
-  return v;
-}
+using ::conveyor::emulator::tf32_truncate;
 
 struct Position {
   int row, col;

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "check.h"
+#include "device_array.h"
 
 namespace {
 
@@ -22,35 +23,8 @@ using Vec = std::vector<double>;
 
 constexpr int kSkipped = 77;
 
-void cuda_ok(cudaError_t status, const char* call) {
-  if (status != cudaSuccess) {
-    std::printf("%s failed: %s\n", call, cudaGetErrorString(status));
-    std::exit(2);
-  }
-}
-
-// A device copy of a host vector, freed with the object.
-class DeviceArray {
- public:
-  explicit DeviceArray(const Vec& host) : size_(host.size()) {
-    cuda_ok(cudaMalloc(&data_, sizeof(double) * (size_ ? size_ : 1)), "cudaMalloc");
-    cuda_ok(cudaMemcpy(data_, host.data(), sizeof(double) * size_, cudaMemcpyHostToDevice), "cudaMemcpy");
-  }
-  ~DeviceArray() { cudaFree(data_); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-
-  double* get() const { return data_; }
-  Vec to_host() const {
-    Vec out(size_);
-    cuda_ok(cudaMemcpy(out.data(), data_, sizeof(double) * size_, cudaMemcpyDeviceToHost), "cudaMemcpy");
-    return out;
-  }
-
- private:
-  double* data_ = nullptr;
-  size_t size_;
-};
+using conveyor_test::cuda_ok;
+using DeviceArray = conveyor_test::DeviceArray<double>;
 
 TensorView on(double* data, std::initializer_list<int64_t> shape, Device device) {
   return TensorView::contiguous(data, DType::float64, shape, device);

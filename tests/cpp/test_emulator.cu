@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "check.h"
+#include "device_array.h"
 #include "device.cuh"
 
 #ifdef CONVEYOR_EMULATE_CUDA
@@ -325,12 +326,8 @@ using conveyor::cuda::launch_cooperative;
 
 constexpr int kSkipped = 77;
 
-void cuda_ok(cudaError_t status, const char* call) {
-  if (status != cudaSuccess) {
-    std::printf("%s failed: %s (%s)\n", call, cudaGetErrorName(status), cudaGetErrorString(status));
-    std::exit(2);
-  }
-}
+using conveyor_test::cuda_ok;
+using conveyor_test::DeviceArray;
 #define OK(call) cuda_ok((call), #call)
 
 template <typename T>
@@ -351,29 +348,6 @@ std::vector<T> poisoned(size_t n) {
   return std::vector<T>(n, poison<T>());
 }
 
-// Device memory holding a copy of a host vector, freed with the object.
-template <typename T>
-class DeviceArray {
- public:
-  explicit DeviceArray(const std::vector<T>& host) : size_(host.size()) {
-    OK(cudaMalloc(reinterpret_cast<void**>(&data_), sizeof(T) * (size_ ? size_ : 1)));
-    OK(cudaMemcpy(data_, host.data(), sizeof(T) * size_, cudaMemcpyHostToDevice));
-  }
-  ~DeviceArray() { cudaFree(data_); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-
-  T* get() const { return data_; }
-  std::vector<T> to_host() const {
-    std::vector<T> out(size_);
-    OK(cudaMemcpy(out.data(), data_, sizeof(T) * size_, cudaMemcpyDeviceToHost));
-    return out;
-  }
-
- private:
-  T* data_ = nullptr;
-  size_t size_;
-};
 
 std::mt19937 gen(20240613);
 

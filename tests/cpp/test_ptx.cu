@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "check.h"
+#include "device_array.h"
 #include "device.cuh"
 #include "ptx.cuh"
 
@@ -35,36 +36,9 @@ namespace ptx = conveyor::cuda::ptx;
 constexpr int kSkipped = 77;
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-void cuda_ok(cudaError_t status, const char* call) {
-  if (status != cudaSuccess) {
-    std::printf("%s failed: %s\n", call, cudaGetErrorString(status));
-    std::exit(2);
-  }
-}
+using conveyor_test::cuda_ok;
+using conveyor_test::DeviceArray;
 
-// A device copy of a host vector, freed with the object.
-template <typename T>
-class DeviceArray {
- public:
-  explicit DeviceArray(const std::vector<T>& host) : size_(host.size()) {
-    cuda_ok(cudaMalloc(reinterpret_cast<void**>(&data_), sizeof(T) * (size_ ? size_ : 1)), "cudaMalloc");
-    cuda_ok(cudaMemcpy(data_, host.data(), sizeof(T) * size_, cudaMemcpyHostToDevice), "cudaMemcpy");
-  }
-  ~DeviceArray() { cudaFree(data_); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-
-  T* get() const { return data_; }
-  std::vector<T> to_host() const {
-    std::vector<T> out(size_);
-    cuda_ok(cudaMemcpy(out.data(), data_, sizeof(T) * size_, cudaMemcpyDeviceToHost), "cudaMemcpy");
-    return out;
-  }
-
- private:
-  T* data_ = nullptr;
-  size_t size_;
-};
 
 // ---------------------------------------------------------------------------------------------------------
 // Host values: 16-bit inputs as their bits, TF32 inputs with noise below TF32 precision.
