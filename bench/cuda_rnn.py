@@ -25,6 +25,7 @@ and with a message, not a traceback, when there is no GPU, no PyTorch with CUDA 
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import statistics
 import sys
@@ -147,9 +148,13 @@ def conveyor_times(problem, algorithm, tf32, timing):
         try:
             results.append(timing(fn, problem.inputs))
         except ValueError as error:  # forcing 'persistent' where it does not fit says why
-            if "cannot run" not in str(error):
+            message = str(error)
+            if "cannot run" not in message:
                 raise
-            results.append(str(error).split(": ", 1)[-1])
+            # "algorithm: 'persistent' cannot run this lstm forward window: WHY (use 'auto' or 'per_step')"
+            direction = "backward" if " backward window" in message else "forward"
+            why = message.split(" window: ", 1)[-1].split(" (use ", 1)[0]
+            results.append(f"the {direction} does not fit: {why}")
     return tuple(results)
 
 
@@ -192,8 +197,7 @@ def row(problem, algorithm, conveyor_ms, cudnn_ms, floor_ms, note=""):
     fwd, both = conveyor_ms
     floor_fwd, floor_bwd = floor_ms
     floor_both = floor_fwd + floor_bwd if floor_fwd is not None and floor_bwd is not None else None
-    notes = [note] + [f"{what} does not fit: {why}" for what, why in (("fwd", fwd), ("f+b", both))
-                      if isinstance(why, str)]
+    notes = [note] + sorted({why for why in (fwd, both) if isinstance(why, str)})
     floor_text = "-" if floor_both is None else f"{per_step_us(floor_fwd, T)}, {per_step_us(floor_bwd, T)}"
     return (f"| {problem.cell} | {problem.dtype} | {algorithm} | {problem.B} | {problem.H} | {ms(fwd)} | "
             f"{ms(cudnn_ms[0])} | {ratio(fwd, cudnn_ms[0])} | {per_step_us(fwd, T)} | "
@@ -263,34 +267,45 @@ def main(argv=None):
         return median_ms(torch, fn, inputs, timing_args.repeats, timing_args.warmup, timing_args.budget_ms)
 
     failures = 0
-    for H in args.hidden:
-        for B in args.batch:
-            for cell in args.cell:
-                for dtype in args.dtype:
-                    try:
-                        problem = Problem(torch, cell, dtype, args.steps, B, H)
-                        cudnn_ms = cudnn_times(problem, timing)
-                        floor_ms, floor_why = (None, None), "floor left out"
-                        if not args.no_floor:
-                            floor_ms, floor_why = floor_times(problem, timing)
-                    except Exception as error:  # report the row and go on: the rest of the grid still counts
-                        failures += 1
-                        table.add(f"| {cell} | {dtype} | - | {B} | {H} |" + " - |" * 11
-                                  + f" error: {type(error).__name__}: {str(error)[:200]} |")
-                        continue
-                    for algorithm in args.algorithm:
-                        try:
-                            times = conveyor_times(problem, algorithm, args.tf32, timing)
-                            note = f"floor: {floor_why}" if floor_why and not args.no_floor else ""
-                            table.add(row(problem, algorithm, times, cudnn_ms, floor_ms, note))
-                        except Exception as error:
-                            failures += 1
-                            table.add(row(problem, algorithm, (None, None), cudnn_ms, floor_ms,
-                                          f"error: {type(error).__name__}: {str(error)[:200]}"))
-                    del problem
+    for H, B, cell, dtype in itertools.product(args.hidden, args.batch, args.cell, args.dtype):
+        try:
+            problem = Problem(torch, cell, dtype, args.steps, B, H)
+        except Exception as error:  # report the row and go on: the rest of the grid still counts
+            failures += 1
+            table.add(f"| {cell} | {dtype} | - | {B} | {H} |" + " - |" * 11 + f" error: {describe(error)} |")
+            continue
+        notes = []
+        try:  # a failure on cuDNN's side leaves Conveyor's numbers standing
+            cudnn_ms = cudnn_times(problem, timing)
+        except Exception as error:
+            failures += 1
+            cudnn_ms = (None, None)
+            notes.append(f"cuDNN error: {describe(error)}")
+        floor_ms = (None, None)
+        if not args.no_floor:
+            try:
+                floor_ms, floor_why = floor_times(problem, timing)
+                if floor_why:
+                    notes.append(f"no floor: {floor_why}")
+            except Exception as error:
+                failures += 1
+                notes.append(f"floor error: {describe(error)}")
+        for algorithm in args.algorithm:
+            try:
+                times = conveyor_times(problem, algorithm, args.tf32, timing)
+                table.add(row(problem, algorithm, times, cudnn_ms, floor_ms, "; ".join(notes)))
+            except Exception as error:
+                failures += 1
+                table.add(row(problem, algorithm, (None, None), cudnn_ms, floor_ms,
+                              "; ".join([*notes, f"error: {describe(error)}"])))
+        del problem
     if failures:
         table.add("", f"{failures} measurement(s) failed: see the rows marked error")
     return 1 if failures else 0
+
+
+def describe(error):
+    return f"{type(error).__name__}: {str(error)[:200]}".replace("|", "/").replace("\n", " ")
 
 
 if __name__ == "__main__":

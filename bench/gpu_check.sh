@@ -2,11 +2,14 @@
 # Everything a lent GPU machine has to check for the CUDA backend, as one prepared command. Run from the
 # repository root on the GPU machine (16 cores, an H100 or H200, no network: the build uses the installed
 # pybind11, scikit-build-core and CMake). Results go to OUT_DIR (the second argument, else $OUT): at most
-# five files, summary.txt, bench.md, ncu.txt, ncu.ncu-rep and logs.tar.gz (every log). The last lines printed
-# are the summary; the exit code is 0 only when every stage that should have run ran and passed.
+# five files, summary.txt, bench.md, ncu.txt, ncu.ncu-rep and logs.tar.gz (every log; the speed stage adds
+# speed.md and speed.png). The last lines printed are the summary; the exit code is 0 only when every stage
+# that should have run ran and passed.
 #
-#   bash bench/gpu_check.sh all OUT_DIR   about 8 minutes on an H100, at most CONVEYOR_GPU_CHECK_SECONDS
-#                                         (default 500): the stages below, after one build
+#   bash bench/gpu_check.sh all OUT_DIR   about 7-8 minutes on an H100, at most CONVEYOR_GPU_CHECK_SECONDS
+#                                         (default 510): the stages below, after one build. Through the
+#                                         device tool: command "bash bench/gpu_check.sh all $OUT",
+#                                         timeout_s 600 (the script stops itself first)
 #   bash bench/gpu_check.sh test|sanitize|bench|ncu|speed OUT_DIR   one stage, building first if needed
 #
 # Stages, each under its own timeout (clipped to the time left), so one stuck stage cannot eat the rest:
@@ -25,6 +28,10 @@
 #   e ncu      Nsight Compute (--set full) on one forward_persistent_kernel and one backward_persistent_kernel
 #              (LSTM, H=768, B=16, T=64, float32): the report and its details page as text
 #   speed      bench/speed.py, the full grid of issue 7 (not part of all: it takes far longer)
+#
+# CONVEYOR_GPU_CHECK_EMULATED=1 rehearses the script on a CPU machine: no GPU or nvidia-smi is needed, the
+# build is the emulated backend (docs/emulated-cuda.md), a-gpu accepts it, and the GPU-only tools that are
+# absent say so. Its results say nothing about a GPU.
 set -uo pipefail
 
 stage=${1:-}
@@ -45,10 +52,12 @@ out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 python=${PYTHON:-python3}
 build_dir=build-gpu
+emulated=${CONVEYOR_GPU_CHECK_EMULATED:-0}
 logs=$(mktemp -d "${TMPDIR:-/tmp}/conveyor-gpu-check.XXXXXX")
 results="$logs/results"
 mkdir -p "$results"
-deadline=$((SECONDS + ${CONVEYOR_GPU_CHECK_SECONDS:-500}))
+deadline=$((SECONDS + ${CONVEYOR_GPU_CHECK_SECONDS:-510}))
+stage_deadline=$deadline  # a stage's own end, when it must leave time for the stages after it
 reserve=15   # seconds kept for packing the logs and printing the summary
 names=()
 started=$SECONDS
@@ -66,8 +75,9 @@ skip() {
 check() {
   local name=$1 limit=$2 pattern=$3
   shift 3
-  local left=$((deadline - SECONDS - reserve))
+  local left=$((deadline - SECONDS - reserve)) stage_left=$((stage_deadline - SECONDS))
   ((limit > left)) && limit=$left
+  ((limit > stage_left)) && limit=$stage_left
   if ((limit < 10)); then
     verdict "$name" SKIP "no time left (CONVEYOR_GPU_CHECK_SECONDS)"
     return 1
@@ -112,6 +122,10 @@ finish() {
   tar -czf "$out/logs.tar.gz" -C "$logs" . 2> /dev/null
   local line status=0
   {
+    if [[ -f "$out/bench.md" ]]; then
+      echo "== headline rows of bench.md (LSTM, H=768, B=16 and 64; the whole grid is in the file)"
+      grep -E '^\| lstm \| [a-z0-9]+ \| [a-z_]+ \| (16|64) \| 768 \|' "$out/bench.md" | cut -c1-250
+    fi
     echo "== gpu_check.sh $stage: $(date -u '+%Y-%m-%d %H:%M:%S') UTC, $((SECONDS - started)) s" \
       "(logs: $out/logs.tar.gz)"
     for name in "${names[@]}"; do
@@ -138,6 +152,10 @@ trap 'exit 130' INT TERM
 preflight() {
   names+=(preflight)
   local why=""
+  if [[ "$emulated" == 1 ]]; then
+    verdict preflight PASS "CONVEYOR_GPU_CHECK_EMULATED=1: a rehearsal on the emulated build, not a GPU check"
+    return 0
+  fi
   if ! command -v nvidia-smi > /dev/null; then
     why="no GPU: nvidia-smi is not installed on this machine"
   elif ! nvidia-smi -L > "$logs/preflight.log" 2>&1 || ! grep -q '^GPU' "$logs/preflight.log"; then
@@ -147,6 +165,7 @@ preflight() {
   fi
   if [[ -n "$why" ]]; then
     verdict preflight FAIL "$why"
+    preflight_why=$why
     echo "gpu_check.sh: $why; nothing else can run" >&2
     return 1
   fi
@@ -158,17 +177,19 @@ build() {
   run build 240 'Successfully installed|error|Error' env -u CMAKE_ARGS CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
     "$python" -m pip install --no-build-isolation --no-deps -v . -C build-dir="$build_dir" \
     -C cmake.define.CONVEYOR_BUILD_TESTS=ON -C cmake.define.CONVEYOR_CUDA_LINEINFO=ON \
-    -C cmake.define.CONVEYOR_EMULATE_CUDA=OFF
+    -C cmake.define.CONVEYOR_EMULATE_CUDA="$([[ "$emulated" == 1 ]] && echo ON || echo OFF)"
 }
 
 # -- a: the GPU and the build --------------------------------------------------------------------------------
 
 gpu_and_build_ok() {
-  nvidia-smi
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
-    --format=csv
+  if [[ "$emulated" != 1 ]]; then
+    nvidia-smi
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+      --format=csv
+  fi
   "$python" -m conveyor info || return 1
-  "$python" - << 'EOF'
+  "$python" - "$emulated" << 'EOF'
 import sys
 
 import conveyor
@@ -176,13 +197,14 @@ from conveyor import _conveyor
 
 if not conveyor.cuda_built():
     sys.exit("FAILED: this build has no CUDA backend (was nvcc found? see build.log)")
-if _conveyor.cuda_emulated():
+if _conveyor.cuda_emulated() and sys.argv[1] != "1":
     sys.exit("FAILED: the CUDA backend is the CPU emulator (CMAKE_ARGS=-DCONVEYOR_EMULATE_CUDA=ON?)")
 if conveyor.cuda_device_count() == 0:
     sys.exit("FAILED: the CUDA backend sees no GPU")
 if not conveyor.cuda_available():
     sys.exit("FAILED: the CUDA backend cannot run on this GPU (no code for its architecture?)")
-print(f"OK: CUDA backend built for the GPU, {conveyor.cuda_device_count()} device(s), cell check passed")
+kind = "the CPU emulator (a rehearsal)" if _conveyor.cuda_emulated() else "the GPU"
+print(f"OK: CUDA backend built for {kind}, {conveyor.cuda_device_count()} device(s), cell check passed")
 EOF
 }
 
@@ -191,7 +213,7 @@ EOF
 # A few fast tests of both algorithms for the sanitizers: every cell at one odd shape in float32, the bfloat16
 # tests, and the floor.
 sanitizer_tests=(tests/test_cuda.py tests/test_floor.py -k
-  "(device and T5-B17-I40-H70 and float32 and test_matches_reference) or (device and bfloat16 and test_half_precision_within) or test_floor")
+  "(device and T5-B17-I40-H70 and float32 and test_matches_reference) or (bfloat16 and test_half_precision_within) or test_floor")
 
 sanitize_with() {
   local tool=$1 extra=()
@@ -207,6 +229,7 @@ sanitize_with() {
 
 correctness() {
   local pids=() workers=()
+  stage_deadline=$((SECONDS + 210))  # b and c together, so that d and e keep their minutes
   if "$python" -c "import xdist" 2> /dev/null; then workers=(-n 4); fi
   names+=(b-pytest-cuda b-ctest)
   check b-pytest-cuda 240 'passed|failed|error' "$python" -m pytest -q -m cuda -p no:cacheprovider "${workers[@]}" tests &
@@ -226,6 +249,7 @@ correctness() {
     fi
   fi
   wait "${pids[@]}"
+  stage_deadline=$deadline
 }
 
 sanitize_only() {
@@ -263,22 +287,28 @@ ncu_profile() {
     skip e-ncu "ncu (Nsight Compute) is not installed"
     return
   fi
-  run e-ncu 120 'PROF|Error|error|ms per window' ncu --set full --import-source yes \
-    -k 'regex:(forward|backward)_persistent_kernel' -c 2 -f -o "$logs/ncu" \
-    "$python" bench/profile.py --device cuda --cell lstm --steps 64 --batch 16 --hidden 768 --dtype float32 \
-    --algorithm persistent --repeats 1
+  local target=("$python" bench/profile.py --device cuda --cell lstm --steps 64 --batch 16 --hidden 768
+    --dtype float32 --algorithm persistent --repeats 1)
+  local kernels=(-k 'regex:(forward|backward)_persistent_kernel' -c 2 -f -o "$logs/ncu")
+  if ! run e-ncu 110 'PROF|Error|error|ms per window' ncu --set full --import-source yes "${kernels[@]}" \
+    "${target[@]}"; then
+    # Should kernel replay refuse the cooperative launches, fewer sections replaying the whole program.
+    run e-ncu-application-replay 90 'PROF|Error|error|ms per window' ncu --replay-mode application \
+      --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+      --section MemoryWorkloadAnalysis_Tables --section ComputeWorkloadAnalysis "${kernels[@]}" "${target[@]}"
+  fi
   if [[ -f "$logs/ncu.ncu-rep" ]]; then
     ncu --import "$logs/ncu.ncu-rep" --page details > "$out/ncu.txt" 2>&1
     ncu --import "$logs/ncu.ncu-rep" --page details --csv > "$logs/ncu-details.csv" 2>&1
     # Kept beside the text where it fits what a lent machine sends back (16 MiB a file).
     if (($(stat -c %s "$logs/ncu.ncu-rep") < 15000000)); then cp "$logs/ncu.ncu-rep" "$out/ncu.ncu-rep"; fi
     names+=(e-ncu-kernels)
-    local kernels
-    kernels=$(grep -c 'Section: GPU Speed Of Light Throughput' "$out/ncu.txt")
-    if ((kernels >= 2)); then
-      verdict e-ncu-kernels PASS "$kernels kernels profiled (ncu.txt)"
+    local profiled
+    profiled=$(grep -c 'Section: GPU Speed Of Light Throughput' "$out/ncu.txt")
+    if ((profiled >= 2)); then
+      verdict e-ncu-kernels PASS "$profiled kernels profiled (ncu.txt)"
     else
-      verdict e-ncu-kernels FAIL "$kernels of 2 kernels in ncu.txt"
+      verdict e-ncu-kernels FAIL "$profiled of 2 kernels in ncu.txt"
     fi
   fi
 }
@@ -290,8 +320,9 @@ speed() {
 
 # -- the stages ------------------------------------------------------------------------------------------------
 
-export python
-preflight || { skip_rest "no GPU or no nvcc" build a-gpu; exit 1; }
+export python emulated
+preflight_why=""
+preflight || { skip_rest "$preflight_why" build a-gpu; exit 1; }
 build || { skip_rest "the build failed" a-gpu; exit 1; }
 run a-gpu 90 'OK:|FAILED' bash -c "$(declare -f gpu_and_build_ok); gpu_and_build_ok" || { skip_rest "a-gpu failed"; exit 1; }
 case "$stage" in

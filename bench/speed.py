@@ -98,7 +98,7 @@ def main(argv=None):
             fwd, both = cuda_rnn.conveyor_times(problem, algorithm, False, timing)
             for what, reason in (("fwd", fwd), ("f+b", both)):
                 if isinstance(reason, str):
-                    notes.add(f"{cell} {dtype} T={T} B={B} H={H} {algorithm} {what} does not fit: {reason}")
+                    notes.add(f"{cell} {dtype} T={T} B={B} H={H} {algorithm} {what}: {reason}")
             table.add(f"| {cell} | {dtype} | {algorithm} | {T} | {B} | {H} | {cuda_rnn.ms(fwd)} | "
                       f"{cuda_rnn.ms(cudnn[0])} | {cuda_rnn.ratio(fwd, cudnn[0])} | {cuda_rnn.ms(both)} | "
                       f"{cuda_rnn.ms(cudnn[1])} | {cuda_rnn.ratio(both, cudnn[1])} | "

@@ -27,7 +27,8 @@ def stream():
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "T{}-B{}-H{}".format(*s))
 def test_floor_runs_with_the_persistent_kernels_blocks(size, dtype, cell, direction, stream):
     steps, batch, hidden = size
-    launched = _conveyor._persistent_floor(steps, batch, hidden, dtype, stream, cell=cell, direction=direction)
+    launched = _conveyor._persistent_floor(steps, batch, hidden, dtype, stream, cell=cell,
+                                           direction=direction)
     _conveyor._synchronize(0, stream)  # a fault in the kernel surfaces here as RuntimeError
     assert launched["units"] in (4, 8, 16)
     assert launched["blocks"] == math.ceil(hidden / launched["units"])
