@@ -34,9 +34,21 @@ constexpr int kPersistentUnitChoices[] = {4, 8, 16};
 template <typename S>
 constexpr bool kTensorCoreForward = std::is_same_v<S, __half> || std::is_same_v<S, bfloat16>;
 
-// The forward slice's row length: H rounded up to the MMA's K of 16 (zeros past H), so that every row starts
-// 32-byte aligned and an MMA's K step never leaves it.
-__host__ __device__ inline int64_t forward_slice_ld(int64_t hidden) { return (hidden + 15) / 16 * 16; }
+// The slices' row lengths. Forward: H rounded up to the MMA's K of 16 (zeros past H), so that an MMA's K step
+// never leaves a row, plus a pad that staggers the rows across the 32 shared-memory banks: the threads (or
+// MMA lanes) of a warp read the same k of different rows at once, and rows a multiple of 128 bytes apart would
+// all fall in one bank (measured on an H200: float32 at H = 768 ran 16 ways serialised). An odd number of
+// words for 4- and 8-byte types; for 16-bit ones 4 words past a multiple of 32 (even, for the 32-bit pairs
+// the MMA reads), which puts the 8 rows of a B fragment in distinct banks. Backward: the G H rows of R plus
+// one word's worth, for the same reason.
+template <typename S>
+__host__ __device__ inline int64_t forward_slice_ld(int64_t hidden) {
+  return (hidden + 15) / 16 * 16 + (sizeof(S) == 2 ? 8 : 1);
+}
+template <typename S>
+__host__ __device__ inline int64_t backward_slice_ld(int64_t rows) {
+  return rows + (sizeof(S) == 2 ? 2 : 1);
+}
 
 template <typename C>
 constexpr size_t persistent_static_shared_bytes() {
@@ -212,7 +224,7 @@ __global__ void __launch_bounds__(kPersistentThreads) forward_persistent_kernel(
   CONVEYOR_SHARED(C, product, [kPersistentRows][kPersistentMaxColumns]);
   CONVEYOR_DYNAMIC_SHARED(S, r_slice);  // (gate g, unit u, k) at (g * units + u) * ld + k; then h_stage
   const PassTiles<C> tiles{a_tile, partial, product};
-  const int64_t H = w.base.hidden, ld = forward_slice_ld(H), j0 = int64_t(blockIdx.x) * units;
+  const int64_t H = w.base.hidden, ld = forward_slice_ld<S>(H), j0 = int64_t(blockIdx.x) * units;
   S* h_stage = r_slice + kGates * units * ld;  // [16][ld], tensor-core passes only
   for (int64_t e = threadIdx.x; e < kGates * units * ld; e += kPersistentThreads) {
     const int64_t k = e % ld, u = e / ld % units, g = e / (ld * units), j = j0 + u;
@@ -270,7 +282,7 @@ __device__ void backward_pass(const BackwardStep<S>& p, int units, int64_t j0, c
       if (b >= B) return C(0);
       return k < p.K_first ? p.a_first[b * p.a_first_ld + k] : p.a_second[b * p.a_second_ld + (k - p.K_first)];
     };
-    tile_product(units, p.K, load_a, r_columns + p.R_row0, p.gate_stride, tiles);
+    tile_product(units, p.K, load_a, r_columns + p.R_row0, backward_slice_ld<S>(p.gate_stride), tiles);
     if (int(threadIdx.x) < kPersistentRows * units) {
       const int r = threadIdx.x / units, u = threadIdx.x % units;
       const int64_t b = b0 + r, j = j0 + u;
@@ -288,12 +300,13 @@ __global__ void __launch_bounds__(kPersistentThreads)
   CONVEYOR_SHARED(C, a_tile, [kPersistentRows][kPersistentK + 1]);
   CONVEYOR_SHARED(C, partial, [kPersistentThreads]);
   CONVEYOR_SHARED(C, product, [kPersistentRows][kPersistentMaxColumns]);
-  CONVEYOR_DYNAMIC_SHARED(S, r_columns);  // (unit u, row k of R) at u * G H + k
+  CONVEYOR_DYNAMIC_SHARED(S, r_columns);  // (unit u, row k of R) at u * ld + k
   const PassTiles<C> tiles{a_tile, partial, product};
-  const int64_t H = w.base.hidden, rows = w.base.gate_stride, j0 = int64_t(blockIdx.x) * units;
-  for (int64_t e = threadIdx.x; e < units * rows; e += kPersistentThreads) {
-    const int64_t k = e % rows, u = e / rows, j = j0 + u;
-    r_columns[e] = j < H ? w.base.R[k * H + j] : convert<S>(0.0f);
+  const int64_t H = w.base.hidden, rows = w.base.gate_stride, ld = backward_slice_ld<S>(rows);
+  const int64_t j0 = int64_t(blockIdx.x) * units;
+  for (int64_t e = threadIdx.x; e < units * ld; e += kPersistentThreads) {
+    const int64_t k = e % ld, u = e / ld, j = j0 + u;
+    r_columns[e] = j < H && k < rows ? w.base.R[k * H + j] : convert<S>(0.0f);
   }
   __syncthreads();
   const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
@@ -373,7 +386,7 @@ PersistentPlan plan_for(const void* kernel, int64_t hidden, size_t bytes_per_uni
 template <typename S, bool kRelu>
 PersistentPlan persistent_forward_plan(const CellOptions& options, int64_t hidden) {
   const void* kernel = reinterpret_cast<const void*>(forward_persistent_kernel_for<S, kRelu>(options));
-  const size_t ld = size_t(forward_slice_ld(hidden));
+  const size_t ld = size_t(forward_slice_ld<S>(hidden));
   const size_t h_stage = kTensorCoreForward<S> ? sizeof(S) * kPersistentRows * ld : 0;
   return plan_for<Compute<S>>(kernel, hidden, sizeof(S) * size_t(gate_count(options)) * ld, h_stage);
 }
@@ -381,7 +394,8 @@ PersistentPlan persistent_forward_plan(const CellOptions& options, int64_t hidde
 template <typename S, bool kRelu>
 PersistentPlan persistent_backward_plan(const CellOptions& options, int64_t hidden) {
   const void* kernel = reinterpret_cast<const void*>(backward_persistent_kernel_for<S, kRelu>(options));
-  return plan_for<Compute<S>>(kernel, hidden, sizeof(S) * size_t(gate_count(options)) * size_t(hidden), 0);
+  const size_t ld = size_t(backward_slice_ld<S>(int64_t(gate_count(options)) * hidden));
+  return plan_for<Compute<S>>(kernel, hidden, sizeof(S) * ld, 0);
 }
 
 template <typename S, bool kRelu>
