@@ -304,27 +304,38 @@ PersistentPlan persistent_plan(const CellOptions& options, int64_t hidden, bool 
   return forward ? persistent_forward_plan<S, kRelu>(options, hidden) : persistent_backward_plan<S, kRelu>(options, hidden);
 }
 
-// Whether the window runs on the persistent kernel: where it fits unless told otherwise; told to and it does
-// not fit, an ArgumentError says why. CONVEYOR_LOG_ALGORITHM=1 prints the choice.
-bool use_persistent(const CellOptions& options, const PersistentPlan& plan, const char* direction) {
+// The largest batch for which algorithm=auto takes the persistent kernels. Measured on an H200 (bench/results/
+// h200-2026-11-28, run 2, every cell and dtype at H = 256, 768, 1024): at B <= 16 they take 0.4-0.6x the
+// per-step path's time for forward + backward, at B = 64 1.6-1.9x, at B = 256 3-4.7x.
+constexpr int64_t kAutoPersistentMaxBatch = 32;
+
+// Whether the window runs on the persistent kernel: asked for, or, with auto, where it fits and the batch is
+// one it wins at; asked for where it does not fit, an ArgumentError says why. CONVEYOR_LOG_ALGORITHM=1 prints
+// the choice.
+bool use_persistent(const CellOptions& options, const PersistentPlan& plan, int64_t batch, const char* direction) {
   if (options.algorithm == Algorithm::persistent && !plan.fits) {
     throw ArgumentError(std::string("algorithm: 'persistent' cannot run this ") + cell_name(options.cell) + " " +
                         direction + " window: " + plan.why + " (use 'auto' or 'per_step')");
   }
-  const bool persistent = options.algorithm != Algorithm::per_step && plan.fits;
+  std::string why_not;
+  if (options.algorithm == Algorithm::per_step) {
+    why_not = "asked for";
+  } else if (!plan.fits) {
+    why_not = "persistent does not fit: " + plan.why;
+  } else if (options.algorithm == Algorithm::automatic && batch > kAutoPersistentMaxBatch) {
+    why_not = "B = " + std::to_string(batch) + " > " + std::to_string(kAutoPersistentMaxBatch) +
+              ", where the per-step kernels are faster";
+  }
+  const bool persistent = why_not.empty();
   static const bool log = [] {
     const char* v = std::getenv("CONVEYOR_LOG_ALGORITHM");
     return v != nullptr && *v != '\0' && std::string(v) != "0";
   }();
-  if (log) {
-    if (persistent) {
-      std::fprintf(stderr, "conveyor: %s %s: persistent (%u blocks of %d units, %zu bytes of R each)\n",
-                   cell_name(options.cell), direction, plan.blocks, plan.units, plan.shared_bytes);
-    } else {
-      std::fprintf(stderr, "conveyor: %s %s: per_step%s%s\n", cell_name(options.cell), direction,
-                   options.algorithm == Algorithm::per_step ? " (asked for)" : " (persistent does not fit: ",
-                   options.algorithm == Algorithm::per_step ? "" : (plan.why + ")").c_str());
-    }
+  if (log && persistent) {
+    std::fprintf(stderr, "conveyor: %s %s: persistent (%u blocks of %d units, %zu bytes of R each)\n",
+                 cell_name(options.cell), direction, plan.blocks, plan.units, plan.shared_bytes);
+  } else if (log) {
+    std::fprintf(stderr, "conveyor: %s %s: per_step (%s)\n", cell_name(options.cell), direction, why_not.c_str());
   }
   return persistent;
 }
@@ -413,7 +424,7 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   w.masks = masks.all();
   w.variational = options.variational;
   const PersistentPlan plan = persistent_plan<S, kRelu>(options, z.H, true);
-  if (use_persistent(options, plan, "forward")) {
+  if (use_persistent(options, plan, z.B, "forward")) {
     forward_persistent<S, kRelu>(options, plan, w, stream);
   } else {
     for (int64_t t = 0; t < z.T; ++t) forward_steps<S, kRelu>(options, w, t, stream);
@@ -484,7 +495,7 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   {
     NvtxRange range("conveyor::recurrence");
     const PersistentPlan plan = persistent_plan<S, kRelu>(options, H, false);
-    if (use_persistent(options, plan, "backward")) {
+    if (use_persistent(options, plan, B, "backward")) {
       backward_persistent<S, kRelu>(options, plan, w, dh0, stream);
     } else {
       for (int64_t t = z.T - 1; t >= 0; --t) backward_steps<S, kRelu>(options, w, t, stream);

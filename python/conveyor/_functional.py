@@ -238,10 +238,10 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, coupled_gates=Fal
     seed=seed, mask_stream=mask_stream)`` of shape ``[T, B, hidden_size]`` (one mask shared by every step when
     ``variational``, Gal & Ghahramani 2016).
 
-    ``algorithm`` (every forward; the backward of a window follows its forward's): how the CUDA backend runs
-    the recurrence. ``"persistent"``: one cooperative launch for the window, each block keeping its slice
-    of R on chip; ``"per_step"``: one launch per step; ``"auto"``: persistent wherever it fits on the
-    device. Forcing ``"persistent"`` where it does not fit raises ``ValueError`` saying why; arrays on the
+    ``algorithm`` (every forward; the backward of a window takes the same): how the CUDA backend runs the
+    recurrence. ``"persistent"``: one cooperative launch for the window, each block keeping its slice of R
+    on chip; ``"per_step"``: one launch per step; ``"auto"``: persistent where it fits on the device and
+    B <= 32 (where it measured faster), per_step elsewhere. Forcing ``"persistent"`` where it does not fit raises ``ValueError`` saying why; arrays on the
     CPU take ``"auto"`` only. ``CONVEYOR_LOG_ALGORITHM=1`` prints each CUDA window's choice.
     """
     options, training = _options(activation, training, allow_tf32,

@@ -86,7 +86,7 @@ def info(_args) -> int:
     print(f"CUDA available:     {_conveyor.cuda_available()} ({_conveyor.cuda_device_count()} device(s))")
     if _conveyor.cuda_built():
         print("CUDA recurrence:    algorithm='auto' runs the persistent kernels where they fit on the "
-              "device, else one launch per step (CONVEYOR_LOG_ALGORITHM=1 prints each window's choice)")
+              "device and B <= 32, else one launch per step (CONVEYOR_LOG_ALGORITHM=1 prints each choice)")
     print(f"CPU threads:        {_conveyor.num_threads()}")
     return 0
 
