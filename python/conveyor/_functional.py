@@ -241,8 +241,9 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, coupled_gates=Fal
     ``algorithm`` (every forward; the backward of a window takes the same): how the CUDA backend runs the
     recurrence. ``"persistent"``: one cooperative launch for the window, each block keeping its slice of R
     on chip; ``"per_step"``: one launch per step; ``"auto"``: persistent where it fits on the device and
-    B <= 32 (where it measured faster), per_step elsewhere. Forcing ``"persistent"`` where it does not fit raises ``ValueError`` saying why; arrays on the
-    CPU take ``"auto"`` only. ``CONVEYOR_LOG_ALGORITHM=1`` prints each CUDA window's choice.
+    B <= 32 (where it measured faster), per_step elsewhere. Forcing ``"persistent"`` where it does not fit
+    raises ``ValueError`` saying why; arrays on the CPU take ``"auto"`` only. ``CONVEYOR_LOG_ALGORITHM=1``
+    prints each CUDA window's choice.
     """
     options, training = _options(activation, training, allow_tf32,
                                  (recurrent_dropout, variational, seed, mask_stream), algorithm,
