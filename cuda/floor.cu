@@ -1,4 +1,4 @@
-// The floor of the persistent kernels (/work/shared/PERSISTENT.md, bench/NOTES.md): a persistent loop with
+// The floor of the persistent kernels (bench/NOTES.md): a persistent loop with
 // their synchronisation and broadcast and none of their arithmetic, for the benchmark to time next to them.
 //
 // One cooperative launch of as many blocks as the persistent kernel would use for the window (its plan for
