@@ -18,6 +18,14 @@ inline void cuda_ok(cudaError_t status, const char* call) {
   }
 }
 
+// Whether a CUDA device is there (a GPU, or the emulator); without one a test prints why and skips.
+inline bool cuda_device_present() {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0) return true;
+  std::printf("no CUDA device: skipped\n");
+  return false;
+}
+
 template <typename T>
 class DeviceArray {
  public:

@@ -1147,11 +1147,7 @@ void thread_sanitizer_reports_a_race() {
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("no CUDA device: skipped\n");
-    return kSkipped;
-  }
+  if (!conveyor_test::cuda_device_present()) return kSkipped;
 #ifdef CONVEYOR_EMULATE_CUDA
   // First, while this process has not used the emulator: the children fork from it (run_in_child).
   faults_in_child_processes();

@@ -411,11 +411,7 @@ void check_cp_async(std::mt19937& gen) {
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("no CUDA device: skipped\n");
-    return kSkipped;
-  }
+  if (!conveyor_test::cuda_device_present()) return kSkipped;
   int major = 0;
   cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), "cudaDeviceGetAttribute");
   if (major < 8) {
