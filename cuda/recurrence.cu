@@ -276,68 +276,58 @@ template <typename C>
 class RecurrentMasks {
  public:
   RecurrentMasks(const CellOptions& options, int64_t steps, int64_t batch, int64_t hidden, cudaStream_t stream)
-      : step_size_(batch * hidden),
-        variational_(options.variational),
-        masks_(options.recurrent_dropout > 0 ? (options.variational ? 1 : steps) * batch * hidden : 0, stream) {
+      : masks_(options.recurrent_dropout > 0 ? (options.variational ? 1 : steps) * batch * hidden : 0, stream) {
     if (options.recurrent_dropout > 0) {
       dropout_mask(options.variational ? 1 : steps, batch, hidden, options.recurrent_dropout, options.variational,
                    options.dropout_seed, options.dropout_stream, masks_.get(), stream);
     }
   }
   bool active() const { return masks_.get() != nullptr; }
-  const C* all() const { return masks_.get(); }
-  // m_t, or null without dropout.
-  const C* step(int64_t t) const {
-    return masks_.get() == nullptr ? nullptr : masks_.get() + (variational_ ? 0 : t) * step_size_;
-  }
+  const C* all() const { return masks_.get(); }  // m_t of a step: the windows' mask(t) (step.cuh)
 
  private:
-  int64_t step_size_;
-  bool variational_;
   Workspace<C> masks_;
 };
-
-// The persistent kernel's plan for this window, unless the options ask for the per-step path (then none).
-template <typename S, bool kRelu>
-PersistentPlan persistent_plan(const CellOptions& options, int64_t hidden, bool forward) {
-  if (options.algorithm == Algorithm::per_step) return {};
-  return forward ? persistent_forward_plan<S, kRelu>(options, hidden) : persistent_backward_plan<S, kRelu>(options, hidden);
-}
 
 // The largest batch for which algorithm=auto takes the persistent kernels. Measured on an H200 (bench/results/
 // h200-2026-11-28, run 2, every cell and dtype at H = 256, 768, 1024): at B <= 16 they take 0.4-0.6x the
 // per-step path's time for forward + backward, at B = 64 1.6-1.9x, at B = 256 3-4.7x.
 constexpr int64_t kAutoPersistentMaxBatch = 32;
 
-// Whether the window runs on the persistent kernel: asked for, or, with auto, where it fits and the batch is
-// one it wins at; asked for where it does not fit, an ArgumentError says why. CONVEYOR_LOG_ALGORITHM=1 prints
-// the choice.
-bool use_persistent(const CellOptions& options, const PersistentPlan& plan, int64_t batch, const char* direction) {
-  if (options.algorithm == Algorithm::persistent && !plan.fits) {
-    throw ArgumentError(std::string("algorithm: 'persistent' cannot run this ") + cell_name(options.cell) + " " +
-                        direction + " window: " + plan.why + " (use 'auto' or 'per_step')");
-  }
+// The persistent kernel's plan when the window runs on it (fits), else a plan that does not fit: per_step
+// asked for, auto at a batch the per-step kernels win, or auto where the slices do not fit on the device
+// (persistent asked for there throws an ArgumentError saying why). The device is asked only when the
+// persistent kernel is a candidate. CONVEYOR_LOG_ALGORITHM=1 prints the choice and why.
+template <typename S, bool kRelu>
+PersistentPlan persistent_plan_to_run(const CellOptions& options, int64_t batch, int64_t hidden, bool forward) {
+  const char* direction = forward ? "forward" : "backward";
+  PersistentPlan plan;
   std::string why_not;
   if (options.algorithm == Algorithm::per_step) {
     why_not = "asked for";
-  } else if (!plan.fits) {
-    why_not = "persistent does not fit: " + plan.why;
   } else if (options.algorithm == Algorithm::automatic && batch > kAutoPersistentMaxBatch) {
     why_not = "B = " + std::to_string(batch) + " > " + std::to_string(kAutoPersistentMaxBatch) +
               ", where the per-step kernels are faster";
+  } else {
+    plan = forward ? persistent_forward_plan<S, kRelu>(options, hidden)
+                   : persistent_backward_plan<S, kRelu>(options, hidden);
+    if (!plan.fits && options.algorithm == Algorithm::persistent) {
+      throw ArgumentError(std::string("algorithm: 'persistent' cannot run this ") + cell_name(options.cell) + " " +
+                          direction + " window: " + plan.why + " (use 'auto' or 'per_step')");
+    }
+    if (!plan.fits) why_not = "persistent does not fit: " + plan.why;
   }
-  const bool persistent = why_not.empty();
   static const bool log = [] {
     const char* v = std::getenv("CONVEYOR_LOG_ALGORITHM");
     return v != nullptr && *v != '\0' && std::string(v) != "0";
   }();
-  if (log && persistent) {
+  if (log && plan.fits) {
     std::fprintf(stderr, "conveyor: %s %s: persistent (%u blocks of %d units, %zu bytes of R each)\n",
                  cell_name(options.cell), direction, plan.blocks, plan.units, plan.shared_bytes);
   } else if (log) {
     std::fprintf(stderr, "conveyor: %s %s: per_step (%s)\n", cell_name(options.cell), direction, why_not.c_str());
   }
-  return persistent;
+  return plan;
 }
 
 // Step t of a forward window on the per-step path: one kernel (two for the GRU with reset_before).
@@ -423,8 +413,8 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   w.ax = ax.get();
   w.masks = masks.all();
   w.variational = options.variational;
-  const PersistentPlan plan = persistent_plan<S, kRelu>(options, z.H, true);
-  if (use_persistent(options, plan, z.B, "forward")) {
+  const PersistentPlan plan = persistent_plan_to_run<S, kRelu>(options, z.B, z.H, true);
+  if (plan.fits) {
     forward_persistent<S, kRelu>(options, plan, w, stream);
   } else {
     for (int64_t t = 0; t < z.T; ++t) forward_steps<S, kRelu>(options, w, t, stream);
@@ -494,8 +484,8 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
 
   {
     NvtxRange range("conveyor::recurrence");
-    const PersistentPlan plan = persistent_plan<S, kRelu>(options, H, false);
-    if (use_persistent(options, plan, B, "backward")) {
+    const PersistentPlan plan = persistent_plan_to_run<S, kRelu>(options, B, H, false);
+    if (plan.fits) {
       backward_persistent<S, kRelu>(options, plan, w, dh0, stream);
     } else {
       for (int64_t t = z.T - 1; t >= 0; --t) backward_steps<S, kRelu>(options, w, t, stream);

@@ -254,6 +254,12 @@ __device__ __forceinline__ void backward_epilogue(const BackwardStep<S>& p, int6
 // Windows: where step t's arguments point. The per-step path sets them on the host before each launch, the
 // persistent kernels on the device at each step: one definition serves both.
 
+// m_t in a window's recurrent dropout masks ([T or 1, B, H], one for every step when variational), or null.
+template <typename C>
+__host__ __device__ inline const C* recurrent_mask_at(const C* masks, bool variational, int64_t t, int64_t step_size) {
+  return masks != nullptr ? masks + (variational ? 0 : t) * step_size : nullptr;
+}
+
 // A forward window: `base` holds what every step shares; step(t) points the rest at step t.
 template <typename S>
 struct ForwardWindow {
@@ -273,7 +279,7 @@ struct ForwardWindow {
     const int64_t BH = base.batch * base.hidden;
     p.h_prev = t == 0 ? h0 : y + (t - 1) * BH;
     p.h_in = p.h_prev;
-    p.mask = masks != nullptr ? masks + (variational ? 0 : t) * BH : nullptr;
+    p.mask = recurrent_mask_at(masks, variational, t, BH);
     p.R_row0 = 0;
     p.ax = ax + t * base.batch * base.gate_stride;
     p.h = y + t * BH;
@@ -306,7 +312,7 @@ struct BackwardWindow {
   const S* h0;               // [B, H]
 
   __host__ __device__ const C* mask(int64_t t) const {
-    return masks != nullptr ? masks + (variational ? 0 : t) * base.batch * base.hidden : nullptr;
+    return recurrent_mask_at(masks, variational, t, base.batch * base.hidden);
   }
 
   // Points p's product at the pre-activation gradients of `step` (the recurrent path's, along R's rows).
