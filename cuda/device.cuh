@@ -6,7 +6,7 @@
 // cuda/emulator/) differ, so that every kernel body is the same source in both.
 //
 // Storage types are what arrays hold: float, double, __half, __nv_bfloat16. Every kernel computes in
-// Compute<S>: double for double, float for the rest (SPEC.md: float16/bfloat16 storage, float32 accumulation
+// Compute<S>: double for double, float for the rest (docs/math.md: float16/bfloat16 storage, float32 accumulation
 // and a float32 cell state).
 #pragma once
 

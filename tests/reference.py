@@ -1,6 +1,6 @@
 """Float64 NumPy reference for the Conveyor cells: the ground truth other backends are tested against.
 
-Written straight from /work/shared/SPEC.md, one time step at a time, with a hand-written backward through
+Written straight from docs/math.md, one time step at a time, with a hand-written backward through
 time (no autodiff, no finite differences). Clarity over speed. Scope: one layer, one direction; the LSTM
 with optional peephole, coupled gates (CIFG), forget bias and cell clip; for every cell an optional constant
 mask on h_{t-1} inside the recurrent product (recurrent dropout); no dropout between layers.

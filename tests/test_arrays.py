@@ -10,7 +10,12 @@ from conveyor import _arrays, _conveyor
 
 from support import ARRAY_FIELDS, CONFIGS, Problem, config_id, make_problem, run_conveyor
 
-torch = pytest.importorskip("torch")
+try:
+    import torch
+except ImportError:  # only the tests marked needs_torch use it; the others run without it
+    torch = None
+
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch (pip install torch)")
 
 
 def as_torch(p: Problem, *, requires_grad=False) -> Problem:
@@ -20,6 +25,7 @@ def as_torch(p: Problem, *, requires_grad=False) -> Problem:
     return Problem(p.cell, p.options, *(t(getattr(p, n)) for n in ARRAY_FIELDS))
 
 
+@needs_torch
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_torch_tensors_give_numpy_results_exactly(config, dtype, rng):
@@ -36,6 +42,7 @@ def test_torch_tensors_give_numpy_results_exactly(config, dtype, rng):
         np.testing.assert_array_equal(got.numpy(), expected, err_msg=name)
 
 
+@needs_torch
 def test_mixed_numpy_and_torch_on_the_cpu_return_arrays_of_x_kind(rng):
     p = make_problem("gru", {}, 3, 2, 4, 5, rng)
     y, h_T, saved = conveyor.gru_forward(p.x, torch.from_numpy(p.W), p.R, p.bW, torch.from_numpy(p.bR), p.h0)
@@ -46,6 +53,7 @@ def test_mixed_numpy_and_torch_on_the_cpu_return_arrays_of_x_kind(rng):
     assert isinstance(grads.dW, np.ndarray)
 
 
+@needs_torch
 def test_saved_from_torch_serves_one_backward(rng):
     p = as_torch(make_problem("lstm", {}, 2, 2, 3, 4, rng))
     _, _, _, saved = conveyor.lstm_forward(p.x, p.W, p.R, p.bW, p.bR, p.h0, p.c0)
@@ -54,6 +62,7 @@ def test_saved_from_torch_serves_one_backward(rng):
         conveyor.lstm_backward(saved, p.dy)
 
 
+@needs_torch
 @pytest.mark.parametrize("case", ["bfloat16", "float16", "int64", "transposed", "list", "rank5",
                                   "wrong-shape"])
 def test_bad_torch_arguments_raise_naming_the_argument(case, rng):
@@ -85,6 +94,7 @@ def test_bad_torch_arguments_raise_naming_the_argument(case, rng):
         conveyor.lstm_forward(**args)
 
 
+@needs_torch
 @pytest.mark.parametrize("stream, error",
                          [("s", TypeError), (-1, ValueError), (True, TypeError), (1.5, TypeError)])
 def test_bad_stream_raises(stream, error, rng):
@@ -95,6 +105,7 @@ def test_bad_stream_raises(stream, error, rng):
         conveyor.rnn_forward(torch.from_numpy(p.x), p.W, p.R, p.bW, p.bR, stream=stream)
 
 
+@needs_torch
 def test_stream_objects_and_handles_are_read():
     class TorchLikeStream:
         cuda_stream = 1234
@@ -109,6 +120,7 @@ def test_stream_objects_and_handles_are_read():
     assert _arrays.stream_of(x, None) == 0  # a CPU tensor: no stream
 
 
+@needs_torch
 def test_allocator_makes_outputs_like_x_and_poisons_them():
     x = torch.zeros(2, dtype=torch.float32)
     _conveyor._set_poison_outputs(True)
@@ -117,6 +129,7 @@ def test_allocator_makes_outputs_like_x_and_poisons_them():
     assert torch.isnan(out).all()
 
 
+@needs_torch
 @pytest.mark.parametrize("x_dtype", ["float32", "float64", "float16", "bfloat16"])
 def test_allocator_makes_outputs_of_the_dtype_it_is_asked_for(x_dtype):
     """The compiled core asks for the LSTM's c_T and dc0 in float32 beside 16-bit x: allocate(shape, name)."""
@@ -135,6 +148,7 @@ def test_allocator_makes_outputs_of_the_dtype_it_is_asked_for(x_dtype):
             assert isinstance(out, np.ndarray) and out.dtype == np.dtype(name) and np.isnan(out).all()
 
 
+@needs_torch
 @pytest.mark.parametrize("x_dtype", ["float16", "bfloat16"])
 def test_the_cell_state_dtype_is_float32_beside_16_bit_x(x_dtype):
     assert _arrays.cell_state_dtype_name(getattr(torch, x_dtype)) == "float32"

@@ -109,7 +109,8 @@ def test_gradients_match_finite_differences(config, rng):
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 @pytest.mark.parametrize("batch", [1, 2, 5])
 def test_windows_chain_exactly(config, batch, rng):
-    """SPEC: a sequence cut into windows gives exactly the forward outputs of one call over all of it."""
+    """docs/math.md: a sequence cut into windows gives exactly the forward outputs of one call over all of
+    it."""
     p = make_problem(*config, 11, batch, 300, 6, rng).cast(np.float32)
     whole = _forward_only(p)
     pieces, h, c = [], p.h0, p.c0

@@ -1,8 +1,8 @@
 """The CUDA backend: every cell and option against the float64 reference and against the CPU backend,
 outputs and every gradient, in float64 and float32; float16 and bfloat16 within twice the error of a naive
-computation in the same dtype (STYLE.md), and what their rounding must not undo (the cell clip's decisions,
-windows chained through the final state, small gradients); shapes that do not divide the kernels' tiles, T=1,
-B=1 and T=4096; streams, the memory pool; mixed devices and bad arrays.
+computation in the same dtype (docs/math.md, Precision), and what their rounding must not undo (the cell
+clip's decisions, windows chained through the final state, small gradients); shapes that do not divide the
+kernels' tiles, T=1, B=1 and T=4096; streams, the memory pool; mixed devices and bad arrays.
 
 Arrays reach the backend as Conveyor's own device arrays (device_arrays.py), so every test runs on a GPU and
 in the emulated build (CONVEYOR_EMULATE_CUDA) alike; the same tests through PyTorch and CuPy CUDA tensors,
@@ -331,7 +331,8 @@ def test_tf32_option_stays_near_float32(config, device, rng):
 
 # ---------------------------------------------------------------------------------------------------------
 # float16 and bfloat16: what rounding to the storage type must not change. The clip decisions, the state
-# that chains windows and small gradients are made in float32 (SPEC.md); storage rounding must not undo them.
+# that chains windows and small gradients are made in float32 (docs/math.md, Precision); storage rounding
+# must not undo them.
 
 UNIT_ROUNDOFF = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 
@@ -422,7 +423,7 @@ def test_persistent_where_it_cannot_run_raises_saying_why(rng):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_a_window_equals_its_two_halves_chained_through_the_final_state(dtype, device, rng):
-    """SPEC.md: a sequence cut into windows gives exactly the outputs of one call over the whole of it,
+    """docs/math.md: a sequence cut into windows gives exactly the outputs of one call over the whole of it,
     in every storage type, since the state the halves hand over is the state the whole call carries (c_T is
     float32, unrounded, beside 16-bit storage)."""
     T = 8

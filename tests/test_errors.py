@@ -1,4 +1,4 @@
-"""Bad input is a Python exception, never a crash or a silently wrong result (SPEC.md, Errors).
+"""Bad input is a Python exception, never a crash or a silently wrong result (docs/math.md, Errors).
 
 TypeError for a wrong dtype or a wrong Python type, ValueError for a wrong shape, layout, size or option
 value; the message starts with the argument's name ("x: ...", "h0: ...") and states what it got. Each case

@@ -202,7 +202,7 @@ def _sigmoid(v):
 
 
 def _one_step(cell, opts, p, mask=None):
-    """One step of SPEC.md written out by hand: (h_1, c_1) for the LSTM, (h_1,) otherwise. ``mask``
+    """One step of docs/math.md written out by hand: (h_1, c_1) for the LSTM, (h_1,) otherwise. ``mask``
     multiplies h_0 where it meets R; the GRU's output mix uses the unmasked h_0."""
     act = np.tanh if opts["activation"] == "tanh" else (lambda v: np.maximum(v, 0.0))
     x, h0 = p["x"][0], p["h0"]

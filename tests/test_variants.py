@@ -1,6 +1,6 @@
-"""The variants of SPEC.md on the CPU backend against the float64 reference: every combination of the LSTM
-options (peephole, coupled gates, forget bias, cell clip, relu), recurrent dropout for every cell, and the
-counter-based dropout masks themselves (bit for bit against the reference's own copy of the generator)."""
+"""The variants of docs/math.md on the CPU backend against the float64 reference: every combination of the
+LSTM options (peephole, coupled gates, forget bias, cell clip, relu), recurrent dropout for every cell, and
+the counter-based dropout masks themselves (bit for bit against the reference's own copy of the generator)."""
 
 import itertools
 

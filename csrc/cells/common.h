@@ -66,7 +66,7 @@ CONVEYOR_HOST_DEVICE T sigmoid_grad_from_output(T s) {
   return s * (T(1) - s);
 }
 
-// The cell activation act() of SPEC.md; `relu` selects relu, else tanh. A bool rather than the Activation
+// The cell activation act() of docs/math.md; `relu` selects relu, else tanh. A bool rather than the Activation
 // enum keeps this header free of the public API, so that kernels can make it a template constant.
 template <typename T>
 CONVEYOR_HOST_DEVICE T activate(bool relu, T a) {

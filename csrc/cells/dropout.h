@@ -1,4 +1,4 @@
-// The dropout masks of SPEC.md, from a counter-based generator: the keep/drop decision for one element is a
+// The dropout masks of docs/math.md, from a counter-based generator: the keep/drop decision for one element is a
 // pure function of (seed, stream, batch row, unit, step), computed with 64-bit integer arithmetic only, so
 // that the CPU, the GPU and the NumPy reference (tests/reference.py) draw exactly the same masks.
 //

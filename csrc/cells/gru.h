@@ -1,4 +1,4 @@
-// The GRU cell of SPEC.md for one (batch row, hidden unit): forward and backward, both variants.
+// The GRU cell of docs/math.md for one (batch row, hidden unit): forward and backward, both variants.
 //
 // Gate order r, z, n. z near 1 keeps the old state: h_t = (1 - z) n + z h_{t-1}.
 //   reset_after=true:  n = act(ax_n + r * (R_n h_{t-1} + bR_n))   one recurrent product per step

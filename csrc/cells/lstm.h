@@ -1,4 +1,4 @@
-// The LSTM cell of SPEC.md for one (batch row, hidden unit): forward and backward, with every LSTM option.
+// The LSTM cell of docs/math.md for one (batch row, hidden unit): forward and backward, with every LSTM option.
 //
 // Pre-activations arrive already summed (a = W x_t + bW + R h_{t-1} + bR). The options:
 //   peephole      i and f see c_{t-1}, o sees the new c_t, through diagonal weights p_i, p_f, p_o

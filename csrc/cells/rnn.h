@@ -1,4 +1,4 @@
-// The plain RNN cell of SPEC.md for one (batch row, hidden unit): h_t = act(a).
+// The plain RNN cell of docs/math.md for one (batch row, hidden unit): h_t = act(a).
 #pragma once
 
 #include "common.h"

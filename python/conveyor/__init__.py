@@ -1,8 +1,8 @@
 """Conveyor: fast LSTM, GRU and RNN layers over truncated-BPTT windows.
 
 The functional API (``lstm_forward``/``lstm_backward`` and the GRU and RNN pairs) runs one window on NumPy
-arrays; the layer objects (``LSTM``, ``GRU``, ``RNN``) own PyTorch-compatible parameters. See SPEC.md for the
-math and the layouts.
+arrays; the layer objects (``LSTM``, ``GRU``, ``RNN``) own PyTorch-compatible parameters. See docs/math.md for
+the math and the layouts.
 """
 
 import numbers

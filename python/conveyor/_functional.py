@@ -1,6 +1,6 @@
 """The functional API: forward and backward over a window for each cell, on NumPy arrays.
 
-Shapes (time-major) and weight layout follow SPEC.md and PyTorch: ``x`` is ``[T, B, input_size]``, ``W`` is
+Shapes (time-major) and weight layout follow PyTorch (docs/math.md): ``x`` is ``[T, B, input_size]``, ``W`` is
 ``[G*hidden_size, input_size]``, ``R`` is ``[G*hidden_size, hidden_size]``, ``bW`` and ``bR`` are
 ``[G*hidden_size]`` with G = 4 (LSTM: i, f, g, o), 3 (GRU: r, z, n) or 1 (RNN). Every array of one call has
 the same dtype and device and is C-contiguous, but for the LSTM's cell-state arrays (``c0``, ``c_T``,
@@ -226,7 +226,7 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, coupled_gates=Fal
 
     ``bW``/``bR`` may be None (no bias); ``h0``/``c0`` ``[B, hidden_size]`` default to zeros. ``c0`` and the
     returned ``c_T`` have x's dtype, but float32 for float16 and bfloat16 x (the float32 cell state,
-    unrounded, so that ``c_T`` chains the next window exactly). Options (SPEC.md):
+    unrounded, so that ``c_T`` chains the next window exactly). Options (docs/math.md):
     ``P`` ``[3, hidden_size]``, peephole weights p_i, p_f, p_o (Gers & Schmidhuber 2000; None: no peepholes);
     ``coupled_gates`` (CIFG, i = 1 - f; W, R and the biases then hold 3 gate blocks f, g, o); ``forget_bias``
     added to f's pre-activation; ``cell_clip`` (None, or c_t clamped to [-cell_clip, cell_clip]);
@@ -297,7 +297,7 @@ def rnn_backward(saved, dy, dh_T=None, *, stream=None, _keep=False) -> RNNGrads:
 
 
 def dropout_mask(like, shape, p, *, variational=False, seed=0, mask_stream=0, stream=None):
-    """The inverted-dropout mask of SPEC.md as a new array of ``like``'s library, dtype and device:
+    """The inverted-dropout mask of docs/math.md as a new array of ``like``'s library, dtype and device:
     ``shape`` is ``(T, B, H)``, each element 0 with probability ``p`` else ``1 / (1 - p)``, drawn by a
     counter-based generator from (seed, mask_stream, batch row, unit, step), with step 0 for every t when
     ``variational``. The CPU and the GPU give the same mask for the same arguments."""
@@ -330,7 +330,7 @@ def _sum_of_squares(name, a) -> float:
 
 
 def clip_grad_norm(grads, max_norm) -> float:
-    """Clips gradients by their global norm (SPEC.md): ``n = sqrt(sum of squares of every gradient)``; if
+    """Clips gradients by their global norm (docs/math.md): ``n = sqrt(sum of squares of every gradient)``; if
     ``n > max_norm``, every gradient is scaled in place by ``max_norm / (n + 1e-6)``. Returns ``n``.
 
     ``grads``: a mapping (its values) or an iterable of NumPy, CuPy or PyTorch arrays (None entries are

@@ -1,5 +1,5 @@
-"""Stacks and directions (SPEC.md, "Stacks, directions, dropout"): ``num_layers`` layers, each run forward
-in time and, when bidirectional, backward in time too, with dropout between layers.
+"""Stacks and directions (docs/math.md, "Stacks and directions" and "Dropout"): ``num_layers`` layers, each
+run forward in time and, when bidirectional, backward in time too, with dropout between layers.
 
 Built on the one-window functions of ``_functional``: layer l > 0 reads the previous layer's output
 sequence ``[T, B, D*H]`` (forward direction first); the reverse direction runs the time-reversed window and

@@ -1,4 +1,4 @@
-"""Layer objects that own their parameters: ``LSTM``, ``GRU`` and ``RNN``, with every variant of SPEC.md.
+"""Layer objects that own their parameters: ``LSTM``, ``GRU`` and ``RNN``, with every variant of docs/math.md.
 
 Parameters carry PyTorch's state-dict names and shapes (``weight_ih_l{k}``, ``weight_hh_l{k}``,
 ``bias_ih_l{k}``, ``bias_hh_l{k}``, with ``_reverse`` for the backward direction) and are initialised as
@@ -239,9 +239,10 @@ class LSTM(_Recurrent):
     ``[num_layers*D, B, hidden_size]``; in training mode it keeps what ``backward(dy, dh_n=None, dc_n=None)
     -> (dx, dh0, dc0)`` needs, and backward stores the parameter gradients in ``grads`` by name.
 
-    Options (SPEC.md; the README names the papers): ``num_layers``, ``bidirectional``, ``dropout`` (between
-    layers), ``variational`` (dropout masks shared over time), ``recurrent_dropout`` (on h_{t-1} inside the
-    recurrent product), ``peephole``, ``coupled_gates``, ``forget_bias``, ``cell_clip``, ``activation``.
+    Options (docs/math.md; the README names the papers): ``num_layers``, ``bidirectional``, ``dropout``
+    (between layers), ``variational`` (dropout masks shared over time), ``recurrent_dropout`` (on h_{t-1}
+    inside the recurrent product), ``peephole``, ``coupled_gates``, ``forget_bias``, ``cell_clip``,
+    ``activation``.
     """
 
     _cell = "lstm"

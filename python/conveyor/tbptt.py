@@ -1,4 +1,4 @@
-"""Truncated backpropagation through time (SPEC.md, "A window and truncated BPTT"; Williams & Peng 1990).
+"""Truncated backpropagation through time (docs/math.md, "Truncated BPTT"; Williams & Peng 1990).
 
 ``TBPTT(layer, k1, k2)`` walks a long sequence (or a batch of streams) through a layer object k1 steps at a
 time. Each ``forward`` carries the final state of the previous one in as a value, so that windows of any

@@ -110,7 +110,7 @@ std::string shape_string(const TensorView& view);
 // ---------------------------------------------------------------------------------------------------------
 // Cells
 
-// The cell (SPEC.md, "Cells") and its activation act().
+// The cell (docs/math.md, "Cells") and its activation act().
 enum class CellType : int { lstm = 0, gru = 1, rnn = 2 };
 enum class Activation : int { tanh = 0, relu = 1 };
 
@@ -130,7 +130,7 @@ struct CellOptions {
   // GRU only. true: n = act(W_n x + bW_n + r * (R_n h + bR_n)) (cuDNN, PyTorch, Keras).
   // false: n = act(W_n x + bW_n + R_n (r * h) + bR_n) (Cho et al. 2014).
   bool reset_after = true;
-  // LSTM only (SPEC.md, "Cells"). peephole: i and f also see c_{t-1}, and o sees c_t, through diagonal
+  // LSTM only (docs/math.md, "Cells"). peephole: i and f also see c_{t-1}, and o sees c_t, through diagonal
   // weights P = (p_i, p_f, p_o) (Gers & Schmidhuber 2000).
   bool peephole = false;
   // LSTM only. Coupled input and forget gates (CIFG, Greff et al. 2017): i = 1 - f, and W, R, bW, bR hold three
@@ -264,7 +264,7 @@ void backward(const CellOptions& options, const BackwardArgs& args, void* stream
 // ---------------------------------------------------------------------------------------------------------
 // Dropout masks
 
-// Writes the inverted-dropout mask of SPEC.md into `out` [T, B, H] (any float dtype, CPU or CUDA; `stream` as
+// Writes the inverted-dropout mask of docs/math.md into `out` [T, B, H] (any float dtype, CPU or CUDA; `stream` as
 // for forward): out[t, b, u] = 0 with probability p, else 1 / (1 - p). The draw is a pure function of
 // (seed, mask_stream, b, u, step) with step = t, or 0 for every t when variational, computed with integer
 // arithmetic only: the CPU, the GPU and the NumPy reference give the same mask. 0 <= p < 1.
