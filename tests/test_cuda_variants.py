@@ -155,16 +155,17 @@ def test_clip_grad_norm_on_gpu_arrays(torch, rng):
 def test_training_on_the_gpu_follows_the_cpu(tmp_path):
     """conveyor train --device cuda: every array on the GPU (CuPy), the same losses as on the CPU."""
     pytest.importorskip("cupy", reason="interop with CuPy needs CuPy")
-    from conveyor import lm
+    from conveyor.train import Config, LanguageTask, language, run
 
     path = tmp_path / "corpus.txt"
     path.write_text("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind\n" * 60)
-    corpus = lm.load_corpus(str(path), "char")
+    corpus = language.load_corpus(str(path), "char")
     runs = {}
     for device in ("cpu", "cuda"):
-        cfg = lm.Config(embedding=16, hidden=32, layers=2, batch=4, k1=16, k2=32, max_steps=15, eval_every=0,
-                        eval_batch=2, dropout=0.1, lr=1e-2, seed=4, device=device)
-        runs[device] = lm.run(cfg, corpus, sample_length=20, checkpoint=str(tmp_path / f"{device}.npz"))
+        cfg = Config(embedding=16, hidden=32, layers=2, batch=4, k1=16, k2=32, max_steps=15, eval_every=0,
+                     eval_batch=2, dropout=0.1, lr=1e-2, seed=4, device=device)
+        runs[device] = run(LanguageTask(LanguageTask.defaults(cfg), corpus), sample_length=20,
+                           checkpoint=str(tmp_path / f"{device}.npz"))
     cpu, gpu = (np.array([loss for _, loss in runs[d]["trainer"].history]) for d in ("cpu", "cuda"))
     np.testing.assert_allclose(gpu, cpu, rtol=2e-3)
     assert abs(runs["cuda"]["valid_loss"] - runs["cpu"]["valid_loss"]) < 1e-2

@@ -283,4 +283,4 @@ def test_conveyor_imports_without_torch_and_explains_the_extra():
             "except ImportError as e:\n"
             "    print('refused:', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "refused: conveyor.torch needs PyTorch: pip install 'conveyor-rnn[torch]'" in out.stdout
+    assert "refused: conveyor.torch needs PyTorch: pip install torch" in out.stdout

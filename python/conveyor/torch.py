@@ -32,8 +32,8 @@ import math
 try:
     import torch
 except ImportError as error:  # the extra is optional: say how to get it
-    raise ImportError("conveyor.torch needs PyTorch: pip install 'conveyor-rnn[torch]' "
-                      "(or pip install torch)") from error
+    raise ImportError("conveyor.torch needs PyTorch: pip install torch (or, from a checkout of Conveyor, "
+                      "pip install '.[torch]')") from error
 
 from . import _functional, _stack
 

@@ -1,0 +1,43 @@
+"""What the tasks' models share: the recurrent layers by name, the array library of a device, dropout masks
+keyed by (seed, step), and a scatter-add for embedding gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _functional, layers
+from .errors import UsageError
+
+CELLS = {"lstm": layers.LSTM, "gru": layers.GRU, "rnn": layers.RNN}
+
+
+def xp_for(device: str):
+    """NumPy on the CPU; CuPy on the GPU, so that activations never leave the device."""
+    if device == "cpu":
+        return np
+    try:
+        import cupy
+    except ImportError as error:
+        raise UsageError("--device: cuda needs CuPy (pip install cupy-cuda12x) and a GPU") from error
+    return cupy
+
+
+def dropout_mask(like, shape, cfg, stream: int, step: int):
+    """The inverted-dropout mask of a non-recurrent part (--dropout, --variational) at optimiser step
+    ``step``: a pure function of (seed, step, stream), so a resumed run draws the same masks."""
+    seed = (cfg.seed * 1_000_003 + step) % 2**64
+    return _functional.dropout_mask(like, shape, cfg.dropout, variational=cfg.variational, seed=seed,
+                                    mask_stream=stream)
+
+
+def scatter_add(xp, target, rows, values) -> None:
+    if xp is np:
+        np.add.at(target, rows, values)
+    else:
+        import cupyx
+
+        cupyx.scatter_add(target, rows, values)
+
+
+def to_numpy(a):
+    return a if isinstance(a, np.ndarray) else a.get()
