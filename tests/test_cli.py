@@ -176,7 +176,7 @@ def test_progress_redraws_in_place_within_the_terminal_width():
     out, received = os.fdopen(slave, "w"), b""
     progress = Progress(out, 0, 500, 20, "tokens")
     for step in range(1, 501):
-        progress.update(step, "1.2345 nats/char (1.781 bits/char)", 12345.0)
+        progress.update(step, 1.2345, "1.2345 nats/char (1.781 bits/char)", 12345.0)
         if step % 50 == 0:
             progress.write(f"step {step}: validation 1.5")
         out.flush()
@@ -196,12 +196,13 @@ def test_progress_redraws_in_place_within_the_terminal_width():
     assert text.count("\r") > 20  # redrawn in place
     assert max(len(f) for f in frames) <= 80, max(frames, key=len)
     assert "tokens/s" in text and "500/500" in text and "step 450: validation 1.5" in text
+    assert re.search(r"\|#{5,}|\u2588{5,}", text)  # the bar itself has room on 80 columns
 
 
 def test_progress_elsewhere_prints_periodic_lines():
     out = io.StringIO()
     progress = Progress(out, 0, 100, 20, "frames")
     for step in range(1, 101):
-        progress.update(step, "9.000 nats/frame", 1000.0)
+        progress.update(step, 9.0, "9.000 nats/frame", 1000.0)
     lines = out.getvalue().splitlines()
     assert len(lines) == 6 and lines[0].startswith("step 1/100") and "ETA" in lines[-1]

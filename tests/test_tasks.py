@@ -229,3 +229,12 @@ def test_resume_is_exact_for_every_task(task, tmp_path):
         np.testing.assert_array_equal(arrays_b[name], value, err_msg=name)
     evaluated = conveyor("eval", broken).stdout
     assert "test split" in evaluated and ("nats/frame" if task == "music" else "accuracy") in evaluated
+
+
+def test_sample_refuses_a_model_that_does_not_write_text(tmp_path):
+    path = str(tmp_path / "music.npz")
+    data = write_music_pickle(tmp_path / "set.pickle")
+    conveyor("train", "--task", "music", "--data", data, "--hidden", "4", "--epochs", "1",
+             "--checkpoint", path)
+    out = subprocess.run([sys.executable, "-m", "conveyor", "sample", path], capture_output=True, text=True)
+    assert out.returncode == 2 and "is a music model" in out.stderr and "Traceback" not in out.stderr

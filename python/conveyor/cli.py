@@ -146,7 +146,6 @@ def _resumed_config(args, given: dict):
     from .train import Config, checkpoint
     from .train.config import RESUMABLE_CHANGES
     from .train.errors import UsageError
-    from .train.loop import sha256_of
 
     meta, arrays = checkpoint.load(args.resume, "--resume")
     cfg = Config.from_dict(meta["config"])
@@ -166,21 +165,11 @@ def _resumed_config(args, given: dict):
     elif cfg.data is not None and not os.path.exists(cfg.data):
         raise UsageError(f"--resume: {args.resume} was trained on {cfg.data}, which is not there any more; "
                          "give its new place with --data")
-    cfg = cfg.replace(**changes)
-    if cfg.data is not None and "data" in changes:
-        from .train.language import ptb_files
-
-        paths = ptb_files(cfg.data) if os.path.isdir(cfg.data) and cfg.task == "lm" else None
-        if paths is None and not os.path.isdir(cfg.data):
-            paths = [cfg.data]
-        if paths is not None and sha256_of([p for p in paths if p]) != meta["data"]["sha256"]:
-            raise UsageError(f"--data: {changes['data']} is not the data {args.resume} was trained on "
-                             "(its sha256 differs)")
-    return cfg, meta, arrays
+    return cfg.replace(**changes), meta, arrays
 
 
 def train(args) -> int:
-    from .train import Config, build, run
+    from .train import TASKS, Config, build, run
     from .train.errors import UsageError
 
     given = _given_config(args)
@@ -192,10 +181,10 @@ def train(args) -> int:
         raise UsageError(f"--bptt2: expected at least --bptt ({given.get('bptt', 64)}), got {given['bptt2']}")
     if args.resume is not None:
         cfg, meta, arrays = _resumed_config(args, given)
+        if TASKS[cfg.task].data_identity(cfg)["sha256"] != meta["data"]["sha256"]:
+            raise UsageError(f"--data: {cfg.data} is not the data {args.resume} was trained on (its sha256 "
+                             "differs: another file, or the file has changed)")
         task = build(cfg, meta["task_state"])
-        if task.identity["sha256"] != meta["data"]["sha256"]:
-            raise UsageError(f"--data: {cfg.data} has changed since {args.resume} was written (its sha256 "
-                             "differs)")
         resume = (args.resume, meta, arrays)
         checkpoint = args.checkpoint or args.resume
     else:
@@ -214,11 +203,15 @@ def train(args) -> int:
 
 
 def _load_for_use(path: str, with_data: bool, data: str | None = None):
-    """(task, meta) of a checkpoint, its parameters loaded, for sample and eval."""
+    """(task, meta) of a checkpoint, its parameters loaded, for sample (``with_data`` False: the model
+    alone, language models only) and eval."""
     from .train import TASKS, Config, checkpoint
     from .train.errors import UsageError
 
     meta, arrays = checkpoint.load(path, "checkpoint")
+    if not with_data and meta["task"] != "lm":
+        raise UsageError(f"checkpoint: {path} is a {meta['task']} model; sample generates text from "
+                         "language models (--task lm)")
     cfg = Config.from_dict(meta["config"])
     if data is not None:
         if not os.path.exists(data):
@@ -236,12 +229,7 @@ def _load_for_use(path: str, with_data: bool, data: str | None = None):
 
 
 def sample(args) -> int:
-    from .train.errors import UsageError
-
-    task, meta = _load_for_use(args.checkpoint, with_data=False)
-    if meta["task"] != "lm":
-        raise UsageError(f"checkpoint: {args.checkpoint} is a {meta['task']} model; sample generates text "
-                         "from language models (--task lm)")
+    task, _ = _load_for_use(args.checkpoint, with_data=False)
     text = task.sample(args.length, temperature=args.temperature, prime=args.prime, seed=args.seed)
     print((args.prime or "") + ("" if task.cfg.level == "char" or not args.prime else " ") + text)
     return 0
@@ -367,7 +355,6 @@ def main(argv=None) -> int:
     e.add_argument("--data", default=None, help="data read as in training (default: the checkpoint's)")
     e.add_argument("--split", choices=("train", "valid", "test"), default=None,
                    help="default test (valid where there is none)")
-    e.add_argument("--eval-batch", type=positive_int, default=None)
     e.set_defaults(run=evaluate)
     commands.add_parser("info", parents=[common],
                         help="what this installation was built with").set_defaults(run=info)

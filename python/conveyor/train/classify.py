@@ -46,17 +46,25 @@ def _read_tsv(path: str) -> list:
     return examples
 
 
+def _split_files(data: str) -> dict:
+    paths = {s: os.path.join(data, f"{s}.tsv") for s in ("train", "valid", "test")}
+    if not (os.path.isfile(paths["train"]) and os.path.isfile(paths["valid"])):
+        raise UsageError(f"--data: {data} has no train.tsv and valid.tsv")
+    return {s: p for s, p in paths.items() if os.path.isfile(p)}
+
+
+def identity_of(data: str) -> dict:
+    files = list(_split_files(data).values()) if os.path.isdir(data) else [data]
+    return {"path": os.path.abspath(data), "sha256": sha256_of(files)}
+
+
 def load_examples(data: str | None) -> tuple[dict, dict]:
     """({split: [(label, text)]}, identity)."""
     if data is None:
         raise UsageError("--data: the classify task needs labelled text (a label<TAB>text file, or a folder "
                          "with train.tsv and valid.tsv)")
     if os.path.isdir(data):
-        paths = {s: os.path.join(data, f"{s}.tsv") for s in ("train", "valid", "test")}
-        if not (os.path.isfile(paths["train"]) and os.path.isfile(paths["valid"])):
-            raise UsageError(f"--data: {data} has no train.tsv and valid.tsv")
-        splits = {s: _read_tsv(p) for s, p in paths.items() if os.path.isfile(p)}
-        hashed = [p for p in paths.values() if os.path.isfile(p)]
+        splits = {s: _read_tsv(p) for s, p in _split_files(data).items()}
     elif os.path.isfile(data):
         examples = _read_tsv(data)
         order = np.random.default_rng(0).permutation(len(examples))
@@ -64,13 +72,12 @@ def load_examples(data: str | None) -> tuple[dict, dict]:
         splits = {"train": [examples[i] for i in order[:n_train]],
                   "valid": [examples[i] for i in order[n_train:n_train + n_valid]],
                   "test": [examples[i] for i in order[n_train + n_valid:]]}
-        hashed = [data]
     else:
         raise UsageError(f"--data: no such file or directory: {data}")
     if len(splits["train"]) < 2 or not splits["valid"]:
         raise UsageError(f"--data: {data} has too few examples to train and validate on "
                          f"({len(splits['train'])} and {len(splits['valid'])})")
-    return splits, {"path": os.path.abspath(data), "sha256": sha256_of(hashed)}
+    return splits, identity_of(data)
 
 
 def order_dataset(n: int, seed: int = 0) -> list:
@@ -254,6 +261,10 @@ class ClassifyTask(Task):
 
     def load_state(self, record, arrays):
         self.rnn._windows = record["rnn_windows"]
+
+    @staticmethod
+    def data_identity(cfg: Config) -> dict:
+        return identity_of(cfg.data)
 
     @classmethod
     def from_checkpoint(cls, cfg: Config, record: dict) -> ClassifyTask:

@@ -13,6 +13,7 @@ exactly."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -87,29 +88,34 @@ def ptb_files(directory: str) -> list:
     return paths
 
 
+def identity_of(data: str | None) -> dict:
+    """What identifies the data of a run: its absolute path (None: bundled) and the sha256 of its bytes."""
+    if data is None:
+        with resources.files("conveyor").joinpath(BUNDLED).open("rb") as f:
+            return {"path": None, "sha256": hashlib.sha256(f.read()).hexdigest()}
+    if os.path.isdir(data):
+        return {"path": os.path.abspath(data), "sha256": sha256_of([p for p in ptb_files(data) if p])}
+    return {"path": os.path.abspath(data), "sha256": sha256_of([data])}
+
+
 def load_corpus(data: str | None, level: str, vocab: list | None = None) -> Corpus:
     """``data``: None (the bundled Tiny Shakespeare), a directory holding PTB's ptb.{train,valid,test}.txt
     (optionally .gz), or one text file, split 90/5/5 in order. ``vocab``: a checkpoint's vocabulary (else
     the sorted tokens of the corpus)."""
     if data is None:
         with resources.files("conveyor").joinpath(BUNDLED).open("rb") as f:
-            raw = f.read()
-        import hashlib
-
-        text = gzip.decompress(raw).decode("utf-8")
+            text = gzip.decompress(f.read()).decode("utf-8")
         splits = _split(tokens_of(text, level))
         source = "Tiny Shakespeare (bundled)"
-        identity = {"path": None, "sha256": hashlib.sha256(raw).hexdigest()}
     elif os.path.isdir(data):
-        paths = ptb_files(data)
-        splits = [None if p is None else tokens_of(read_text(p), level) for p in paths]
+        splits = [None if p is None else tokens_of(read_text(p), level) for p in ptb_files(data)]
         source = data
-        identity = {"path": os.path.abspath(data), "sha256": sha256_of([p for p in paths if p])}
     elif os.path.isfile(data):
         splits = _split(tokens_of(read_text(data), level))
-        source, identity = data, {"path": os.path.abspath(data), "sha256": sha256_of([data])}
+        source = data
     else:
         raise UsageError(f"--data: no such file or directory: {data}")
+    identity = identity_of(data)
     if vocab is None:
         vocab = sorted({token for split in splits if split is not None for token in split})
     index = {token: i for i, token in enumerate(vocab)}
@@ -397,6 +403,10 @@ class LanguageTask(Task):
                 offset += length
                 self._span.append((chunk, self.model.embed(chunk, step)[1], step))
         self.tbptt.state = (arrays.get("state.h"), arrays.get("state.c"))
+
+    @staticmethod
+    def data_identity(cfg: Config) -> dict:
+        return identity_of(cfg.data)
 
     @classmethod
     def from_checkpoint(cls, cfg: Config, record: dict, with_data: bool = True) -> LanguageTask:

@@ -57,6 +57,12 @@ class Task:
     def header(self) -> str:
         raise NotImplementedError
 
+    @staticmethod
+    def data_identity(cfg: Config) -> dict:
+        """{"path", "sha256"} of ``cfg.data`` without reading it as the task does (a checkpoint's data is
+        checked before a model is built on it)."""
+        raise NotImplementedError
+
     def has_split(self, split: str) -> bool:
         raise NotImplementedError
 
@@ -182,7 +188,7 @@ def run(task: Task, *, checkpoint=None, resume=None, sample_length=0, plot=None,
             training_seconds += time.perf_counter() - window_start
             units += n
             last = loss
-            progress.update(trainer.step, task.describe(loss), units / max(training_seconds, 1e-9))
+            progress.update(trainer.step, loss, task.describe(loss), units / max(training_seconds, 1e-9))
             if eval_every and trainer.step % eval_every == 0 and trainer.step < total:
                 valid = task.evaluate("valid")
                 trainer.validated(valid)

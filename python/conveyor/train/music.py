@@ -204,6 +204,10 @@ class MusicTask(Task):
     def load_state(self, record, arrays):
         self.rnn._windows = record["rnn_windows"]
 
+    @staticmethod
+    def data_identity(cfg: Config) -> dict:
+        return {"path": os.path.abspath(cfg.data), "sha256": sha256_of([cfg.data])}
+
     @classmethod
     def from_checkpoint(cls, cfg: Config, record: dict) -> MusicTask:
         return cls(cfg)

@@ -26,15 +26,16 @@ class Progress:
                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
                             desc="train", leave=True)
 
-    def update(self, step: int, loss: str, rate: float) -> None:
+    def update(self, step: int, loss: float, described: str, rate: float) -> None:
+        """``loss`` as a number for the bar, ``described`` (with its units) for the lines."""
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{rate:,.0f} {self.unit}/s, loss {loss}", refresh=False)
+            self.bar.set_postfix_str(f"loss {loss:.4f}, {rate:,.0f} {self.unit}/s", refresh=False)
             self.bar.update(step - self.bar.n)
         elif step == self.first + 1 or step % self.every == 0 or step == self.total:
             elapsed = time.perf_counter() - self.start
             done = step - self.first
             eta = elapsed / done * (self.total - step) if done else 0.0
-            print(f"step {step}/{self.total} ({step / self.total:.0%}) loss {loss}, {rate:,.0f} "
+            print(f"step {step}/{self.total} ({step / self.total:.0%}) loss {described}, {rate:,.0f} "
                   f"{self.unit}/s, {_clock(elapsed)} elapsed, ETA {_clock(eta)}", file=self.out, flush=True)
 
     def write(self, text: str) -> None:
