@@ -287,7 +287,7 @@ ncu_profile() {
     skip e-ncu "ncu (Nsight Compute) is not installed"
     return
   fi
-  local target=("$python" bench/profile.py --device cuda --cell lstm --steps 64 --batch 16 --hidden 768
+  local target=("$python" bench/profile_window.py --device cuda --cell lstm --steps 64 --batch 16 --hidden 768
     --dtype float32 --algorithm persistent --repeats 1)
   local kernels=(-k 'regex:(forward|backward)_persistent_kernel' -c 2 -f -o "$logs/ncu")
   if ! run e-ncu 110 'PROF|Error|error|ms per window' ncu --set full --import-source yes "${kernels[@]}" \

@@ -204,6 +204,51 @@ def test_dropout_trains_and_evaluates_as_expected():
     torch.testing.assert_close(m(x)[0], m(x)[0])
 
 
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_calls_without_gradients_take_the_inference_path(cell, monkeypatch):
+    """Under torch.no_grad (and with every input frozen) the module builds no autograd node and the kernels
+    save nothing, with the outputs of the autograd path; a training-mode module with dropout still drops."""
+    from conveyor import _stack
+
+    reference, module = pair(cell, 3, 5, num_layers=2, bidirectional=True)
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    with_grad = flat_outputs(module(x.clone().requires_grad_(True)))
+    trainings = []
+    real = _stack.stack_forward
+    monkeypatch.setattr(_stack, "stack_forward",
+                        lambda *a, **k: trainings.append(k["training"]) or real(*a, **k))
+    with torch.no_grad():
+        without = flat_outputs(module(x))
+    for a, b in zip(with_grad, without):
+        assert b.grad_fn is None
+        torch.testing.assert_close(b, a.detach(), rtol=0, atol=0)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    frozen = flat_outputs(module(x))
+    assert all(t.grad_fn is None for t in frozen) and trainings == [False, False]
+    dropping = CELLS[cell][1](3, 5, num_layers=2, bidirectional=True, dropout=0.5).double()
+    dropping.load_state_dict(reference.state_dict())
+    torch.manual_seed(3)
+    expected = dropping(x)[0]
+    torch.manual_seed(3)
+    with torch.no_grad():
+        got = dropping(x)[0]
+    torch.testing.assert_close(got, expected.detach(), rtol=0, atol=0)
+    assert trainings[-1] is True
+
+
+def test_cpu_tensors_share_memory_with_conveyors_outputs():
+    """On the CPU the module hands NumPy views of the tensors to Conveyor (no DLPack export per tensor) and
+    returns tensors on the outputs' memory; gradients flow as before (checked against torch elsewhere)."""
+    module = ct.LSTM(3, 4)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    y, (h_n, c_n) = module(x)
+    assert y.dtype == torch.float32 and y.device.type == "cpu"
+    torch.testing.assert_close(h_n[0], y[-1], rtol=0, atol=0)
+    (y.sum() + c_n.sum()).backward()
+    assert x.grad is not None and module.weight_hh_l0.grad.shape == (16, 4)
+
+
 @pytest.mark.parametrize("with_hx", [False, True], ids=["zero-state", "hx"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_a_16_bit_cell_state_reaches_conveyor_as_float32_and_returns_in_the_inputs_dtype(dtype, with_hx,
@@ -222,12 +267,16 @@ def test_a_16_bit_cell_state_reaches_conveyor_as_float32_and_returns_in_the_inpu
         return None if a is None else a.double()
 
     def stack_forward(cell, x, weights, h0=None, c0=None, **kwargs):
+        if isinstance(x, np.ndarray):  # the float64 reference module, on NumPy views of its tensors
+            return real_forward(cell, x, weights, h0, c0, **kwargs)
         seen["x"], seen["c0"] = x.dtype, c0.dtype
         weights = [tuple(double(w) for w in entry) for entry in weights]
         y, h_n, c_n, saved = real_forward(cell, x.double(), weights, h0.double(), c0.double(), **kwargs)
         return y.to(x.dtype), h_n.to(x.dtype), c_n.float(), (saved, x.dtype)
 
     def stack_backward(saved, dy, dh_n=None, dc_n=None, **kwargs):
+        if isinstance(dy, np.ndarray):
+            return real_backward(saved, dy, dh_n, dc_n, **kwargs)
         saved, x_dtype = saved
         seen["dy"], seen["dc_n"] = dy.dtype, dc_n.dtype
         g = real_backward(saved, dy.double(), dh_n.double(), dc_n.double(), **kwargs)

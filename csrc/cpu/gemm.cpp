@@ -22,8 +22,21 @@
 namespace conveyor::cpu {
 namespace {
 
+// MR x NR: the register tile of the micro-kernel. With AVX-512, 8 rows of two 64-byte vectors: 16
+// accumulators of the 32 registers, and 8 rows fit the batch sizes recurrent layers use (8, 16, 32, 64) with
+// no padded rows; with AVX2, 6 rows of two 32-byte vectors, 12 of the 16 registers.
 template <typename T>
 struct Blocking;
+#if defined(__AVX512F__)
+template <>
+struct Blocking<float> {
+  static constexpr int MR = 8, NR = 32, KC = 256, MC = 96, NC = 256;
+};
+template <>
+struct Blocking<double> {
+  static constexpr int MR = 8, NR = 16, KC = 256, MC = 96, NC = 128;
+};
+#else
 template <>
 struct Blocking<float> {
   static constexpr int MR = 6, NR = 16, KC = 256, MC = 96, NC = 256;
@@ -32,6 +45,7 @@ template <>
 struct Blocking<double> {
   static constexpr int MR = 6, NR = 8, KC = 256, MC = 96, NC = 128;
 };
+#endif
 
 // Every multiply-add of every path goes through these, so that each product is rounded the same way on
 // every path: one fused rounding where the processor has FMA, a multiply then an add where it has not. (The
@@ -93,29 +107,89 @@ void pack_b(const MatrixRef<T>& B, int64_t k0, int64_t kc, int64_t n0, int64_t n
   }
 }
 
-template <typename Vector>
-inline Vector vector_multiply_add(Vector a, Vector b, Vector c) {
 #if defined(__FMA__)
-  if constexpr (sizeof(a[0]) == sizeof(float)) {
-    return _mm256_fmadd_ps(a, b, c);
-  } else {
-    return _mm256_fmadd_pd(a, b, c);
-  }
+// One SIMD register of T and the four operations the micro-kernel needs, as intrinsics: with the GCC vector
+// extensions the compiler kept B's vectors on the stack and fed every FMA from memory (about 45% of the
+// peak); with intrinsics the whole tile stays in registers.
+template <typename T>
+struct Simd;
+#if defined(__AVX512F__)
+template <>
+struct Simd<float> {
+  using Vector = __m512;
+  static constexpr int kLanes = 16;
+  static Vector zero() { return _mm512_setzero_ps(); }
+  static Vector load(const float* p) { return _mm512_loadu_ps(p); }
+  static Vector broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static Vector multiply_add(Vector a, Vector b, Vector c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, Vector v) { _mm512_storeu_ps(p, v); }
+};
+template <>
+struct Simd<double> {
+  using Vector = __m512d;
+  static constexpr int kLanes = 8;
+  static Vector zero() { return _mm512_setzero_pd(); }
+  static Vector load(const double* p) { return _mm512_loadu_pd(p); }
+  static Vector broadcast(const double* p) { return _mm512_set1_pd(*p); }
+  static Vector multiply_add(Vector a, Vector b, Vector c) { return _mm512_fmadd_pd(a, b, c); }
+  static void store(double* p, Vector v) { _mm512_storeu_pd(p, v); }
+};
 #else
-  return a * b + c;
+template <>
+struct Simd<float> {
+  using Vector = __m256;
+  static constexpr int kLanes = 8;
+  static Vector zero() { return _mm256_setzero_ps(); }
+  static Vector load(const float* p) { return _mm256_loadu_ps(p); }
+  static Vector broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static Vector multiply_add(Vector a, Vector b, Vector c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, Vector v) { _mm256_storeu_ps(p, v); }
+};
+template <>
+struct Simd<double> {
+  using Vector = __m256d;
+  static constexpr int kLanes = 4;
+  static Vector zero() { return _mm256_setzero_pd(); }
+  static Vector load(const double* p) { return _mm256_loadu_pd(p); }
+  static Vector broadcast(const double* p) { return _mm256_broadcast_sd(p); }
+  static Vector multiply_add(Vector a, Vector b, Vector c) { return _mm256_fmadd_pd(a, b, c); }
+  static void store(double* p, Vector v) { _mm256_storeu_pd(p, v); }
+};
 #endif
-}
 
-// acc[MR][NR] = sum over k of a[k][:] outer b[k][:], with the MR x NR accumulators held in vector registers
-// (GCC/Clang vector extensions: 32-byte vectors, which the compiler maps to AVX or to pairs of SSE registers).
+// acc[MR][NR] = sum over k of a[k][:] outer b[k][:], each element one fused multiply-add per k, in k order.
+// A strip of B is two vectors, held in two named variables: as an array GCC kept them on the stack.
+template <typename T>
+__attribute__((noinline)) void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b,
+                                            T* __restrict acc) {
+  using S = Simd<T>;
+  constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR, L = S::kLanes;
+  static_assert(NR == 2 * L, "a strip of B is two vectors");
+  typename S::Vector c0[MR], c1[MR];
+  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = S::zero();
+  for (int64_t k = 0; k < kc; ++k) {
+    const typename S::Vector b0 = S::load(b), b1 = S::load(b + L);
+    for (int r = 0; r < MR; ++r) {
+      const typename S::Vector ar = S::broadcast(a + r);
+      c0[r] = S::multiply_add(ar, b0, c0[r]);
+      c1[r] = S::multiply_add(ar, b1, c1[r]);
+    }
+    a += MR;
+    b += NR;
+  }
+  for (int r = 0; r < MR; ++r) {
+    S::store(acc + r * NR, c0[r]);
+    S::store(acc + r * NR + L, c1[r]);
+  }
+}
+#else
+// Without FMA: a multiply then an add, as multiply_add() does, through GCC/Clang vector extensions.
 template <typename T>
 void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict acc) {
   constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR;
   constexpr int kLanes = 32 / sizeof(T), kVectors = NR / kLanes;
   static_assert(NR % kLanes == 0, "a strip of B is a whole number of vectors");
   typedef T Vector __attribute__((vector_size(32)));
-  // The packed strips need not be 32-byte aligned: load through an element-aligned alias of the vector type
-  // (a memcpy here went through the stack and stalled every iteration).
   typedef T UnalignedVector __attribute__((vector_size(32), aligned(sizeof(T)), may_alias));
   Vector c[MR][kVectors] = {};
   for (int64_t k = 0; k < kc; ++k) {
@@ -123,13 +197,14 @@ void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* _
     for (int v = 0; v < kVectors; ++v) bv[v] = *reinterpret_cast<const UnalignedVector*>(b + v * kLanes);
     for (int r = 0; r < MR; ++r) {
       const Vector ar = a[r] - Vector{};  // broadcast
-      for (int v = 0; v < kVectors; ++v) c[r][v] = vector_multiply_add(ar, bv[v], c[r][v]);
+      for (int v = 0; v < kVectors; ++v) c[r][v] = ar * bv[v] + c[r][v];
     }
     a += MR;
     b += NR;
   }
   std::memcpy(acc, c, sizeof(c));
 }
+#endif
 
 // One task's block of C: rows [m0, m1), columns [n0, n0 + nc). Each K slice of B's panel is packed once and
 // serves every MC-row block of the task's rows, so packing B costs 1/(m1 - m0) of the arithmetic, not 1/MC.

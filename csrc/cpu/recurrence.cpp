@@ -139,14 +139,27 @@ struct Blocks {
   static constexpr int64_t f = kCoupled ? 0 : 1, g = kCoupled ? 1 : 2, o = kCoupled ? 2 : 3;
 };
 
+// Calls fn(coupled, peephole, clip) with the LSTM's options as compile-time constants, so that the row loops
+// below have no branch in them and vectorise.
+template <typename T, typename Fn>
+void lstm_switch(const cells::LstmOptions<T>& opt, bool coupled, const Fn& fn) {
+  bool_switch(coupled, [&](auto kCoupled) {
+    bool_switch(opt.peephole, [&](auto kPeephole) {
+      bool_switch(opt.cell_clip > T(0), [&](auto kClip) { fn(kCoupled, kPeephole, kClip); });
+    });
+  });
+}
+
 // P: [3, H] peephole weights (zeros without peephole).
-template <typename T, bool kRelu, bool kCoupled>
+template <typename T, bool kRelu, bool kCoupled, bool kPeephole, bool kClip>
 void lstm_forward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict P, const T* __restrict ax,
                       const T* __restrict ar, const T* __restrict bR, T* __restrict c, T* __restrict h,
                       T* __restrict saved) {
   using K = Blocks<kCoupled>;
   opt.relu = kRelu;
   opt.coupled = kCoupled;
+  opt.peephole = kPeephole;
+  if (!kClip) opt.cell_clip = T(0);
   for (int64_t j = 0; j < H; ++j) {
     const T a_i = kCoupled ? T(0) : ax[j] + ar[j] + bR[j];
     const auto s = cells::lstm_forward(opt, a_i, ax[K::f * H + j] + ar[K::f * H + j] + bR[K::f * H + j],
@@ -213,13 +226,15 @@ void rnn_forward_row(int64_t H, const T* __restrict ax, const T* __restrict ar, 
 // Backward rows. dh: the gradient reaching h_t from step t+1, replaced by the part of dh_{t-1} that does not
 // go through R; dy: this step's output gradient; da: the pre-activation gradients (input path).
 
-template <typename T, bool kRelu, bool kCoupled>
+template <typename T, bool kRelu, bool kCoupled, bool kPeephole, bool kClip>
 void lstm_backward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict P, const T* __restrict saved,
                        const T* __restrict c_prev, const T* __restrict dy, const T* __restrict dh, T* __restrict dc,
                        T* __restrict da) {
   using K = Blocks<kCoupled>;
   opt.relu = kRelu;
   opt.coupled = kCoupled;
+  opt.peephole = kPeephole;
+  if (!kClip) opt.cell_clip = T(0);
   for (int64_t j = 0; j < H; ++j) {
     const auto d = cells::lstm_backward(opt, saved[j], saved[H + j], saved[2 * H + j], saved[3 * H + j],
                                         saved[4 * H + j], c_prev[j], dh[j] + dy[j], dc[j],
@@ -364,13 +379,11 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
       const T* ar_b = ar.data() + b * GH;
       switch (options.cell) {
         case CellType::lstm:
-          if (options.coupled_gates) {
-            lstm_forward_row<T, kRelu, true>(H, lstm, peephole, ax_b, ar_b, bR, cell_state.data() + b * H, h + b * H,
-                                             cache_t + b * cw);
-          } else {
-            lstm_forward_row<T, kRelu, false>(H, lstm, peephole, ax_b, ar_b, bR, cell_state.data() + b * H,
-                                              h + b * H, cache_t + b * cw);
-          }
+          lstm_switch(lstm, options.coupled_gates, [&](auto kCoupled, auto kPeephole, auto kClip) {
+            lstm_forward_row<T, kRelu, kCoupled, kPeephole, kClip>(H, lstm, peephole, ax_b, ar_b, bR,
+                                                                   cell_state.data() + b * H, h + b * H,
+                                                                   cache_t + b * cw);
+          });
           break;
         case CellType::gru:  // reset_after
           gru_reset_after_forward_row<T, kRelu>(H, ax_b, ar_b, bR, h_prev + b * H, h + b * H, cache_t + b * cw);
@@ -453,13 +466,11 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
       case CellType::lstm:
         for_each_row(B, kElementCost * H, [&](int64_t b) {
           const T* c_prev = t == 0 ? c0 + b * H : cache_t - B * cw + b * cw + 4 * H;
-          if (options.coupled_gates) {
-            lstm_backward_row<T, kRelu, true>(H, lstm, peephole, cache_t + b * cw, c_prev, dy_t + b * H,
-                                              dh.data() + b * H, dc.data() + b * H, dax_t + b * GH);
-          } else {
-            lstm_backward_row<T, kRelu, false>(H, lstm, peephole, cache_t + b * cw, c_prev, dy_t + b * H,
-                                               dh.data() + b * H, dc.data() + b * H, dax_t + b * GH);
-          }
+          lstm_switch(lstm, options.coupled_gates, [&](auto kCoupled, auto kPeephole, auto kClip) {
+            lstm_backward_row<T, kRelu, kCoupled, kPeephole, kClip>(H, lstm, peephole, cache_t + b * cw, c_prev,
+                                                                    dy_t + b * H, dh.data() + b * H,
+                                                                    dc.data() + b * H, dax_t + b * GH);
+          });
         });
         gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
         fold_product(t, false);

@@ -40,6 +40,41 @@ from . import _functional, _stack
 __all__ = ["GRU", "LSTM", "RNN"]
 
 
+def _as_numpy(t):
+    """A CPU float32/float64 tensor as a NumPy array on its memory (None and empty stay as they are):
+    NumPy arrays take Conveyor's direct path, which skips the per-tensor DLPack export (a few microseconds
+    each in Python, a dozen tensors a call)."""
+    return t if t is None else t.detach().numpy()
+
+
+def _numpy_path(x) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
+def _as_tensor(a):
+    return a if a is None or isinstance(a, torch.Tensor) else torch.from_numpy(a)
+
+
+def _unflatten(layout, flat, convert):
+    """The per-(layer, direction) weight tuples of stack_forward from the flat tensors (empty: absent)."""
+    weights, k = [], 0
+    for count in layout:
+        weights.append(tuple(None if t.numel() == 0 else convert(t) for t in flat[k:k + count]))
+        k += count
+    return weights
+
+
+def _stack_forward(spec, x, h0, c0, flat, training):
+    """stack_forward on the tensors, through NumPy views on the CPU: (y, h_n, c_n or None, saved)."""
+    cell, layout, kwargs = spec
+    lstm = cell == "lstm"
+    convert = _as_numpy if _numpy_path(x) else torch.Tensor.detach
+    weights = _unflatten(layout, flat, convert)
+    y, h_n, c_n, saved = _stack.stack_forward(cell, convert(x), weights, convert(h0),
+                                              convert(c0) if lstm else None, training=training, **kwargs)
+    return _as_tensor(y), _as_tensor(h_n), _as_tensor(c_n), saved
+
+
 class _StackFunction(torch.autograd.Function):
     """(x, h0, c0, *weights) -> (y, h_n, c_n) through stack_forward / stack_backward. c0 and c_n are empty
     tensors for cells without a cell state; absent biases and peepholes are empty tensors too. c0 and c_n
@@ -47,19 +82,12 @@ class _StackFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, x, h0, c0, *flat):
-        cell, layout, kwargs = spec
-        weights, k = [], 0
-        for count in layout:
-            entry = [None if t.numel() == 0 else t.detach() for t in flat[k:k + count]]
-            weights.append(tuple(entry))
-            k += count
-        lstm = cell == "lstm"
-        y, h_n, c_n, saved = _stack.stack_forward(cell, x.detach(), weights, h0.detach(),
-                                                  c0.detach() if lstm else None, training=True, **kwargs)
+        y, h_n, c_n, saved = _stack_forward(spec, x, h0, c0, flat, training=True)
         ctx.saved_stack = saved
         ctx.spec = spec
+        ctx.numpy = _numpy_path(x)
         ctx.shapes = [t.shape for t in flat]
-        return y, h_n, c_n if lstm else h_n.new_empty(0)
+        return y, h_n, c_n if c_n is not None else h_n.new_empty(0)
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n):
@@ -67,20 +95,27 @@ class _StackFunction(torch.autograd.Function):
         lstm = cell == "lstm"
         # Kept (not consumed): autograd may run this backward more than once with retain_graph (gradcheck
         # does); the saved values go when the graph does.
-        grads = _stack.stack_backward(ctx.saved_stack, dy.contiguous(), dh_n.contiguous(),
-                                      dc_n.contiguous() if lstm else None, _keep=True)
+        convert = _as_numpy if ctx.numpy else (lambda t: t)
+        grads = _stack.stack_backward(ctx.saved_stack, convert(dy.contiguous()), convert(dh_n.contiguous()),
+                                      convert(dc_n.contiguous()) if lstm else None, _keep=True)
         flat = []
         for g, count in zip(grads.weights, layout):
             parts = [g.dW, g.dR, g.dbW, g.dbR] + ([g.dP] if lstm else [])
             flat += parts[:count]
-        flat = [torch.zeros(shape, dtype=dy.dtype, device=dy.device) if g is None else g
+        flat = [torch.zeros(shape, dtype=dy.dtype, device=dy.device) if g is None else _as_tensor(g)
                 for g, shape in zip(flat, ctx.shapes)]
-        return (None, grads.dx, grads.dh0, grads.dc0 if lstm else None, *flat)
+        return (None, _as_tensor(grads.dx), _as_tensor(grads.dh0), _as_tensor(grads.dc0) if lstm else None,
+                *flat)
 
 
 @torch._dynamo.disable
 def _run(spec, x, h0, c0, flat):
     return _StackFunction.apply(spec, x, h0, c0, *flat)
+
+
+@torch._dynamo.disable
+def _no_grad_forward(spec, x, h0, c0, flat, training):
+    return _stack_forward(spec, x, h0, c0, flat, training)
 
 
 class _ConveyorRNNBase(torch.nn.Module):
@@ -197,7 +232,16 @@ class _ConveyorRNNBase(torch.nn.Module):
                 flat.append(p if p is not None else x.new_empty(0))
             layout.append(len(names))
         spec = (self._cell, tuple(layout), kwargs)
-        y, h_n, c_n = _run(spec, x, h0, c0, flat)
+        if torch.is_grad_enabled() and (x.requires_grad or h0.requires_grad or c0.requires_grad
+                                        or any(p.requires_grad for p in flat)):
+            y, h_n, c_n = _run(spec, x, h0, c0, flat)
+        else:
+            # Nothing asks for gradients (torch.no_grad, inference_mode, frozen weights): no autograd node,
+            # and the kernels save nothing unless dropout, which a training-mode module still applies,
+            # needs the training path.
+            dropping = training and (self.dropout > 0 or self.recurrent_dropout > 0)
+            y, h_n, c_n, _ = _no_grad_forward(spec, x, h0, c0, flat, dropping)
+            c_n = c_n if c_n is not None else h_n.new_empty(0)
         if lstm and c_n.dtype != x.dtype:
             c_n = c_n.to(x.dtype)  # torch.nn.LSTM's c_n dtype; autograd takes dc_n back to float32
         if batched and self.batch_first:

@@ -3,7 +3,7 @@
 Nsight Systems (timeline with the NVTX ranges conveyor::lstm_forward, conveyor::recurrence, ...):
 
     nsys profile -t cuda,nvtx,osrt -o conveyor-lstm --force-overwrite true \\
-        python bench/profile.py --device cuda
+        python bench/profile_window.py --device cuda
     nsys stats --report nvtx_sum,cuda_gpu_kern_sum conveyor-lstm.nsys-rep
 
 Nsight Compute (per-kernel metrics: occupancy, registers, throughput; build with -DCONVEYOR_CUDA_LINEINFO=ON,
@@ -11,10 +11,10 @@ e.g. CMAKE_ARGS=-DCONVEYOR_CUDA_LINEINFO=ON pip install ., for source lines):
 
     ncu --nvtx --nvtx-include "conveyor::lstm_forward/" --nvtx-include "conveyor::lstm_backward/" \\
         -k regex:"forward_step|backward_step|gemm" -c 12 --set full -o conveyor-lstm -f \\
-        python bench/profile.py --device cuda --repeats 1
+        python bench/profile_window.py --device cuda --repeats 1
     ncu --import conveyor-lstm.ncu-rep --page details --csv > conveyor-lstm-ncu.csv
 
-On the CPU the same NVTX ranges mark the calls (nsys profile -t nvtx,osrt python bench/profile.py).
+On the CPU the same NVTX ranges mark the calls (nsys profile -t nvtx,osrt python bench/profile_window.py).
 Prints the median time per window.
 """
 
