@@ -123,6 +123,8 @@ struct Simd<float> {
   static Vector broadcast(const float* p) { return _mm512_set1_ps(*p); }
   static Vector multiply_add(Vector a, Vector b, Vector c) { return _mm512_fmadd_ps(a, b, c); }
   static void store(float* p, Vector v) { _mm512_storeu_ps(p, v); }
+  static Vector multiply(Vector a, Vector b) { return _mm512_mul_ps(a, b); }
+  static Vector set(float value) { return _mm512_set1_ps(value); }
 };
 template <>
 struct Simd<double> {
@@ -133,6 +135,8 @@ struct Simd<double> {
   static Vector broadcast(const double* p) { return _mm512_set1_pd(*p); }
   static Vector multiply_add(Vector a, Vector b, Vector c) { return _mm512_fmadd_pd(a, b, c); }
   static void store(double* p, Vector v) { _mm512_storeu_pd(p, v); }
+  static Vector multiply(Vector a, Vector b) { return _mm512_mul_pd(a, b); }
+  static Vector set(double value) { return _mm512_set1_pd(value); }
 };
 #else
 template <>
@@ -144,6 +148,8 @@ struct Simd<float> {
   static Vector broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static Vector multiply_add(Vector a, Vector b, Vector c) { return _mm256_fmadd_ps(a, b, c); }
   static void store(float* p, Vector v) { _mm256_storeu_ps(p, v); }
+  static Vector multiply(Vector a, Vector b) { return _mm256_mul_ps(a, b); }
+  static Vector set(float value) { return _mm256_set1_ps(value); }
 };
 template <>
 struct Simd<double> {
@@ -154,6 +160,8 @@ struct Simd<double> {
   static Vector broadcast(const double* p) { return _mm256_broadcast_sd(p); }
   static Vector multiply_add(Vector a, Vector b, Vector c) { return _mm256_fmadd_pd(a, b, c); }
   static void store(double* p, Vector v) { _mm256_storeu_pd(p, v); }
+  static Vector multiply(Vector a, Vector b) { return _mm256_mul_pd(a, b); }
+  static Vector set(double value) { return _mm256_set1_pd(value); }
 };
 #endif
 
@@ -180,6 +188,28 @@ __attribute__((noinline)) void micro_kernel(int64_t kc, const T* __restrict a, c
   for (int r = 0; r < MR; ++r) {
     S::store(acc + r * NR, c0[r]);
     S::store(acc + r * NR + L, c1[r]);
+  }
+}
+
+// A whole MR x NR tile of C (ldc elements per row) from acc, as accumulate_into() does element by element,
+// in vectors: the same operations, so the same roundings.
+template <typename T>
+void store_tile(const T* __restrict acc, T alpha, T beta, bool first_slice, T* __restrict C, int64_t ldc) {
+  using S = Simd<T>;
+  constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR, L = S::kLanes;
+  const typename S::Vector alpha_v = S::set(alpha), beta_v = S::set(beta);
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NR / L; ++v) {
+      T* c = C + r * ldc + v * L;
+      const typename S::Vector s = S::load(acc + r * NR + v * L);
+      if (!first_slice) {
+        S::store(c, S::multiply_add(alpha_v, s, S::load(c)));
+      } else if (beta == T(0)) {
+        S::store(c, S::multiply(alpha_v, s));
+      } else {
+        S::store(c, S::multiply_add(alpha_v, s, S::multiply(beta_v, S::load(c))));
+      }
+    }
   }
 }
 #else
@@ -234,6 +264,12 @@ void gemm_block(int64_t m0, int64_t m1, int64_t n0, int64_t nc, int64_t K, T alp
         for (int64_t ns = 0; ns < nc; ns += NR) {
           const int64_t cols = std::min<int64_t>(NR, nc - ns);
           micro_kernel<T>(kc, packed_a.data() + ms * kc, strips_b + ns * kc, acc);
+#if defined(__FMA__)
+          if (rows == MR && cols == NR) {
+            store_tile(acc, alpha, beta, first, C + (mb + ms) * ldc + n0 + ns, ldc);
+            continue;
+          }
+#endif
           for (int64_t r = 0; r < rows; ++r) {
             T* c = C + (mb + ms + r) * ldc + n0 + ns;
             const T* s = acc + r * NR;
