@@ -322,6 +322,53 @@ void gemm_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const MatrixRef<T>&
   });
 }
 
+#if defined(__FMA__)
+// Few rows with B packed (the per-step recurrent products at batch 1 or 2): each row of C is built strip by
+// strip from the packed strips of B, vectors across the columns and k in order, so that every element sees
+// the same fused multiply-adds in the same order as on the other paths. (Dot products along k would be one
+// dependent chain of scalar multiply-adds per element, which the fixed order keeps from vectorising.)
+template <typename T>
+void gemm_few_rows_packed(int64_t M, int64_t N, int64_t K, T alpha, const MatrixRef<T>& A,
+                          const PackedMatrix<T>& packed, T beta, T* C, int64_t ldc) {
+  using S = Simd<T>;
+  constexpr int NR = Blocking<T>::NR, KC = Blocking<T>::KC, L = S::kLanes;
+  constexpr int kStripsAtOnce = 4;  // 8 independent accumulator chains hide the multiply-add latency
+  const int64_t strips = (N + NR - 1) / NR;
+  const int64_t groups = (strips + kStripsAtOnce - 1) / kStripsAtOnce;
+  const int64_t tasks = parallel_tasks_for(double(M) * N * K, groups);
+  const int64_t per_task = (groups + tasks - 1) / tasks;
+  parallel_for(tasks, [&](int64_t task) {
+    alignas(64) T sum[kStripsAtOnce * NR];
+    for (int64_t group = task * per_task; group < std::min(groups, (task + 1) * per_task); ++group) {
+      const int64_t s0 = group * kStripsAtOnce, count = std::min<int64_t>(kStripsAtOnce, strips - s0);
+      for (int64_t m = 0; m < M; ++m) {
+        const T* a = A.data + m * A.row_stride;
+        T* c_row = C + m * ldc;
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+          const int64_t kc = std::min<int64_t>(KC, K - k0);
+          typename S::Vector acc[2 * kStripsAtOnce];
+          for (auto& v : acc) v = S::zero();
+          const T* b = packed.slice(k0, s0 * NR);  // the group's strips follow one another, kc * NR each
+          for (int64_t k = 0; k < kc; ++k) {
+            const typename S::Vector ak = S::broadcast(a + (k0 + k) * A.col_stride);
+            for (int s = 0; s < kStripsAtOnce; ++s) {
+              if (s < count) {
+                const T* strip = b + s * kc * NR + k * NR;
+                acc[2 * s] = S::multiply_add(ak, S::load(strip), acc[2 * s]);
+                acc[2 * s + 1] = S::multiply_add(ak, S::load(strip + L), acc[2 * s + 1]);
+              }
+            }
+          }
+          for (int s = 0; s < 2 * kStripsAtOnce; ++s) S::store(sum + s * L, acc[s]);
+          const int64_t n0 = s0 * NR, n1 = std::min(N, (s0 + count) * NR);
+          for (int64_t n = n0; n < n1; ++n) accumulate_into(c_row[n], sum[n - n0], alpha, beta, k0 == 0);
+        }
+      }
+    }
+  });
+}
+#endif
+
 // Both entry points: B is read through `B`, or from `packed` when given.
 template <typename T>
 void gemm_driver(int64_t M, int64_t N, int64_t K, T alpha, const MatrixRef<T>& A, const MatrixRef<T>& B,
@@ -333,6 +380,12 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, T alpha, const MatrixRef<T>& A
     return;
   }
   if (M <= 2) {
+#if defined(__FMA__)
+    if (packed != nullptr) {
+      gemm_few_rows_packed(M, N, K, alpha, A, *packed, beta, C, ldc);
+      return;
+    }
+#endif
     gemm_few_rows(M, N, K, alpha, A, B, beta, C, ldc);
     return;
   }

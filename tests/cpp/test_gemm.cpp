@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -25,6 +26,7 @@ namespace {
 
 using conveyor::cpu::gemm;
 using conveyor::cpu::MatrixRef;
+using conveyor::cpu::PackedMatrix;
 
 struct Case {
   int64_t M, N, K;
@@ -68,6 +70,11 @@ bool check_one(const Case& c, bool a_t, bool b_t, T alpha, T beta, bool nan_pois
   const MatrixRef<T> A = a_t ? MatrixRef<T>::transposed(a.data(), lda) : MatrixRef<T>::rows(a.data(), lda);
   const MatrixRef<T> B = b_t ? MatrixRef<T>::transposed(b.data(), ldb) : MatrixRef<T>::rows(b.data(), ldb);
   gemm<T>(M, N, K, alpha, A, B, beta, C.data(), ldc);
+  // The same product with B packed once (the recurrent weights' path): bit for bit the same numbers.
+  std::vector<T> C_packed = C0;
+  const PackedMatrix<T> packed_b(K, N, B);
+  gemm<T>(M, alpha, A, packed_b, beta, C_packed.data(), ldc);
+  const bool packed_same = std::memcmp(C.data(), C_packed.data(), sizeof(T) * C.size()) == 0;
 
   const double eps = std::numeric_limits<T>::epsilon();
   int64_t bad = 0;
@@ -108,6 +115,7 @@ bool check_one(const Case& c, bool a_t, bool b_t, T alpha, T beta, bool nan_pois
                            " beta=" + std::to_string(double(beta)) + (nan_poison ? " (C poisoned with NaN)" : "") +
                            " pad=" + std::to_string(pad) + ": " + std::to_string(bad) + " bad elements; first: " +
                            first;
+  CHECK_MSG(packed_same, what + " (the packed-B product differs from the plain one)");
   return CHECK_MSG(bad == 0, what);
 }
 

@@ -92,6 +92,8 @@ class Trainer:
         self.best = None       # with keep_best: (validation loss, step, copy of the parameters)
 
     def validated(self, loss: float) -> None:
+        if self.valid_history and self.valid_history[-1][0] == self.step:
+            return  # a resumed run that had already ended: validated there before
         self.valid_history.append((self.step, loss))
         if self.cfg.keep_best and (self.best is None or loss < self.best[0]):
             self.best = (loss, self.step, {k: v.copy() for k, v in self.task.params().items()})
