@@ -23,7 +23,7 @@ from .config import Config
 from .errors import UsageError
 from .language import read_text
 from .loop import Task, sha256_of
-from .model import CELLS, dropout_mask, scatter_add, xp_for
+from .model import CELLS, HeadAndLayer, dropout_mask, scatter_add, xp_for
 
 UNKNOWN = "<unk>"
 FEATURES_STREAM = 0xFFFF << 16 | 2  # dropout on the concatenated last states
@@ -98,20 +98,15 @@ def order_dataset(n: int, seed: int = 0) -> list:
     return examples
 
 
-class ClassifyTask(Task):
+class ClassifyTask(HeadAndLayer, Task):
     name = "classify"
     unit = "examples"
     metric = "cross-entropy (nats per example)"
 
     @staticmethod
     def defaults(cfg: Config) -> Config:
-        return cfg.replace(
-            layers=1 if cfg.layers is None else cfg.layers, hidden=64 if cfg.hidden is None else cfg.hidden,
-            embedding=128 if cfg.embedding is None else cfg.embedding,
-            batch=32 if cfg.batch is None else cfg.batch, lr=1e-3 if cfg.lr is None else cfg.lr,
-            clip=5.0 if cfg.clip is None else cfg.clip, epochs=2 if cfg.epochs is None else cfg.epochs,
-            max_length=100 if cfg.max_length is None else cfg.max_length,
-            vocabulary=20000 if cfg.vocabulary is None else cfg.vocabulary)
+        return cfg.with_defaults(layers=1, hidden=64, embedding=128, batch=32, lr=1e-3, clip=5.0, epochs=2,
+                                 max_length=100, vocabulary=20000)
 
     def __init__(self, cfg: Config, vocab: list | None = None, labels: list | None = None):
         self.cfg = cfg
@@ -174,13 +169,6 @@ class ClassifyTask(Task):
 
     def describe_split(self, split: str, loss: float) -> str:
         return f"{loss:.4f} nats, accuracy {self.accuracy[split]:.1%}"
-
-    def params(self) -> dict:
-        return {**self.head, **{f"rnn.{k}": v for k, v in self.rnn.params.items()}}
-
-    def set_params(self, arrays: dict) -> None:
-        self.head = {k: arrays[k] for k in self.head}
-        self.rnn.params = {k: arrays[f"rnn.{k}"] for k in self.rnn.params}
 
     def has_split(self, split: str) -> bool:
         return split in self.splits and len(self.splits[split][1]) > 0

@@ -42,6 +42,10 @@ class Config:
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
 
+    def with_defaults(self, **defaults) -> Config:
+        """This configuration with each option still None set to its value in ``defaults``."""
+        return self.replace(**{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

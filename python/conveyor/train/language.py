@@ -228,13 +228,8 @@ class LanguageTask(Task):
 
     @staticmethod
     def defaults(cfg: Config) -> Config:
-        return cfg.replace(
-            layers=2 if cfg.layers is None else cfg.layers, hidden=256 if cfg.hidden is None else cfg.hidden,
-            embedding=64 if cfg.embedding is None else cfg.embedding,
-            batch=32 if cfg.batch is None else cfg.batch,
-            lr=(1.0 if cfg.optimizer == "sgd" else 2e-3) if cfg.lr is None else cfg.lr,
-            clip=5.0 if cfg.clip is None else cfg.clip, epochs=1 if cfg.epochs is None else cfg.epochs,
-            eval_every=100 if cfg.eval_every is None else cfg.eval_every)
+        return cfg.with_defaults(layers=2, hidden=256, embedding=64, batch=32, clip=5.0, epochs=1,
+                                 lr=1.0 if cfg.optimizer == "sgd" else 2e-3, eval_every=100)
 
     def __init__(self, cfg: Config, corpus: Corpus | None = None, vocab: list | None = None):
         self.cfg = cfg

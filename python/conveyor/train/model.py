@@ -11,6 +11,18 @@ from .errors import UsageError
 CELLS = {"lstm": layers.LSTM, "gru": layers.GRU, "rnn": layers.RNN}
 
 
+class HeadAndLayer:
+    """The parameters of a task's model made of a recurrent layer ``rnn`` and the arrays of ``head`` (a
+    dict): ``params()`` by name (the layer's prefixed with ``rnn.``), ``set_params()`` to replace them."""
+
+    def params(self) -> dict:
+        return {**self.head, **{f"rnn.{k}": v for k, v in self.rnn.params.items()}}
+
+    def set_params(self, arrays: dict) -> None:
+        self.head = {k: arrays[k] for k in self.head}
+        self.rnn.params = {k: arrays[f"rnn.{k}"] for k in self.rnn.params}
+
+
 def xp_for(device: str):
     """NumPy on the CPU; CuPy on the GPU, so that activations never leave the device."""
     if device == "cpu":

@@ -21,7 +21,7 @@ import numpy as np
 from .config import Config
 from .errors import UsageError
 from .loop import Task, sha256_of
-from .model import CELLS, xp_for
+from .model import CELLS, HeadAndLayer, xp_for
 
 KEYS = 88
 LOWEST_NOTE = 21  # MIDI number of key 0 (A0)
@@ -100,19 +100,15 @@ def _bernoulli_nll(xp, logits, target):
     return xp.maximum(logits, 0) - logits * target + xp.log1p(xp.exp(-xp.abs(logits)))
 
 
-class MusicTask(Task):
+class MusicTask(HeadAndLayer, Task):
     name = "music"
     unit = "frames"
     metric = "NLL per frame (nats)"
 
     @staticmethod
     def defaults(cfg: Config) -> Config:
-        return cfg.replace(
-            layers=1 if cfg.layers is None else cfg.layers,
-            hidden=PAPER_UNITS[cfg.cell] if cfg.hidden is None else cfg.hidden,
-            batch=8 if cfg.batch is None else cfg.batch, lr=3e-3 if cfg.lr is None else cfg.lr,
-            clip=1.0 if cfg.clip is None else cfg.clip, epochs=100 if cfg.epochs is None else cfg.epochs,
-            keep_best=True if cfg.keep_best is None else cfg.keep_best)
+        return cfg.with_defaults(layers=1, hidden=PAPER_UNITS[cfg.cell], batch=8, lr=3e-3, clip=1.0,
+                                 epochs=100, keep_best=True)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -141,13 +137,6 @@ class MusicTask(Task):
 
     def describe(self, loss: float) -> str:
         return f"{loss:.3f} nats/frame"
-
-    def params(self) -> dict:
-        return {**self.head, **{f"rnn.{k}": v for k, v in self.rnn.params.items()}}
-
-    def set_params(self, arrays: dict) -> None:
-        self.head = {k: arrays[k] for k in self.head}
-        self.rnn.params = {k: arrays[f"rnn.{k}"] for k in self.rnn.params}
 
     def has_split(self, split: str) -> bool:
         return bool(self.rolls.get(split))
