@@ -103,6 +103,8 @@ def test_resume_follows_moved_data_and_refuses_other_data(text_file, tmp_path):
     moved = tmp_path / "moved.txt"
     (tmp_path / "corpus.txt").rename(moved)
     one_line_error(conveyor("train", "--resume", path, check=False), "--data")
+    one_line_error(conveyor("eval", path, check=False), "--data")
+    assert "valid split of" in conveyor("eval", path, "--data", str(moved), "--split", "valid").stdout
     resumed = conveyor("train", "--resume", path, "--data", str(moved), "--max-steps", "3")
     assert "resumed from" in resumed.stdout
     other = tmp_path / "other.txt"

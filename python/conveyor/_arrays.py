@@ -31,15 +31,26 @@ def _is_torch(a) -> bool:
     return library_of(a) == "torch"
 
 
+_DTYPE_NAMES = {}  # dtype -> name: NumPy's dtype.name costs microseconds, and every call asks a dozen times
+
+
 def dtype_name(dtype) -> str:
     """The name of a NumPy, CuPy, JAX, PyTorch or array-API dtype: "float32", "bfloat16", ..."""
-    name = getattr(dtype, "name", None)
-    if isinstance(name, str):
-        return name
     try:
-        return np.dtype(dtype).name
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):  # TypeError: an unhashable dtype object
+        pass
+    name = getattr(dtype, "name", None)
+    if not isinstance(name, str):
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = str(dtype).rsplit(".", 1)[-1]  # torch.float16, array_api_strict.float32
+    try:
+        _DTYPE_NAMES[dtype] = name
     except TypeError:
-        return str(dtype).rsplit(".", 1)[-1]  # torch.float16, array_api_strict.float32
+        pass
+    return name
 
 
 # The dtype of the LSTM's cell-state arrays (c0, c_T, dc_T, dc0) where it is not x's (conveyor.h,
