@@ -80,6 +80,23 @@ void pack_a(const MatrixRef<T>& A, int64_t m0, int64_t mc, int64_t k0, int64_t k
   constexpr int MR = Blocking<T>::MR;
   for (int64_t strip = 0; strip < mc; strip += MR) {
     const int64_t rows = std::min<int64_t>(MR, mc - strip);
+    if (rows == MR) {
+      // A whole strip, with MR a constant: rows read along their length where A is row-major, columns
+      // copied whole where it is column-major (a transposed operand).
+      const T* src = A.data + (m0 + strip) * A.row_stride + k0 * A.col_stride;
+      if (A.col_stride == 1) {
+        for (int r = 0; r < MR; ++r)
+          for (int64_t k = 0; k < kc; ++k) packed[k * MR + r] = src[r * A.row_stride + k];
+      } else if (A.row_stride == 1) {
+        for (int64_t k = 0; k < kc; ++k)
+          for (int r = 0; r < MR; ++r) packed[k * MR + r] = src[k * A.col_stride + r];
+      } else {
+        for (int64_t k = 0; k < kc; ++k)
+          for (int r = 0; r < MR; ++r) packed[k * MR + r] = src[k * A.col_stride + r * A.row_stride];
+      }
+      packed += kc * MR;
+      continue;
+    }
     for (int64_t k = 0; k < kc; ++k) {
       const T* src = A.data + (m0 + strip) * A.row_stride + (k0 + k) * A.col_stride;
       for (int64_t r = 0; r < rows; ++r) packed[r] = src[r * A.row_stride];
