@@ -47,8 +47,11 @@ def _as_numpy(t):
     return t if t is None else t.detach().numpy()
 
 
-def _numpy_path(x) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+def _numpy_path(x, *others) -> bool:
+    """Whether a call takes NumPy views: float32/float64 x with every tensor on the CPU (mixed devices go
+    the DLPack way, whose checks name the tensor on the wrong device)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and all(t.device.type == "cpu" for t in others))
 
 
 def _as_tensor(a):
@@ -68,7 +71,7 @@ def _stack_forward(spec, x, h0, c0, flat, training):
     """stack_forward on the tensors, through NumPy views on the CPU: (y, h_n, c_n or None, saved)."""
     cell, layout, kwargs = spec
     lstm = cell == "lstm"
-    convert = _as_numpy if _numpy_path(x) else torch.Tensor.detach
+    convert = _as_numpy if _numpy_path(x, h0, c0, *flat) else torch.Tensor.detach
     weights = _unflatten(layout, flat, convert)
     y, h_n, c_n, saved = _stack.stack_forward(cell, convert(x), weights, convert(h0),
                                               convert(c0) if lstm else None, training=training, **kwargs)
@@ -85,7 +88,7 @@ class _StackFunction(torch.autograd.Function):
         y, h_n, c_n, saved = _stack_forward(spec, x, h0, c0, flat, training=True)
         ctx.saved_stack = saved
         ctx.spec = spec
-        ctx.numpy = _numpy_path(x)
+        ctx.numpy = _numpy_path(x, h0, c0, *flat)
         ctx.shapes = [t.shape for t in flat]
         return y, h_n, c_n if c_n is not None else h_n.new_empty(0)
 
