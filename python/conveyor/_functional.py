@@ -104,13 +104,19 @@ class Saved:
         return f"Saved({self.cell}, {state})"
 
 
+def _check_choice(name: str, value, choices) -> str:
+    """One of the strings ``choices``, or a TypeError / ValueError naming ``name`` and the choices."""
+    expected = (" or ".join(map(repr, choices)) if len(choices) == 2
+                else f"one of {', '.join(map(repr, choices))}")
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected {expected}, got {value!r} of type {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return value
+
+
 def _check_activation(activation) -> str:
-    if not isinstance(activation, str):
-        raise TypeError(f"activation: expected 'tanh' or 'relu', got {activation!r} of type "
-                        f"{type(activation).__name__}")
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation: expected 'tanh' or 'relu', got {activation!r}")
-    return activation
+    return _check_choice("activation", activation, _ACTIVATIONS)
 
 
 def _check_flag(name: str, value) -> bool:
@@ -153,12 +159,7 @@ ALGORITHMS = ("auto", "per_step", "persistent")
 
 
 def check_algorithm(algorithm) -> str:
-    if not isinstance(algorithm, str):
-        raise TypeError(f"algorithm: expected one of {', '.join(map(repr, ALGORITHMS))}, got {algorithm!r} "
-                        f"of type {type(algorithm).__name__}")
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm: expected one of {', '.join(map(repr, ALGORITHMS))}, got {algorithm!r}")
-    return algorithm
+    return _check_choice("algorithm", algorithm, ALGORITHMS)
 
 
 def _options(activation, training, allow_tf32, dropout=(0.0, True, 0, 0), algorithm="auto",

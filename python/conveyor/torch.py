@@ -318,9 +318,7 @@ class RNN(_ConveyorRNNBase):
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, *,
                  variational=False, recurrent_dropout=0.0, algorithm="auto"):
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
-        self.nonlinearity = nonlinearity
+        self.nonlinearity = _functional._check_choice("nonlinearity", nonlinearity, _functional._ACTIVATIONS)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device, dtype, activation=nonlinearity, variational=variational,
                          recurrent_dropout=recurrent_dropout, algorithm=algorithm)
