@@ -279,7 +279,7 @@ __device__ void backward_pass(const BackwardStep<S>& p, int units, int64_t j0, c
   for (int64_t b0 = 0; b0 < B; b0 += kPersistentRows) {
     auto load_a = [&](int r, int64_t k) {
       const int64_t b = b0 + r;
-      if (b >= B) return C(0);
+      if (b >= p.product_batch) return C(0);
       return k < p.K_first ? p.a_first[b * p.a_first_ld + k] : p.a_second[b * p.a_second_ld + (k - p.K_first)];
     };
     tile_product(units, p.K, load_a, r_columns + p.R_row0, backward_slice_ld<S>(p.gate_stride), tiles);

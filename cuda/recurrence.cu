@@ -20,12 +20,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "cells/dropout.h"
 #include "cells/gru.h"
 #include "cells/lstm.h"
 #include "cells/rnn.h"
 #include "core/backends.h"
+#include "core/packing.h"
 #include "device.cuh"
 #include "gemm.cuh"
 #include "persistent.cuh"
@@ -119,7 +121,7 @@ __global__ void __launch_bounds__(kStepThreads) backward_step_kernel(BackwardSte
       const int kk = e % kStepK, bb = e / kStepK;
       const int64_t b = b0 + bb, k = k0 + kk;
       C v = C(0);
-      if (b < B && k < p.K) {
+      if (b < p.product_batch && k < p.K) {
         v = k < p.K_first ? p.a_first[b * p.a_first_ld + k] : p.a_second[b * p.a_second_ld + (k - p.K_first)];
       }
       a_tile[bb][kk] = v;
@@ -177,33 +179,36 @@ void dropout_mask(int64_t steps, int64_t rows, int64_t units, double p, bool var
          mask_stream, out);
 }
 
+// The inputs of every step's recurrent product, for dR: h_products[r] = m * h_{t-1} for packed row r of step
+// t (m = 1 without masks; h_{t-1} from h0 at step 0, else from y).
 template <typename S>
-__global__ void masked_inputs_kernel(int64_t steps, int64_t batch, int64_t hidden, bool variational,
-                                     const Compute<S>* masks, const S* h0, const S* y, Compute<S>* h_products) {
-  const int64_t step_size = batch * hidden, count = steps * step_size;
+__global__ void previous_states_kernel(int64_t steps, StepRows rows, int64_t tokens, int64_t hidden,
+                                       bool variational, const Compute<S>* masks, const S* h0, const S* y,
+                                       Compute<S>* h_products) {
+  const int64_t count = tokens * hidden;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = e / step_size, i = e % step_size;
-    const Compute<S> h = convert<Compute<S>>(t == 0 ? h0[i] : y[e - step_size]);
-    h_products[e] = masks[(variational ? 0 : t) * step_size + i] * h;
+    const int64_t r = e / hidden, u = e % hidden, t = rows.step_of(r, steps), k = r - rows.first(t);
+    const Compute<S> h = convert<Compute<S>>(t == 0 ? h0[k * hidden + u] : y[(rows.first(t - 1) + k) * hidden + u]);
+    h_products[e] = masks != nullptr ? masks[(variational ? k : r) * hidden + u] * h : h;
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Peephole gradients: products[tb, :] = (da_i c_{t-1}, da_f c_{t-1}, da_o c_t) per (step, batch row), summed
-// over the rows afterwards by column_sums (dp_i stays 0 with coupled gates). c_t comes from the cache (S), and
-// c_{t-1} at step 0 from c0 (Compute<S>), as in the backward's steps.
+// Peephole gradients: products[r, :] = (da_i c_{t-1}, da_f c_{t-1}, da_o c_t) per packed row r of step t,
+// summed over the rows afterwards by column_sums (dp_i stays 0 with coupled gates). c_t comes from the cache
+// (S), and c_{t-1} at step 0 from c0 (Compute<S>), as in the backward's steps.
 
 template <typename S>
-__global__ void peephole_products_kernel(int64_t steps, int64_t batch, int64_t hidden, bool coupled,
+__global__ void peephole_products_kernel(int64_t steps, StepRows rows, int64_t tokens, int64_t hidden, bool coupled,
                                          const Compute<S>* da, int64_t da_ld, const S* cache,
                                          const Compute<S>* c0, Compute<S>* products) {
   using C = Compute<S>;
-  const int64_t H = hidden, cw = 5 * H, count = steps * batch * H;
+  const int64_t H = hidden, cw = 5 * H, count = tokens * H;
   const int64_t f = coupled ? 0 : 1, o = coupled ? 2 : 3;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = e / H, j = e % H, t = row / batch, b = row % batch;
+    const int64_t row = e / H, j = e % H, t = rows.step_of(row, steps), b = row - rows.first(t);
     const C c = convert<C>(cache[row * cw + 4 * H + j]);
-    const C c_prev = t == 0 ? c0[b * H + j] : convert<C>(cache[(row - batch) * cw + 4 * H + j]);
+    const C c_prev = t == 0 ? c0[b * H + j] : convert<C>(cache[(rows.first(t - 1) + b) * cw + 4 * H + j]);
     const C* d = da + row * da_ld;
     C* out = products + row * 3 * H;
     out[j] = coupled ? C(0) : d[j] * c_prev;
@@ -213,16 +218,118 @@ __global__ void peephole_products_kernel(int64_t steps, int64_t batch, int64_t h
 }
 
 template <typename S>
-void peephole_grads(int64_t steps, int64_t batch, int64_t hidden, bool coupled, const Compute<S>* da, int64_t da_ld,
-                    const S* cache, const Compute<S>* c0, bool accumulate, S* dP, cudaStream_t stream) {
+void peephole_grads(int64_t steps, StepRows rows, int64_t tokens, int64_t hidden, bool coupled, const Compute<S>* da,
+                    int64_t da_ld, const S* cache, const Compute<S>* c0, bool accumulate, S* dP, cudaStream_t stream) {
   const NvtxRange range("conveyor::peephole_grads");
-  const int64_t rows = steps * batch;
-  Workspace<Compute<S>> products(rows * 3 * hidden, stream);
-  const int64_t count = rows * hidden;
+  Workspace<Compute<S>> products(tokens * 3 * hidden, stream);
+  const int64_t count = tokens * hidden;
   const unsigned blocks = count / 256 + 1 < 4096 ? unsigned(count / 256 + 1) : 4096u;
-  launch("peephole_products_kernel", peephole_products_kernel<S>, blocks, 256, 0, stream, steps, batch, hidden, coupled,
-         da, da_ld, cache, c0, products.get());
-  column_sums(rows, 3 * hidden, products.get(), 3 * hidden, accumulate, dP, stream);
+  launch("peephole_products_kernel", peephole_products_kernel<S>, blocks, 256, 0, stream, steps, rows, tokens, hidden,
+         coupled, da, da_ld, cache, c0, products.get());
+  column_sums(tokens, 3 * hidden, products.get(), 3 * hidden, accumulate, dP, stream);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Batches with lengths (csrc/core/packing.h): moving rows between the caller's padded arrays and the packed
+// ones the windows run on.
+
+// out[dst(i)] = in[src(i)] converted, for `count` rows of `width`, where src(i) = src_rows[i] (i when null)
+// and dst(i) likewise.
+template <typename To, typename From>
+__global__ void copy_rows_kernel(int64_t count, int64_t width, const int64_t* src_rows, const int64_t* dst_rows,
+                                 const From* in, To* out) {
+  const int64_t total = count * width;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = e / width, u = e % width;
+    const int64_t src = src_rows != nullptr ? src_rows[i] : i, dst = dst_rows != nullptr ? dst_rows[i] : i;
+    out[dst * width + u] = convert<To>(in[src * width + u]);
+  }
+}
+
+template <typename To, typename From>
+void copy_rows(int64_t count, int64_t width, const int64_t* src_rows, const int64_t* dst_rows, const From* in, To* out,
+               cudaStream_t stream) {
+  const int64_t total = count * width;
+  if (total == 0) return;
+  const unsigned blocks = total / 256 + 1 < 4096 ? unsigned(total / 256 + 1) : 4096u;
+  launch("copy_rows_kernel", copy_rows_kernel<To, From>, blocks, 256, 0, stream, count, width, src_rows, dst_rows, in,
+         out);
+}
+
+// The values of `lengths` on the host: read in place there, else copied from the device (waiting for the
+// work queued on `stream` before them).
+std::vector<int64_t> lengths_on_host(const TensorView& lengths, cudaStream_t stream) {
+  if (lengths.device.kind == DeviceKind::cpu) return detail::host_lengths(lengths);
+  const size_t bytes = size_t(lengths.shape[0]) * (lengths.dtype == DType::int32 ? 4 : 8);
+  std::vector<int64_t> buffer(size_t(lengths.shape[0]) + 1);
+  CONVEYOR_CUDA_CHECK(cudaMemcpyAsync(buffer.data(), lengths.data, bytes, cudaMemcpyDeviceToHost, stream));
+  CONVEYOR_CUDA_CHECK(cudaStreamSynchronize(stream));
+  TensorView host = lengths;
+  host.data = buffer.data();
+  host.device = Device{};
+  return detail::host_lengths(host);
+}
+
+// The rows a window runs: packed by `lengths` when given, else every row for all T steps.
+detail::PackedBatch window_rows(const WindowSizes& s, const TensorView& lengths, cudaStream_t stream) {
+  return lengths.present() ? detail::pack_batch(lengths_on_host(lengths, stream), s.steps)
+                           : detail::dense_batch(s.steps, s.batch);
+}
+
+// A packed batch's index arrays on the device, uploaded at once: step offsets, each packed row's row in the
+// padded [T*B] arrays, the packed order of the [B] states, and each row's last step's packed row. A dense batch
+// uploads nothing and its windows use StepRows without offsets.
+class DeviceRows {
+ public:
+  DeviceRows(const detail::PackedBatch& rows, cudaStream_t stream)
+      : rows_(rows), indices_(rows.dense ? 0 : rows.steps + 1 + rows.tokens() + 2 * rows.batch, stream) {
+    if (rows.dense) return;
+    std::vector<int64_t> host(rows.offsets);
+    for (int64_t t = 0; t < rows.steps; ++t) {
+      for (int64_t k = 0; k < rows.rows_at(t); ++k) host.push_back(t * rows.batch + rows.order[k]);
+    }
+    host.insert(host.end(), rows.order.begin(), rows.order.end());
+    for (int64_t k = 0; k < rows.batch; ++k) host.push_back(rows.last_row(k));
+    // From pageable memory: returns once `host` is staged, so it may go when this returns.
+    CONVEYOR_CUDA_CHECK(cudaMemcpyAsync(indices_.get(), host.data(), sizeof(int64_t) * host.size(),
+                                        cudaMemcpyHostToDevice, stream));
+  }
+  bool packed() const { return !rows_.dense; }
+  // Where the windows' steps read their rows: on the device for the persistent kernels and the
+  // time-parallel kernels, on the host for the per-step path's host code.
+  StepRows on_device() const { return {packed() ? indices_.get() : nullptr, rows_.batch}; }
+  StepRows on_host() const { return {packed() ? rows_.offsets.data() : nullptr, rows_.batch}; }
+  const int64_t* padded_rows() const { return indices_.get() + rows_.steps + 1; }
+  const int64_t* order() const { return padded_rows() + rows_.tokens(); }
+  const int64_t* last_rows() const { return order() + rows_.batch; }
+
+ private:
+  const detail::PackedBatch& rows_;
+  Workspace<int64_t> indices_;
+};
+
+// A padded [T, B, width] input in packed rows: the input itself for a dense batch, else a packed copy.
+template <typename T>
+class PackedInput {
+ public:
+  PackedInput(const DeviceRows& rows, int64_t tokens, int64_t width, const T* padded, cudaStream_t stream)
+      : copy_(rows.packed() && padded != nullptr ? tokens * width : 0, stream) {
+    data_ = copy_.get() != nullptr ? copy_.get() : padded;
+    if (copy_.get() != nullptr) copy_rows(tokens, width, rows.padded_rows(), nullptr, padded, copy_.get(), stream);
+  }
+  const T* get() const { return data_; }
+
+ private:
+  Workspace<T> copy_;
+  const T* data_;
+};
+
+// Writes the packed [tokens, width] array into the caller's padded [T, B, width] one, zeros at padded steps.
+template <typename T>
+void unpack_rows(const DeviceRows& rows, int64_t tokens, int64_t padded_count, int64_t width, const T* packed,
+                 T* padded, cudaStream_t stream) {
+  CONVEYOR_CUDA_CHECK(cudaMemsetAsync(padded, 0, sizeof(T) * size_t(padded_count * width), stream));
+  copy_rows(tokens, width, nullptr, rows.padded_rows(), packed, padded, stream);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -271,22 +378,33 @@ class StateOrZeros {
   const T* data_;
 };
 
-// The recurrent dropout masks m_t of the window, [T or 1, B, H] (none without recurrent dropout).
+// The recurrent dropout masks m_t of the window, a row per packed row of every step ([B, H] for all steps when
+// variational; none without recurrent dropout). Drawn for the padded [T or 1, B, H] and packed after, so
+// that each row keeps its own masks.
 template <typename C>
 class RecurrentMasks {
  public:
-  RecurrentMasks(const CellOptions& options, int64_t steps, int64_t batch, int64_t hidden, cudaStream_t stream)
-      : masks_(options.recurrent_dropout > 0 ? (options.variational ? 1 : steps) * batch * hidden : 0, stream) {
+  RecurrentMasks(const CellOptions& options, int64_t steps, int64_t batch, int64_t hidden, const DeviceRows& rows,
+                 int64_t tokens, cudaStream_t stream)
+      : masks_(options.recurrent_dropout > 0 ? (options.variational ? 1 : steps) * batch * hidden : 0, stream),
+        packed_(options.recurrent_dropout > 0 && rows.packed() ? (options.variational ? batch : tokens) * hidden : 0,
+                stream) {
     if (options.recurrent_dropout > 0) {
       dropout_mask(options.variational ? 1 : steps, batch, hidden, options.recurrent_dropout, options.variational,
                    options.dropout_seed, options.dropout_stream, masks_.get(), stream);
     }
+    if (packed_.get() != nullptr) {
+      copy_rows(options.variational ? batch : tokens, hidden, options.variational ? rows.order() : rows.padded_rows(),
+                nullptr, masks_.get(), packed_.get(), stream);
+    }
   }
   bool active() const { return masks_.get() != nullptr; }
-  const C* all() const { return masks_.get(); }  // m_t of a step: the windows' mask(t) (step.cuh)
+  // m_t of a step: the windows' mask(t) (step.cuh)
+  const C* all() const { return packed_.get() != nullptr ? packed_.get() : masks_.get(); }
 
  private:
   Workspace<C> masks_;
+  Workspace<C> packed_;
 };
 
 // The largest batch for which algorithm=auto takes the persistent kernels. Measured on an H200 (bench/results/
@@ -365,37 +483,50 @@ void backward_steps(const CellOptions& options, const BackwardWindow<S>& w, int6
   }
 }
 
+// A window runs over its rows in packed order (csrc/core/packing.h, StepRows): without lengths that is the
+// caller's own layout and nothing moves; with them x (and backward's y and dy) are packed first, the [B, H]
+// states put in packed order, and the outputs unpacked after.
 template <typename S, bool kRelu>
 void forward_window(const CellOptions& options, const WindowSizes& sizes, const ForwardArgs& args,
                     cudaStream_t stream) {
   using C = Compute<S>;
   const Sizes z = sizes_of(options, sizes);
-  const S* x = static_cast<const S*>(args.x.data);
+  const detail::PackedBatch batch = window_rows(sizes, args.lengths, stream);
+  const DeviceRows rows(batch, stream);
+  const int64_t N = batch.tokens(), B = z.B, H = z.H;
   const S* W = static_cast<const S*>(args.W.data);
   const S* R = static_cast<const S*>(args.R.data);
-  S* y = static_cast<S*>(args.y.data);
   S* cache = args.cache.present() ? static_cast<S*>(args.cache.data) : nullptr;
   const bool lstm = options.cell == CellType::lstm;
   const bool reset_before = options.cell == CellType::gru && !options.reset_after;
+  const PackedInput<S> x(rows, N, z.I, static_cast<const S*>(args.x.data), stream);
+  Workspace<S> y_packed(rows.packed() ? N * H : 0, stream);
+  S* y = rows.packed() ? y_packed.get() : static_cast<S*>(args.y.data);
 
-  Workspace<C> ax(z.T * z.B * z.GH, stream);
+  Workspace<C> ax(N * z.GH, stream);
   {
     NvtxRange range("conveyor::input_projection");
-    gemm<S, S, C>(z.T * z.B, z.GH, z.I, rows_of(x, z.I), transpose_of(W, z.I), false, ax.get(), z.GH,
+    gemm<S, S, C>(N, z.GH, z.I, rows_of(x.get(), z.I), transpose_of(W, z.I), false, ax.get(), z.GH,
                   options.allow_tf32, stream);
   }
-  const StateOrZeros<S> h0(args.h0, z.B * z.H, stream);
-  Workspace<C> cell_state(lstm ? z.B * z.H : 0, stream);
-  if (lstm) init_from(z.B * z.H, data_or_null<C>(args.c0), cell_state.get(), stream);  // c0 is of C
-  Workspace<C> reset_hidden(reset_before ? z.B * z.H : 0, stream);
-  Workspace<C> update_gate(reset_before ? z.B * z.H : 0, stream);
+  const StateOrZeros<S> h0_given(args.h0, B * H, stream);
+  Workspace<S> h0_packed(rows.packed() ? B * H : 0, stream);
+  if (rows.packed()) copy_rows(B, H, rows.order(), nullptr, h0_given.get(), h0_packed.get(), stream);
+  Workspace<C> cell_state(lstm ? B * H : 0, stream);
+  if (lstm && rows.packed() && args.c0.present()) {
+    copy_rows(B, H, rows.order(), nullptr, static_cast<const C*>(args.c0.data), cell_state.get(), stream);
+  } else if (lstm) {
+    init_from(B * H, data_or_null<C>(args.c0), cell_state.get(), stream);  // c0 is of C
+  }
+  Workspace<C> reset_hidden(reset_before ? B * H : 0, stream);
+  Workspace<C> update_gate(reset_before ? B * H : 0, stream);
 
-  const RecurrentMasks<C> masks(options, z.T, z.B, z.H, stream);
+  const RecurrentMasks<C> masks(options, z.T, B, H, rows, N, stream);
   NvtxRange range("conveyor::recurrence");
   ForwardWindow<S> w{};
   ForwardStep<S>& p = w.base;
-  p.batch = z.B;
-  p.hidden = z.H;
+  p.batch = B;
+  p.hidden = H;
   p.gate_stride = z.GH;
   p.R = R;
   p.bW = data_or_null<S>(args.bW);
@@ -406,27 +537,50 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   p.reset_hidden = reset_hidden.get();
   p.update_gate = update_gate.get();
   p.cache_stride = z.cw;
-  w.steps = z.T;
-  w.h0 = h0.get();
+  w.steps = batch.steps;
+  w.rows = rows.on_device();
+  w.h0 = rows.packed() ? h0_packed.get() : h0_given.get();
   w.y = y;
   w.cache = cache;
   w.ax = ax.get();
   w.masks = masks.all();
   w.variational = options.variational;
-  const PersistentPlan plan = persistent_plan_to_run<S, kRelu>(options, z.B, z.H, true);
+  const PersistentPlan plan = persistent_plan_to_run<S, kRelu>(options, B, H, true);
   if (plan.fits) {
     forward_persistent<S, kRelu>(options, plan, w, stream);
   } else {
-    for (int64_t t = 0; t < z.T; ++t) forward_steps<S, kRelu>(options, w, t, stream);
+    ForwardWindow<S> host_window = w;  // its steps computed on the host, from the host's offsets
+    host_window.rows = rows.on_host();
+    for (int64_t t = 0; t < batch.steps; ++t) forward_steps<S, kRelu>(options, host_window, t, stream);
   }
 
+  // A row's final state is its output at its last step; its cell state stopped where the row did.
+  if (rows.packed()) {
+    unpack_rows(rows, N, z.T * B, H, y, static_cast<S*>(args.y.data), stream);
+    if (args.h_T.present()) copy_rows(B, H, rows.last_rows(), rows.order(), y, static_cast<S*>(args.h_T.data), stream);
+    if (args.c_T.present()) {
+      copy_rows(B, H, nullptr, rows.order(), cell_state.get(), static_cast<C*>(args.c_T.data), stream);
+    }
+    return;
+  }
   if (args.h_T.present()) {
-    CONVEYOR_CUDA_CHECK(cudaMemcpyAsync(args.h_T.data, y + (z.T - 1) * z.B * z.H, sizeof(S) * size_t(z.B * z.H),
+    CONVEYOR_CUDA_CHECK(cudaMemcpyAsync(args.h_T.data, y + (z.T - 1) * B * H, sizeof(S) * size_t(B * H),
                                         cudaMemcpyDeviceToDevice, stream));
   }
   if (args.c_T.present()) {  // c_T is of C: the state as the window carried it, unrounded
-    CONVEYOR_CUDA_CHECK(cudaMemcpyAsync(args.c_T.data, cell_state.get(), sizeof(C) * size_t(z.B * z.H),
+    CONVEYOR_CUDA_CHECK(cudaMemcpyAsync(args.c_T.data, cell_state.get(), sizeof(C) * size_t(B * H),
                                         cudaMemcpyDeviceToDevice, stream));
+  }
+}
+
+// A [B, H] state of type From into `out` in packed order (the state itself when dense), or zeros when absent.
+template <typename To, typename From>
+void packed_state_into(const DeviceRows& rows, int64_t batch, int64_t hidden, const TensorView& state, To* out,
+                       cudaStream_t stream) {
+  if (rows.packed() && state.present()) {
+    copy_rows(batch, hidden, rows.order(), nullptr, static_cast<const From*>(state.data), out, stream);
+  } else {
+    init_from(batch * hidden, data_or_null<From>(state), out, stream);
   }
 }
 
@@ -435,27 +589,34 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
                      cudaStream_t stream) {
   using C = Compute<S>;
   const Sizes z = sizes_of(options, sizes);
-  const int64_t B = z.B, H = z.H, GH = z.GH, TB = z.T * z.B;
-  const S* x = static_cast<const S*>(args.x.data);
+  const detail::PackedBatch batch = window_rows(sizes, args.lengths, stream);
+  const DeviceRows rows(batch, stream);
+  const int64_t B = z.B, H = z.H, GH = z.GH, N = batch.tokens();
   const S* W = static_cast<const S*>(args.W.data);
   const S* R = static_cast<const S*>(args.R.data);
-  const S* y = static_cast<const S*>(args.y.data);
   const S* cache = data_or_null<S>(args.cache);
-  const S* dy = static_cast<const S*>(args.dy.data);
   const bool lstm = options.cell == CellType::lstm;
   const bool gru = options.cell == CellType::gru;
   const bool reset_after_gru = gru && options.reset_after;
+  const PackedInput<S> y(rows, N, H, static_cast<const S*>(args.y.data), stream);
+  const PackedInput<S> dy(rows, N, H, static_cast<const S*>(args.dy.data), stream);
 
-  Workspace<C> dax(TB * GH, stream);
-  Workspace<C> dar_n(reset_after_gru ? TB * H : 0, stream);
+  Workspace<C> dax(N * GH, stream);
+  Workspace<C> dar_n(reset_after_gru ? N * H : 0, stream);
+  // The gradient reaching h_t (c_t) from later steps; a row that stops early keeps dh_T (dc_T) here untouched
+  // until its own last step.
   Workspace<C> dh_carry(B * H, stream);
   Workspace<C> dc(lstm ? B * H : 0, stream);
-  init_from(B * H, data_or_null<S>(args.dh_T), dh_carry.get(), stream);
-  if (lstm) init_from(B * H, data_or_null<C>(args.dc_T), dc.get(), stream);  // dc_T, c0 and dc0 are of C
-  const StateOrZeros<S> h0(args.h0, B * H, stream);
-  const StateOrZeros<C> c0(lstm ? args.c0 : TensorView{}, lstm ? B * H : 0, stream);
+  packed_state_into<C, S>(rows, B, H, args.dh_T, dh_carry.get(), stream);
+  if (lstm) packed_state_into<C, C>(rows, B, H, args.dc_T, dc.get(), stream);  // dc_T, c0 and dc0 are of C
+  const StateOrZeros<S> h0_given(args.h0, B * H, stream);
+  Workspace<S> h0_packed(rows.packed() ? B * H : 0, stream);
+  if (rows.packed()) copy_rows(B, H, rows.order(), nullptr, h0_given.get(), h0_packed.get(), stream);
+  const S* h0 = rows.packed() ? h0_packed.get() : h0_given.get();
+  Workspace<C> c0(lstm ? B * H : 0, stream);
+  if (lstm) packed_state_into<C, C>(rows, B, H, args.c0, c0.get(), stream);
 
-  const RecurrentMasks<C> masks(options, z.T, B, H, stream);
+  const RecurrentMasks<C> masks(options, z.T, B, H, rows, N, stream);
   BackwardWindow<S> w{};
   BackwardStep<S>& p = w.base;
   p.batch = B;
@@ -468,7 +629,8 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   p.P = data_or_null<S>(args.P);
   p.lstm = detail::lstm_options<C>(options);
   p.c0 = c0.get();
-  w.steps = z.T;
+  w.steps = batch.steps;
+  w.rows = rows.on_device();
   w.dax = dax.get();
   w.dar_n = dar_n.get();
   w.masks = masks.all();
@@ -476,11 +638,13 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   w.lstm = lstm;
   w.gru = gru;
   w.reset_after = options.reset_after;
-  w.dy = dy;
+  w.dy = dy.get();
   w.cache = cache;
-  w.y = y;
-  w.h0 = h0.get();
-  S* dh0 = args.dh0.present() ? static_cast<S*>(args.dh0.data) : nullptr;
+  w.y = y.get();
+  w.h0 = h0;
+  Workspace<S> dh0_packed(rows.packed() && args.dh0.present() ? B * H : 0, stream);
+  S* dh0 = dh0_packed.get() != nullptr ? dh0_packed.get() : args.dh0.present() ? static_cast<S*>(args.dh0.data)
+                                                                                : nullptr;
 
   {
     NvtxRange range("conveyor::recurrence");
@@ -488,10 +652,19 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
     if (plan.fits) {
       backward_persistent<S, kRelu>(options, plan, w, dh0, stream);
     } else {
-      for (int64_t t = z.T - 1; t >= 0; --t) backward_steps<S, kRelu>(options, w, t, stream);
-      if (dh0 != nullptr) backward_step<BackwardEpilogue::initial_state, kRelu>(w.initial_state(dh0), stream);
+      BackwardWindow<S> host_window = w;  // its steps computed on the host, from the host's offsets
+      host_window.rows = rows.on_host();
+      for (int64_t t = batch.steps - 1; t >= 0; --t) backward_steps<S, kRelu>(options, host_window, t, stream);
+      if (dh0 != nullptr) {
+        backward_step<BackwardEpilogue::initial_state, kRelu>(host_window.initial_state(dh0), stream);
+      }
     }
-    if (args.dc0.present()) {
+    if (dh0_packed.get() != nullptr) {
+      copy_rows(B, H, nullptr, rows.order(), dh0_packed.get(), static_cast<S*>(args.dh0.data), stream);
+    }
+    if (args.dc0.present() && rows.packed()) {
+      copy_rows(B, H, nullptr, rows.order(), dc.get(), static_cast<C*>(args.dc0.data), stream);
+    } else if (args.dc0.present()) {
       CONVEYOR_CUDA_CHECK(cudaMemcpyAsync(args.dc0.data, dc.get(), sizeof(C) * size_t(B * H),
                                           cudaMemcpyDeviceToDevice, stream));
     }
@@ -501,36 +674,41 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   const bool acc = args.accumulate;
   const bool tf32 = options.allow_tf32;
   if (args.dx.present()) {
-    gemm<C, S, S>(TB, z.I, GH, rows_of<C>(dax.get(), GH), rows_of(W, z.I), false, static_cast<S*>(args.dx.data), z.I,
-                  tf32, stream);
+    Workspace<S> dx_packed(rows.packed() ? N * z.I : 0, stream);
+    S* dx = rows.packed() ? dx_packed.get() : static_cast<S*>(args.dx.data);
+    gemm<C, S, S>(N, z.I, GH, rows_of<C>(dax.get(), GH), rows_of(W, z.I), false, dx, z.I, tf32, stream);
+    if (rows.packed()) unpack_rows(rows, N, z.T * B, z.I, dx, static_cast<S*>(args.dx.data), stream);
   }
   if (args.dW.present()) {
-    gemm<C, S, S>(GH, z.I, TB, transpose_of<C>(dax.get(), GH), rows_of(x, z.I), acc, static_cast<S*>(args.dW.data),
-                  z.I, tf32, stream);
+    const PackedInput<S> x(rows, N, z.I, static_cast<const S*>(args.x.data), stream);
+    gemm<C, S, S>(GH, z.I, N, transpose_of<C>(dax.get(), GH), rows_of(x.get(), z.I), acc,
+                  static_cast<S*>(args.dW.data), z.I, tf32, stream);
   }
-  if (args.dbW.present()) column_sums(TB, GH, dax.get(), GH, acc, static_cast<S*>(args.dbW.data), stream);
+  if (args.dbW.present()) column_sums(N, GH, dax.get(), GH, acc, static_cast<S*>(args.dbW.data), stream);
   if (args.dP.present()) {
-    peephole_grads(z.T, B, H, options.coupled_gates, dax.get(), GH, cache, c0.get(), acc,
+    peephole_grads(batch.steps, rows.on_device(), N, H, options.coupled_gates, dax.get(), GH, cache, c0.get(), acc,
                    static_cast<S*>(args.dP.data), stream);
   }
 
-  // dR[row0 : row0 + rows] = sum over steps of da_t^T h_{t-1}, where da (leading dimension lda) holds the
-  // gradients of those rows' pre-activations. Step 0 reads h0 and later steps read y: two products.
-  Workspace<C> h_products(masks.active() && args.dR.present() ? TB * H : 0, stream);
-  if (h_products.get() != nullptr) {
-    const unsigned blocks = TB * H / 256 + 1 < 4096 ? unsigned(TB * H / 256 + 1) : 4096u;
-    launch("masked_inputs_kernel", masked_inputs_kernel<S>, blocks, 256, 0, stream, z.T, B, H, options.variational,
-           masks.all(), h0.get(), y, h_products.get());
+  // dR[row0 : row0 + count] = sum over steps of da_t^T h_{t-1}, where da (leading dimension lda) holds the
+  // gradients of those rows' pre-activations. Dense and unmasked, step 0 reads h0 and later steps read y: two
+  // products; otherwise one over every step's (masked) h_{t-1} gathered in h_products.
+  const bool gather_products = (masks.active() || rows.packed()) && args.dR.present();
+  Workspace<C> h_products(gather_products ? N * H : 0, stream);
+  if (gather_products) {
+    const unsigned blocks = N * H / 256 + 1 < 4096 ? unsigned(N * H / 256 + 1) : 4096u;
+    launch("previous_states_kernel", previous_states_kernel<S>, blocks, 256, 0, stream, batch.steps, rows.on_device(),
+           N, H, options.variational, masks.all(), h0, y.get(), h_products.get());
   }
-  auto recurrent_weight_grad = [&](int64_t row0, int64_t rows, const C* da, int64_t lda) {
+  auto recurrent_weight_grad = [&](int64_t row0, int64_t count, const C* da, int64_t lda) {
     S* out = static_cast<S*>(args.dR.data) + row0 * H;
-    if (h_products.get() != nullptr) {
-      gemm<C, C, S>(rows, H, TB, transpose_of(da, lda), rows_of<C>(h_products.get(), H), acc, out, H, tf32, stream);
+    if (gather_products) {
+      gemm<C, C, S>(count, H, N, transpose_of(da, lda), rows_of<C>(h_products.get(), H), acc, out, H, tf32, stream);
       return;
     }
-    gemm<C, S, S>(rows, H, TB - B, transpose_of(da + B * lda, lda), rows_of(y, H), acc, out, H, tf32, stream);
+    gemm<C, S, S>(count, H, N - B, transpose_of(da + B * lda, lda), rows_of(y.get(), H), acc, out, H, tf32, stream);
     if (args.h0.present()) {
-      gemm<C, S, S>(rows, H, B, transpose_of(da, lda), rows_of(h0.get(), H), true, out, H, tf32, stream);
+      gemm<C, S, S>(count, H, B, transpose_of(da, lda), rows_of(h0, H), true, out, H, tf32, stream);
     }
   };
   if (args.dR.present()) {
@@ -542,7 +720,7 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
         recurrent_weight_grad(2 * H, H, dar_n.get(), H);
       } else {
         // The n block's product read r * h_{t-1}, saved in the cache's fourth column block.
-        gemm<C, S, S>(H, H, TB, transpose_of<C>(dax.get() + 2 * H, GH), rows_of(cache + 3 * H, z.cw), acc,
+        gemm<C, S, S>(H, H, N, transpose_of<C>(dax.get() + 2 * H, GH), rows_of(cache + 3 * H, z.cw), acc,
                       static_cast<S*>(args.dR.data) + 2 * H * H, H, tf32, stream);
       }
     }
@@ -550,10 +728,10 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   if (args.dbR.present()) {
     S* dbR = static_cast<S*>(args.dbR.data);
     if (reset_after_gru) {
-      column_sums(TB, 2 * H, dax.get(), GH, acc, dbR, stream);
-      column_sums(TB, H, dar_n.get(), H, acc, dbR + 2 * H, stream);
+      column_sums(N, 2 * H, dax.get(), GH, acc, dbR, stream);
+      column_sums(N, H, dar_n.get(), H, acc, dbR + 2 * H, stream);
     } else {
-      column_sums(TB, GH, dax.get(), GH, acc, dbR, stream);
+      column_sums(N, GH, dax.get(), GH, acc, dbR, stream);
     }
   }
 }

@@ -161,14 +161,15 @@ enum class BackwardEpilogue {
 };
 
 // One step's arguments. The product is P[b, j] = sum_{k < K} A(b, k) R[R_row0 + k, j], where A(b, k) is
-// a_first[b * a_first_ld + k] for k < K_first and a_second[b * a_second_ld + k - K_first] after: the
-// pre-activation gradients of step t+1 along R's rows (K = 0 at the window's last step).
+// a_first[b * a_first_ld + k] for k < K_first and a_second[b * a_second_ld + k - K_first] after, for the
+// product_batch rows of step t+1 (0 past them: rows whose last step is t): the pre-activation gradients of
+// step t+1 along R's rows (K = 0 at the window's last step).
 template <typename S>
 struct BackwardStep {
   using C = Compute<S>;
   int64_t batch, hidden, gate_stride;  // B, H, G*H
   const S* R;                          // [G*H, H]
-  int64_t R_row0, K, K_first;
+  int64_t R_row0, K, K_first, product_batch;
   const C* a_first;
   int64_t a_first_ld;
   const C* a_second;
@@ -196,7 +197,8 @@ __device__ __forceinline__ void backward_epilogue(const BackwardStep<S>& p, int6
                                                   Compute<S> product) {
   using C = Compute<S>;
   const int64_t H = p.hidden, unit = b * H + j;
-  if (p.product_mask != nullptr) product *= p.product_mask[unit];
+  // The mask covers the product's rows only: a row past them (its last step is t) has no product.
+  if (p.product_mask != nullptr && b < p.product_batch) product *= p.product_mask[unit];
   if constexpr (kEpilogue == BackwardEpilogue::initial_state) {
     p.dh0[unit] = convert<S>(product + p.dh_carry[unit]);
     return;
@@ -254,18 +256,50 @@ __device__ __forceinline__ void backward_epilogue(const BackwardStep<S>& p, int6
 // Windows: where step t's arguments point. The per-step path sets them on the host before each launch, the
 // persistent kernels on the device at each step: one definition serves both.
 
-// m_t in a window's recurrent dropout masks ([T or 1, B, H], one for every step when variational), or null.
+// Where step t's rows lie in a window's per-step arrays. Without lengths, rows t * B .. (t + 1) * B - 1.
+// With them (csrc/core/packing.h), the arrays are packed: rows offsets[t] .. offsets[t + 1] - 1, the
+// batch's rows sorted by decreasing length, so that step t's rows are the first count(t) rows of step
+// t - 1's. `offsets` must be readable where the window is used: host memory for the per-step path's host
+// code, device memory for the persistent kernels.
+struct StepRows {
+  const int64_t* offsets;  // [steps + 1], or null
+  int64_t batch;
+
+  __host__ __device__ int64_t first(int64_t t) const { return offsets != nullptr ? offsets[t] : t * batch; }
+  __host__ __device__ int64_t count(int64_t t) const {
+    return offsets != nullptr ? offsets[t + 1] - offsets[t] : batch;
+  }
+  // The step of packed row `row` (binary search over offsets).
+  __host__ __device__ int64_t step_of(int64_t row, int64_t steps) const {
+    if (offsets == nullptr) return row / batch;
+    int64_t low = 0, high = steps - 1;
+    while (low < high) {
+      const int64_t mid = (low + high + 1) / 2;
+      if (offsets[mid] <= row) {
+        low = mid;
+      } else {
+        high = mid - 1;
+      }
+    }
+    return low;
+  }
+};
+
+// m_t in a window's recurrent dropout masks (a row per packed row of every step; [B, H], one for every step,
+// when variational), or null.
 template <typename C>
-__host__ __device__ inline const C* recurrent_mask_at(const C* masks, bool variational, int64_t t, int64_t step_size) {
-  return masks != nullptr ? masks + (variational ? 0 : t) * step_size : nullptr;
+__host__ __device__ inline const C* recurrent_mask_at(const C* masks, bool variational, const StepRows& rows,
+                                                      int64_t t, int64_t hidden) {
+  return masks != nullptr ? masks + (variational ? 0 : rows.first(t)) * hidden : nullptr;
 }
 
 // A forward window: `base` holds what every step shares; step(t) points the rest at step t.
 template <typename S>
 struct ForwardWindow {
   using C = Compute<S>;
-  ForwardStep<S> base;
+  ForwardStep<S> base;       // base.batch: B
   int64_t steps;
+  StepRows rows;
   const S* h0;               // [B, H]
   S* y;                      // [T, B, H]
   S* cache;                  // [T, B, cache_width * H] or null
@@ -276,14 +310,15 @@ struct ForwardWindow {
   // Step t's arguments, for the product over h_{t-1} (for the GRU with reset_before, the r and z gates').
   __host__ __device__ ForwardStep<S> step(int64_t t) const {
     ForwardStep<S> p = base;
-    const int64_t BH = base.batch * base.hidden;
-    p.h_prev = t == 0 ? h0 : y + (t - 1) * BH;
+    const int64_t H = base.hidden, first = rows.first(t);
+    p.batch = rows.count(t);
+    p.h_prev = t == 0 ? h0 : y + rows.first(t - 1) * H;
     p.h_in = p.h_prev;
-    p.mask = recurrent_mask_at(masks, variational, t, BH);
+    p.mask = recurrent_mask_at(masks, variational, rows, t, H);
     p.R_row0 = 0;
-    p.ax = ax + t * base.batch * base.gate_stride;
-    p.h = y + t * BH;
-    p.cache = cache != nullptr ? cache + t * base.batch * base.cache_stride : nullptr;
+    p.ax = ax + first * base.gate_stride;
+    p.h = y + first * H;
+    p.cache = cache != nullptr ? cache + first * base.cache_stride : nullptr;
     return p;
   }
 
@@ -299,8 +334,9 @@ struct ForwardWindow {
 template <typename S>
 struct BackwardWindow {
   using C = Compute<S>;
-  BackwardStep<S> base;
+  BackwardStep<S> base;      // base.batch: B
   int64_t steps;
+  StepRows rows;
   C* dax;                    // [T, B, G*H] pre-activation gradients, written step by step
   C* dar_n;                  // [T, B, H] GRU reset_after: the gradient of R_n h_{t-1} + bR_n, or null
   const C* masks;            // [T or 1, B, H] recurrent dropout masks, or null
@@ -312,17 +348,18 @@ struct BackwardWindow {
   const S* h0;               // [B, H]
 
   __host__ __device__ const C* mask(int64_t t) const {
-    return recurrent_mask_at(masks, variational, t, base.batch * base.hidden);
+    return recurrent_mask_at(masks, variational, rows, t, base.hidden);
   }
 
   // Points p's product at the pre-activation gradients of `step` (the recurrent path's, along R's rows).
   __host__ __device__ void product_of_step(BackwardStep<S>& p, int64_t step) const {
-    const int64_t B = base.batch, H = base.hidden, GH = base.gate_stride;
+    const int64_t H = base.hidden, GH = base.gate_stride, first = rows.first(step);
     p.product_mask = mask(step);
     p.R_row0 = 0;
-    p.a_first = dax + step * B * GH;
+    p.product_batch = rows.count(step);
+    p.a_first = dax + first * GH;
     p.a_first_ld = GH;
-    p.a_second = gru && reset_after ? dar_n + step * B * H : nullptr;
+    p.a_second = gru && reset_after ? dar_n + first * H : nullptr;
     p.a_second_ld = H;
     p.K_first = gru ? 2 * H : GH;
     p.K = gru && !reset_after ? 2 * H : GH;
@@ -331,21 +368,23 @@ struct BackwardWindow {
   // Step t's arguments (for the GRU with reset_before, the phase of every gradient but r's).
   __host__ __device__ BackwardStep<S> step(int64_t t) const {
     BackwardStep<S> p = base;
-    const int64_t B = base.batch, H = base.hidden, BH = B * H;
+    const int64_t H = base.hidden, first = rows.first(t);
+    p.batch = rows.count(t);
     p.step_mask = mask(t);
     if (t == steps - 1) {
       p.K = 0;
+      p.product_batch = 0;
       p.product_mask = nullptr;
     } else {
       product_of_step(p, t + 1);
     }
-    p.dy = dy + t * BH;
-    p.cache = cache != nullptr ? cache + t * B * base.cache_stride : nullptr;
-    p.h = y + t * BH;
-    p.h_prev = t == 0 ? h0 : y + (t - 1) * BH;
-    if (lstm) p.c_prev = t == 0 ? nullptr : cache + (t - 1) * B * base.cache_stride + 4 * H;  // null: c0
-    p.dax = dax + t * B * base.gate_stride;
-    p.dar_n = gru && reset_after ? dar_n + t * BH : nullptr;
+    p.dy = dy + first * H;
+    p.cache = cache != nullptr ? cache + first * base.cache_stride : nullptr;
+    p.h = y + first * H;
+    p.h_prev = t == 0 ? h0 : y + rows.first(t - 1) * H;
+    if (lstm) p.c_prev = t == 0 ? nullptr : cache + rows.first(t - 1) * base.cache_stride + 4 * H;  // null: c0
+    p.dax = dax + first * base.gate_stride;
+    p.dar_n = gru && reset_after ? dar_n + first * H : nullptr;
     return p;
   }
 
@@ -355,6 +394,7 @@ struct BackwardWindow {
     p.a_first = p.dax + 2 * p.hidden;
     p.a_first_ld = p.gate_stride;
     p.K = p.K_first = p.hidden;
+    p.product_batch = p.batch;  // step t's own rows
     p.product_mask = nullptr;  // d(r * m_t * h_{t-1}) itself
   }
 

@@ -309,11 +309,88 @@ def test_a_16_bit_cell_state_reaches_conveyor_as_float32_and_returns_in_the_inpu
         torch.testing.assert_close(c0.grad.double(), c0_ref.grad, rtol=0.02, atol=0.02)
 
 
+PACKINGS = ["pack_sequence-sorted", "pack_sequence-unsorted", "pack_padded-unsorted",
+            "pack_padded-batch_first"]
+PACKED_CASES = list(itertools.product(CELLS, [1, 2], [False, True], PACKINGS, [False, True]))
+
+
+def packed_input(packing, lengths, gen):
+    """A PackedSequence of sequences of `lengths` (3 features), made the way `packing` names, and the
+    leaf tensors its gradients reach."""
+    pack = torch.nn.utils.rnn
+    if packing.startswith("pack_sequence"):
+        sequences = [torch.randn(n, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+                     for n in lengths]
+        return pack.pack_sequence(sequences, enforce_sorted=packing.endswith("-sorted")), sequences
+    batch_first = packing.endswith("batch_first")
+    shape = (len(lengths), max(lengths), 3) if batch_first else (max(lengths), len(lengths), 3)
+    padded = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    return pack.pack_padded_sequence(padded, torch.tensor(lengths), batch_first=batch_first,
+                                     enforce_sorted=False), [padded]
+
+
+@pytest.mark.parametrize(("cell", "layers", "bidirectional", "packing", "with_hx"), PACKED_CASES,
+                         ids=["-".join(map(str, c)) for c in PACKED_CASES])
+def test_packed_sequences_as_torch(cell, layers, bidirectional, packing, with_hx):
+    """A PackedSequence in, a PackedSequence out (the input's batch_sizes and indices), h_n (c_n) in the
+    batch's original order, and every gradient (the sequences', hx's, the parameters') as torch.nn's."""
+    reference, module = pair(cell, 3, 5, num_layers=layers, bidirectional=bidirectional)
+    gen = torch.Generator().manual_seed(2)
+    lengths = [6, 6, 5, 4, 2, 1] if packing.endswith("-sorted") else [2, 6, 1, 4, 6, 3]
+    packed, leaves = packed_input(packing, lengths, gen)
+    D, B = 2 if bidirectional else 1, len(lengths)
+    hx = None
+    if with_hx:
+        states = [torch.randn(layers * D, B, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+                  for _ in range(2 if cell == "lstm" else 1)]
+        leaves += states
+        hx = tuple(states) if cell == "lstm" else states[0]
+    expected, got = reference(packed, hx), module(packed, hx)
+    assert isinstance(got[0], torch.nn.utils.rnn.PackedSequence)
+    for name in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+        e, g = getattr(expected[0], name), getattr(got[0], name)
+        assert (e is None and g is None) or torch.equal(e, g), name
+    expected = (expected[0].data,) + flat_outputs(expected)[1:]
+    got = (got[0].data,) + flat_outputs(got)[1:]
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in expected]
+    grads_e = torch.autograd.grad(sum((o * w).sum() for o, w in zip(expected, weights)),
+                                  leaves + list(reference.parameters()), retain_graph=True)  # packing: shared
+    grads_g = torch.autograd.grad(sum((o * w).sum() for o, w in zip(got, weights)),
+                                  leaves + list(module.parameters()))
+    for e, g in zip(grads_e, grads_g):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
+
+
+def test_packed_sequences_in_inference_and_training_modes():
+    """Under no_grad (the inference path) and with dropout in training mode, packed input keeps each
+    sequence to its own steps: the padded outputs are those of the sequences run one by one."""
+    torch.manual_seed(3)
+    module = ct.GRU(3, 4, num_layers=2, bidirectional=True).double()
+    sequences = [torch.randn(n, 3, dtype=torch.float64) for n in (5, 2, 4)]
+    packed = torch.nn.utils.rnn.pack_sequence(sequences, enforce_sorted=False)
+    with torch.no_grad():
+        y, h_n = module(packed)
+        padded, lengths = torch.nn.utils.rnn.pad_packed_sequence(y)
+        for b, s in enumerate(sequences):
+            y_alone, h_alone = module(s[:, None])
+            torch.testing.assert_close(padded[:lengths[b], b], y_alone[:, 0])
+            torch.testing.assert_close(h_n[:, b], h_alone[:, 0])
+    dropping = ct.LSTM(3, 4, num_layers=2, dropout=0.5, recurrent_dropout=0.3).double().train()
+    y, _ = dropping(packed)
+    padded, lengths = torch.nn.utils.rnn.pad_packed_sequence(y)
+    assert torch.isfinite(y.data).all() and y.data.shape == (11, 4)
+    for b, n in enumerate(lengths):
+        assert not padded[n:, b].any()
+
+
 def test_refusals_name_the_problem():
     m = ct.LSTM(3, 4)
-    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
-    with pytest.raises(TypeError, match="PackedSequence; pad it"):
-        m(packed)
+    with pytest.raises(RuntimeError, match="must be sorted in decreasing order"):  # torch's own check
+        m(torch.nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 3), [3, 5], enforce_sorted=True))
+    with pytest.raises(TypeError, match="input: expected a torch.Tensor or a PackedSequence, got list"):
+        m([torch.randn(5, 2, 3)])
     with pytest.raises(ValueError, match="input: expected 3 features"):
         m(torch.randn(5, 2, 4))
     with pytest.raises(ValueError, match=r"hx: expected h_0 of shape \(1, 2, 4\)"):

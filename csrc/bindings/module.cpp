@@ -73,6 +73,36 @@ TensorView optional_view_of(const char* name, const py::object& obj) {
   return obj.is_none() ? TensorView{} : view_of(name, obj);
 }
 
+// `lengths` as a NumPy array: None, or int32 or int64 (the Python layer makes sequences and other integer
+// NumPy arrays int64).
+TensorView lengths_view_of(const py::object& obj) {
+  if (obj.is_none()) return TensorView{};
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error("lengths: expected a numpy.ndarray, got " + type_name(obj));
+  }
+  const auto array = py::reinterpret_borrow<py::array>(obj);
+  TensorView v;
+  const char kind = array.dtype().kind();
+  if ((kind == 'i') && array.itemsize() == 8 && array.dtype().attr("isnative").cast<bool>()) {
+    v.dtype = DType::int64;
+  } else if ((kind == 'i') && array.itemsize() == 4 && array.dtype().attr("isnative").cast<bool>()) {
+    v.dtype = DType::int32;
+  } else {
+    throw py::type_error("lengths: expected an int32 or int64 array, got dtype " + std::string(py::str(array.dtype())));
+  }
+  if (array.ndim() > kMaxRank) {
+    throw py::value_error("lengths: expected shape (B,), got " + std::to_string(array.ndim()) + " dimensions");
+  }
+  v.data = const_cast<void*>(array.data());
+  v.rank = static_cast<int>(array.ndim());
+  for (int d = 0; d < v.rank; ++d) {
+    v.shape[d] = array.shape(d);
+    v.strides[d] = array.strides(d) % array.itemsize() == 0 ? array.strides(d) / array.itemsize() : -1;
+  }
+  if (v.data == nullptr) v.data = &poison_outputs;
+  return v;
+}
+
 py::array new_output(const py::dtype& dtype, std::vector<py::ssize_t> shape) {
   py::array out(dtype, shape);
   if (poison_outputs) {
@@ -111,7 +141,7 @@ struct DLManagedTensor {
   void (*deleter)(DLManagedTensor*);
 };
 constexpr int32_t kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13;
-constexpr uint8_t kDLFloat = 2, kDLBfloat = 4;
+constexpr uint8_t kDLInt = 0, kDLFloat = 2, kDLBfloat = 4;
 
 // The views of one call's arrays on the DLPack path. It holds their capsules, unconsumed, so that every
 // producer keeps its memory alive until the call returns; dropping a capsule gives the tensor back.
@@ -140,15 +170,21 @@ class DLPackViews {
                            ".__dlpack__() did not return a DLPack capsule named 'dltensor'");
     }
     capsules_.push_back(capsule);
-    return view_of_tensor(name, managed->dl_tensor);
+    return view_of_tensor(name, managed->dl_tensor, std::string(name) == "lengths");
   }
 
   TensorView optional(const char* name, const py::object& obj) {
     return obj.is_none() ? TensorView{} : (*this)(name, obj);
   }
 
+  // `lengths` may live on any device the call accepts (the core copies it to the host).
+  TensorView lengths(const py::object& obj) {
+    return obj.is_none() || py::isinstance<py::array>(obj) ? lengths_view_of(obj) : (*this)("lengths", obj);
+  }
+
  private:
-  static TensorView view_of_tensor(const char* name, const DLTensor& t) {
+  // `integers`: int32 and int64 are taken too (lengths alone).
+  static TensorView view_of_tensor(const char* name, const DLTensor& t, bool integers) {
     TensorView v;
     const int code = t.dtype.code, bits = t.dtype.bits;
     if (t.dtype.lanes == 1 && code == kDLFloat && bits == 32) {
@@ -159,6 +195,12 @@ class DLPackViews {
       v.dtype = DType::float16;
     } else if (t.dtype.lanes == 1 && code == kDLBfloat && bits == 16) {
       v.dtype = DType::bfloat16;
+    } else if (integers && t.dtype.lanes == 1 && code == kDLInt && (bits == 32 || bits == 64)) {
+      v.dtype = bits == 32 ? DType::int32 : DType::int64;
+    } else if (integers) {
+      throw py::type_error(std::string(name) + ": expected an int32 or int64 array, got DLPack type code " +
+                           std::to_string(code) + " with " + std::to_string(bits) + " bits and " +
+                           std::to_string(t.dtype.lanes) + " lanes");
     } else {
       throw py::type_error(std::string(name) +
                            ": expected a float32, float64, float16 or bfloat16 array, got DLPack type code " +
@@ -262,6 +304,7 @@ CellOptions cell_options(const std::string& cell, const py::dict& given) {
 struct NumpyViews {
   TensorView operator()(const char* name, const py::object& obj) const { return view_of(name, obj); }
   TensorView optional(const char* name, const py::object& obj) const { return optional_view_of(name, obj); }
+  TensorView lengths(const py::object& obj) const { return lengths_view_of(obj); }
 };
 
 using Output = std::pair<py::object, TensorView>;
@@ -290,8 +333,8 @@ struct DLPackOutputs {
 template <typename Views, typename Outputs>
 py::tuple run_forward(const CellOptions& options, Views& views, const Outputs& outputs, const py::object& x,
                       const py::object& W, const py::object& R, const py::object& bW, const py::object& bR,
-                      const py::object& h0, const py::object& c0, const py::object& P, bool training,
-                      int64_t stream) {
+                      const py::object& h0, const py::object& c0, const py::object& P, const py::object& lengths,
+                      bool training, int64_t stream) {
   ForwardArgs args;
   args.x = views("x", x);
   args.W = views("W", W);
@@ -301,6 +344,7 @@ py::tuple run_forward(const CellOptions& options, Views& views, const Outputs& o
   args.h0 = views.optional("h0", h0);
   args.c0 = views.optional("c0", c0);
   args.P = views.optional("P", P);
+  args.lengths = views.lengths(lengths);
   check_forward_inputs(options, args);
   const WindowSizes s = window_sizes(options, args.x, args.W, args.R);
   const DType dtype = args.x.dtype, cell_dtype = cell_state_dtype(args.x.dtype);
@@ -328,7 +372,8 @@ template <typename Views, typename Outputs>
 py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& outputs, const py::object& x,
                        const py::object& W, const py::object& R, const py::object& h0, const py::object& c0,
                        const py::object& P, const py::object& y, const py::object& cache, const py::object& dy, const py::object& dh_T,
-                       const py::object& dc_T, bool has_bW, bool has_bR, int64_t stream) {
+                       const py::object& dc_T, const py::object& lengths, bool has_bW, bool has_bR,
+                       int64_t stream) {
   BackwardArgs args;
   args.x = views("x", x);
   args.W = views("W", W);
@@ -341,6 +386,7 @@ py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& 
   args.dy = views("dy", dy);
   args.dh_T = views.optional("dh_T", dh_T);
   args.dc_T = views.optional("dc_T", dc_T);
+  args.lengths = views.lengths(lengths);
   check_backward_inputs(options, args);
   const WindowSizes s = window_sizes(options, args.x, args.W, args.R);
   const int64_t GH = gate_count(options) * s.hidden_size;
@@ -371,37 +417,38 @@ py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& 
 
 py::tuple forward_numpy(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
                         const py::object& R, const py::object& bW, const py::object& bR, const py::object& h0,
-                        const py::object& c0, const py::object& P, bool training) {
+                        const py::object& c0, const py::object& P, const py::object& lengths, bool training) {
   NumpyViews views;
-  return run_forward(cell_options(cell, options), views, NumpyOutputs{}, x, W, R, bW, bR, h0, c0, P, training, 0);
+  return run_forward(cell_options(cell, options), views, NumpyOutputs{}, x, W, R, bW, bR, h0, c0, P, lengths, training,
+                     0);
 }
 
 py::tuple backward_numpy(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
                          const py::object& R, const py::object& h0, const py::object& c0, const py::object& P,
                          const py::object& y, const py::object& cache, const py::object& dy, const py::object& dh_T,
-                         const py::object& dc_T, bool has_bW, bool has_bR) {
+                         const py::object& dc_T, const py::object& lengths, bool has_bW, bool has_bR) {
   NumpyViews views;
   return run_backward(cell_options(cell, options), views, NumpyOutputs{}, x, W, R, h0, c0, P, y, cache, dy, dh_T,
-                      dc_T, has_bW, has_bR, 0);
+                      dc_T, lengths, has_bW, has_bR, 0);
 }
 
 py::tuple forward_dlpack(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
                          const py::object& R, const py::object& bW, const py::object& bR, const py::object& h0,
-                         const py::object& c0, const py::object& P, bool training, const py::function& allocate,
-                         int64_t stream) {
+                         const py::object& c0, const py::object& P, const py::object& lengths, bool training,
+                         const py::function& allocate, int64_t stream) {
   DLPackViews views(stream);
   return run_forward(cell_options(cell, options), views, DLPackOutputs{allocate, views}, x, W, R, bW, bR, h0, c0, P,
-                     training, stream);
+                     lengths, training, stream);
 }
 
 py::tuple backward_dlpack(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
                           const py::object& R, const py::object& h0, const py::object& c0, const py::object& P,
                           const py::object& y, const py::object& cache, const py::object& dy, const py::object& dh_T,
-                          const py::object& dc_T, bool has_bW, bool has_bR, const py::function& allocate,
-                          int64_t stream) {
+                          const py::object& dc_T, const py::object& lengths, bool has_bW, bool has_bR,
+                          const py::function& allocate, int64_t stream) {
   DLPackViews views(stream);
   return run_backward(cell_options(cell, options), views, DLPackOutputs{allocate, views}, x, W, R, h0, c0, P, y,
-                      cache, dy, dh_T, dc_T, has_bW, has_bR, stream);
+                      cache, dy, dh_T, dc_T, lengths, has_bW, has_bR, stream);
 }
 
 // Fills `out` (NumPy, or any DLPack array) with dropout_mask(); returns it.
@@ -434,17 +481,18 @@ PYBIND11_MODULE(_conveyor, m) {
   });
 
   m.def("forward", &forward_numpy, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"), py::arg("R"),
-        py::arg("bW"), py::arg("bR"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("training"));
+        py::arg("bW"), py::arg("bR"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("lengths"),
+        py::arg("training"));
   m.def("backward", &backward_numpy, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"), py::arg("R"),
         py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("y"), py::arg("cache"), py::arg("dy"), py::arg("dh_T"),
-        py::arg("dc_T"), py::arg("has_bW"), py::arg("has_bR"));
+        py::arg("dc_T"), py::arg("lengths"), py::arg("has_bW"), py::arg("has_bR"));
   m.def("forward_dlpack", &forward_dlpack, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"),
-        py::arg("R"), py::arg("bW"), py::arg("bR"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("training"),
-        py::arg("allocate"), py::arg("stream"));
+        py::arg("R"), py::arg("bW"), py::arg("bR"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("lengths"),
+        py::arg("training"), py::arg("allocate"), py::arg("stream"));
   m.def("backward_dlpack", &backward_dlpack, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"),
         py::arg("R"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("y"), py::arg("cache"), py::arg("dy"),
-        py::arg("dh_T"), py::arg("dc_T"), py::arg("has_bW"), py::arg("has_bR"), py::arg("allocate"),
-        py::arg("stream"));
+        py::arg("dh_T"), py::arg("dc_T"), py::arg("lengths"), py::arg("has_bW"), py::arg("has_bR"),
+        py::arg("allocate"), py::arg("stream"));
   m.def("gate_count", [](const std::string& cell, const py::dict& options) {
     return gate_count(cell_options(cell, options));
   }, py::arg("cell"), py::arg("options") = py::dict());

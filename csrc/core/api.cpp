@@ -63,6 +63,8 @@ const char* dtype_name(DType dtype) {
     case DType::float64: return "float64";
     case DType::float16: return "float16";
     case DType::bfloat16: return "bfloat16";
+    case DType::int32: return "int32";
+    case DType::int64: return "int64";
   }
   return "unknown";
 }
@@ -244,6 +246,9 @@ class ViewChecker {
 };
 
 void check_dtype_supported(const TensorView& x) {
+  if (x.dtype == DType::int32 || x.dtype == DType::int64) {
+    throw DTypeError(std::string("x: expected a floating-point array, got ") + dtype_name(x.dtype));
+  }
   if (x.device.kind == DeviceKind::cpu && x.dtype != DType::float32 && x.dtype != DType::float64) {
     throw DTypeError(std::string("x: the CPU backend computes in float32 or float64, got ") + dtype_name(x.dtype));
   }
@@ -341,8 +346,34 @@ Checked check_window_inputs(const CellOptions& options, const TensorView& x, con
   return c;
 }
 
+// lengths: absent, or [B] of int32 or int64, C-contiguous, on the CPU or x's device. Its values are checked
+// where the backend reads them (pack_batch).
+void check_lengths(const Checked& c, const TensorView& x, const TensorView& lengths) {
+  if (!lengths.present()) return;
+  if (lengths.data == nullptr) {
+    throw ArgumentError("lengths: the array of shape " + shape_string(lengths) + " has no data pointer");
+  }
+  if (lengths.rank != 1 || lengths.shape[0] != c.B) {
+    throw ArgumentError("lengths: expected shape " + dims_string({c.B}) + " [B], got " + shape_string(lengths));
+  }
+  if (lengths.dtype != DType::int32 && lengths.dtype != DType::int64) {
+    throw DTypeError(std::string("lengths: expected dtype int32 or int64, got ") + dtype_name(lengths.dtype));
+  }
+  const bool on_host = lengths.device.kind == DeviceKind::cpu;
+  const bool on_x_device = lengths.device.kind == x.device.kind && lengths.device.index == x.device.index;
+  if (!on_host && !on_x_device) {
+    throw ArgumentError("lengths: expected an array on the CPU or on " + device_name(x.device) +
+                        " (the device of x), got one on " + device_name(lengths.device));
+  }
+  if (!lengths.is_contiguous()) {
+    throw ArgumentError("lengths: expected a contiguous array, got element stride " +
+                        std::to_string(lengths.strides[0]));
+  }
+}
+
 Checked check_forward_inputs_impl(const CellOptions& options, const ForwardArgs& args) {
   const Checked c = check_window_inputs(options, args.x, args.W, args.R, args.h0, args.c0);
+  check_lengths(c, args.x, args.lengths);
   const ViewChecker check(args.x);
   check("bW", args.bW, {c.GH}, "[G*hidden_size]", true);
   check("bR", args.bR, {c.GH}, "[G*hidden_size]", true);
@@ -352,6 +383,7 @@ Checked check_forward_inputs_impl(const CellOptions& options, const ForwardArgs&
 
 Checked check_backward_inputs_impl(const CellOptions& options, const BackwardArgs& args) {
   const Checked c = check_window_inputs(options, args.x, args.W, args.R, args.h0, args.c0);
+  check_lengths(c, args.x, args.lengths);
   const ViewChecker check(args.x);
   check("y", args.y, {c.T, c.B, c.H}, "[T, B, hidden_size]");
   if (cache_width(options) > 0) {
@@ -366,7 +398,15 @@ Checked check_backward_inputs_impl(const CellOptions& options, const BackwardArg
 }
 
 int64_t itemsize(DType dtype) {
-  return dtype == DType::float64 ? 8 : dtype == DType::float32 ? 4 : 2;
+  switch (dtype) {
+    case DType::float64:
+    case DType::int64: return 8;
+    case DType::float32:
+    case DType::int32: return 4;
+    case DType::float16:
+    case DType::bfloat16: return 2;
+  }
+  return 8;
 }
 
 struct Named {
@@ -415,6 +455,7 @@ BackwardArgs backward_args_for(const ForwardArgs& f) {
   b.P = f.P;
   b.y = f.y;
   b.cache = f.cache;
+  b.lengths = f.lengths;
   return b;
 }
 
@@ -434,7 +475,7 @@ void forward(const CellOptions& options, const ForwardArgs& args, void* stream) 
   }
   check_no_aliasing({{"y", &args.y}, {"h_T", &args.h_T}, {"c_T", &args.c_T}, {"cache", &args.cache}},
                     {{"x", &args.x}, {"W", &args.W}, {"R", &args.R}, {"bW", &args.bW}, {"bR", &args.bR},
-                     {"h0", &args.h0}, {"c0", &args.c0}, {"P", &args.P}});
+                     {"h0", &args.h0}, {"c0", &args.c0}, {"P", &args.P}, {"lengths", &args.lengths}});
   const std::string operation = std::string("conveyor::") + cell_name(options.cell) + "_forward";
   const detail::NvtxRange range(operation.c_str());
   if (args.x.device.kind == DeviceKind::cuda) {
@@ -482,7 +523,7 @@ void backward(const CellOptions& options, const BackwardArgs& args, void* stream
                      {"dbW", &args.dbW}, {"dbR", &args.dbR}, {"dP", &args.dP}},
                     {{"x", &args.x}, {"W", &args.W}, {"R", &args.R}, {"h0", &args.h0}, {"c0", &args.c0},
                      {"P", &args.P}, {"y", &args.y}, {"cache", &args.cache}, {"dy", &args.dy},
-                     {"dh_T", &args.dh_T}, {"dc_T", &args.dc_T}});
+                     {"dh_T", &args.dh_T}, {"dc_T", &args.dc_T}, {"lengths", &args.lengths}});
   const std::string operation = std::string("conveyor::") + cell_name(options.cell) + "_backward";
   const detail::NvtxRange range(operation.c_str());
   if (args.x.device.kind == DeviceKind::cuda) {

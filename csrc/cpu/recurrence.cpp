@@ -18,6 +18,7 @@
 #include "cells/lstm.h"
 #include "cells/rnn.h"
 #include "core/backends.h"
+#include "core/packing.h"
 #include "gemm.h"
 #include "thread_pool.h"
 
@@ -73,21 +74,92 @@ void column_sums(int64_t rows, int64_t cols, const T* m, int64_t ld, bool accumu
   for (int64_t c = 0; c < cols; ++c) out[c] = accumulate ? out[c] + sum[c] : sum[c];
 }
 
-// The recurrent dropout masks m_t [T or 1, B, H] of the window (empty without recurrent dropout).
+// The recurrent dropout masks of the window in its packed rows (core/packing.h): m_t of every step's rows,
+// [tokens, H], or one [B, H] for every step when variational (empty without recurrent dropout). Packed row k
+// draws the mask of the batch's row order[k].
 template <typename T>
-std::vector<T> recurrent_masks(const CellOptions& options, int64_t steps, int64_t B, int64_t H) {
+std::vector<T> recurrent_masks(const CellOptions& options, const PackedBatch& rows, int64_t H) {
   if (options.recurrent_dropout == 0) return {};
-  const int64_t mask_steps = options.variational ? 1 : steps;
-  std::vector<T> m(static_cast<size_t>(mask_steps * B * H));
+  const int64_t mask_steps = options.variational ? 1 : rows.steps;
+  std::vector<T> m(static_cast<size_t>((options.variational ? rows.batch : rows.tokens()) * H));
   for (int64_t t = 0; t < mask_steps; ++t) {
-    for (int64_t b = 0; b < B; ++b) {
+    const int64_t count = options.variational ? rows.batch : rows.rows_at(t);
+    const int64_t first = options.variational ? 0 : rows.offsets[t];
+    for (int64_t k = 0; k < count; ++k) {
       for (int64_t u = 0; u < H; ++u) {
-        m[(t * B + b) * H + u] = cells::dropout_mask_value<T>(options.recurrent_dropout, options.dropout_seed,
-                                                              options.dropout_stream, b, u, t);
+        m[(first + k) * H + u] = cells::dropout_mask_value<T>(options.recurrent_dropout, options.dropout_seed,
+                                                               options.dropout_stream, rows.order[k], u, t);
       }
     }
   }
   return m;
+}
+
+// Between the caller's padded arrays ([T, B, width], row b in place) and the packed ones ([tokens, width]):
+// packed row offsets[t] + k is step t of the batch's row order[k].
+template <typename T>
+void pack_rows(const PackedBatch& rows, int64_t width, const T* padded, T* packed) {
+  for (int64_t t = 0; t < rows.steps; ++t) {
+    for (int64_t k = 0; k < rows.rows_at(t); ++k) {
+      std::memcpy(packed + (rows.offsets[t] + k) * width, padded + (t * rows.batch + rows.order[k]) * width,
+                  sizeof(T) * width);
+    }
+  }
+}
+
+// The inverse, over all `steps` of the padded array: zeros at the steps past a row's length.
+template <typename T>
+void unpack_rows(const PackedBatch& rows, int64_t steps, int64_t width, const T* packed, T* padded) {
+  for (int64_t t = 0; t < steps; ++t) {
+    for (int64_t b = 0; b < rows.batch; ++b) {
+      T* out = padded + (t * rows.batch + b) * width;
+      const int64_t k = rows.rank[b];
+      if (t < rows.steps && k < rows.rows_at(t)) {
+        std::memcpy(out, packed + (rows.offsets[t] + k) * width, sizeof(T) * width);
+      } else {
+        std::fill(out, out + width, T(0));
+      }
+    }
+  }
+}
+
+// [B, width] states into packed order (out[k] = in[order[k]]), and back.
+template <typename T>
+void rows_to_packed(const PackedBatch& rows, int64_t width, const T* in, T* out) {
+  for (int64_t k = 0; k < rows.batch; ++k) std::memcpy(out + k * width, in + rows.order[k] * width, sizeof(T) * width);
+}
+template <typename T>
+void rows_from_packed(const PackedBatch& rows, int64_t width, const T* in, T* out) {
+  for (int64_t k = 0; k < rows.batch; ++k) std::memcpy(out + rows.order[k] * width, in + k * width, sizeof(T) * width);
+}
+
+// A padded [T, B, width] input in packed rows: the array itself for a dense batch, else a packed copy.
+template <typename T>
+class PackedInput {
+ public:
+  PackedInput(const PackedBatch& rows, int64_t width, const T* padded)
+      : copy_(rows.dense ? 0 : static_cast<size_t>(rows.tokens() * width)) {
+    if (!rows.dense) pack_rows(rows, width, padded, copy_.data());
+    data_ = rows.dense ? padded : copy_.data();
+  }
+  const T* get() const { return data_; }
+
+ private:
+  std::vector<T> copy_;
+  const T* data_;
+};
+
+// A [B, width] state in packed order, or zeros where the state is absent.
+template <typename T>
+std::vector<T> packed_state(const PackedBatch& rows, int64_t width, const TensorView& state) {
+  std::vector<T> out(static_cast<size_t>(rows.batch * width), T(0));
+  if (state.present()) rows_to_packed(rows, width, static_cast<const T*>(state.data), out.data());
+  return out;
+}
+
+// The rows a window runs: packed by `lengths` when given, else every row for all T steps.
+PackedBatch window_rows(const WindowSizes& s, const TensorView& lengths) {
+  return lengths.present() ? pack_batch(host_lengths(lengths), s.steps) : dense_batch(s.steps, s.batch);
 }
 
 // n elements left uninitialised, for the outputs of products that overwrite them whole (beta = 0): a zeroing
@@ -121,18 +193,20 @@ Window make_window(const CellOptions& options, const WindowSizes& s) {
 }
 
 // dP (=|+=) the peephole gradients: dp_i = sum da_i c_{t-1}, dp_f = sum da_f c_{t-1}, dp_o = sum da_o c_t,
-// over steps and batch rows; da holds the LSTM's pre-activation gradients (leading dimension ld).
+// over steps and batch rows (packed); da holds the LSTM's pre-activation gradients (leading dimension ld), c0
+// the initial cell state in packed order.
 template <typename T>
-void peephole_grads(const CellOptions& options, int64_t T_steps, int64_t B, int64_t H, const T* da, int64_t ld,
+void peephole_grads(const CellOptions& options, const PackedBatch& rows, int64_t H, const T* da, int64_t ld,
                     const T* cache, const T* c0, bool accumulate, T* dP) {
   const int64_t cw = 5 * H;
   const int64_t bf = options.coupled_gates ? 0 : 1, bo = options.coupled_gates ? 2 : 3;
   std::vector<T> sum(static_cast<size_t>(3 * H), T(0));
-  for (int64_t t = 0; t < T_steps; ++t) {
-    for (int64_t b = 0; b < B; ++b) {
-      const T* c = cache + (t * B + b) * cw + 4 * H;
-      const T* c_prev = t == 0 ? c0 + b * H : c - B * cw;
-      const T* d = da + (t * B + b) * ld;
+  for (int64_t t = 0; t < rows.steps; ++t) {
+    for (int64_t b = 0; b < rows.rows_at(t); ++b) {
+      const int64_t row = rows.offsets[t] + b;
+      const T* c = cache + row * cw + 4 * H;
+      const T* c_prev = t == 0 ? c0 + b * H : cache + (rows.offsets[t - 1] + b) * cw + 4 * H;
+      const T* d = da + row * ld;
       for (int64_t j = 0; j < H; ++j) {
         if (!options.coupled_gates) sum[j] += d[j] * c_prev[j];
         sum[H + j] += d[bf * H + j] * c_prev[j];
@@ -310,16 +384,23 @@ void rnn_backward_row(int64_t H, const T* __restrict h, const T* __restrict dy, 
 // ---------------------------------------------------------------------------------------------------------
 // The windows
 
+// A window runs over its rows in packed order (core/packing.h): step t's rows are rows offsets[t] ..
+// offsets[t + 1] - 1 of every per-step array, the first rows_at(t) rows of the step before, so each step's
+// products and cell math cover only the rows still running. Without lengths that is the caller's own
+// layout (offsets t * B) and nothing is copied; with them, x (and backward's y and dy) are packed first and
+// the outputs unpacked after.
 template <typename T, bool kRelu>
 void forward_window(const CellOptions& options, const WindowSizes& sizes, const ForwardArgs& args) {
   const Window w = make_window(options, sizes);
-  const int64_t B = w.batch, H = w.hidden_size, GH = w.gh();
+  const PackedBatch rows = window_rows(sizes, args.lengths);
+  const int64_t B = w.batch, H = w.hidden_size, GH = w.gh(), N = rows.tokens();
   const int64_t cw = cache_width(options) * H;
-  const T* x = static_cast<const T*>(args.x.data);
   const T* W = static_cast<const T*>(args.W.data);
   const T* R = static_cast<const T*>(args.R.data);
   const T* bW = data_or_null<T>(args.bW);
-  T* y = static_cast<T*>(args.y.data);
+  const PackedInput<T> x(rows, w.input_size, static_cast<const T*>(args.x.data));
+  Scratch<T> y_packed(rows.dense ? 0 : N * H);
+  T* y = rows.dense ? static_cast<T*>(args.y.data) : y_packed.data();
   // Absent biases and cache become zeros and a one-step scratch cache, so that the per-element loops have
   // no branches.
   std::vector<T> zero_bias(args.bR.present() ? 0 : static_cast<size_t>(GH), T(0));
@@ -328,32 +409,28 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   std::vector<T> step_cache(cache != nullptr ? 0 : static_cast<size_t>(B * cw));
 
   // ax = x W^T + bW for every step at once.
-  Scratch<T> ax(w.rows() * GH);
-  gemm<T>(w.rows(), GH, w.input_size, T(1), MatrixRef<T>::rows(x, w.input_size),
+  Scratch<T> ax(N * GH);
+  gemm<T>(N, GH, w.input_size, T(1), MatrixRef<T>::rows(x.get(), w.input_size),
           MatrixRef<T>::transposed(W, w.input_size), T(0), ax.data(), GH);
   if (bW != nullptr) {
-    for_each_row(w.rows(), double(GH), [&](int64_t r) {
+    for_each_row(N, double(GH), [&](int64_t r) {
       T* row = ax.data() + r * GH;
       for (int64_t j = 0; j < GH; ++j) row[j] += bW[j];
     });
   }
 
-  std::vector<T> zeros(static_cast<size_t>(B * H), T(0));
-  const T* h0 = args.h0.present() ? static_cast<const T*>(args.h0.data) : zeros.data();
+  const std::vector<T> h0 = packed_state<T>(rows, H, args.h0);
   const cells::LstmOptions<T> lstm = lstm_options<T>(options);
   std::vector<T> no_peephole(args.P.present() ? 0 : static_cast<size_t>(3 * H), T(0));
   const T* peephole = args.P.present() ? static_cast<const T*>(args.P.data) : no_peephole.data();
   // Recurrent dropout: the product reads h_product = m_t * h_{t-1} instead of h_{t-1}.
-  const std::vector<T> masks = recurrent_masks<T>(options, w.steps, B, H);
+  const std::vector<T> masks = recurrent_masks<T>(options, rows, H);
   const bool dropout = !masks.empty();
   std::vector<T> h_masked(dropout ? static_cast<size_t>(B * H) : 0);
   Scratch<T> ar(B * GH);  // the recurrent pre-activations of one step
   std::vector<T> cell_state;                        // LSTM: c_{t-1}, then c_t, in place
   std::vector<T> reset_hidden;                      // GRU reset_before: r * h_{t-1}
-  if (options.cell == CellType::lstm) {
-    cell_state.assign(static_cast<size_t>(B * H), T(0));
-    if (args.c0.present()) std::memcpy(cell_state.data(), args.c0.data, sizeof(T) * B * H);
-  }
+  if (options.cell == CellType::lstm) cell_state = packed_state<T>(rows, H, args.c0);
   if (options.cell == CellType::gru && !options.reset_after) reset_hidden.resize(static_cast<size_t>(B * H));
 
   // The recurrent weights, packed once for the T per-step products h_{t-1} R^T (the GRU without reset_after
@@ -362,34 +439,35 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   const PackedMatrix<T> recurrent(H, split_n ? 2 * H : GH, MatrixRef<T>::transposed(R, H));
   const PackedMatrix<T> recurrent_n(split_n ? H : 0, H, MatrixRef<T>::transposed(R + 2 * H * H, H));
 
-  for (int64_t t = 0; t < w.steps; ++t) {
-    const T* h_prev = t == 0 ? h0 : y + (t - 1) * B * H;
+  for (int64_t t = 0; t < rows.steps; ++t) {
+    const int64_t Bt = rows.rows_at(t), first = rows.offsets[t];
+    const T* h_prev = t == 0 ? h0.data() : y + rows.offsets[t - 1] * H;
     const T* h_product = h_prev;
     if (dropout) {
-      masked(B * H, masks.data() + (options.variational ? 0 : t) * B * H, h_prev, h_masked.data());
+      masked(Bt * H, masks.data() + (options.variational ? 0 : first) * H, h_prev, h_masked.data());
       h_product = h_masked.data();
     }
-    T* h = y + t * B * H;
-    const T* ax_t = ax.data() + t * B * GH;
-    T* cache_t = cache != nullptr ? cache + t * B * cw : step_cache.data();
+    T* h = y + first * H;
+    const T* ax_t = ax.data() + first * GH;
+    T* cache_t = cache != nullptr ? cache + first * cw : step_cache.data();
 
     if (options.cell == CellType::gru && !options.reset_after) {
       // r and z first: the n block's recurrent product reads r * h_{t-1}.
-      gemm<T>(B, T(1), MatrixRef<T>::rows(h_product, H), recurrent, T(0), ar.data(), GH);
-      for_each_row(B, kElementCost * H, [&](int64_t b) {
+      gemm<T>(Bt, T(1), MatrixRef<T>::rows(h_product, H), recurrent, T(0), ar.data(), GH);
+      for_each_row(Bt, kElementCost * H, [&](int64_t b) {
         gru_reset_before_gates_row<T>(H, ax_t + b * GH, ar.data() + b * GH, bR, h_product + b * H,
                                       reset_hidden.data() + b * H, cache_t + b * cw);
       });
-      gemm<T>(B, T(1), MatrixRef<T>::rows(reset_hidden.data(), H), recurrent_n, T(0), ar.data() + 2 * H, GH);
-      for_each_row(B, kElementCost * H, [&](int64_t b) {
+      gemm<T>(Bt, T(1), MatrixRef<T>::rows(reset_hidden.data(), H), recurrent_n, T(0), ar.data() + 2 * H, GH);
+      for_each_row(Bt, kElementCost * H, [&](int64_t b) {
         gru_reset_before_output_row<T, kRelu>(H, ax_t + b * GH + 2 * H, ar.data() + b * GH + 2 * H, bR + 2 * H,
                                               h_prev + b * H, h + b * H, cache_t + b * cw);
       });
       continue;
     }
 
-    gemm<T>(B, T(1), MatrixRef<T>::rows(h_product, H), recurrent, T(0), ar.data(), GH);
-    for_each_row(B, kElementCost * H, [&](int64_t b) {
+    gemm<T>(Bt, T(1), MatrixRef<T>::rows(h_product, H), recurrent, T(0), ar.data(), GH);
+    for_each_row(Bt, kElementCost * H, [&](int64_t b) {
       const T* ax_b = ax_t + b * GH;
       const T* ar_b = ar.data() + b * GH;
       switch (options.cell) {
@@ -410,57 +488,66 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
     });
   }
 
-  if (args.h_T.present()) std::memcpy(args.h_T.data, y + (w.steps - 1) * B * H, sizeof(T) * B * H);
-  if (args.c_T.present()) std::memcpy(args.c_T.data, cell_state.data(), sizeof(T) * B * H);
+  // A row's final state is its output at its last step; the cell state stopped where the row did.
+  if (!rows.dense) unpack_rows(rows, w.steps, H, y, static_cast<T*>(args.y.data));
+  if (args.h_T.present()) {
+    T* h_T = static_cast<T*>(args.h_T.data);
+    for (int64_t k = 0; k < B; ++k) std::memcpy(h_T + rows.order[k] * H, y + rows.last_row(k) * H, sizeof(T) * H);
+  }
+  if (args.c_T.present()) rows_from_packed(rows, H, cell_state.data(), static_cast<T*>(args.c_T.data));
 }
 
 template <typename T, bool kRelu>
 void backward_window(const CellOptions& options, const WindowSizes& sizes, const BackwardArgs& args) {
   const Window w = make_window(options, sizes);
-  const int64_t B = w.batch, H = w.hidden_size, I = w.input_size, GH = w.gh(), TB = w.rows();
+  const PackedBatch rows = window_rows(sizes, args.lengths);
+  const int64_t B = w.batch, H = w.hidden_size, I = w.input_size, GH = w.gh(), N = rows.tokens();
   const int64_t cw = cache_width(options) * H;
-  const T* x = static_cast<const T*>(args.x.data);
   const T* W = static_cast<const T*>(args.W.data);
   const T* R = static_cast<const T*>(args.R.data);
-  const T* y = static_cast<const T*>(args.y.data);
+  const PackedInput<T> x(rows, I, static_cast<const T*>(args.x.data));
+  const PackedInput<T> y(rows, H, static_cast<const T*>(args.y.data));
+  const PackedInput<T> dy(rows, H, static_cast<const T*>(args.dy.data));
   const T* cache = data_or_null<T>(args.cache);
-  const T* dy = static_cast<const T*>(args.dy.data);
   const bool reset_after_gru = options.cell == CellType::gru && options.reset_after;
   const bool reset_before_gru = options.cell == CellType::gru && !options.reset_after;
 
-  std::vector<T> zeros(static_cast<size_t>(B * H), T(0));
-  const T* h0 = args.h0.present() ? static_cast<const T*>(args.h0.data) : zeros.data();
-  const T* c0 = args.c0.present() ? static_cast<const T*>(args.c0.data) : zeros.data();
+  const std::vector<T> h0 = packed_state<T>(rows, H, args.h0);
+  const std::vector<T> c0 = packed_state<T>(rows, options.cell == CellType::lstm ? H : 0, args.c0);
   const cells::LstmOptions<T> lstm = lstm_options<T>(options);
   std::vector<T> no_peephole(args.P.present() ? 0 : static_cast<size_t>(3 * H), T(0));
   const T* peephole = args.P.present() ? static_cast<const T*>(args.P.data) : no_peephole.data();
 
   // Gradients of the pre-activations of every step: dax for the input path (and, but for the GRU's n block
   // when reset_after, the recurrent path too); dar_n for that n block.
-  std::vector<T> dax(static_cast<size_t>(TB * GH));
-  std::vector<T> dar_n(reset_after_gru ? static_cast<size_t>(TB * H) : 0);
-  // The gradient reaching h_t (and c_t) from later steps, carried backwards.
-  std::vector<T> dh(static_cast<size_t>(B * H), T(0));
-  std::vector<T> dc(options.cell == CellType::lstm ? static_cast<size_t>(B * H) : 0, T(0));
+  std::vector<T> dax(static_cast<size_t>(N * GH));
+  std::vector<T> dar_n(reset_after_gru ? static_cast<size_t>(N * H) : 0);
+  // The gradient reaching h_t (and c_t) from later steps, carried backwards. A row that stops before the
+  // window's end keeps dh_T (dc_T) here untouched until its own last step.
+  std::vector<T> dh = packed_state<T>(rows, H, args.dh_T);
+  std::vector<T> dc = packed_state<T>(rows, options.cell == CellType::lstm ? H : 0, args.dc_T);
   std::vector<T> d_reset_hidden(reset_before_gru ? static_cast<size_t>(B * H) : 0);
-  if (args.dh_T.present()) std::memcpy(dh.data(), args.dh_T.data, sizeof(T) * B * H);
-  if (args.dc_T.present()) std::memcpy(dc.data(), args.dc_T.data, sizeof(T) * B * H);
 
   // Recurrent dropout: step t's product read h_products[t] = m_t * h_{t-1}, so the gradient it sends back to
-  // h_{t-1} is m_t * (da_t R), and dR pairs da_t with h_products[t].
-  const std::vector<T> masks = recurrent_masks<T>(options, w.steps, B, H);
+  // h_{t-1} is m_t * (da_t R), and dR pairs da_t with h_products[t]. With lengths, dR needs every step's
+  // h_{t-1} in one array too (step t's rows of y_{t-1} are not step t-1's whole block).
+  const std::vector<T> masks = recurrent_masks<T>(options, rows, H);
   const bool dropout = !masks.empty();
   const std::vector<T> ones(dropout ? 0 : static_cast<size_t>(B * H), T(1));
-  auto mask_of = [&](int64_t t) { return dropout ? masks.data() + (options.variational ? 0 : t) * B * H : ones.data(); };
-  std::vector<T> h_products(dropout ? static_cast<size_t>(TB * H) : 0);
-  for (int64_t t = 0; dropout && t < w.steps; ++t) {
-    masked(B * H, mask_of(t), t == 0 ? h0 : y + (t - 1) * B * H, h_products.data() + t * B * H);
+  auto mask_of = [&](int64_t t) {
+    return dropout ? masks.data() + (options.variational ? 0 : rows.offsets[t]) * H : ones.data();
+  };
+  auto h_prev_of = [&](int64_t t) { return t == 0 ? h0.data() : y.get() + rows.offsets[t - 1] * H; };
+  const bool gather_products = dropout || !rows.dense;
+  std::vector<T> h_products(gather_products ? static_cast<size_t>(N * H) : 0);
+  for (int64_t t = 0; gather_products && t < rows.steps; ++t) {
+    masked(rows.rows_at(t) * H, mask_of(t), h_prev_of(t), h_products.data() + rows.offsets[t] * H);
   }
-  // dh (=, or += when `add`) m_t * product, the product of one step's gradients with R.
+  // dh (=, or += when `add`) m_t * product, the product of one step's gradients with R, over its Bt rows.
   Scratch<T> product(B * H);
-  auto fold_product = [&](int64_t t, bool add) {
+  auto fold_product = [&](int64_t t, int64_t Bt, bool add) {
     const T* m = mask_of(t);
-    for_each_row(B, 2.0 * H, [&](int64_t b) {
+    for_each_row(Bt, 2.0 * H, [&](int64_t b) {
       for (int64_t j = b * H; j < (b + 1) * H; ++j) dh[j] = add ? dh[j] + m[j] * product[j] : m[j] * product[j];
     });
   };
@@ -470,91 +557,96 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   const PackedMatrix<T> recurrent(gru ? 2 * H : GH, H, MatrixRef<T>::rows(R, H));
   const PackedMatrix<T> recurrent_n(gru ? H : 0, H, MatrixRef<T>::rows(R + 2 * H * H, H));
 
-  for (int64_t t = w.steps - 1; t >= 0; --t) {
-    const T* h_prev = t == 0 ? h0 : y + (t - 1) * B * H;
-    const T* h_product = dropout ? h_products.data() + t * B * H : h_prev;
-    const T* dy_t = dy + t * B * H;
-    const T* cache_t = cache + t * B * cw;
-    T* dax_t = dax.data() + t * B * GH;
+  for (int64_t t = rows.steps - 1; t >= 0; --t) {
+    const int64_t Bt = rows.rows_at(t), first = rows.offsets[t];
+    const T* h_prev = h_prev_of(t);
+    const T* h_product = dropout ? h_products.data() + first * H : h_prev;
+    const T* dy_t = dy.get() + first * H;
+    const T* cache_t = cache + first * cw;
+    T* dax_t = dax.data() + first * GH;
 
     switch (options.cell) {
       case CellType::lstm:
-        for_each_row(B, kElementCost * H, [&](int64_t b) {
-          const T* c_prev = t == 0 ? c0 + b * H : cache_t - B * cw + b * cw + 4 * H;
+        for_each_row(Bt, kElementCost * H, [&](int64_t b) {
+          const T* c_prev = t == 0 ? c0.data() + b * H : cache + (rows.offsets[t - 1] + b) * cw + 4 * H;
           lstm_switch(lstm, options.coupled_gates, [&](auto kCoupled, auto kPeephole, auto kClip) {
             lstm_backward_row<T, kRelu, kCoupled, kPeephole, kClip>(H, lstm, peephole, cache_t + b * cw, c_prev,
                                                                     dy_t + b * H, dh.data() + b * H,
                                                                     dc.data() + b * H, dax_t + b * GH);
           });
         });
-        gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
-        fold_product(t, false);
+        gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
+        fold_product(t, Bt, false);
         break;
       case CellType::rnn:
-        for_each_row(B, kElementCost * H, [&](int64_t b) {
-          rnn_backward_row<T, kRelu>(H, y + (t * B + b) * H, dy_t + b * H, dh.data() + b * H, dax_t + b * H);
+        for_each_row(Bt, kElementCost * H, [&](int64_t b) {
+          rnn_backward_row<T, kRelu>(H, y.get() + (first + b) * H, dy_t + b * H, dh.data() + b * H, dax_t + b * H);
         });
-        gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
-        fold_product(t, false);
+        gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
+        fold_product(t, Bt, false);
         break;
       case CellType::gru:
         if (options.reset_after) {
-          T* dar_n_t = dar_n.data() + t * B * H;
-          for_each_row(B, kElementCost * H, [&](int64_t b) {
+          T* dar_n_t = dar_n.data() + first * H;
+          for_each_row(Bt, kElementCost * H, [&](int64_t b) {
             gru_reset_after_backward_row<T, kRelu>(H, cache_t + b * cw, h_prev + b * H, dy_t + b * H,
                                                    dh.data() + b * H, dax_t + b * GH, dar_n_t + b * H);
           });
-          gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
-          gemm<T>(B, T(1), MatrixRef<T>::rows(dar_n_t, H), recurrent_n, T(1), product.data(), H);
-          fold_product(t, true);
+          gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
+          gemm<T>(Bt, T(1), MatrixRef<T>::rows(dar_n_t, H), recurrent_n, T(1), product.data(), H);
+          fold_product(t, Bt, true);
         } else {
-          for_each_row(B, kElementCost * H, [&](int64_t b) {
+          for_each_row(Bt, kElementCost * H, [&](int64_t b) {
             gru_reset_before_backward_row<T, kRelu>(H, cache_t + b * cw, h_prev + b * H, dy_t + b * H,
                                                     dh.data() + b * H, dax_t + b * GH);
           });
           // d(r * h_{t-1}) = dar_n R_n, which r's gradient needs.
-          gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t + 2 * H, GH), recurrent_n, T(0), d_reset_hidden.data(), H);
-          for_each_row(B, kElementCost * H, [&](int64_t b) {
+          gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t + 2 * H, GH), recurrent_n, T(0), d_reset_hidden.data(), H);
+          for_each_row(Bt, kElementCost * H, [&](int64_t b) {
             gru_reset_before_reset_grad_row<T>(H, cache_t + b * cw, h_product + b * H, mask_of(t) + b * H,
                                                d_reset_hidden.data() + b * H, dh.data() + b * H, dax_t + b * GH);
           });
-          gemm<T>(B, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
-          fold_product(t, true);
+          gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
+          fold_product(t, Bt, true);
         }
         break;
     }
   }
 
-  if (args.dh0.present()) std::memcpy(args.dh0.data, dh.data(), sizeof(T) * B * H);
-  if (args.dc0.present()) std::memcpy(args.dc0.data, dc.data(), sizeof(T) * B * H);
+  if (args.dh0.present()) rows_from_packed(rows, H, dh.data(), static_cast<T*>(args.dh0.data));
+  if (args.dc0.present()) rows_from_packed(rows, H, dc.data(), static_cast<T*>(args.dc0.data));
 
   const T beta = args.accumulate ? T(1) : T(0);
   if (args.dx.present()) {
-    gemm<T>(TB, I, GH, T(1), MatrixRef<T>::rows(dax.data(), GH), MatrixRef<T>::rows(W, I), T(0),
-            static_cast<T*>(args.dx.data), I);
+    Scratch<T> dx_packed(rows.dense ? 0 : N * I);
+    T* dx = rows.dense ? static_cast<T*>(args.dx.data) : dx_packed.data();
+    gemm<T>(N, I, GH, T(1), MatrixRef<T>::rows(dax.data(), GH), MatrixRef<T>::rows(W, I), T(0), dx, I);
+    if (!rows.dense) unpack_rows(rows, w.steps, I, dx, static_cast<T*>(args.dx.data));
   }
   if (args.dW.present()) {
-    gemm<T>(GH, I, TB, T(1), MatrixRef<T>::transposed(dax.data(), GH), MatrixRef<T>::rows(x, I), beta,
+    gemm<T>(GH, I, N, T(1), MatrixRef<T>::transposed(dax.data(), GH), MatrixRef<T>::rows(x.get(), I), beta,
             static_cast<T*>(args.dW.data), I);
   }
-  if (args.dbW.present()) column_sums(TB, GH, dax.data(), GH, args.accumulate, static_cast<T*>(args.dbW.data));
+  if (args.dbW.present()) column_sums(N, GH, dax.data(), GH, args.accumulate, static_cast<T*>(args.dbW.data));
   if (args.dP.present()) {
-    peephole_grads(options, w.steps, B, H, dax.data(), GH, cache, c0, args.accumulate, static_cast<T*>(args.dP.data));
+    peephole_grads(options, rows, H, dax.data(), GH, cache, c0.data(), args.accumulate,
+                   static_cast<T*>(args.dP.data));
   }
 
   // dR[rows] = sum over steps of da^T h_{t-1}, for a block of R's rows whose pre-activation gradients are
-  // `da` (leading dimension lda). Step 0 reads h0 and later steps read y, so it is two products.
-  auto recurrent_weight_grad = [&](int64_t row0, int64_t rows, const T* da, int64_t lda) {
+  // `da` (leading dimension lda). Dense and without dropout, step 0 reads h0 and later steps read y: two
+  // products; otherwise one over h_products.
+  auto recurrent_weight_grad = [&](int64_t row0, int64_t count, const T* da, int64_t lda) {
     T* out = static_cast<T*>(args.dR.data) + row0 * H;
-    if (dropout) {
-      gemm<T>(rows, H, TB, T(1), MatrixRef<T>::transposed(da, lda), MatrixRef<T>::rows(h_products.data(), H), beta,
+    if (gather_products) {
+      gemm<T>(count, H, N, T(1), MatrixRef<T>::transposed(da, lda), MatrixRef<T>::rows(h_products.data(), H), beta,
               out, H);
       return;
     }
-    gemm<T>(rows, H, TB - B, T(1), MatrixRef<T>::transposed(da + B * lda, lda), MatrixRef<T>::rows(y, H), beta, out,
-            H);
+    gemm<T>(count, H, N - B, T(1), MatrixRef<T>::transposed(da + B * lda, lda), MatrixRef<T>::rows(y.get(), H), beta,
+            out, H);
     if (args.h0.present()) {
-      gemm<T>(rows, H, B, T(1), MatrixRef<T>::transposed(da, lda), MatrixRef<T>::rows(h0, H), T(1), out, H);
+      gemm<T>(count, H, B, T(1), MatrixRef<T>::transposed(da, lda), MatrixRef<T>::rows(h0.data(), H), T(1), out, H);
     }
   };
   if (args.dR.present()) {
@@ -567,7 +659,7 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
         recurrent_weight_grad(2 * H, H, dar_n.data(), H);
       } else {
         // The n block's recurrent product read r * h_{t-1}, saved in the cache's fourth column block.
-        gemm<T>(H, H, TB, T(1), MatrixRef<T>::transposed(dax.data() + 2 * H, GH),
+        gemm<T>(H, H, N, T(1), MatrixRef<T>::transposed(dax.data() + 2 * H, GH),
                 MatrixRef<T>::rows(cache + 3 * H, cw), beta, out_n, H);
       }
     }
@@ -575,10 +667,10 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   if (args.dbR.present()) {
     T* dbR = static_cast<T*>(args.dbR.data);
     if (reset_after_gru) {
-      column_sums(TB, 2 * H, dax.data(), GH, args.accumulate, dbR);
-      column_sums(TB, H, dar_n.data(), H, args.accumulate, dbR + 2 * H);
+      column_sums(N, 2 * H, dax.data(), GH, args.accumulate, dbR);
+      column_sums(N, H, dar_n.data(), H, args.accumulate, dbR + 2 * H);
     } else {
-      column_sums(TB, GH, dax.data(), GH, args.accumulate, dbR);
+      column_sums(N, GH, dax.data(), GH, args.accumulate, dbR);
     }
   }
 }

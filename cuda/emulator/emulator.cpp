@@ -1183,9 +1183,18 @@ cudaError_t cudaMemPoolGetAttribute(cudaMemPool_t pool, cudaMemPoolAttr attr, vo
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
   CONVEYOR_EMULATOR_STICKY();
   if (const cudaError_t e = check_copy(dst, src, bytes, kind); e != cudaSuccess) return emu::record(e);
+  // Pageable host memory (all host memory here: the emulator has no pinned allocations) as CUDA treats it: a
+  // copy from it returns once the bytes are staged, so the caller may reuse or free the buffer at once; a copy
+  // into it returns once the copy is complete.
+  if (bytes > 0 && !emu::in_device_memory(src, bytes)) {
+    auto staged = std::make_shared<std::vector<unsigned char>>(static_cast<const unsigned char*>(src),
+                                                                 static_cast<const unsigned char*>(src) + bytes);
+    return enqueue_and_maybe_wait(stream, [=] { std::memmove(dst, staged->data(), bytes); },
+                                  !emu::in_device_memory(dst, bytes));
+  }
   return enqueue_and_maybe_wait(stream, [=] {
     if (bytes > 0) std::memmove(dst, src, bytes);
-  }, false);
+  }, bytes > 0 && !emu::in_device_memory(dst, bytes));
 }
 
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {

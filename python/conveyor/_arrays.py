@@ -34,6 +34,20 @@ def _is_torch(a) -> bool:
 _DTYPE_NAMES = {}  # dtype -> name: NumPy's dtype.name costs microseconds, and every call asks a dozen times
 
 
+def lengths_argument(lengths):
+    """`lengths` as the core takes it: None; an array of another library (CuPy, PyTorch, JAX; on the CPU or
+    x's device) as it is, for DLPack; anything else as a NumPy array, of int64 if of integers. The core checks
+    its dtype (int32 or int64), shape and values against the window."""
+    if lengths is None or is_foreign(lengths):
+        return lengths
+    array = np.asarray(lengths)
+    if array.dtype.kind in "iu" and array.dtype != np.int32:
+        if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"lengths: expected lengths in [1, T], got {int(array.max())}")
+        array = array.astype(np.int64)
+    return np.ascontiguousarray(array)
+
+
 def dtype_name(dtype) -> str:
     """The name of a NumPy, CuPy, JAX, PyTorch or array-API dtype: "float32", "bfloat16", ..."""
     try:

@@ -21,6 +21,7 @@ def forward(
     h0: np.ndarray | None,
     c0: np.ndarray | None,
     P: np.ndarray | None,
+    lengths: np.ndarray | None,
     training: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(y, h_T, c_T or None, cache or None)."""
@@ -39,6 +40,7 @@ def backward(
     dy: np.ndarray,
     dh_T: np.ndarray | None,
     dc_T: np.ndarray | None,
+    lengths: np.ndarray | None,
     has_bW: bool,
     has_bR: bool,
 ) -> tuple[
@@ -64,6 +66,7 @@ def forward_dlpack(
     h0: Any | None,
     c0: Any | None,
     P: Any | None,
+    lengths: np.ndarray | None,
     training: bool,
     allocate: Callable[[tuple[int, ...], str], Any],
     stream: int,
@@ -85,6 +88,7 @@ def backward_dlpack(
     dy: Any,
     dh_T: Any | None,
     dc_T: Any | None,
+    lengths: np.ndarray | None,
     has_bW: bool,
     has_bR: bool,
     allocate: Callable[[tuple[int, ...], str], Any],

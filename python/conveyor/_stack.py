@@ -47,8 +47,23 @@ class _Ops:
             xp = np
         self.xp = xp
 
-    def flip_time(self, a):
+    def flip_time(self, a, reversal=None):
+        """``a`` [T, B, ...] reversed in time: whole, or with ``reversal`` (:meth:`reversal`) each row within
+        its length, the steps past it left in place."""
+        if reversal is not None:
+            steps, rows = reversal
+            return self.contiguous(a[steps, rows])
         return a.flip(0) if self.torch else self.xp.ascontiguousarray(self.xp.flip(a, 0))
+
+    def reversal(self, lengths, steps, like):
+        """The index arrays that reverse each row b of a [T, B, ...] array within its first lengths[b] steps
+        (step t < lengths[b] from lengths[b] - 1 - t; the others stay): its own inverse. From host lengths."""
+        t = np.arange(steps)[:, None]
+        source = np.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)
+        rows = np.broadcast_to(np.arange(len(lengths))[None, :], source.shape)
+        if self.torch:
+            return tuple(self.xp.as_tensor(index, device=like.device) for index in (source, rows))
+        return self.xp.asarray(source), self.xp.asarray(rows)
 
     def concat(self, parts):
         if len(parts) == 1:
@@ -76,16 +91,23 @@ class _Ops:
     def contiguous(self, a):
         return a.contiguous() if self.torch else self.xp.ascontiguousarray(a)
 
+    def asarray(self, host, like):
+        """The NumPy array `host` in this library, with `like`'s dtype (and device)."""
+        if self.torch:
+            return self.xp.as_tensor(host, dtype=like.dtype, device=like.device)
+        return self.xp.asarray(host, dtype=like.dtype)
+
 
 class StackSaved:
     """What :func:`stack_forward` keeps for :func:`stack_backward`: one window's ``Saved`` per layer and
     direction, and the output dropout masks."""
 
-    __slots__ = ("cell", "num_layers", "directions", "hidden_size", "saved", "masks", "x")
+    __slots__ = ("cell", "num_layers", "directions", "hidden_size", "saved", "masks", "x", "reversal")
 
-    def __init__(self, cell, num_layers, directions, hidden_size, saved, masks, x):
+    def __init__(self, cell, num_layers, directions, hidden_size, saved, masks, x, reversal=None):
         self.cell, self.num_layers, self.directions = cell, num_layers, directions
         self.hidden_size, self.saved, self.masks, self.x = hidden_size, saved, masks, x
+        self.reversal = reversal
 
 
 class StackGrads(NamedTuple):
@@ -136,8 +158,21 @@ def _check_array(name, a, shape, meaning, like, *, cell_state=False):
         raise ValueError(f"{name}: expected a C-contiguous array of shape {tuple(a.shape)}")
 
 
+def _host_lengths(lengths):
+    """Lengths as a host NumPy int64 array (a GPU's copied), for the stack's own indexing."""
+    if _arrays.is_foreign(lengths):
+        library = _arrays.library_of(lengths)
+        if library == "torch":
+            lengths = lengths.detach().cpu()
+        elif library == "cupy":
+            lengths = lengths.get()
+        elif hasattr(lengths, "numpy"):
+            lengths = lengths.numpy()
+    return _arrays.lengths_argument(np.asarray(lengths))
+
+
 def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirectional=False, dropout=0.0,
-                  variational=False, recurrent_dropout=0.0, seed=0, training=True, **options):
+                  variational=False, recurrent_dropout=0.0, seed=0, training=True, lengths=None, **options):
     """Runs ``num_layers`` layers of ``cell`` (``"lstm"``, ``"gru"`` or ``"rnn"``) over the window ``x``.
 
     ``weights``: a sequence of L*D tuples ``(W, R, bW, bR)`` (LSTM: ``(W, R, bW, bR, P)``, P None without
@@ -146,6 +181,9 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
     dropout on each layer's output but the last; ``variational``: its masks (and those of
     ``recurrent_dropout``) shared by every step; both apply in training only. ``options``: the cell's own
     options (activation, reset_after, coupled_gates, forget_bias, cell_clip, allow_tf32, stream).
+    ``lengths``: None, or ``[B]`` (docs/math.md, "Variable lengths"): row b runs its first lengths[b] steps in
+    every layer, the reverse direction from step lengths[b] - 1 down to 0 (its input reversed within the
+    row's length, so its masks are those of the row run alone), and y is 0 past them.
     Returns ``(y [T, B, D*H], h_n [L*D, B, H], c_n or None, saved)``.
     """
     if cell not in ("lstm", "gru", "rnn"):
@@ -174,6 +212,13 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
                      cell_state=name == "c0")
 
     forward = getattr(_functional, f"{cell}_forward")
+    reversal = None
+    if lengths is not None:
+        lengths = _host_lengths(lengths)  # read once here, for the reversals and every window
+        if (bidirectional and lengths.dtype.kind == "i" and lengths.shape == (x.shape[1],)
+                and 1 <= lengths.min() and lengths.max() <= x.shape[0]):
+            reversal = ops.reversal(lengths, x.shape[0], x)
+        options["lengths"] = lengths
     saved, masks, h_n, c_n = [], [], [], []
     layer_input = x
     for layer in range(num_layers):
@@ -182,7 +227,7 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
             k = layer * directions + direction
             W, R, bW, bR, *rest = weights[k]
             extra = {"P": rest[0]} if cell == "lstm" and rest else {}
-            inp = layer_input if direction == 0 else ops.flip_time(layer_input)
+            inp = layer_input if direction == 0 else ops.flip_time(layer_input, reversal)
             states = (None if h0 is None else h0[k],)
             if cell == "lstm":
                 states += (None if c0 is None else c0[k],)
@@ -191,7 +236,7 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
                              mask_stream=mask_stream(layer, direction, RECURRENT_DROPOUT), training=training,
                              **extra, **options)
             y = result[0]
-            outputs.append(y if direction == 0 else ops.flip_time(y))
+            outputs.append(y if direction == 0 else ops.flip_time(y, reversal))
             h_n.append(result[1])
             if cell == "lstm":
                 c_n.append(result[2])
@@ -208,7 +253,7 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
         else:
             masks.append(None)
         layer_input = y
-    state = StackSaved(cell, num_layers, directions, hidden, saved, masks, x) if training else None
+    state = StackSaved(cell, num_layers, directions, hidden, saved, masks, x, reversal) if training else None
     return layer_input, ops.stack(h_n), ops.stack(c_n) if cell == "lstm" else None, state
 
 
@@ -245,12 +290,12 @@ def stack_backward(saved, dy, dh_n=None, dc_n=None, *, stream=None, _keep=False)
             k = layer * D + direction
             d = ops.part(d_output, direction, H)
             if direction == 1:
-                d = ops.flip_time(d)
+                d = ops.flip_time(d, saved.reversal)
             finals = (None if dh_n is None else dh_n[k],)
             if cell == "lstm":
                 finals += (None if dc_n is None else dc_n[k],)
             g = backward(saved.saved[k], d, *finals, stream=stream, _keep=_keep)
-            dx = g.dx if direction == 0 else ops.flip_time(g.dx)
+            dx = g.dx if direction == 0 else ops.flip_time(g.dx, saved.reversal)
             d_input = dx if d_input is None else d_input + dx
             dh0[k] = g.dh0
             if cell == "lstm":

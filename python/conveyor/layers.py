@@ -162,7 +162,7 @@ class _Recurrent:
             if x.dtype != self.dtype:
                 raise TypeError(f"x: expected dtype {self.dtype} (the layer's dtype), got {x.dtype}")
 
-    def _window(self, x, h0, c0):
+    def _window(self, x, h0, c0, lengths=None):
         """One window through the stack: (y, h_n, c_n, saved); each training window draws fresh masks."""
         self._check_input(x)
         if self.training:
@@ -171,10 +171,10 @@ class _Recurrent:
             self._cell, x, self._weights(), h0, c0, num_layers=self.num_layers,
             bidirectional=self.bidirectional, dropout=self.dropout, variational=self.variational,
             recurrent_dropout=self.recurrent_dropout, seed=(self._dropout_seed + self._windows) % 2**64,
-            training=self.training, activation=self.activation, **self._cell_options)
+            training=self.training, activation=self.activation, lengths=lengths, **self._cell_options)
 
-    def _forward(self, x, h0, c0):
-        y, h_n, c_n, self._saved = self._window(x, h0, c0)
+    def _forward(self, x, h0, c0, lengths):
+        y, h_n, c_n, self._saved = self._window(x, h0, c0, lengths)
         return y, h_n, c_n
 
     def _named_grads(self, result) -> dict:
@@ -235,9 +235,11 @@ class _Recurrent:
 class LSTM(_Recurrent):
     """An LSTM stack over windows of ``[T, B, input_size]``.
 
-    ``forward(x, h0=None, c0=None) -> (y, h_n, c_n)`` with ``y`` ``[T, B, D*hidden_size]`` and states
-    ``[num_layers*D, B, hidden_size]``; in training mode it keeps what ``backward(dy, dh_n=None, dc_n=None)
-    -> (dx, dh0, dc0)`` needs, and backward stores the parameter gradients in ``grads`` by name.
+    ``forward(x, h0=None, c0=None, lengths=None) -> (y, h_n, c_n)`` with ``y`` ``[T, B, D*hidden_size]`` and
+    states ``[num_layers*D, B, hidden_size]``; in training mode it keeps what ``backward(dy, dh_n=None,
+    dc_n=None) -> (dx, dh0, dc0)`` needs, and backward stores the parameter gradients in ``grads`` by name.
+    ``lengths`` (``[B]``, every layer's forward): row b runs its first lengths[b] steps only (docs/math.md,
+    "Variable lengths"); h_n holds each row's state after them, y is 0 past them.
 
     Options (docs/math.md; the README names the papers): ``num_layers``, ``bidirectional``, ``dropout``
     (between layers), ``variational`` (dropout masks shared over time), ``recurrent_dropout`` (on h_{t-1}
@@ -262,8 +264,8 @@ class LSTM(_Recurrent):
         if not coupled_gates:
             del self._cell_options["coupled_gates"]
 
-    def forward(self, x, h0=None, c0=None):
-        return self._forward(x, h0, c0)
+    def forward(self, x, h0=None, c0=None, lengths=None):
+        return self._forward(x, h0, c0, lengths)
 
     def backward(self, dy, dh_n=None, dc_n=None):
         grads = self._backward(dy, dh_n, dc_n)
@@ -273,8 +275,8 @@ class LSTM(_Recurrent):
 class GRU(_Recurrent):
     """A GRU stack; ``reset_after=True`` is PyTorch's and cuDNN's variant, False Cho et al.'s (2014).
 
-    ``forward(x, h0=None) -> (y, h_n)``; ``backward(dy, dh_n=None) -> (dx, dh0)``. Options as the LSTM's
-    but for the LSTM-only ones.
+    ``forward(x, h0=None, lengths=None) -> (y, h_n)``; ``backward(dy, dh_n=None) -> (dx, dh0)``. Options
+    and ``lengths`` as the LSTM's but for the LSTM-only ones.
     """
 
     _cell = "gru"
@@ -288,8 +290,8 @@ class GRU(_Recurrent):
                          recurrent_dropout=recurrent_dropout, activation=activation, dtype=dtype, seed=seed,
                          cell_options={"reset_after": self.reset_after})
 
-    def forward(self, x, h0=None):
-        y, h_n, _ = self._forward(x, h0, None)
+    def forward(self, x, h0=None, lengths=None):
+        y, h_n, _ = self._forward(x, h0, None, lengths)
         return y, h_n
 
     def backward(self, dy, dh_n=None):
@@ -301,7 +303,7 @@ class RNN(_Recurrent):
     """A plain RNN stack, ``h_t = act(W x_t + bW + R h_{t-1} + bR)``, with ``activation`` (PyTorch's
     ``nonlinearity``) ``"tanh"`` or ``"relu"``.
 
-    ``forward(x, h0=None) -> (y, h_n)``; ``backward(dy, dh_n=None) -> (dx, dh0)``.
+    ``forward(x, h0=None, lengths=None) -> (y, h_n)``; ``backward(dy, dh_n=None) -> (dx, dh0)``.
     """
 
     _cell = "rnn"
@@ -313,8 +315,8 @@ class RNN(_Recurrent):
                          bidirectional=bidirectional, dropout=dropout, variational=variational,
                          recurrent_dropout=recurrent_dropout, activation=activation, dtype=dtype, seed=seed)
 
-    def forward(self, x, h0=None):
-        y, h_n, _ = self._forward(x, h0, None)
+    def forward(self, x, h0=None, lengths=None):
+        y, h_n, _ = self._forward(x, h0, None, lengths)
         return y, h_n
 
     def backward(self, dy, dh_n=None):

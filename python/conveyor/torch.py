@@ -20,9 +20,14 @@ is taken as it is). The conversions are ordinary torch ops, so gradients reach `
 Windows chained through a 16-bit ``c_n`` therefore see the cell state rounded to 16 bits between calls; for
 exact chaining use ``conveyor.lstm_forward``, whose float32 ``c_T`` hands the state on unrounded.
 
+``PackedSequence`` input (``pack_sequence``, ``pack_padded_sequence``, sorted or not) is taken as
+``torch.nn`` takes it, returning a ``PackedSequence`` with the input's ``batch_sizes`` and indices, and
+``h_n`` (``c_n``) holding each sequence's state after its last step, in the batch's original order (as is
+``hx``). Each sequence runs only its own steps, in both directions, and padded steps cost no arithmetic
+(``conveyor.lstm_forward``'s ``lengths``).
+
 ``torch.compile``: the call into Conveyor is marked ``torch._dynamo.disable``, so a compiled model runs it
-eagerly between compiled graphs (a graph break), with the same results. ``PackedSequence`` input is refused
-with a message: pad it (``torch.nn.utils.rnn.pad_packed_sequence``) and pass the padded tensor.
+eagerly between compiled graphs (a graph break), with the same results.
 """
 
 from __future__ import annotations
@@ -121,6 +126,17 @@ def _no_grad_forward(spec, x, h0, c0, flat, training):
     return _stack_forward(spec, x, h0, c0, flat, training)
 
 
+def _repack(y, lengths, like):
+    """The padded output y [T, B, ...] (original batch order) as a PackedSequence laid out as `like`, the
+    input's: its batch_sizes, sorted_indices and unsorted_indices (differentiable, as torch's packing ops)."""
+    order = like.sorted_indices
+    if order is not None:
+        y, lengths = y.index_select(1, order), lengths[order.cpu()]
+    data = torch.nn.utils.rnn.pack_padded_sequence(y, lengths, enforce_sorted=True).data
+    return torch.nn.utils.rnn.PackedSequence(data, like.batch_sizes, like.sorted_indices,
+                                             like.unsorted_indices)
+
+
 class _ConveyorRNNBase(torch.nn.Module):
     _cell = ""
     _gates = 1
@@ -181,18 +197,20 @@ class _ConveyorRNNBase(torch.nn.Module):
         return {"activation": self.activation, **self._cell_options}
 
     def forward(self, input, hx=None):  # noqa: A002 (PyTorch's argument name)
+        sequence, lengths = None, None
         if isinstance(input, torch.nn.utils.rnn.PackedSequence):
-            raise TypeError("input: conveyor.torch does not take a PackedSequence; pad it with "
-                            "torch.nn.utils.rnn.pad_packed_sequence and pass the padded tensor (outputs past "
-                            "a sequence's length are then not masked), or use torch.nn for packed input")
-        if not isinstance(input, torch.Tensor):
-            raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
+            # Padded in the batch's original order (hx's and h_n's), time-major whatever batch_first says, as
+            # torch.nn reads a PackedSequence; the kernels run each row's own steps only.
+            sequence = input
+            input, lengths = torch.nn.utils.rnn.pad_packed_sequence(sequence)
+        elif not isinstance(input, torch.Tensor):
+            raise TypeError(f"input: expected a torch.Tensor or a PackedSequence, got {type(input).__name__}")
         batched = input.dim() == 3
         if input.dim() not in (2, 3):
             raise ValueError(f"input: expected a 2-D (unbatched) or 3-D tensor, got shape "
                              f"{tuple(input.shape)}")
         x = input if batched else input.unsqueeze(1)
-        if batched and self.batch_first:
+        if batched and self.batch_first and sequence is None:
             x = x.transpose(0, 1)
         x = x.contiguous()
         if x.shape[-1] != self.input_size:
@@ -228,6 +246,8 @@ class _ConveyorRNNBase(torch.nn.Module):
                       recurrent_dropout=self.recurrent_dropout if training else 0.0,
                       seed=int(torch.randint(0, 2**62, (1,)).item()) if training and (
                           self.dropout or self.recurrent_dropout) else 0, **self._options())
+        if lengths is not None:
+            kwargs["lengths"] = lengths.numpy()
         flat, layout = [], []
         for names in self._layout:
             for name in names:
@@ -247,6 +267,9 @@ class _ConveyorRNNBase(torch.nn.Module):
             c_n = c_n if c_n is not None else h_n.new_empty(0)
         if lstm and c_n.dtype != x.dtype:
             c_n = c_n.to(x.dtype)  # torch.nn.LSTM's c_n dtype; autograd takes dc_n back to float32
+        if sequence is not None:
+            y = _repack(y, lengths, sequence)
+            return (y, (h_n, c_n)) if lstm else (y, h_n)
         if batched and self.batch_first:
             y = y.transpose(0, 1)
         if not batched:

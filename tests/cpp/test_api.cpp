@@ -63,6 +63,7 @@ struct Problem {
   int64_t T = 0, B = 0, I = 0, H = 0, G = 0, C = 0;  // C: cache_width
   Vec x, W, R, bW, bR, h0, c0;                       // forward's inputs
   Vec dy, dh_T, dc_T;                                // the loss weights
+  std::vector<int64_t> lengths;                      // [B], or empty: every row runs all T steps
 
   bool lstm() const { return options.cell == CellType::lstm; }
 };
@@ -120,6 +121,7 @@ ForwardOut run_forward(const Problem& p, bool with_cache, bool with_h0 = true, b
   a.h_T = view(out.h_T, {B, H});
   if (p.lstm()) a.c_T = view(out.c_T, {B, H});
   if (with_cache && p.C > 0) a.cache = view(out.cache, {T, B, p.C * H});
+  if (!p.lengths.empty()) a.lengths = TensorView::contiguous(const_cast<int64_t*>(p.lengths.data()), DType::int64, {B});
   forward(p.options, a);
   return out;
 }
@@ -165,6 +167,7 @@ Grads run_backward(const Problem& p, const ForwardOut& f, bool with_dh_T = true,
   a.dbW = view(g.dbW, {GH});
   a.dbR = view(g.dbR, {GH});
   a.accumulate = accumulate;
+  if (!p.lengths.empty()) a.lengths = TensorView::contiguous(const_cast<int64_t*>(p.lengths.data()), DType::int64, {B});
   backward(p.options, a);
   return g;
 }
@@ -484,6 +487,97 @@ void check_threads() {
   set_num_threads(original);
 }
 
+// Row b's first `steps` steps of v [steps or more, batch, width] (a [batch, width] state: steps = 1).
+Vec row_steps(const Vec& v, int64_t batch, int64_t width, int64_t b, int64_t steps) {
+  Vec out;
+  for (int64_t t = 0; t < steps; ++t) {
+    const auto first = v.begin() + static_cast<std::ptrdiff_t>((t * batch + b) * width);
+    out.insert(out.end(), first, first + static_cast<std::ptrdiff_t>(width));
+  }
+  return out;
+}
+
+// Row b of `p`, alone (B = 1) on its first `steps` steps.
+Problem row_of(const Problem& p, int64_t b, int64_t steps) {
+  Problem r = p;
+  r.T = steps;
+  r.B = 1;
+  r.lengths.clear();
+  r.x = row_steps(p.x, p.B, p.I, b, steps);
+  r.dy = row_steps(p.dy, p.B, p.H, b, steps);
+  r.h0 = row_steps(p.h0, p.B, p.H, b, 1);
+  r.dh_T = row_steps(p.dh_T, p.B, p.H, b, 1);
+  if (p.lstm()) {
+    r.c0 = row_steps(p.c0, p.B, p.H, b, 1);
+    r.dc_T = row_steps(p.dc_T, p.B, p.H, b, 1);
+  }
+  return r;
+}
+
+bool close(const Vec& a, const Vec& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!(std::fabs(a[i] - b[i]) <= 1e-12 + 1e-10 * std::fabs(b[i]))) return false;
+  }
+  return true;
+}
+
+// lengths: each row's outputs, final states and gradients are those of the row run alone on its own steps,
+// y and dx are 0 past them (and dy there, NaN, is never read); the parameter gradients sum over the rows.
+void check_lengths(Problem p) {
+  const int64_t T = p.T, B = p.B, H = p.H, I = p.I;
+  p.lengths = {2, T, 1};
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = p.lengths[b]; t < T; ++t) {
+      for (int64_t j = 0; j < H; ++j) p.dy[(t * B + b) * H + j] = kNaN;
+    }
+  }
+  const ForwardOut f = run_forward(p, true);
+  const Grads g = run_backward(p, f);
+  Vec dW(g.dW.size(), 0.0), dR(g.dR.size(), 0.0);
+  bool rows_match = true, zero_past = true;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = p.lengths[b];
+    const Problem r = row_of(p, b, n);
+    const ForwardOut rf = run_forward(r, true);
+    const Grads rg = run_backward(r, rf);
+    rows_match = rows_match && close(row_steps(f.y, B, H, b, n), rf.y) && close(row_steps(g.dx, B, I, b, n), rg.dx) &&
+                 close(row_steps(f.h_T, B, H, b, 1), rf.h_T) && close(row_steps(g.dh0, B, H, b, 1), rg.dh0);
+    if (p.lstm()) {
+      rows_match = rows_match && close(row_steps(f.c_T, B, H, b, 1), rf.c_T) &&
+                   close(row_steps(g.dc0, B, H, b, 1), rg.dc0);
+    }
+    for (int64_t t = n; t < T; ++t) {
+      for (int64_t j = 0; j < H; ++j) zero_past = zero_past && f.y[(t * B + b) * H + j] == 0.0;
+      for (int64_t j = 0; j < I; ++j) zero_past = zero_past && g.dx[(t * B + b) * I + j] == 0.0;
+    }
+    for (size_t k = 0; k < dW.size(); ++k) dW[k] += rg.dW[k];
+    for (size_t k = 0; k < dR.size(); ++k) dR[k] += rg.dR[k];
+  }
+  CHECK_MSG(rows_match, p.name + ": lengths: a row differs from the row run alone");
+  CHECK_MSG(zero_past, p.name + ": lengths: y or dx nonzero past a row's length");
+  CHECK_MSG(close(g.dW, dW) && close(g.dR, dR), p.name + ": lengths: dW or dR is not the sum over the rows");
+
+  const int64_t GH = p.G * H;
+  Vec y(static_cast<size_t>(T * B * H));
+  ForwardArgs a;
+  a.x = view(p.x, {T, B, I});
+  a.W = view(p.W, {GH, I});
+  a.R = view(p.R, {GH, H});
+  a.y = view(y, {T, B, H});
+  std::vector<int64_t> bad = {1, T + 1, 2};
+  a.lengths = TensorView::contiguous(bad.data(), DType::int64, {B});
+  CHECK_THROWS(forward(p.options, a), ArgumentError,
+               "lengths: expected every length in [1, T] = [1, " + std::to_string(T) + "], got lengths[1] = " +
+                   std::to_string(T + 1));
+  Vec as_float = {1.0, 2.0, 1.0};
+  a.lengths = view(as_float, {B});
+  CHECK_THROWS(forward(p.options, a), DTypeError, "lengths: expected dtype int32 or int64, got float64");
+  std::vector<int32_t> short_lengths = {1, 2};
+  a.lengths = TensorView::contiguous(short_lengths.data(), DType::int32, {2});
+  CHECK_THROWS(forward(p.options, a), ArgumentError, "lengths: expected shape (3,) [B], got (2,)");
+}
+
 }  // namespace
 
 int main() {
@@ -491,6 +585,7 @@ int main() {
     for (const Problem& p : all_cells(100, 3, 2, 3, 4)) check_cell(p);
     // A second draw with T = 1 and B = 1 (the edges of the time loop and the few-row products).
     for (const Problem& p : all_cells(200, 1, 1, 3, 4)) check_cell(p);
+    for (const Problem& p : all_cells(300, 4, 3, 3, 4)) check_lengths(p);
     check_errors();
     check_backends();
     check_threads();

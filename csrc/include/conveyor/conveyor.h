@@ -65,8 +65,9 @@ class CudaError : public std::runtime_error {
 // ---------------------------------------------------------------------------------------------------------
 // Arrays
 
-// Element types (the CPU computes in float32 and float64; CUDA also stores float16 and bfloat16) and devices.
-enum class DType : int { float32 = 0, float64 = 1, float16 = 2, bfloat16 = 3 };
+// Element types (the CPU computes in float32 and float64; CUDA also stores float16 and bfloat16; the integer
+// types are for `lengths` alone) and devices.
+enum class DType : int { float32 = 0, float64 = 1, float16 = 2, bfloat16 = 3, int32 = 4, int64 = 5 };
 enum class DeviceKind : int { cpu = 0, cuda = 1 };
 
 // Where an array lives.
@@ -198,12 +199,19 @@ struct ForwardArgs {
   TensorView h0;  // [B, H] initial hidden state; optional (absent: zeros)
   TensorView c0;  // [B, H] initial cell state, LSTM only, of cell_state_dtype(x); optional (absent: zeros)
   TensorView P;   // [3, H] peephole weights p_i, p_f, p_o; required with peephole, else absent
+  // [B] int32 or int64, on the CPU or x's device; optional (absent: every row runs all T steps). Row b runs
+  // steps 0 .. lengths[b] - 1 only (1 <= lengths[b] <= T; in any order): its h_T and c_T are its state after
+  // them, y is 0 at the steps after them, and those steps cost no arithmetic. A reverse direction is a
+  // forward over each row's steps reversed within its length (the Python stacks do that). On CUDA, lengths
+  // on the device are copied to the host first, which waits for `stream`'s work before them.
+  TensorView lengths;
 
   // Outputs.
   TensorView y;      // [T, B, H] =  hidden state of every step
   TensorView h_T;    // [B, H]    =  final hidden state (equal to y[T-1]); optional
   TensorView c_T;    // [B, H]    =  final cell state, LSTM only, of cell_state_dtype(x), unrounded; optional
   TensorView cache;  // [T, B, cache_width * H] =  what backward() needs; absent for inference only
+                     //   (with lengths, its first sum(lengths) rows of [B, cache_width * H] are written)
 };
 
 // Checks every input of `args` (x, W, R, bW, bR, h0, c0) as forward() does, ignoring the outputs, so that a
@@ -229,14 +237,15 @@ struct BackwardArgs {
   TensorView P;      // [3, H]; with peephole only
   TensorView y;      // [T, B, H]
   TensorView cache;  // [T, B, cache_width * H]
+  TensorView lengths;  // [B]; the very lengths forward() ran with (absent if it ran without)
 
   // Gradients of the loss with respect to forward's outputs (read only).
-  TensorView dy;    // [T, B, H]
+  TensorView dy;    // [T, B, H]; with lengths, read at each row's steps only
   TensorView dh_T;  // [B, H]; optional (absent: zeros, no loss on the final state)
   TensorView dc_T;  // [B, H]; LSTM only, of cell_state_dtype(x); optional (absent: zeros)
 
   // Gradients of the loss with respect to forward's inputs. Each is optional: absent means not wanted.
-  TensorView dx;   // [T, B, I] =
+  TensorView dx;   // [T, B, I] =  (0 at the steps past a row's length)
   TensorView dh0;  // [B, H]    =
   TensorView dc0;  // [B, H]    =  LSTM only, of cell_state_dtype(x)
   TensorView dW;   // [G*H, I]  =, or += when accumulate
@@ -249,7 +258,7 @@ struct BackwardArgs {
   bool accumulate = false;
 };
 
-// A BackwardArgs that holds what `forward_args` read and wrote (x, W, R, h0, c0, P, y, cache), for the caller
+// A BackwardArgs that holds what `forward_args` read and wrote (x, W, R, h0, c0, P, y, cache, lengths), for the caller
 // to complete with dy (and dh_T, dc_T) and the gradients it wants.
 BackwardArgs backward_args_for(const ForwardArgs& forward_args);
 
