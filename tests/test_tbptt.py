@@ -116,3 +116,90 @@ def test_bad_driver_arguments(rng):
     with pytest.raises(ValueError, match=r"dy: expected shape \(4, 4, 5\)"):
         tb.backward(np.ones((3, 4, 5)))
     tb.backward(np.ones((4, 4, 5)))  # the rejected call left the forward in place
+
+
+def _documents(rng, steps, batch):
+    """A reset mask [steps, B]: about one step in six starts a new document, row 0 also at step 0."""
+    reset = rng.random((steps, batch)) < 1 / 6
+    reset[0, 0] = True
+    return reset
+
+
+def _pieces(reset, b, start, end):
+    """Row b's pieces of steps start .. end - 1, cut where it resets: [(first, last, from_zeros)]."""
+    cuts = [t for t in range(start + 1, end) if reset[t, b]]
+    bounds = [start] + cuts + [end]
+    return [(first, last, first in cuts or reset[first, b]) for first, last in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_reset_runs_each_document_from_zeros(cell, rng):
+    """With reset, each row's outputs are those of its documents run one by one from zero states."""
+    layer, x = make(cell, rng)
+    reset = _documents(rng, len(x), 4)
+    for training in (False, True):
+        layer.train(training)
+        tb = conveyor.TBPTT(layer, 5)
+        y = np.concatenate([tb.forward(x[t:t + 5], reset=reset[t:t + 5]) for t in range(0, len(x), 5)])
+        layer.eval()
+        for b in range(4):
+            starts = [0] + [t for t in range(1, len(x)) if reset[t, b]] + [len(x)]
+            for first, last in zip(starts, starts[1:]):
+                alone = layer(np.ascontiguousarray(x[first:last, b:b + 1]))[0]
+                np.testing.assert_allclose(y[first:last, b:b + 1], alone, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_reset_stops_the_gradient_at_a_document_boundary(cell, rng):
+    """TBPTT(k, k) with resets: each row's dx and the parameter gradients are those of its pieces (cut at its
+    resets) run as windows of their own, a piece that starts a document from zeros and the first piece of a
+    window from the carried state, no gradient flowing across a boundary."""
+    layer, x = make(cell, rng)
+    x = np.ascontiguousarray(x[:18, :3])
+    reset = _documents(rng, 18, 3)
+    dys = rng.standard_normal((18, 3, 5))
+    tb = conveyor.TBPTT(layer, 6)
+    for t in range(0, 18, 6):
+        h, c = tb.state
+        tb.forward(x[t:t + 6], reset=reset[t:t + 6])
+        dx = tb.backward(dys[t:t + 6])
+        got = dict(layer.grads)
+        expected = {name: 0 for name in got}
+        for b in range(3):
+            for first, last, from_zeros in _pieces(reset, b, t, t + 6):
+                row = slice(b, b + 1)
+                carried = h is not None and not from_zeros
+                h0 = np.ascontiguousarray(h[:, row]) if carried else None
+                c0 = np.ascontiguousarray(c[:, row]) if carried and c is not None else None
+                piece_dx, grads = _window_grads(layer, np.ascontiguousarray(x[first:last, row]), h0, c0,
+                                                np.ascontiguousarray(dys[first:last, row]))
+                np.testing.assert_allclose(dx[first - t:last - t, row], piece_dx, rtol=1e-10, atol=1e-12)
+                expected = {name: expected[name] + grads[name] for name in expected}
+        for name in expected:
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_reset_with_k2_keeps_the_boundary_across_windows(rng):
+    """TBPTT(2, 6): a backward reaching back over an older window's reset stops there for that row."""
+    layer, x = make("lstm", rng, num_layers=1)
+    x = np.ascontiguousarray(x[:6, :2])
+    reset = np.zeros((6, 2), bool)
+    reset[2, 0] = True  # row 0 starts a new document at step 2; row 1 runs on
+    tb = conveyor.TBPTT(layer, 2, 6)
+    for t in range(0, 6, 2):
+        tb.forward(x[t:t + 2], reset=reset[t:t + 2])
+        dy = np.zeros((2, 2, 5))
+        dy[-1] = 1.0
+        dx = tb.backward(dy)
+    assert tb.span == 6
+    assert not np.any(dx[:2, 0]), "the gradient crossed row 0's document boundary"
+    assert np.all(np.abs(dx[:2, 1]) > 0), "row 1 has no boundary: its gradient reaches the oldest steps"
+
+
+def test_bad_reset(rng):
+    layer, x = make("gru", rng)
+    tb = conveyor.TBPTT(layer, 5)
+    with pytest.raises(ValueError, match=r"reset: expected shape \(5, 4\) = \(steps of x, B\), got \(5, 3\)"):
+        tb.forward(x[:5], reset=np.zeros((5, 3), bool))
+    with pytest.raises(TypeError, match="reset: expected an array of booleans"):
+        tb.forward(x[:5], reset=np.zeros((5, 4)))

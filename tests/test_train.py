@@ -220,3 +220,60 @@ def test_unknown_tokens_are_named_or_mapped_to_unk():
     with pytest.raises(UsageError, match=r"--prime: 1 token\(s\) not in the model's vocabulary \('z'\)"):
         language.ids_of(list("abz"), {"a": 0, "b": 1}, "--prime")
     np.testing.assert_array_equal(language.ids_of(["a", "q"], {"<unk>": 0, "a": 1}, "--data"), [1, 0])
+
+
+def test_reset_at_restarts_each_stream_after_every_separator(text_file, monkeypatch):
+    """--reset-at "\\n": TBPTT gets, for every window of training and of evaluation, a mask true exactly
+    where the stream's previous token is a newline (computed here from the raw streams)."""
+    corpus = language.load_corpus(text_file, "char")
+    task = task_for(corpus, reset_at="\n", max_steps=12)
+    newline = corpus.index["\n"]
+    seen = []
+    forward = language.TBPTT.forward
+
+    def recording(self, x, reset=None):
+        seen.append(reset)
+        return forward(self, x, reset=reset)
+
+    monkeypatch.setattr(language.TBPTT, "forward", recording)
+    data = language.streams(corpus.train, 4)
+    for position in range(12):
+        task.train_batch(0, position, position)
+    expected = np.zeros(data.shape, bool)
+    expected[1:] = data[:-1] == newline
+    got = np.concatenate(seen)
+    assert got.dtype == bool and got.any() and not got.all()
+    np.testing.assert_array_equal(got, expected[:len(got)])
+    seen.clear()
+    task.evaluate("valid")
+    assert all(mask is not None for mask in seen) and any(mask.any() for mask in seen)
+
+
+def test_reset_at_makes_each_document_start_afresh(tmp_path):
+    """A corpus of one repeated document: with --reset-at, every copy is read from the same zero state, so
+    evaluation over two copies scores the second exactly as the first (without it, the carried state
+    changes the second's scores)."""
+    doc = "the cat sat on the mat\n"
+    for split, words in (("train", doc * 50), ("valid", doc * 2), ("test", doc * 2)):
+        (tmp_path / f"ptb.{split}.txt").write_text(words)
+    corpus = language.load_corpus(str(tmp_path), "word")
+    ids = corpus.valid  # two copies of the 7 tokens "the cat sat on the mat <eos>"
+    losses = {}
+    for reset_at in (None, "<eos>"):
+        task = task_for(corpus, level="word", layers=1, eval_batch=1, reset_at=reset_at, k1=5)
+        model = task.model
+        scores = []
+        for end in range(1, len(ids)):  # the loss of each prediction alone: the window up to it
+            task.cfg = task.cfg.replace(k1=end)
+            scores.append(task.evaluate_ids(ids[:end + 1]) * end - sum(scores))
+        losses[reset_at] = np.array(scores)
+        assert model is task.model
+    first, second = slice(0, 6), slice(7, 13)  # each copy's predictions after its first word
+    np.testing.assert_allclose(losses["<eos>"][second], losses["<eos>"][first], rtol=1e-5)
+    assert not np.allclose(losses[None][second], losses[None][first], rtol=1e-5)
+
+
+def test_reset_at_a_token_outside_the_vocabulary_is_refused(text_file):
+    corpus = language.load_corpus(text_file, "char")
+    with pytest.raises(UsageError, match=r"--reset-at: '<eos>' is not a token of the corpus's vocabulary"):
+        task_for(corpus, reset_at="<eos>")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -23,6 +24,14 @@ _LAYERS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 
 # ---------------------------------------------------------------------------------------------------------
 # Argument types: each names what it expected and what came (argparse adds the flag's name)
+
+
+_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}
+
+
+def _token(text: str) -> str:
+    """A token given on the command line: \\n, \\t and \\\\ read as a newline, a tab and a backslash."""
+    return re.sub(r"\\[nt\\]", lambda match: _ESCAPES[match.group()], text)
 
 
 def _number(kind, what, test):
@@ -115,12 +124,14 @@ def info(_args) -> int:
 _FIELDS = {"task": "task", "data": "data", "cell": "cell", "layers": "layers", "hidden": "hidden",
            "embedding": "embedding", "level": "level", "tie": "tie", "dropout": "dropout",
            "variational": "variational", "batch": "batch", "bptt": "k1", "bptt2": "k2",
+           "reset_at": "reset_at",
            "max_length": "max_length", "vocabulary": "vocabulary", "optimizer": "optimizer", "lr": "lr",
            "lr_decay": "lr_decay", "decay_after": "decay_after", "clip": "clip", "epochs": "epochs",
            "max_steps": "max_steps", "minutes": "minutes", "eval_every": "eval_every",
            "eval_batch": "eval_batch", "keep_best": "keep_best", "seed": "seed", "device": "device"}
 # The options of one task only; every other option serves all three.
-_ONLY = {"level": ("lm",), "tie": ("lm",), "bptt": ("lm",), "bptt2": ("lm",), "sample": ("lm",),
+_ONLY = {"level": ("lm",), "tie": ("lm",), "bptt": ("lm",), "bptt2": ("lm",), "reset_at": ("lm",),
+         "sample": ("lm",),
          "embedding": ("lm", "classify"), "max_length": ("classify",), "vocabulary": ("classify",)}
 _LM_MAX_STEPS = 300  # the README's main job: a couple of minutes on a 2-core CPU
 
@@ -284,6 +295,9 @@ def _train_parser(commands, common):
     t.add_argument("--bptt", type=positive_int, help="lm: TBPTT k1, steps per window (default 64)")
     t.add_argument("--bptt2", type=positive_int, help="lm: TBPTT k2 >= k1, steps to backpropagate through "
                                                       "(default: k1)")
+    t.add_argument("--reset-at", metavar="TOKEN", type=_token,
+                   help="lm: a token that ends a document (e.g. '<eos>', or '\\n' for a newline): each "
+                        "stream's state restarts from zeros after it, and no gradient crosses it")
     t.add_argument("--max-length", type=positive_int, help="classify: words kept of a text (default 100)")
     t.add_argument("--vocabulary", type=_number(int, "an integer >= 2", lambda v: v >= 2),
                    help="classify: most frequent words kept (default 20000)")

@@ -22,6 +22,7 @@ class Config:
     batch: int | None = None
     k1: int = 64                     # lm: TBPTT k1 (--bptt) and k2 (--bptt2)
     k2: int | None = None
+    reset_at: str | None = None      # lm: a token that ends a document; the state restarts after it
     max_length: int | None = None    # classify: longer texts keep their first max_length words
     vocabulary: int | None = None    # classify: the most frequent words kept, the rest <unk>
     optimizer: str = "adam"

@@ -4,7 +4,8 @@ characters or words, trained with truncated BPTT.
 Weight tying between the embedding and the output layer (Press & Wolf 2017; needs embedding size = hidden
 size), dropout on the embeddings, between layers and before the output (Zaremba, Sutskever & Vinyals 2014;
 variational masks, Gal & Ghahramani 2016). The corpus is cut into B parallel streams that TBPTT(k1, k2)
-walks window by window, carrying the state across windows and resetting it at each epoch. The
+walks window by window, carrying the state across windows and resetting it at each epoch, and, with
+``--reset-at TOKEN``, in each stream after every TOKEN (a corpus of documents: none sees the last). The
 non-recurrent parts are array code over ``xp``: NumPy on the CPU, CuPy when the layers run on the GPU, so
 that activations never leave the device. Every random draw comes from --seed (initialisation) and
 counter-based dropout masks keyed by (seed, step), so a run is deterministic and a checkpoint resumes it
@@ -249,6 +250,23 @@ class LanguageTask(Task):
             self.steps_per_epoch = math.ceil((self.train_streams.shape[0] - 1) / cfg.k1)
         self.tbptt = TBPTT(self.model.rnn, cfg.k1, cfg.k2)
         self._span = []  # (tokens, embedding mask, step) of the windows TBPTT can still reach back over
+        self.reset_id = None
+        if cfg.reset_at is not None:
+            self.reset_id = self.corpus.index.get(cfg.reset_at)
+            if self.reset_id is None:
+                raise UsageError(f"--reset-at: {cfg.reset_at!r} is not a token of the corpus's vocabulary "
+                                 f"({cfg.level} level)")
+
+    def resets(self, data, start: int, n: int):
+        """The TBPTT reset mask [n, B] of the window data[start:start + n] (None without --reset-at): true
+        where the token before is the document separator, so the state starts again from zeros there."""
+        if self.reset_id is None:
+            return None
+        previous = to_numpy(data[max(start - 1, 0):start + n - 1])
+        mask = previous == self.reset_id
+        if start == 0:  # the first step of the data has no token before it
+            mask = np.concatenate([np.zeros((1, mask.shape[1]), bool), mask])
+        return mask
 
     def header(self) -> str:
         cfg, corpus = self.cfg, self.corpus
@@ -274,13 +292,13 @@ class LanguageTask(Task):
         return ids is not None and len(ids) > 2
 
     # -- training ---------------------------------------------------------------------------------------
-    def window_gradients(self, tokens, targets, step):
+    def window_gradients(self, tokens, targets, step, reset=None):
         """The loss of one window and the gradients of every parameter (TBPTT over the last k2 steps):
         (loss, {name: gradient}) with the names of ``params()``."""
         cfg, xp, model = self.cfg, self.xp, self.model
         model.rnn.train()
         emb, emb_mask = model.embed(tokens, step)
-        h = self.tbptt.forward(emb)
+        h = self.tbptt.forward(emb, reset=reset)
         loss, grads, dh = model.loss_and_output_grads(h, targets, step)
         d_emb = self.tbptt.backward(dh)
         self._span.append((tokens, emb_mask, step))
@@ -309,7 +327,8 @@ class LanguageTask(Task):
         start = position * k1
         n = min(k1, self.train_streams.shape[0] - 1 - start)
         loss, grads = self.window_gradients(self.train_streams[start:start + n],
-                                            self.train_streams[start + 1:start + n + 1], step)
+                                            self.train_streams[start + 1:start + n + 1], step,
+                                            self.resets(self.train_streams, start, n))
         return loss, n * self.cfg.batch, grads
 
     def evaluate(self, split: str) -> float:
@@ -326,7 +345,8 @@ class LanguageTask(Task):
         for start in range(0, data.shape[0] - 1, cfg.k1):
             n = min(cfg.k1, data.shape[0] - 1 - start)
             emb, _ = model.embed(data[start:start + n], 0)
-            loss, _, _ = model.loss_and_output_grads(tb.forward(emb), data[start + 1:start + n + 1], 0)
+            h = tb.forward(emb, reset=self.resets(data, start, n))
+            loss, _, _ = model.loss_and_output_grads(h, data[start + 1:start + n + 1], 0)
             total += loss * n
             count += n
         model.rnn.train()
