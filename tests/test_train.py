@@ -131,14 +131,15 @@ def _resumed(path):
     return path, meta, arrays
 
 
-@pytest.mark.parametrize(("optimizer", "k2"), [("adam", None), ("sgd", None), ("adam", 20)],
-                         ids=["adam", "sgd", "adam-k2=20"])
-def test_checkpoint_resumes_exactly(optimizer, k2, text_file, tmp_path):
+@pytest.mark.parametrize(("optimizer", "k2", "reset_at"),
+                         [("adam", None, None), ("sgd", None, None), ("adam", 20, None), ("adam", 20, "\n")],
+                         ids=["adam", "sgd", "adam-k2=20", "adam-k2=20-reset"])
+def test_checkpoint_resumes_exactly(optimizer, k2, reset_at, text_file, tmp_path):
     """Stopped and resumed, a run gives the same numbers as an unbroken one, also when TBPTT reaches back
-    over earlier windows (k2 > k1) and with dropout."""
+    over earlier windows (k2 > k1), with their document boundaries, and with dropout."""
     corpus = language.load_corpus(text_file, "char")
     options = dict(optimizer=optimizer, lr=0.5 if optimizer == "sgd" else 1e-2, dropout=0.2, lr_decay=0.5,
-                   decay_after=1, epochs=2, k2=k2)
+                   decay_after=1, epochs=2, k2=k2, reset_at=reset_at)
     steps = task_for(corpus, **options).steps_per_epoch + 7  # across an epoch boundary
     straight = run(task_for(corpus, max_steps=steps, **options))["trainer"]
     path = str(tmp_path / "run.npz")
