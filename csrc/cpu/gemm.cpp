@@ -182,19 +182,22 @@ struct Simd<double> {
 };
 #endif
 
-// acc[MR][NR] = sum over k of a[k][:] outer b[k][:], each element one fused multiply-add per k, in k order.
-// A strip of B is two vectors, held in two named variables: as an array GCC kept them on the stack.
-template <typename T>
+// acc[MR][NR] = sum over k of a[k][:] outer b[k][:], each element one fused multiply-add per k, in k order,
+// for the first kRows rows of the strip (a strip of A is MR wide whatever kRows is; kRows < MR serves a
+// last strip of few rows without the arithmetic of its padded ones, each row's sums the same). A strip of B
+// is two vectors, held in two named variables: as an array GCC kept them on the stack.
+template <typename T, int kRows = Blocking<T>::MR>
 __attribute__((noinline)) void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b,
                                             T* __restrict acc) {
   using S = Simd<T>;
   constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR, L = S::kLanes;
   static_assert(NR == 2 * L, "a strip of B is two vectors");
-  typename S::Vector c0[MR], c1[MR];
-  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = S::zero();
+  static_assert(kRows <= MR, "a strip of A has MR rows");
+  typename S::Vector c0[kRows], c1[kRows];
+  for (int r = 0; r < kRows; ++r) c0[r] = c1[r] = S::zero();
   for (int64_t k = 0; k < kc; ++k) {
     const typename S::Vector b0 = S::load(b), b1 = S::load(b + L);
-    for (int r = 0; r < MR; ++r) {
+    for (int r = 0; r < kRows; ++r) {
       const typename S::Vector ar = S::broadcast(a + r);
       c0[r] = S::multiply_add(ar, b0, c0[r]);
       c1[r] = S::multiply_add(ar, b1, c1[r]);
@@ -202,7 +205,7 @@ __attribute__((noinline)) void micro_kernel(int64_t kc, const T* __restrict a, c
     a += MR;
     b += NR;
   }
-  for (int r = 0; r < MR; ++r) {
+  for (int r = 0; r < kRows; ++r) {
     S::store(acc + r * NR, c0[r]);
     S::store(acc + r * NR + L, c1[r]);
   }
@@ -231,7 +234,7 @@ void store_tile(const T* __restrict acc, T alpha, T beta, bool first_slice, T* _
 }
 #else
 // Without FMA: a multiply then an add, as multiply_add() does, through GCC/Clang vector extensions.
-template <typename T>
+template <typename T, int kRows = Blocking<T>::MR>
 void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict acc) {
   constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR;
   constexpr int kLanes = 32 / sizeof(T), kVectors = NR / kLanes;
@@ -242,7 +245,7 @@ void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* _
   for (int64_t k = 0; k < kc; ++k) {
     Vector bv[kVectors];
     for (int v = 0; v < kVectors; ++v) bv[v] = *reinterpret_cast<const UnalignedVector*>(b + v * kLanes);
-    for (int r = 0; r < MR; ++r) {
+    for (int r = 0; r < kRows; ++r) {
       const Vector ar = a[r] - Vector{};  // broadcast
       for (int v = 0; v < kVectors; ++v) c[r][v] = ar * bv[v] + c[r][v];
     }
@@ -280,7 +283,11 @@ void gemm_block(int64_t m0, int64_t m1, int64_t n0, int64_t nc, int64_t K, T alp
         const int64_t rows = std::min<int64_t>(MR, mc - ms);
         for (int64_t ns = 0; ns < nc; ns += NR) {
           const int64_t cols = std::min<int64_t>(NR, nc - ns);
-          micro_kernel<T>(kc, packed_a.data() + ms * kc, strips_b + ns * kc, acc);
+          if (rows <= MR / 2) {  // a last strip of few rows (a batch not a multiple of MR, a packed step's)
+            micro_kernel<T, MR / 2>(kc, packed_a.data() + ms * kc, strips_b + ns * kc, acc);
+          } else {
+            micro_kernel<T>(kc, packed_a.data() + ms * kc, strips_b + ns * kc, acc);
+          }
 #if defined(__FMA__)
           if (rows == MR && cols == NR) {
             store_tile(acc, alpha, beta, first, C + (mb + ms) * ldc + n0 + ns, ldc);

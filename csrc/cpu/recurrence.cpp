@@ -74,6 +74,20 @@ void column_sums(int64_t rows, int64_t cols, const T* m, int64_t ld, bool accumu
   for (int64_t c = 0; c < cols; ++c) out[c] = accumulate ? out[c] + sum[c] : sum[c];
 }
 
+// n elements left uninitialised, for the outputs of products that overwrite them whole (beta = 0): a zeroing
+// std::vector spent 2% of a window clearing memory the products then overwrote.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : data_(n > 0 ? new T[static_cast<size_t>(n)] : nullptr) {}
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+  T& operator[](int64_t i) { return data_[static_cast<size_t>(i)]; }
+
+ private:
+  std::unique_ptr<T[]> data_;
+};
+
 // The recurrent dropout masks of the window in its packed rows (core/packing.h): m_t of every step's rows,
 // [tokens, H], or one [B, H] for every step when variational (empty without recurrent dropout). Packed row k
 // draws the mask of the batch's row order[k].
@@ -138,14 +152,14 @@ template <typename T>
 class PackedInput {
  public:
   PackedInput(const PackedBatch& rows, int64_t width, const T* padded)
-      : copy_(rows.dense ? 0 : static_cast<size_t>(rows.tokens() * width)) {
+      : copy_(rows.dense ? 0 : rows.tokens() * width) {
     if (!rows.dense) pack_rows(rows, width, padded, copy_.data());
     data_ = rows.dense ? padded : copy_.data();
   }
   const T* get() const { return data_; }
 
  private:
-  std::vector<T> copy_;
+  Scratch<T> copy_;
   const T* data_;
 };
 
@@ -161,20 +175,6 @@ std::vector<T> packed_state(const PackedBatch& rows, int64_t width, const Tensor
 PackedBatch window_rows(const WindowSizes& s, const TensorView& lengths) {
   return lengths.present() ? pack_batch(host_lengths(lengths), s.steps) : dense_batch(s.steps, s.batch);
 }
-
-// n elements left uninitialised, for the outputs of products that overwrite them whole (beta = 0): a zeroing
-// std::vector spent 2% of a window clearing memory the products then overwrote.
-template <typename T>
-class Scratch {
- public:
-  explicit Scratch(int64_t n) : data_(n > 0 ? new T[static_cast<size_t>(n)] : nullptr) {}
-  T* data() { return data_.get(); }
-  const T* data() const { return data_.get(); }
-  T& operator[](int64_t i) { return data_[static_cast<size_t>(i)]; }
-
- private:
-  std::unique_ptr<T[]> data_;
-};
 
 // out = m * h, elementwise over n.
 template <typename T>
@@ -539,7 +539,7 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   };
   auto h_prev_of = [&](int64_t t) { return t == 0 ? h0.data() : y.get() + rows.offsets[t - 1] * H; };
   const bool gather_products = dropout || !rows.dense;
-  std::vector<T> h_products(gather_products ? static_cast<size_t>(N * H) : 0);
+  Scratch<T> h_products(gather_products ? N * H : 0);
   for (int64_t t = 0; gather_products && t < rows.steps; ++t) {
     masked(rows.rows_at(t) * H, mask_of(t), h_prev_of(t), h_products.data() + rows.offsets[t] * H);
   }
