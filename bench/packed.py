@@ -9,7 +9,9 @@ float32, interleaved (medians):
 - Conveyor padded: conveyor.torch on the padded [T, B, I] tensor, every row all T steps;
 - Conveyor packed: conveyor.torch on the PackedSequence of the same sequences (pack_padded_sequence,
   enforce_sorted=False), which runs each row's own steps only;
-- torch.nn padded and torch.nn packed, the same.
+- torch.nn padded and torch.nn packed, the same;
+- for one-layer points, the functional API (``conveyor.lstm_forward`` / ``_backward`` and the GRU's) with and
+  without ``lengths``: the kernels alone, without the PackedSequence's padding and packing copies.
 
 The target (the variable-length issue): Conveyor packed <= Conveyor padded x (the fraction of tokens present)
 + 10%, printed as "packed / (padded x fraction)", which must be <= 1.10. The ratio columns are torch time /
@@ -58,21 +60,38 @@ def point(cell, T, B, I, H, layers, bidirectional, repeats, seed=0):
             (y * weight).sum().backward()
         return run
 
+    # The same loss on the packed outputs: the weights of the tokens present, in the packed order.
+    packed_weight = pack(weight, lengths, enforce_sorted=False).data
+
     def packed(module):
         def run():
             module.zero_grad()
             y = module(pack(x, lengths, enforce_sorted=False))[0]
-            padded_y = torch.nn.utils.rnn.pad_packed_sequence(y, total_length=T)[0]
-            (padded_y * weight).sum().backward()
+            (y.data * packed_weight).sum().backward()
         return run
 
     # The same numbers both ways: the packed outputs of Conveyor and torch.nn agree.
     with torch.no_grad():
-        ours_y = torch.nn.utils.rnn.pad_packed_sequence(ours(pack(x, lengths, enforce_sorted=False))[0])[0]
-        torch_y = torch.nn.utils.rnn.pad_packed_sequence(reference(pack(x, lengths, enforce_sorted=False))[0])[0]
+        sequences = pack(x, lengths, enforce_sorted=False)
+        ours_y, torch_y = (module(sequences)[0].data for module in (ours, reference))
     assert torch.allclose(ours_y, torch_y, atol=1e-4), "Conveyor and torch.nn disagree on packed input"
 
-    times = interleaved([padded(ours), packed(ours), padded(reference), packed(reference)], repeats)
+    runs = [padded(ours), packed(ours), padded(reference), packed(reference)]
+    if layers == 1 and not bidirectional:
+        forward = getattr(conveyor, f"{cell}_forward")
+        backward = getattr(conveyor, f"{cell}_backward")
+        arrays = [p.detach().numpy() for p in (reference.weight_ih_l0, reference.weight_hh_l0,
+                                                reference.bias_ih_l0, reference.bias_hh_l0)]
+        x_numpy, dy, host_lengths = x.numpy(), weight.numpy(), lengths.numpy()
+
+        def functional(with_lengths):
+            def run():
+                out = forward(x_numpy, *arrays, lengths=host_lengths if with_lengths else None)
+                backward(out[-1], dy)
+            return run
+
+        runs += [functional(False), functional(True)]
+    times = interleaved(runs, repeats)
     fraction = float(lengths.sum()) / (T * B)
     return times, fraction
 
@@ -92,18 +111,23 @@ def main(argv=None) -> int:
              f"{torch.__version__}; conveyor {conveyor.__version__}; float32, forward+backward, medians of "
              f"{repeats} interleaved repetitions; lengths uniform in [T/4, T].",
              "",
-             "| point (cell T B I H, layers, directions) | tokens present | Conveyor padded ms | Conveyor packed ms "
-             "| packed / (padded x fraction) | torch.nn padded ms | torch.nn packed ms | ratio padded | "
-             "ratio packed |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| point (cell T B I H, layers, directions) | tokens present | Conveyor padded ms | "
+             "Conveyor packed ms | packed / (padded x fraction) | torch.nn padded ms | torch.nn packed ms | "
+             "ratio padded | "
+             "ratio packed | functional API padded / packed ms | functional packed / (padded x fraction) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     print("\n".join(lines), flush=True)
     for cell, T, B, I, H, layers, bidirectional in points:
-        (ours_pad, ours_pack, torch_pad, torch_pack), fraction = point(cell, T, B, I, H, layers, bidirectional,
-                                                                       repeats)
+        times, fraction = point(cell, T, B, I, H, layers, bidirectional, repeats)
+        ours_pad, ours_pack, torch_pad, torch_pack = times[:4]
+        functional = "- | -"
+        if len(times) == 6:
+            functional = (f"{times[4] * 1e3:.1f} / {times[5] * 1e3:.1f} | "
+                          f"{times[5] / (times[4] * fraction):.2f}")
         row = (f"| {cell} {T} {B} {I} {H}, {layers}, {2 if bidirectional else 1} | {fraction:.3f} | "
                f"{ours_pad * 1e3:.1f} | {ours_pack * 1e3:.1f} | {ours_pack / (ours_pad * fraction):.2f} | "
                f"{torch_pad * 1e3:.1f} | {torch_pack * 1e3:.1f} | {torch_pad / ours_pad:.2f} | "
-               f"{torch_pack / ours_pack:.2f} |")
+               f"{torch_pack / ours_pack:.2f} | {functional} |")
         lines.append(row)
         print(row, flush=True)
     if args.out:

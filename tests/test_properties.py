@@ -19,6 +19,7 @@ file; see their comment).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,9 +107,9 @@ def make_arrays(c: Case) -> dict:
     )
 
 
-def run_conveyor(c: Case, a: dict) -> dict:
+def run_conveyor(c: Case, a: dict, lengths=None) -> dict:
     dropout = dict(recurrent_dropout=c.dropout, variational=c.variational, seed=c.seed,
-                   mask_stream=c.mask_stream)
+                   mask_stream=c.mask_stream, lengths=lengths)
     if c.cell == "lstm":
         y, h_T, c_T, saved = conveyor.lstm_forward(
             a["x"], a["W"], a["R"], a["bW"], a["bR"], a["h0"], a["c0"], P=a["P"],
@@ -125,18 +126,25 @@ def run_conveyor(c: Case, a: dict) -> dict:
     return {"y": y, "h_T": h_T, **grads}
 
 
-def run_reference(c: Case, a: dict) -> tuple[dict, dict]:
+def recurrent_mask(c: Case):
+    """The recurrent dropout mask [T, B, H] of the example, or None."""
+    if not c.dropout:
+        return None
+    return ref.dropout_mask(c.dropout, c.variational, c.seed, c.mask_stream, (c.T, c.B, c.H))
+
+
+def run_reference(c: Case, a: dict, mask="drawn") -> tuple[dict, dict]:
     """The reference's outputs and gradients (absent arrays as zeros, absent bias gradients as None), and its
-    cache."""
+    cache. ``mask``: the example's own recurrent dropout mask, or the one given."""
     G = 3 if c.coupled_gates else GATES[c.cell]
-    T, B, H = c.T, c.B, c.H
+    B, H = c.B, c.H
 
     def given_or_zeros(name, shape):
         return np.zeros(shape) if a[name] is None else a[name]
 
     bW, bR = given_or_zeros("bW", G * H), given_or_zeros("bR", G * H)
     h0, dh_T = given_or_zeros("h0", (B, H)), given_or_zeros("dh_T", (B, H))
-    mask = ref.dropout_mask(c.dropout, c.variational, c.seed, c.mask_stream, (T, B, H)) if c.dropout else None
+    mask = recurrent_mask(c) if isinstance(mask, str) else mask
     if c.cell == "lstm":
         y, h_T, c_T, cache = ref.lstm_forward(
             a["x"], a["W"], a["R"], bW, bR, h0, given_or_zeros("c0", (B, H)), c.activation, peephole=a["P"],
@@ -203,3 +211,39 @@ def test_matches_the_reference(case):
     expected, cache = run_reference(case, arrays)
     assume(not on_a_kink(case, cache))
     assert_all_close(run_conveyor(case, arrays), expected, DTYPE)
+
+
+def row_alone(c: Case, a: dict, b: int, steps: int) -> tuple[Case, dict]:
+    """Row b of the example on its first `steps` steps, as an example of its own (B = 1)."""
+    def take(name, index):
+        return None if a[name] is None else np.ascontiguousarray(a[name][index])
+
+    row = {name: take(name, (slice(steps), slice(b, b + 1))) for name in ("x", "dy")}
+    row.update({name: take(name, slice(b, b + 1)) for name in ("h0", "c0", "dh_T", "dc_T")})
+    row.update({name: a[name] for name in ("W", "R", "bW", "bR", "P")})
+    return dataclasses.replace(c, T=steps, B=1), row
+
+
+@given(case=cases(), lengths_seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=40, deadline=4000, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+def test_lengths_match_the_reference_row_by_row(case, lengths_seed):
+    """With random lengths (1 .. T, in any order), each row equals the reference run on that row alone for
+    its own steps, with its own slice of the batch's dropout mask; y and dx are 0 past each length, and the
+    parameter gradients are the rows' sums."""
+    arrays = make_arrays(case)
+    lengths = np.random.default_rng(lengths_seed).integers(1, case.T + 1, size=case.B)
+    got = run_conveyor(case, arrays, lengths)
+    mask = recurrent_mask(case)
+    sums = {}
+    for b, n in enumerate(lengths):
+        row_case, row = row_alone(case, arrays, b, int(n))
+        expected, cache = run_reference(row_case, row, None if mask is None else mask[:n, b:b + 1])
+        assume(not on_a_kink(row_case, cache))
+        per_row = {"y": got["y"][:n, b:b + 1], "dx": got["dx"][:n, b:b + 1]}
+        per_row.update({name: got[name][b:b + 1] for name in ("h_T", "c_T", "dh0", "dc0") if name in got})
+        assert_all_close(per_row, {name: expected[name] for name in per_row}, DTYPE)
+        assert not np.any(got["y"][n:, b]) and not np.any(got["dx"][n:, b])
+        for name in ("dW", "dR", "dbW", "dbR", "dP"):
+            if expected.get(name) is not None:
+                sums[name] = sums.get(name, 0) + expected[name]
+    assert_all_close({name: got[name] for name in sums}, sums, DTYPE)
