@@ -270,10 +270,10 @@ std::vector<int64_t> lengths_on_host(const TensorView& lengths, cudaStream_t str
   return detail::host_lengths(host);
 }
 
-// The rows a window runs: packed by `lengths` when given, else every row for all T steps.
-detail::PackedBatch window_rows(const WindowSizes& s, const TensorView& lengths, cudaStream_t stream) {
-  return lengths.present() ? detail::pack_batch(lengths_on_host(lengths, stream), s.steps)
-                           : detail::dense_batch(s.steps, s.batch);
+// The rows a window runs (detail::window_batch).
+detail::PackedBatch window_rows(const WindowSizes& s, const TensorView& lengths, bool packed, cudaStream_t stream) {
+  const std::vector<int64_t> values = lengths.present() ? lengths_on_host(lengths, stream) : std::vector<int64_t>{};
+  return detail::window_batch(lengths.present() ? &values : nullptr, s.steps, s.batch, packed);
 }
 
 // A packed batch's index arrays on the device, uploaded at once: step offsets, each packed row's row in the
@@ -295,6 +295,8 @@ class DeviceRows {
                                         cudaMemcpyHostToDevice, stream));
   }
   bool packed() const { return !rows_.dense; }
+  // Whether the caller's per-step arrays are laid out as the window runs (dense, or given packed).
+  bool in_place() const { return rows_.in_place; }
   // Where the windows' steps read their rows: on the device for the persistent kernels and the
   // time-parallel kernels, on the host for the per-step path's host code.
   StepRows on_device() const { return {packed() ? indices_.get() : nullptr, rows_.batch}; }
@@ -308,12 +310,13 @@ class DeviceRows {
   Workspace<int64_t> indices_;
 };
 
-// A padded [T, B, width] input in packed rows: the input itself for a dense batch, else a packed copy.
+// A padded [T, B, width] input in packed rows: the input itself when the caller's layout is the window's, else a
+// packed copy.
 template <typename T>
 class PackedInput {
  public:
   PackedInput(const DeviceRows& rows, int64_t tokens, int64_t width, const T* padded, cudaStream_t stream)
-      : copy_(rows.packed() && padded != nullptr ? tokens * width : 0, stream) {
+      : copy_(!rows.in_place() && padded != nullptr ? tokens * width : 0, stream) {
     data_ = copy_.get() != nullptr ? copy_.get() : padded;
     if (copy_.get() != nullptr) copy_rows(tokens, width, rows.padded_rows(), nullptr, padded, copy_.get(), stream);
   }
@@ -491,7 +494,7 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
                     cudaStream_t stream) {
   using C = Compute<S>;
   const Sizes z = sizes_of(options, sizes);
-  const detail::PackedBatch batch = window_rows(sizes, args.lengths, stream);
+  const detail::PackedBatch batch = window_rows(sizes, args.lengths, args.packed, stream);
   const DeviceRows rows(batch, stream);
   const int64_t N = batch.tokens(), B = z.B, H = z.H;
   const S* W = static_cast<const S*>(args.W.data);
@@ -500,8 +503,8 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   const bool lstm = options.cell == CellType::lstm;
   const bool reset_before = options.cell == CellType::gru && !options.reset_after;
   const PackedInput<S> x(rows, N, z.I, static_cast<const S*>(args.x.data), stream);
-  Workspace<S> y_packed(rows.packed() ? N * H : 0, stream);
-  S* y = rows.packed() ? y_packed.get() : static_cast<S*>(args.y.data);
+  Workspace<S> y_packed(rows.in_place() ? 0 : N * H, stream);
+  S* y = rows.in_place() ? static_cast<S*>(args.y.data) : y_packed.get();
 
   Workspace<C> ax(N * z.GH, stream);
   {
@@ -556,7 +559,7 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
 
   // A row's final state is its output at its last step; its cell state stopped where the row did.
   if (rows.packed()) {
-    unpack_rows(rows, N, z.T * B, H, y, static_cast<S*>(args.y.data), stream);
+    if (!rows.in_place()) unpack_rows(rows, N, z.T * B, H, y, static_cast<S*>(args.y.data), stream);
     if (args.h_T.present()) copy_rows(B, H, rows.last_rows(), rows.order(), y, static_cast<S*>(args.h_T.data), stream);
     if (args.c_T.present()) {
       copy_rows(B, H, nullptr, rows.order(), cell_state.get(), static_cast<C*>(args.c_T.data), stream);
@@ -589,7 +592,7 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
                      cudaStream_t stream) {
   using C = Compute<S>;
   const Sizes z = sizes_of(options, sizes);
-  const detail::PackedBatch batch = window_rows(sizes, args.lengths, stream);
+  const detail::PackedBatch batch = window_rows(sizes, args.lengths, args.packed, stream);
   const DeviceRows rows(batch, stream);
   const int64_t B = z.B, H = z.H, GH = z.GH, N = batch.tokens();
   const S* W = static_cast<const S*>(args.W.data);
@@ -674,10 +677,10 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   const bool acc = args.accumulate;
   const bool tf32 = options.allow_tf32;
   if (args.dx.present()) {
-    Workspace<S> dx_packed(rows.packed() ? N * z.I : 0, stream);
-    S* dx = rows.packed() ? dx_packed.get() : static_cast<S*>(args.dx.data);
+    Workspace<S> dx_packed(rows.in_place() ? 0 : N * z.I, stream);
+    S* dx = rows.in_place() ? static_cast<S*>(args.dx.data) : dx_packed.get();
     gemm<C, S, S>(N, z.I, GH, rows_of<C>(dax.get(), GH), rows_of(W, z.I), false, dx, z.I, tf32, stream);
-    if (rows.packed()) unpack_rows(rows, N, z.T * B, z.I, dx, static_cast<S*>(args.dx.data), stream);
+    if (!rows.in_place()) unpack_rows(rows, N, z.T * B, z.I, dx, static_cast<S*>(args.dx.data), stream);
   }
   if (args.dW.present()) {
     const PackedInput<S> x(rows, N, z.I, static_cast<const S*>(args.x.data), stream);

@@ -7,7 +7,7 @@ build alike (device_arrays.py)."""
 import numpy as np
 import pytest
 from device_arrays import DeviceArray
-from test_lengths import finals, poison_padding, random_lengths, run_with_lengths, states
+from test_lengths import finals, pack_padded, poison_padding, random_lengths, run_with_lengths, states
 
 import conveyor
 
@@ -127,3 +127,24 @@ def test_bad_lengths_on_the_device_are_named(rng):
                                          r"lengths\[2\] = 9"):
         lengths = DeviceArray.from_numpy(np.array([1, 2, 9], np.int32), "int32")
         conveyor.rnn_forward(*d, None, None, lengths=lengths)
+
+
+@pytest.mark.parametrize("config", CONFIGS[::2], ids=config_id)
+def test_packed_arrays(config, algorithm, rng):
+    """ForwardArgs::packed on the device: x, y, dy and dx as a PackedSequence's data, against the CPU."""
+    T, B = 6, 7
+    p = make_problem(*config, T, B, 5, 9, rng)
+    lengths = np.sort(random_lengths(rng, T, B))[::-1].copy()
+    x, dy = pack_padded(p.x, lengths), pack_padded(p.dy, lengths)
+    forward = getattr(conveyor, f"{p.cell}_forward")
+    backward = getattr(conveyor, f"{p.cell}_backward")
+    cpu = forward(x, p.W, p.R, p.bW, p.bR, *states(p), lengths=lengths, _packed=True, **p.options)
+    cpu_grads = backward(cpu[-1], dy, *finals(p))
+    d = [to_device(a, "float64") for a in (x, p.W, p.R, p.bW, p.bR, *states(p))]
+    out = forward(*d, lengths=lengths, _packed=True, algorithm=algorithm, **p.options)
+    grads = backward(out[-1], to_device(dy, "float64"), *(to_device(a, "float64") for a in finals(p)))
+    assert_close("y", out[0].numpy(), cpu[0], np.float64)
+    assert_close("h_T", out[1].numpy(), cpu[1], np.float64)
+    for name, a, b in zip(cpu_grads._fields, grads, cpu_grads):
+        if b is not None:
+            assert_close(name, a.numpy(), b, np.float64)

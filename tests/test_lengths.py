@@ -340,3 +340,66 @@ def test_layers_take_lengths(layer_type, rng):
     for b, n in enumerate(lengths):
         assert not np.any(dx[n:, b]) and np.all(np.isfinite(dx[:n, b]))
     assert all(np.all(np.isfinite(g)) for g in layer.grads.values())
+
+
+# ------------------------------------------------------------------------------------ packed arrays (C++ API)
+
+
+def pack_padded(a, lengths):
+    """A padded [T, B, ...] array's rows as a PackedSequence lays them out (lengths non-increasing):
+    step t's rows, those longer than t, after step t-1's."""
+    return np.ascontiguousarray(np.concatenate([a[t, :int((lengths > t).sum())] for t in range(lengths[0])]))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_packed_arrays_equal_the_padded_path(config, rng):
+    """_packed=True (ForwardArgs::packed: x, y, dy and dx given packed, as the drop-in passes a
+    PackedSequence's data): the same numbers as the padded arrays with the same (sorted) lengths."""
+    T, B = 7, 5
+    p = make_problem(*config, T, B, 4, 6, rng)
+    lengths = np.sort(random_lengths(rng, T - 1, B))[::-1].copy()  # the padded window has a step more
+    dropout = {"recurrent_dropout": 0.3, "variational": False, "seed": 4}
+    padded = run_with_lengths(p, lengths, **dropout)
+    forward = getattr(conveyor, f"{p.cell}_forward")
+    backward = getattr(conveyor, f"{p.cell}_backward")
+    out = forward(pack_padded(p.x, lengths), p.W, p.R, p.bW, p.bR, *states(p), lengths=lengths, _packed=True,
+                  **p.options, **dropout)
+    grads = backward(out[-1], pack_padded(p.dy, lengths), *finals(p))
+    np.testing.assert_array_equal(out[0], pack_padded(padded[0], lengths))
+    np.testing.assert_array_equal(out[1], padded[1])
+    np.testing.assert_array_equal(grads.dx, pack_padded(padded[3]["dx"], lengths))
+    for name in ("dh0", "dW", "dR", "dbW", "dbR"):
+        np.testing.assert_array_equal(getattr(grads, name), padded[3][name], err_msg=name)
+
+
+@pytest.mark.parametrize("lengths, error, message", [
+    ([2, 3, 1], ValueError, r"lengths: packed arrays need lengths >= 1 in non-increasing order \(the rows "
+                            r"sorted longest first\), got lengths\[1\] = 3 after 2"),
+    ([3, 2, 2], ValueError, r"x: expected sum\(lengths\) = 7 rows \(packed\), got shape \(6, 2\)"),
+    (None, ValueError, r"lengths: packed arrays need the lengths of their rows, got none"),
+])
+def test_bad_packed_arrays_are_named(lengths, error, message, rng):
+    p = make_problem("gru", {}, 3, 3, 2, 3, rng)
+    with pytest.raises(error, match=message):
+        conveyor.gru_forward(rng.uniform(-1, 1, (6, 2)), p.W, p.R, p.bW, p.bR, lengths=lengths, _packed=True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_packed_bidirectional_stack_with_dropout_equals_the_padded_one(cell, rng):
+    x, weights, h0, c0 = stack_problem(cell, rng)
+    T, B = x.shape[:2]
+    lengths = np.sort(random_lengths(rng, T, B))[::-1].copy()
+    kwargs = {"num_layers": 2, "bidirectional": True, "dropout": 0.3, "recurrent_dropout": 0.2, "seed": 9}
+    y, h_n, c_n, saved = _stack.stack_forward(cell, x, weights, h0, c0, lengths=lengths, **kwargs)
+    dy = rng.uniform(-1, 1, y.shape)
+    g = _stack.stack_backward(saved, dy)
+    py, ph_n, pc_n, psaved = _stack.stack_forward(cell, pack_padded(x, lengths), weights, h0, c0,
+                                                  lengths=lengths, _packed=True, **kwargs)
+    pg = _stack.stack_backward(psaved, pack_padded(dy, lengths))
+    np.testing.assert_allclose(py, pack_padded(y, lengths), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(ph_n, h_n, rtol=1e-13, atol=1e-15)
+    if cell == "lstm":
+        np.testing.assert_allclose(pc_n, c_n, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(pg.dx, pack_padded(g.dx, lengths), rtol=1e-12, atol=1e-14)
+    for k, (a, b) in enumerate(zip(pg.weights, g.weights)):
+        np.testing.assert_allclose(a.dW, b.dW, rtol=1e-12, atol=1e-14, err_msg=f"dW[{k}]")

@@ -329,12 +329,27 @@ struct DLPackOutputs {
   }
 };
 
+// The shapes of a window's outputs, read off checked arguments: per-step arrays [T, B, width], or
+// [tokens, width] when packed (ForwardArgs::packed).
+struct Layout {
+  int64_t rows0, rows1;  // T and B, or tokens and 0 (packed)
+  int64_t batch, input_size, hidden_size;
+  std::vector<py::ssize_t> per_step(int64_t width) const {
+    return rows1 > 0 ? std::vector<py::ssize_t>{rows0, rows1, width} : std::vector<py::ssize_t>{rows0, width};
+  }
+};
+
+Layout layout_of(const TensorView& x, const TensorView& R, const TensorView& lengths, bool packed) {
+  if (packed) return {x.shape[0], 0, lengths.shape[0], x.shape[1], R.shape[1]};
+  return {x.shape[0], x.shape[1], x.shape[1], x.shape[2], R.shape[1]};
+}
+
 // (y, h_T, c_T or None, cache or None)
 template <typename Views, typename Outputs>
 py::tuple run_forward(const CellOptions& options, Views& views, const Outputs& outputs, const py::object& x,
                       const py::object& W, const py::object& R, const py::object& bW, const py::object& bR,
                       const py::object& h0, const py::object& c0, const py::object& P, const py::object& lengths,
-                      bool training, int64_t stream) {
+                      bool packed, bool training, int64_t stream) {
   ForwardArgs args;
   args.x = views("x", x);
   args.W = views("W", W);
@@ -345,16 +360,17 @@ py::tuple run_forward(const CellOptions& options, Views& views, const Outputs& o
   args.c0 = views.optional("c0", c0);
   args.P = views.optional("P", P);
   args.lengths = views.lengths(lengths);
+  args.packed = packed;
   check_forward_inputs(options, args);
-  const WindowSizes s = window_sizes(options, args.x, args.W, args.R);
+  const Layout s = layout_of(args.x, args.R, args.lengths, packed);
   const DType dtype = args.x.dtype, cell_dtype = cell_state_dtype(args.x.dtype);
-  Output y = outputs({s.steps, s.batch, s.hidden_size}, dtype);
+  Output y = outputs(s.per_step(s.hidden_size), dtype);
   Output h_T = outputs({s.batch, s.hidden_size}, dtype);
   Output c_T{py::none(), TensorView{}};
   Output cache{py::none(), TensorView{}};
   if (options.cell == CellType::lstm) c_T = outputs({s.batch, s.hidden_size}, cell_dtype);
   if (training && cache_width(options) > 0) {
-    cache = outputs({s.steps, s.batch, cache_width(options) * s.hidden_size}, dtype);
+    cache = outputs(s.per_step(cache_width(options) * s.hidden_size), dtype);
   }
   args.y = y.second;
   args.h_T = h_T.second;
@@ -372,7 +388,7 @@ template <typename Views, typename Outputs>
 py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& outputs, const py::object& x,
                        const py::object& W, const py::object& R, const py::object& h0, const py::object& c0,
                        const py::object& P, const py::object& y, const py::object& cache, const py::object& dy, const py::object& dh_T,
-                       const py::object& dc_T, const py::object& lengths, bool has_bW, bool has_bR,
+                       const py::object& dc_T, const py::object& lengths, bool packed, bool has_bW, bool has_bR,
                        int64_t stream) {
   BackwardArgs args;
   args.x = views("x", x);
@@ -387,12 +403,13 @@ py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& 
   args.dh_T = views.optional("dh_T", dh_T);
   args.dc_T = views.optional("dc_T", dc_T);
   args.lengths = views.lengths(lengths);
+  args.packed = packed;
   check_backward_inputs(options, args);
-  const WindowSizes s = window_sizes(options, args.x, args.W, args.R);
+  const Layout s = layout_of(args.x, args.R, args.lengths, packed);
   const int64_t GH = gate_count(options) * s.hidden_size;
   const Output none{py::none(), TensorView{}};
   const DType dtype = args.x.dtype, cell_dtype = cell_state_dtype(args.x.dtype);
-  Output dx = outputs({s.steps, s.batch, s.input_size}, dtype);
+  Output dx = outputs(s.per_step(s.input_size), dtype);
   Output dh0 = outputs({s.batch, s.hidden_size}, dtype);
   Output dc0 = options.cell == CellType::lstm ? outputs({s.batch, s.hidden_size}, cell_dtype) : none;
   Output dW = outputs({GH, s.input_size}, dtype);
@@ -417,38 +434,40 @@ py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& 
 
 py::tuple forward_numpy(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
                         const py::object& R, const py::object& bW, const py::object& bR, const py::object& h0,
-                        const py::object& c0, const py::object& P, const py::object& lengths, bool training) {
+                        const py::object& c0, const py::object& P, const py::object& lengths, bool packed,
+                        bool training) {
   NumpyViews views;
-  return run_forward(cell_options(cell, options), views, NumpyOutputs{}, x, W, R, bW, bR, h0, c0, P, lengths, training,
-                     0);
+  return run_forward(cell_options(cell, options), views, NumpyOutputs{}, x, W, R, bW, bR, h0, c0, P, lengths, packed,
+                     training, 0);
 }
 
 py::tuple backward_numpy(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
                          const py::object& R, const py::object& h0, const py::object& c0, const py::object& P,
                          const py::object& y, const py::object& cache, const py::object& dy, const py::object& dh_T,
-                         const py::object& dc_T, const py::object& lengths, bool has_bW, bool has_bR) {
+                         const py::object& dc_T, const py::object& lengths, bool packed, bool has_bW,
+                         bool has_bR) {
   NumpyViews views;
   return run_backward(cell_options(cell, options), views, NumpyOutputs{}, x, W, R, h0, c0, P, y, cache, dy, dh_T,
-                      dc_T, lengths, has_bW, has_bR, 0);
+                      dc_T, lengths, packed, has_bW, has_bR, 0);
 }
 
 py::tuple forward_dlpack(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
                          const py::object& R, const py::object& bW, const py::object& bR, const py::object& h0,
-                         const py::object& c0, const py::object& P, const py::object& lengths, bool training,
-                         const py::function& allocate, int64_t stream) {
+                         const py::object& c0, const py::object& P, const py::object& lengths, bool packed,
+                         bool training, const py::function& allocate, int64_t stream) {
   DLPackViews views(stream);
   return run_forward(cell_options(cell, options), views, DLPackOutputs{allocate, views}, x, W, R, bW, bR, h0, c0, P,
-                     lengths, training, stream);
+                     lengths, packed, training, stream);
 }
 
 py::tuple backward_dlpack(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
                           const py::object& R, const py::object& h0, const py::object& c0, const py::object& P,
                           const py::object& y, const py::object& cache, const py::object& dy, const py::object& dh_T,
-                          const py::object& dc_T, const py::object& lengths, bool has_bW, bool has_bR,
-                          const py::function& allocate, int64_t stream) {
+                          const py::object& dc_T, const py::object& lengths, bool packed, bool has_bW,
+                          bool has_bR, const py::function& allocate, int64_t stream) {
   DLPackViews views(stream);
   return run_backward(cell_options(cell, options), views, DLPackOutputs{allocate, views}, x, W, R, h0, c0, P, y,
-                      cache, dy, dh_T, dc_T, lengths, has_bW, has_bR, stream);
+                      cache, dy, dh_T, dc_T, lengths, packed, has_bW, has_bR, stream);
 }
 
 // Fills `out` (NumPy, or any DLPack array) with dropout_mask(); returns it.
@@ -482,17 +501,17 @@ PYBIND11_MODULE(_conveyor, m) {
 
   m.def("forward", &forward_numpy, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"), py::arg("R"),
         py::arg("bW"), py::arg("bR"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("lengths"),
-        py::arg("training"));
+        py::arg("packed"), py::arg("training"));
   m.def("backward", &backward_numpy, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"), py::arg("R"),
         py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("y"), py::arg("cache"), py::arg("dy"), py::arg("dh_T"),
-        py::arg("dc_T"), py::arg("lengths"), py::arg("has_bW"), py::arg("has_bR"));
+        py::arg("dc_T"), py::arg("lengths"), py::arg("packed"), py::arg("has_bW"), py::arg("has_bR"));
   m.def("forward_dlpack", &forward_dlpack, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"),
         py::arg("R"), py::arg("bW"), py::arg("bR"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("lengths"),
-        py::arg("training"), py::arg("allocate"), py::arg("stream"));
+        py::arg("packed"), py::arg("training"), py::arg("allocate"), py::arg("stream"));
   m.def("backward_dlpack", &backward_dlpack, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"),
         py::arg("R"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("y"), py::arg("cache"), py::arg("dy"),
-        py::arg("dh_T"), py::arg("dc_T"), py::arg("lengths"), py::arg("has_bW"), py::arg("has_bR"),
-        py::arg("allocate"), py::arg("stream"));
+        py::arg("dh_T"), py::arg("dc_T"), py::arg("lengths"), py::arg("packed"), py::arg("has_bW"),
+        py::arg("has_bR"), py::arg("allocate"), py::arg("stream"));
   m.def("gate_count", [](const std::string& cell, const py::dict& options) {
     return gate_count(cell_options(cell, options));
   }, py::arg("cell"), py::arg("options") = py::dict());

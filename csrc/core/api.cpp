@@ -7,10 +7,12 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "conveyor/conveyor.h"
 #include "core/backends.h"
 #include "core/nvtx.h"
+#include "core/packing.h"
 
 #ifndef CONVEYOR_VERSION
 #define CONVEYOR_VERSION "0.0.0"
@@ -85,8 +87,8 @@ std::string join(const int64_t* values, int count) {
   return out + (count == 1 ? ",)" : ")");
 }
 
-std::string dims_string(std::initializer_list<int64_t> dims) {
-  return join(dims.begin(), static_cast<int>(dims.size()));
+std::string dims_string(const std::vector<int64_t>& dims) {
+  return join(dims.data(), static_cast<int>(dims.size()));
 }
 
 }  // namespace
@@ -196,13 +198,13 @@ class ViewChecker {
  public:
   explicit ViewChecker(const TensorView& x) : x_(x) {}
 
-  void operator()(const char* name, const TensorView& v, std::initializer_list<int64_t> dims,
+  void operator()(const char* name, const TensorView& v, const std::vector<int64_t>& dims,
                   const char* meaning, bool optional = false) const {
     check(name, v, dims, meaning, optional, x_.dtype, "the dtype of x");
   }
 
   // c0, c_T, dc_T, dc0: of cell_state_dtype(x's dtype), float32 beside 16-bit x.
-  void cell_state(const char* name, const TensorView& v, std::initializer_list<int64_t> dims, const char* meaning,
+  void cell_state(const char* name, const TensorView& v, const std::vector<int64_t>& dims, const char* meaning,
                   bool optional) const {
     const DType dtype = cell_state_dtype(x_.dtype);
     check(name, v, dims, meaning, optional, dtype,
@@ -211,7 +213,7 @@ class ViewChecker {
   }
 
  private:
-  void check(const char* name, const TensorView& v, std::initializer_list<int64_t> dims, const char* meaning,
+  void check(const char* name, const TensorView& v, const std::vector<int64_t>& dims, const char* meaning,
              bool optional, DType dtype, const std::string& why) const {
     if (!v.present()) {
       if (optional) return;
@@ -314,13 +316,67 @@ namespace {
 struct Checked {
   WindowSizes sizes;
   int64_t T, B, I, H, GH;
+  bool packed;
+  int64_t tokens;  // the rows of the per-step arrays: T * B, or sum(lengths) when packed
+
+  // The shape of a per-step array of `width` columns, and what it means.
+  std::vector<int64_t> per_step(int64_t width) const {
+    return packed ? std::vector<int64_t>{tokens, width} : std::vector<int64_t>{T, B, width};
+  }
+  std::string meaning(const char* width) const {
+    return packed ? std::string("[tokens, ") + width + "] (packed)" : std::string("[T, B, ") + width + "]";
+  }
 };
 
-Checked check_window(const CellOptions& options, const TensorView& x, const TensorView& W, const TensorView& R) {
-  const WindowSizes s = window_sizes(options, x, W, R);
+// Packed arrays (ForwardArgs::packed): the lengths, read on the host, must be non-increasing and add up to
+// x's rows; T is the first.
+WindowSizes packed_window_sizes(const CellOptions& options, const TensorView& x, const TensorView& W,
+                                const TensorView& R, const TensorView& lengths) {
+  if (!lengths.present()) throw ArgumentError("lengths: packed arrays need the lengths of their rows, got none");
+  if (!x.present() || x.rank != 2) {
+    throw ArgumentError("x: expected a packed 2-D array (tokens, input_size), got " +
+                        (x.present() ? "shape " + shape_string(x) : std::string("none")));
+  }
+  if (lengths.device.kind != DeviceKind::cpu) {
+    throw ArgumentError("lengths: packed arrays need lengths on the CPU, got them on " + device_name(lengths.device));
+  }
+  if (lengths.rank != 1 || lengths.shape[0] < 1) {
+    throw ArgumentError("lengths: expected a 1-D array (B,), got shape " + shape_string(lengths));
+  }
+  if (lengths.dtype != DType::int32 && lengths.dtype != DType::int64) {
+    throw DTypeError(std::string("lengths: expected dtype int32 or int64, got ") + dtype_name(lengths.dtype));
+  }
+  TensorView as_window = x;  // [tokens, 1, input_size], for the checks of x, W and R that window_sizes makes
+  as_window.rank = 3;
+  as_window.shape[2] = x.shape[1];
+  as_window.shape[1] = 1;
+  WindowSizes s = window_sizes(options, as_window, W, R);
+  const std::vector<int64_t> values = detail::host_lengths(lengths);
+  int64_t tokens = 0;
+  for (size_t b = 0; b < values.size(); ++b) {
+    if (values[b] < 1 || (b > 0 && values[b] > values[b - 1])) {
+      throw ArgumentError("lengths: packed arrays need lengths >= 1 in non-increasing order (the rows sorted "
+                          "longest first), got lengths[" + std::to_string(b) + "] = " + std::to_string(values[b]) +
+                          (b > 0 ? " after " + std::to_string(values[b - 1]) : std::string()));
+    }
+    tokens += values[b];
+  }
+  if (tokens != x.shape[0]) {
+    throw ArgumentError("x: expected sum(lengths) = " + std::to_string(tokens) + " rows (packed), got shape " +
+                        shape_string(x));
+  }
+  s.steps = values[0];
+  s.batch = static_cast<int64_t>(values.size());
+  return s;
+}
+
+Checked check_window(const CellOptions& options, const TensorView& x, const TensorView& W, const TensorView& R,
+                     const TensorView& lengths, bool packed) {
+  const WindowSizes s = packed ? packed_window_sizes(options, x, W, R, lengths) : window_sizes(options, x, W, R);
   check_device_supported(x, options);
   check_dtype_supported(x);
-  return {s, s.steps, s.batch, s.input_size, s.hidden_size, gate_count(options) * s.hidden_size};
+  return {s,      s.steps, s.batch, s.input_size, s.hidden_size, gate_count(options) * s.hidden_size,
+          packed, packed ? x.shape[0] : s.steps * s.batch};
 }
 
 // P is required with peephole and refused without it.
@@ -334,10 +390,10 @@ void check_peephole(const CellOptions& options, const ViewChecker& check, const 
 
 // x, W, R and the initial states, which forward and backward both read.
 Checked check_window_inputs(const CellOptions& options, const TensorView& x, const TensorView& W, const TensorView& R,
-                            const TensorView& h0, const TensorView& c0) {
-  const Checked c = check_window(options, x, W, R);
+                            const TensorView& h0, const TensorView& c0, const TensorView& lengths, bool packed) {
+  const Checked c = check_window(options, x, W, R, lengths, packed);
   const ViewChecker check(x);
-  check("x", x, {c.T, c.B, c.I}, "[T, B, input_size]");
+  check("x", x, c.per_step(c.I), c.meaning("input_size").c_str());
   check("W", W, {c.GH, c.I}, "[G*hidden_size, input_size]");
   check("R", R, {c.GH, c.H}, "[G*hidden_size, hidden_size]");
   check("h0", h0, {c.B, c.H}, "[B, hidden_size]", true);
@@ -372,7 +428,8 @@ void check_lengths(const Checked& c, const TensorView& x, const TensorView& leng
 }
 
 Checked check_forward_inputs_impl(const CellOptions& options, const ForwardArgs& args) {
-  const Checked c = check_window_inputs(options, args.x, args.W, args.R, args.h0, args.c0);
+  const Checked c =
+      check_window_inputs(options, args.x, args.W, args.R, args.h0, args.c0, args.lengths, args.packed);
   check_lengths(c, args.x, args.lengths);
   const ViewChecker check(args.x);
   check("bW", args.bW, {c.GH}, "[G*hidden_size]", true);
@@ -382,14 +439,16 @@ Checked check_forward_inputs_impl(const CellOptions& options, const ForwardArgs&
 }
 
 Checked check_backward_inputs_impl(const CellOptions& options, const BackwardArgs& args) {
-  const Checked c = check_window_inputs(options, args.x, args.W, args.R, args.h0, args.c0);
+  const Checked c =
+      check_window_inputs(options, args.x, args.W, args.R, args.h0, args.c0, args.lengths, args.packed);
   check_lengths(c, args.x, args.lengths);
   const ViewChecker check(args.x);
-  check("y", args.y, {c.T, c.B, c.H}, "[T, B, hidden_size]");
+  check("y", args.y, c.per_step(c.H), c.meaning("hidden_size").c_str());
   if (cache_width(options) > 0) {
-    check("cache", args.cache, {c.T, c.B, cache_width(options) * c.H}, "[T, B, cache_width*hidden_size] from forward");
+    check("cache", args.cache, c.per_step(cache_width(options) * c.H),
+          (c.meaning("cache_width*hidden_size") + " from forward").c_str());
   }
-  check("dy", args.dy, {c.T, c.B, c.H}, "[T, B, hidden_size]");
+  check("dy", args.dy, c.per_step(c.H), c.meaning("hidden_size").c_str());
   check("dh_T", args.dh_T, {c.B, c.H}, "[B, hidden_size]", true);
   check_no_cell_state_unless_lstm(options, "dc_T", args.dc_T);
   check.cell_state("dc_T", args.dc_T, {c.B, c.H}, "[B, hidden_size]", true);
@@ -456,6 +515,7 @@ BackwardArgs backward_args_for(const ForwardArgs& f) {
   b.y = f.y;
   b.cache = f.cache;
   b.lengths = f.lengths;
+  b.packed = f.packed;
   return b;
 }
 
@@ -466,12 +526,13 @@ void check_backward_inputs(const CellOptions& options, const BackwardArgs& args)
 void forward(const CellOptions& options, const ForwardArgs& args, void* stream) {
   const Checked c = check_forward_inputs_impl(options, args);
   const ViewChecker check(args.x);
-  check("y", args.y, {c.T, c.B, c.H}, "[T, B, hidden_size]");
+  check("y", args.y, c.per_step(c.H), c.meaning("hidden_size").c_str());
   check("h_T", args.h_T, {c.B, c.H}, "[B, hidden_size]", true);
   check_no_cell_state_unless_lstm(options, "c_T", args.c_T);
   check.cell_state("c_T", args.c_T, {c.B, c.H}, "[B, hidden_size]", true);
   if (cache_width(options) > 0) {
-    check("cache", args.cache, {c.T, c.B, cache_width(options) * c.H}, "[T, B, cache_width*hidden_size]", true);
+    check("cache", args.cache, c.per_step(cache_width(options) * c.H), c.meaning("cache_width*hidden_size").c_str(),
+          true);
   }
   check_no_aliasing({{"y", &args.y}, {"h_T", &args.h_T}, {"c_T", &args.c_T}, {"cache", &args.cache}},
                     {{"x", &args.x}, {"W", &args.W}, {"R", &args.R}, {"bW", &args.bW}, {"bR", &args.bR},
@@ -507,7 +568,7 @@ void dropout_mask(double p, bool variational, uint64_t seed, uint64_t mask_strea
 void backward(const CellOptions& options, const BackwardArgs& args, void* stream) {
   const Checked c = check_backward_inputs_impl(options, args);
   const ViewChecker check(args.x);
-  check("dx", args.dx, {c.T, c.B, c.I}, "[T, B, input_size]", true);
+  check("dx", args.dx, c.per_step(c.I), c.meaning("input_size").c_str(), true);
   check("dh0", args.dh0, {c.B, c.H}, "[B, hidden_size]", true);
   check_no_cell_state_unless_lstm(options, "dc0", args.dc0);
   check.cell_state("dc0", args.dc0, {c.B, c.H}, "[B, hidden_size]", true);

@@ -33,6 +33,7 @@ PackedBatch pack_batch(const std::vector<int64_t>& lengths, int64_t steps) {
     p.offsets[t + 1] = p.offsets[t] + running;
   }
   p.dense = p.steps == steps && p.tokens() == steps * p.batch;  // all of length T: order is the identity
+  p.in_place = p.dense;
   return p;
 }
 
@@ -46,7 +47,14 @@ PackedBatch dense_batch(int64_t steps, int64_t batch) {
   p.length.assign(static_cast<size_t>(batch), steps);
   p.offsets.resize(static_cast<size_t>(steps + 1));
   for (int64_t t = 0; t <= steps; ++t) p.offsets[t] = t * batch;
-  p.dense = true;
+  p.dense = p.in_place = true;
+  return p;
+}
+
+PackedBatch window_batch(const std::vector<int64_t>* lengths, int64_t steps, int64_t batch, bool packed) {
+  if (lengths == nullptr) return dense_batch(steps, batch);
+  PackedBatch p = pack_batch(*lengths, steps);
+  p.in_place = p.in_place || packed;  // sorted lengths (checked by api.cpp): the packed order is theirs
   return p;
 }
 

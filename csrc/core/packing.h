@@ -22,6 +22,7 @@ struct PackedBatch {
   std::vector<int64_t> length;  // length[k]: packed row k's length, non-increasing in k
   std::vector<int64_t> offsets; // [steps + 1]: step t's first packed row; offsets[steps] = sum of lengths
   bool dense = false;           // every row runs every step in its own place: packed arrays are the padded ones
+  bool in_place = false;        // the caller's arrays are laid out as the window runs: dense, or given packed
 
   int64_t rows_at(int64_t t) const { return offsets[t + 1] - offsets[t]; }
   int64_t tokens() const { return offsets[steps]; }
@@ -35,6 +36,11 @@ PackedBatch pack_batch(const std::vector<int64_t>& lengths, int64_t steps);
 
 // A batch without lengths: B rows that all run `steps` steps (offsets t * B, dense).
 PackedBatch dense_batch(int64_t steps, int64_t batch);
+
+// The rows of a window: packed by `lengths` when given (their values on the host), in the caller's layout
+// when `packed` (ForwardArgs::packed: the lengths non-increasing, the arrays packed already), else every
+// row for all `steps` steps.
+PackedBatch window_batch(const std::vector<int64_t>* lengths, int64_t steps, int64_t batch, bool packed);
 
 // The values of a lengths view in host memory (int32 or int64, checked by api.cpp).
 std::vector<int64_t> host_lengths(const TensorView& lengths);

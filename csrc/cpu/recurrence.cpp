@@ -147,14 +147,15 @@ void rows_from_packed(const PackedBatch& rows, int64_t width, const T* in, T* ou
   for (int64_t k = 0; k < rows.batch; ++k) std::memcpy(out + rows.order[k] * width, in + k * width, sizeof(T) * width);
 }
 
-// A padded [T, B, width] input in packed rows: the array itself for a dense batch, else a packed copy.
+// A padded [T, B, width] input in packed rows: the array itself when the caller's layout is the window's
+// (a dense batch, or arrays given packed), else a packed copy.
 template <typename T>
 class PackedInput {
  public:
   PackedInput(const PackedBatch& rows, int64_t width, const T* padded)
-      : copy_(rows.dense ? 0 : rows.tokens() * width) {
-    if (!rows.dense) pack_rows(rows, width, padded, copy_.data());
-    data_ = rows.dense ? padded : copy_.data();
+      : copy_(rows.in_place ? 0 : rows.tokens() * width) {
+    if (!rows.in_place) pack_rows(rows, width, padded, copy_.data());
+    data_ = rows.in_place ? padded : copy_.data();
   }
   const T* get() const { return data_; }
 
@@ -171,9 +172,10 @@ std::vector<T> packed_state(const PackedBatch& rows, int64_t width, const Tensor
   return out;
 }
 
-// The rows a window runs: packed by `lengths` when given, else every row for all T steps.
-PackedBatch window_rows(const WindowSizes& s, const TensorView& lengths) {
-  return lengths.present() ? pack_batch(host_lengths(lengths), s.steps) : dense_batch(s.steps, s.batch);
+// The rows a window runs (window_batch).
+PackedBatch window_rows(const WindowSizes& s, const TensorView& lengths, bool packed) {
+  const std::vector<int64_t> values = lengths.present() ? host_lengths(lengths) : std::vector<int64_t>{};
+  return window_batch(lengths.present() ? &values : nullptr, s.steps, s.batch, packed);
 }
 
 // out = m * h, elementwise over n.
@@ -392,15 +394,15 @@ void rnn_backward_row(int64_t H, const T* __restrict h, const T* __restrict dy, 
 template <typename T, bool kRelu>
 void forward_window(const CellOptions& options, const WindowSizes& sizes, const ForwardArgs& args) {
   const Window w = make_window(options, sizes);
-  const PackedBatch rows = window_rows(sizes, args.lengths);
+  const PackedBatch rows = window_rows(sizes, args.lengths, args.packed);
   const int64_t B = w.batch, H = w.hidden_size, GH = w.gh(), N = rows.tokens();
   const int64_t cw = cache_width(options) * H;
   const T* W = static_cast<const T*>(args.W.data);
   const T* R = static_cast<const T*>(args.R.data);
   const T* bW = data_or_null<T>(args.bW);
   const PackedInput<T> x(rows, w.input_size, static_cast<const T*>(args.x.data));
-  Scratch<T> y_packed(rows.dense ? 0 : N * H);
-  T* y = rows.dense ? static_cast<T*>(args.y.data) : y_packed.data();
+  Scratch<T> y_packed(rows.in_place ? 0 : N * H);
+  T* y = rows.in_place ? static_cast<T*>(args.y.data) : y_packed.data();
   // Absent biases and cache become zeros and a one-step scratch cache, so that the per-element loops have
   // no branches.
   std::vector<T> zero_bias(args.bR.present() ? 0 : static_cast<size_t>(GH), T(0));
@@ -489,7 +491,7 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   }
 
   // A row's final state is its output at its last step; the cell state stopped where the row did.
-  if (!rows.dense) unpack_rows(rows, w.steps, H, y, static_cast<T*>(args.y.data));
+  if (!rows.in_place) unpack_rows(rows, w.steps, H, y, static_cast<T*>(args.y.data));
   if (args.h_T.present()) {
     T* h_T = static_cast<T*>(args.h_T.data);
     for (int64_t k = 0; k < B; ++k) std::memcpy(h_T + rows.order[k] * H, y + rows.last_row(k) * H, sizeof(T) * H);
@@ -500,7 +502,7 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
 template <typename T, bool kRelu>
 void backward_window(const CellOptions& options, const WindowSizes& sizes, const BackwardArgs& args) {
   const Window w = make_window(options, sizes);
-  const PackedBatch rows = window_rows(sizes, args.lengths);
+  const PackedBatch rows = window_rows(sizes, args.lengths, args.packed);
   const int64_t B = w.batch, H = w.hidden_size, I = w.input_size, GH = w.gh(), N = rows.tokens();
   const int64_t cw = cache_width(options) * H;
   const T* W = static_cast<const T*>(args.W.data);
@@ -618,10 +620,10 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
 
   const T beta = args.accumulate ? T(1) : T(0);
   if (args.dx.present()) {
-    Scratch<T> dx_packed(rows.dense ? 0 : N * I);
-    T* dx = rows.dense ? static_cast<T*>(args.dx.data) : dx_packed.data();
+    Scratch<T> dx_packed(rows.in_place ? 0 : N * I);
+    T* dx = rows.in_place ? static_cast<T*>(args.dx.data) : dx_packed.data();
     gemm<T>(N, I, GH, T(1), MatrixRef<T>::rows(dax.data(), GH), MatrixRef<T>::rows(W, I), T(0), dx, I);
-    if (!rows.dense) unpack_rows(rows, w.steps, I, dx, static_cast<T*>(args.dx.data));
+    if (!rows.in_place) unpack_rows(rows, w.steps, I, dx, static_cast<T*>(args.dx.data));
   }
   if (args.dW.present()) {
     gemm<T>(GH, I, N, T(1), MatrixRef<T>::transposed(dax.data(), GH), MatrixRef<T>::rows(x.get(), I), beta,

@@ -22,6 +22,7 @@ def forward(
     c0: np.ndarray | None,
     P: np.ndarray | None,
     lengths: np.ndarray | None,
+    packed: bool,
     training: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(y, h_T, c_T or None, cache or None)."""
@@ -41,6 +42,7 @@ def backward(
     dh_T: np.ndarray | None,
     dc_T: np.ndarray | None,
     lengths: np.ndarray | None,
+    packed: bool,
     has_bW: bool,
     has_bR: bool,
 ) -> tuple[
@@ -66,7 +68,8 @@ def forward_dlpack(
     h0: Any | None,
     c0: Any | None,
     P: Any | None,
-    lengths: np.ndarray | None,
+    lengths: Any | None,
+    packed: bool,
     training: bool,
     allocate: Callable[[tuple[int, ...], str], Any],
     stream: int,
@@ -88,7 +91,8 @@ def backward_dlpack(
     dy: Any,
     dh_T: Any | None,
     dc_T: Any | None,
-    lengths: np.ndarray | None,
+    lengths: Any | None,
+    packed: bool,
     has_bW: bool,
     has_bR: bool,
     allocate: Callable[[tuple[int, ...], str], Any],

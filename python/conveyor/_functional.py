@@ -87,15 +87,15 @@ class Saved:
     be modified in between."""
 
     __slots__ = ("cell", "options", "x", "W", "R", "has_bW", "has_bR", "h0", "c0", "P", "y", "cache",
-                 "lengths")
+                 "lengths", "packed")
 
-    def __init__(self, cell, options, x, W, R, bW, bR, h0, c0, P, y, cache, lengths=None):
+    def __init__(self, cell, options, x, W, R, bW, bR, h0, c0, P, y, cache, lengths=None, packed=False):
         self.cell = cell
         self.options = options
         self.x, self.W, self.R = x, W, R
         self.has_bW, self.has_bR = bW is not None, bR is not None
         self.h0, self.c0, self.P, self.y, self.cache = h0, c0, P, y, cache
-        self.lengths = lengths
+        self.lengths, self.packed = lengths, packed
 
     @property
     def consumed(self) -> bool:
@@ -184,19 +184,22 @@ def _options(activation, training, allow_tf32, dropout=(0.0, True, 0, 0), algori
     return options, training
 
 
-def _forward(cell, options, x, W, R, bW, bR, h0, c0, P, lengths, training, stream):
+def _forward(cell, options, x, W, R, bW, bR, h0, c0, P, lengths, training, stream, packed=False):
+    """One window through the core. ``packed`` (the stacks' and the drop-in's): x and y are a
+    PackedSequence's data, ``[tokens, features]``, with ``lengths`` non-increasing on the host (C++ API,
+    ForwardArgs::packed)."""
     inputs = (x, W, R, bW, bR, h0, c0, P)
     lengths = _arrays.lengths_argument(lengths)
     if any(_arrays.is_foreign(a) for a in (*inputs, lengths)):
         inputs = tuple(None if a is None else _arrays.for_export(a) for a in inputs)
         allocate = _arrays.Allocator(inputs[0])
-        outputs = _conveyor.forward_dlpack(cell, options, *inputs, lengths, training, allocate,
+        outputs = _conveyor.forward_dlpack(cell, options, *inputs, lengths, packed, training, allocate,
                                            _arrays.stream_of(inputs[0], stream))
         y, h_T, c_T, cache = allocate.finish(outputs)
     else:
         _arrays.stream_of(x, stream)  # checks the argument; NumPy work runs on the CPU
-        y, h_T, c_T, cache = _conveyor.forward(cell, options, *inputs, lengths, training)
-    saved = Saved(cell, options, *inputs[:8], y, cache, lengths) if training else None
+        y, h_T, c_T, cache = _conveyor.forward(cell, options, *inputs, lengths, packed, training)
+    saved = Saved(cell, options, *inputs[:8], y, cache, lengths, packed) if training else None
     return y, h_T, c_T, saved
 
 
@@ -212,12 +215,14 @@ def _backward(cell: str, saved, dy, dh_T, dc_T, stream, keep=False):
     if any(_arrays.is_foreign(a) for a in (*arrays, saved.lengths)):
         arrays = tuple(None if a is None else _arrays.for_export(a) for a in arrays)
         allocate = _arrays.Allocator(saved.x)
-        grads = _conveyor.backward_dlpack(cell, saved.options, *arrays, saved.lengths, saved.has_bW,
-                                          saved.has_bR, allocate, _arrays.stream_of(saved.x, stream))
+        grads = _conveyor.backward_dlpack(cell, saved.options, *arrays, saved.lengths, saved.packed,
+                                          saved.has_bW, saved.has_bR, allocate,
+                                          _arrays.stream_of(saved.x, stream))
         grads = allocate.finish(grads)
     else:
         _arrays.stream_of(saved.x, stream)
-        grads = _conveyor.backward(cell, saved.options, *arrays, saved.lengths, saved.has_bW, saved.has_bR)
+        grads = _conveyor.backward(cell, saved.options, *arrays, saved.lengths, saved.packed, saved.has_bW,
+                                   saved.has_bR)
     if not keep:  # the TBPTT driver keeps a window's Saved for the later spans that reach back over it
         saved.x = saved.W = saved.R = saved.h0 = saved.c0 = saved.P = saved.y = saved.cache = None
         saved.lengths = None
@@ -226,7 +231,8 @@ def _backward(cell: str, saved, dy, dh_T, dc_T, stream, keep=False):
 
 def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, coupled_gates=False, forget_bias=0.0,
                  cell_clip=None, activation="tanh", recurrent_dropout=0.0, variational=True, seed=0,
-                 mask_stream=0, training=True, allow_tf32=False, algorithm="auto", lengths=None, stream=None):
+                 mask_stream=0, training=True, allow_tf32=False, algorithm="auto", lengths=None, stream=None,
+                 _packed=False):
     """Runs an LSTM over the window ``x`` ``[T, B, input_size]``.
 
     ``bW``/``bR`` may be None (no bias); ``h0``/``c0`` ``[B, hidden_size]`` default to zeros. ``c0`` and the
@@ -263,7 +269,7 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, coupled_gates=Fal
                                  coupled_gates=coupled_gates, peephole=P is not None)
     options["forget_bias"] = _check_number("forget_bias", forget_bias)
     options["cell_clip"] = 0.0 if cell_clip is None else _check_number("cell_clip", cell_clip, positive=True)
-    return _forward("lstm", options, x, W, R, bW, bR, h0, c0, P, lengths, training, stream)
+    return _forward("lstm", options, x, W, R, bW, bR, h0, c0, P, lengths, training, stream, _packed)
 
 
 def lstm_backward(saved, dy, dh_T=None, dc_T=None, *, stream=None, _keep=False) -> LSTMGrads:
@@ -276,14 +282,15 @@ def lstm_backward(saved, dy, dh_T=None, dc_T=None, *, stream=None, _keep=False) 
 
 def gru_forward(x, W, R, bW, bR, h0=None, *, reset_after=True, activation="tanh", recurrent_dropout=0.0,
                 variational=True, seed=0, mask_stream=0, training=True, allow_tf32=False, algorithm="auto",
-                lengths=None, stream=None):
+                lengths=None, stream=None, _packed=False):
     """Runs a GRU over the window ``x``. ``reset_after=True`` applies the reset gate after the recurrent
     product (cuDNN, PyTorch); False before it (Cho et al. 2014). Recurrent dropout as in :func:`lstm_forward`
     (the output mix uses the unmasked h_{t-1}); ``lengths`` as there. Returns ``(y, h_T, saved)``."""
     options, training = _options(activation, training, allow_tf32,
                                  (recurrent_dropout, variational, seed, mask_stream), algorithm,
                                  reset_after=reset_after)
-    y, h_T, _, saved = _forward("gru", options, x, W, R, bW, bR, h0, None, None, lengths, training, stream)
+    y, h_T, _, saved = _forward("gru", options, x, W, R, bW, bR, h0, None, None, lengths, training, stream,
+                                _packed)
     return y, h_T, saved
 
 
@@ -295,12 +302,13 @@ def gru_backward(saved, dy, dh_T=None, *, stream=None, _keep=False) -> GRUGrads:
 
 def rnn_forward(x, W, R, bW, bR, h0=None, *, activation="tanh", recurrent_dropout=0.0, variational=True,
                 seed=0, mask_stream=0, training=True, allow_tf32=False, algorithm="auto", lengths=None,
-                stream=None):
+                stream=None, _packed=False):
     """Runs a plain RNN, ``h_t = act(W x_t + bW + R h_{t-1} + bR)``, over the window ``x``. Recurrent dropout
     and ``lengths`` as in :func:`lstm_forward`. Returns ``(y, h_T, saved)``."""
     options, training = _options(activation, training, allow_tf32,
                                  (recurrent_dropout, variational, seed, mask_stream), algorithm)
-    y, h_T, _, saved = _forward("rnn", options, x, W, R, bW, bR, h0, None, None, lengths, training, stream)
+    y, h_T, _, saved = _forward("rnn", options, x, W, R, bW, bR, h0, None, None, lengths, training, stream,
+                                _packed)
     return y, h_T, saved
 
 

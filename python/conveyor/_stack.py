@@ -49,21 +49,28 @@ class _Ops:
 
     def flip_time(self, a, reversal=None):
         """``a`` [T, B, ...] reversed in time: whole, or with ``reversal`` (:meth:`reversal`) each row within
-        its length, the steps past it left in place."""
+        its length, the steps past it left in place (or, packed, the rows of a [tokens, ...] array)."""
         if reversal is not None:
-            steps, rows = reversal
-            return self.contiguous(a[steps, rows])
+            return self.contiguous(a[reversal])
         return a.flip(0) if self.torch else self.xp.ascontiguousarray(self.xp.flip(a, 0))
 
-    def reversal(self, lengths, steps, like):
+    def reversal(self, lengths, steps, like, packed=False):
         """The index arrays that reverse each row b of a [T, B, ...] array within its first lengths[b] steps
-        (step t < lengths[b] from lengths[b] - 1 - t; the others stay): its own inverse. From host lengths."""
-        t = np.arange(steps)[:, None]
-        source = np.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)
-        rows = np.broadcast_to(np.arange(len(lengths))[None, :], source.shape)
+        (step t < lengths[b] from lengths[b] - 1 - t; the others stay): its own inverse. From host lengths.
+        Packed (lengths non-increasing, a [tokens, ...] array whose step t holds the rows longer than t): the
+        one index of the rows."""
+        if packed:
+            offsets = np.concatenate([[0], np.cumsum((lengths[None, :] > np.arange(steps)[:, None]).sum(1))])
+            t = np.repeat(np.arange(steps), np.diff(offsets))
+            k = np.arange(offsets[-1]) - offsets[t]
+            index = (offsets[lengths[k] - 1 - t] + k,)
+        else:
+            t = np.arange(steps)[:, None]
+            source = np.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)
+            index = (source, np.broadcast_to(np.arange(len(lengths))[None, :], source.shape))
         if self.torch:
-            return tuple(self.xp.as_tensor(index, device=like.device) for index in (source, rows))
-        return self.xp.asarray(source), self.xp.asarray(rows)
+            return tuple(self.xp.as_tensor(i, device=like.device) for i in index)
+        return tuple(self.xp.asarray(i) for i in index)
 
     def concat(self, parts):
         if len(parts) == 1:
@@ -91,6 +98,10 @@ class _Ops:
     def contiguous(self, a):
         return a.contiguous() if self.torch else self.xp.ascontiguousarray(a)
 
+    def index(self, host, like):
+        """The NumPy integer array `host` as an index of this library (on `like`'s device)."""
+        return self.xp.as_tensor(host, device=like.device) if self.torch else self.xp.asarray(host)
+
     def asarray(self, host, like):
         """The NumPy array `host` in this library, with `like`'s dtype (and device)."""
         if self.torch:
@@ -102,12 +113,14 @@ class StackSaved:
     """What :func:`stack_forward` keeps for :func:`stack_backward`: one window's ``Saved`` per layer and
     direction, and the output dropout masks."""
 
-    __slots__ = ("cell", "num_layers", "directions", "hidden_size", "saved", "masks", "x", "reversal")
+    __slots__ = ("cell", "num_layers", "directions", "hidden_size", "saved", "masks", "x", "reversal",
+                 "batch")
 
-    def __init__(self, cell, num_layers, directions, hidden_size, saved, masks, x, reversal=None):
+    def __init__(self, cell, num_layers, directions, hidden_size, saved, masks, x, reversal=None, batch=None):
         self.cell, self.num_layers, self.directions = cell, num_layers, directions
         self.hidden_size, self.saved, self.masks, self.x = hidden_size, saved, masks, x
         self.reversal = reversal
+        self.batch = batch  # packed windows: B (x is [tokens, input_size]); else None
 
 
 class StackGrads(NamedTuple):
@@ -172,7 +185,8 @@ def _host_lengths(lengths):
 
 
 def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirectional=False, dropout=0.0,
-                  variational=False, recurrent_dropout=0.0, seed=0, training=True, lengths=None, **options):
+                  variational=False, recurrent_dropout=0.0, seed=0, training=True, lengths=None,
+                  _packed=False, **options):
     """Runs ``num_layers`` layers of ``cell`` (``"lstm"``, ``"gru"`` or ``"rnn"``) over the window ``x``.
 
     ``weights``: a sequence of L*D tuples ``(W, R, bW, bR)`` (LSTM: ``(W, R, bW, bR, P)``, P None without
@@ -183,7 +197,8 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
     options (activation, reset_after, coupled_gates, forget_bias, cell_clip, allow_tf32, stream).
     ``lengths``: None, or ``[B]`` (docs/math.md, "Variable lengths"): row b runs its first lengths[b] steps in
     every layer, the reverse direction from step lengths[b] - 1 down to 0 (its input reversed within the
-    row's length, so its masks are those of the row run alone), and y is 0 past them.
+    row's length, so each row's masks count its own steps), and y is 0 past them. (``_packed``, the drop-in's:
+    x and y are a PackedSequence's data ``[tokens, features]``, lengths non-increasing; ForwardArgs::packed.)
     Returns ``(y [T, B, D*H], h_n [L*D, B, H], c_n or None, saved)``.
     """
     if cell not in ("lstm", "gru", "rnn"):
@@ -203,22 +218,32 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
         raise ValueError(f"c0: only an LSTM has a cell state, but the cell is {cell}")
     ops = _Ops(x)
     hidden = weights[0][1].shape[-1]
-    if not hasattr(x, "shape") or len(x.shape) != 3:
+    if not hasattr(x, "shape") or len(x.shape) != (2 if _packed else 3):
         # The first window's checks name x exactly; the states' shapes need B first.
-        getattr(_functional, f"{cell}_forward")(x, *weights[0][:4], training=False)
-    states_shape = (num_layers * directions, x.shape[1], hidden)
+        getattr(_functional, f"{cell}_forward")(x, *weights[0][:4], training=False, lengths=lengths,
+                                                _packed=_packed)
+    if _packed:
+        lengths = _host_lengths(lengths)
+        steps, batch = int(lengths[0]), len(lengths)  # the core has checked them in the first window
+    else:
+        steps, batch = x.shape[0], x.shape[1]
+    states_shape = (num_layers * directions, batch, hidden)
     for name, state in (("h0", h0), ("c0", c0)):
         _check_array(name, state, states_shape, "(num_layers * directions, B, hidden_size)", x,
                      cell_state=name == "c0")
 
     forward = getattr(_functional, f"{cell}_forward")
-    reversal = None
+    reversal, positions = None, None
     if lengths is not None:
         lengths = _host_lengths(lengths)  # read once here, for the reversals and every window
-        if (bidirectional and lengths.dtype.kind == "i" and lengths.shape == (x.shape[1],)
-                and 1 <= lengths.min() and lengths.max() <= x.shape[0]):
-            reversal = ops.reversal(lengths, x.shape[0], x)
+        if (bidirectional and lengths.dtype.kind == "i" and lengths.shape == (batch,)
+                and 1 <= lengths.min() and lengths.max() <= steps):
+            reversal = ops.reversal(lengths, steps, x, packed=_packed)
+        if _packed:  # where each packed row lies in a padded [T*B] array: the rows of the output masks
+            present = lengths[None, :] > np.arange(steps)[:, None]
+            positions = ops.index(present.reshape(-1).nonzero()[0], like=x)
         options["lengths"] = lengths
+        options["_packed"] = _packed
     saved, masks, h_n, c_n = [], [], [], []
     layer_input = x
     for layer in range(num_layers):
@@ -244,16 +269,20 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
         y = ops.concat(outputs)
         if layer < num_layers - 1 and dropout > 0 and training:
             mask = ops.concat([
-                _functional.dropout_mask(y, (y.shape[0], y.shape[1], hidden), dropout,
-                                         variational=variational, seed=seed,
-                                         mask_stream=mask_stream(layer, d, OUTPUT_DROPOUT))
+                _functional.dropout_mask(y, (steps, batch, hidden), dropout, variational=variational,
+                                         seed=seed, mask_stream=mask_stream(layer, d, OUTPUT_DROPOUT))
                 for d in range(directions)])
+            if positions is not None:
+                mask = ops.contiguous(mask.reshape(steps * batch, -1)[positions])
             masks.append(mask)
             y = y * mask
         else:
             masks.append(None)
         layer_input = y
-    state = StackSaved(cell, num_layers, directions, hidden, saved, masks, x, reversal) if training else None
+    state = None
+    if training:
+        state = StackSaved(cell, num_layers, directions, hidden, saved, masks, x, reversal,
+                           batch if _packed else None)
     return layer_input, ops.stack(h_n), ops.stack(c_n) if cell == "lstm" else None, state
 
 
@@ -268,10 +297,14 @@ def stack_backward(saved, dy, dh_n=None, dc_n=None, *, stream=None, _keep=False)
     if saved.saved is None:
         raise ValueError("saved: already used by a backward call, which released it; run forward again")
     cell, L, D, H = saved.cell, saved.num_layers, saved.directions, saved.hidden_size
-    T, B = saved.x.shape[0], saved.x.shape[1]
-    _check_array("dy", dy, (T, B, D * H), "(T, B, directions * hidden_size)", saved.x)
+    if saved.batch is not None:  # packed
+        B, dy_shape, meaning = saved.batch, (saved.x.shape[0], D * H), "(tokens, directions * hidden_size)"
+    else:
+        B = saved.x.shape[1]
+        dy_shape, meaning = (saved.x.shape[0], B, D * H), "(T, B, directions * hidden_size)"
+    _check_array("dy", dy, dy_shape, meaning, saved.x)
     if dy is None:
-        raise TypeError("dy: expected an array of shape (T, B, directions * hidden_size), got NoneType")
+        raise TypeError(f"dy: expected an array of shape {meaning}, got NoneType")
     for name, final in (("dh_n", dh_n), ("dc_n", dc_n)):
         _check_array(name, final, (L * D, B, H), "(num_layers * directions, B, hidden_size)", saved.x,
                      cell_state=name == "dc_n")

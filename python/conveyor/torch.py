@@ -126,20 +126,6 @@ def _no_grad_forward(spec, x, h0, c0, flat, training):
     return _stack_forward(spec, x, h0, c0, flat, training)
 
 
-def _padded(sequence):
-    """A PackedSequence's data as a padded [T, B, features] tensor in its sorted order (the longest first, as
-    the data is laid out), the positions of its rows in the padded tensor's T*B rows (data row r is padded
-    row positions[r]), and the rows' lengths (a CPU int64 tensor). A gather and a scatter, both ways
-    differentiable: torch's pad_packed_sequence took ten times as long in its backward."""
-    batch_sizes = sequence.batch_sizes
-    steps, batch = len(batch_sizes), int(batch_sizes[0])
-    present = torch.arange(batch)[None, :] < batch_sizes[:, None]  # [T, B]
-    positions = present.reshape(-1).nonzero().squeeze(1).to(sequence.data.device)
-    data = sequence.data
-    padded = data.new_zeros((steps * batch,) + tuple(data.shape[1:])).index_copy(0, positions, data)
-    return padded.view((steps, batch) + tuple(data.shape[1:])), positions, present.sum(0)
-
-
 class _ConveyorRNNBase(torch.nn.Module):
     _cell = ""
     _gates = 1
@@ -202,26 +188,34 @@ class _ConveyorRNNBase(torch.nn.Module):
     def forward(self, input, hx=None):  # noqa: A002 (PyTorch's argument name)
         sequence, lengths = None, None
         if isinstance(input, torch.nn.utils.rnn.PackedSequence):
-            # Padded in the sequence's sorted order (longest first, as its data is laid out), time-major
-            # whatever batch_first says, as torch.nn reads a PackedSequence; hx and h_n are permuted to and
-            # from it, and the kernels run each row's own steps only.
+            # The kernels run on the sequence's data as it is laid out (ForwardArgs::packed): its rows sorted
+            # longest first, time-major whatever batch_first says, as torch.nn reads a PackedSequence; hx and
+            # h_n are permuted to and from that order.
             sequence = input
-            input, positions, lengths = _padded(sequence)
+            x = sequence.data.contiguous()
+            batch_sizes = sequence.batch_sizes
+            lengths = (torch.arange(int(batch_sizes[0]))[None, :] < batch_sizes[:, None]).sum(0)
+            batched, batch = True, int(batch_sizes[0])
+            if x.dim() != 2:
+                raise ValueError(f"input: expected a PackedSequence of [tokens, features] data, got data of "
+                                 f"shape {tuple(x.shape)}")
         elif not isinstance(input, torch.Tensor):
             raise TypeError(f"input: expected a torch.Tensor or a PackedSequence, got {type(input).__name__}")
-        batched = input.dim() == 3
-        if input.dim() not in (2, 3):
-            raise ValueError(f"input: expected a 2-D (unbatched) or 3-D tensor, got shape "
-                             f"{tuple(input.shape)}")
-        x = input if batched else input.unsqueeze(1)
-        if batched and self.batch_first and sequence is None:
-            x = x.transpose(0, 1)
-        x = x.contiguous()
+        else:
+            batched = input.dim() == 3
+            if input.dim() not in (2, 3):
+                raise ValueError(f"input: expected a 2-D (unbatched) or 3-D tensor, got shape "
+                                 f"{tuple(input.shape)}")
+            x = input if batched else input.unsqueeze(1)
+            if batched and self.batch_first:
+                x = x.transpose(0, 1)
+            x = x.contiguous()
+            batch = x.shape[1]
         if x.shape[-1] != self.input_size:
             raise ValueError(f"input: expected {self.input_size} features (input_size), got shape "
-                             f"{tuple(input.shape)}")
+                             f"{tuple(x.shape)}")
         directions = 2 if self.bidirectional else 1
-        state_shape = (self.num_layers * directions, x.shape[1], self.hidden_size)
+        state_shape = (self.num_layers * directions, batch, self.hidden_size)
         lstm = self._cell == "lstm"
         # Conveyor's cell state is float32 beside 16-bit x; torch.nn.LSTM's c_0 and c_n have x's dtype.
         cell_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -254,7 +248,7 @@ class _ConveyorRNNBase(torch.nn.Module):
                       seed=int(torch.randint(0, 2**62, (1,)).item()) if training and (
                           self.dropout or self.recurrent_dropout) else 0, **self._options())
         if lengths is not None:
-            kwargs["lengths"] = lengths.numpy()
+            kwargs.update(lengths=lengths.numpy(), _packed=True)
         flat, layout = [], []
         for names in self._layout:
             for name in names:
@@ -275,8 +269,7 @@ class _ConveyorRNNBase(torch.nn.Module):
         if lstm and c_n.dtype != x.dtype:
             c_n = c_n.to(x.dtype)  # torch.nn.LSTM's c_n dtype; autograd takes dc_n back to float32
         if sequence is not None:
-            data = y.reshape(-1, y.shape[-1]).index_select(0, positions)
-            y = torch.nn.utils.rnn.PackedSequence(data, sequence.batch_sizes, sequence.sorted_indices,
+            y = torch.nn.utils.rnn.PackedSequence(y, sequence.batch_sizes, sequence.sorted_indices,
                                                   sequence.unsorted_indices)
             if sequence.unsorted_indices is not None:
                 h_n = h_n.index_select(1, sequence.unsorted_indices)

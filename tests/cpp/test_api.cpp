@@ -578,6 +578,59 @@ void check_lengths(Problem p) {
   CHECK_THROWS(forward(p.options, a), ArgumentError, "lengths: expected shape (3,) [B], got (2,)");
 }
 
+// ForwardArgs::packed: the same window with x, y, dy and dx packed as a PackedSequence's data (rows sorted
+// longest first) gives the padded window's numbers, row for row.
+void check_packed(Problem p) {
+  const int64_t T = p.T, B = p.B, H = p.H, I = p.I, GH = p.G * H;
+  p.lengths = {T, 2, 1};
+  const ForwardOut f = run_forward(p, true);
+  const Grads g = run_backward(p, f);
+  auto pack = [&](const Vec& v, int64_t width) {
+    Vec out;
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t b = 0; b < B && p.lengths[b] > t; ++b) {
+        const auto first = v.begin() + static_cast<std::ptrdiff_t>((t * B + b) * width);
+        out.insert(out.end(), first, first + static_cast<std::ptrdiff_t>(width));
+      }
+    }
+    return out;
+  };
+  const Vec x = pack(p.x, I), dy = pack(p.dy, H);
+  const int64_t tokens = static_cast<int64_t>(x.size()) / I;
+  Vec y(static_cast<size_t>(tokens * H), kNaN), h_T(static_cast<size_t>(B * H), kNaN);
+  Vec cache(static_cast<size_t>(tokens * p.C * H), kNaN), c_T(p.lstm() ? static_cast<size_t>(B * H) : 0, kNaN);
+  ForwardArgs a;
+  a.x = view(x, {tokens, I});
+  a.W = view(p.W, {GH, I});
+  a.R = view(p.R, {GH, H});
+  a.bW = view(p.bW, {GH});
+  a.bR = view(p.bR, {GH});
+  a.h0 = view(p.h0, {B, H});
+  if (p.lstm()) a.c0 = view(p.c0, {B, H});
+  a.lengths = TensorView::contiguous(p.lengths.data(), DType::int64, {B});
+  a.packed = true;
+  a.y = view(y, {tokens, H});
+  a.h_T = view(h_T, {B, H});
+  if (p.lstm()) a.c_T = view(c_T, {B, H});
+  if (p.C > 0) a.cache = view(cache, {tokens, p.C * H});
+  forward(p.options, a);
+  BackwardArgs b = backward_args_for(a);
+  Vec dx(static_cast<size_t>(tokens * I), kNaN), dW(static_cast<size_t>(GH * I), kNaN);
+  b.dy = view(dy, {tokens, H});
+  b.dh_T = view(p.dh_T, {B, H});
+  if (p.lstm()) b.dc_T = view(p.dc_T, {B, H});
+  b.dx = view(dx, {tokens, I});
+  b.dW = view(dW, {GH, I});
+  backward(p.options, b);
+  CHECK_MSG(close(y, pack(f.y, H)) && close(h_T, f.h_T) && (!p.lstm() || close(c_T, f.c_T)),
+            p.name + ": packed forward differs from the padded one");
+  CHECK_MSG(close(dx, pack(g.dx, I)) && close(dW, g.dW), p.name + ": packed backward differs from the padded one");
+
+  std::vector<int64_t> unsorted = {2, T, 1};
+  a.lengths = TensorView::contiguous(unsorted.data(), DType::int64, {B});
+  CHECK_THROWS(forward(p.options, a), ArgumentError, "lengths: packed arrays need lengths >= 1 in non-increasing order");
+}
+
 }  // namespace
 
 int main() {
@@ -586,6 +639,7 @@ int main() {
     // A second draw with T = 1 and B = 1 (the edges of the time loop and the few-row products).
     for (const Problem& p : all_cells(200, 1, 1, 3, 4)) check_cell(p);
     for (const Problem& p : all_cells(300, 4, 3, 3, 4)) check_lengths(p);
+    for (const Problem& p : all_cells(400, 4, 3, 3, 4)) check_packed(p);
     check_errors();
     check_backends();
     check_threads();

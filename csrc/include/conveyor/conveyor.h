@@ -205,6 +205,12 @@ struct ForwardArgs {
   // forward over each row's steps reversed within its length (the Python stacks do that). On CUDA, lengths
   // on the device are copied to the host first, which waits for `stream`'s work before them.
   TensorView lengths;
+  // With lengths: the per-step arrays (x, y, cache here; backward's dy and dx) are packed as a PyTorch
+  // PackedSequence's data is, instead of [T, B, ...]: [tokens, ...], step t's rows after step t-1's, each step
+  // holding the rows longer than t. lengths must then be on the CPU and non-increasing (the rows sorted
+  // longest first, which is the order of every [B, ...] array too), T is lengths[0], and tokens is
+  // sum(lengths) = x's first dimension. Nothing is copied in or out; the window runs on the arrays as given.
+  bool packed = false;
 
   // Outputs.
   TensorView y;      // [T, B, H] =  hidden state of every step
@@ -238,6 +244,7 @@ struct BackwardArgs {
   TensorView y;      // [T, B, H]
   TensorView cache;  // [T, B, cache_width * H]
   TensorView lengths;  // [B]; the very lengths forward() ran with (absent if it ran without)
+  bool packed = false;  // as forward()'s: dy and dx are then packed as x is
 
   // Gradients of the loss with respect to forward's outputs (read only).
   TensorView dy;    // [T, B, H]; with lengths, read at each row's steps only
@@ -258,8 +265,8 @@ struct BackwardArgs {
   bool accumulate = false;
 };
 
-// A BackwardArgs that holds what `forward_args` read and wrote (x, W, R, h0, c0, P, y, cache, lengths), for the caller
-// to complete with dy (and dh_T, dc_T) and the gradients it wants.
+// A BackwardArgs that holds what `forward_args` read and wrote (x, W, R, h0, c0, P, y, cache, lengths, packed),
+// for the caller to complete with dy (and dh_T, dc_T) and the gradients it wants.
 BackwardArgs backward_args_for(const ForwardArgs& forward_args);
 
 // Checks every input of `args` (what forward read and wrote, dy, dh_T, dc_T) as backward() does, ignoring
