@@ -773,6 +773,8 @@ void run_on_device(const CellOptions& options, const WindowSizes& sizes, const A
     case DType::float64: return run_window<double>(options, sizes, args, stream);
     case DType::float16: return run_window<__half>(options, sizes, args, stream);
     case DType::bfloat16: return run_window<bfloat16>(options, sizes, args, stream);
+    case DType::int32:
+    case DType::int64: break;  // refused by api.cpp: x is floating-point
   }
   throw DTypeError("x: unknown dtype " + std::to_string(static_cast<int>(args.x.dtype)));
 }
@@ -804,6 +806,8 @@ void cuda_dropout_mask(double p, bool variational, uint64_t seed, uint64_t mask_
     case DType::bfloat16:
       return cuda::dropout_mask(T, B, H, p, variational, seed, mask_stream, static_cast<cuda::bfloat16*>(out.data),
                                 s);
+    case DType::int32:
+    case DType::int64: break;  // refused by api.cpp: a mask is floating-point
   }
   throw DTypeError("out: unknown dtype " + std::to_string(static_cast<int>(out.dtype)));
 }

@@ -555,6 +555,9 @@ void dropout_mask(double p, bool variational, uint64_t seed, uint64_t mask_strea
   }
   const ViewChecker check(out);
   check("out", out, {out.shape[0], out.shape[1], out.shape[2]}, "(T, B, H)");
+  if (out.dtype == DType::int32 || out.dtype == DType::int64) {
+    throw DTypeError(std::string("out: expected a floating-point array, got ") + dtype_name(out.dtype));
+  }
   check_device_supported(out, CellOptions{});
   const detail::NvtxRange range("conveyor::dropout_mask");
   if (out.device.kind == DeviceKind::cuda) {
