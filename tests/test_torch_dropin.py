@@ -3,6 +3,7 @@ gradients on the same state dict for every cell, layer count, direction, batch_f
 gradcheck in float64; state dicts both ways; a training loop that falls as torch's; torch.compile;
 DistributedDataParallel; the refusals; and ``import conveyor`` without torch."""
 
+import copy
 import itertools
 import subprocess
 import sys
@@ -164,11 +165,96 @@ def test_a_training_loop_falls_as_torchs():
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
-def test_torch_compile_falls_back_to_eager_calls():
-    m = ct.GRU(3, 4)
+class _Tagger(torch.nn.Module):
+    """A small model around a Conveyor layer: what torch.compile, torch.export and torch.jit.trace see."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.rnn = layer
+        self.head = torch.nn.Linear(layer.hidden_size * (2 if layer.bidirectional else 1), 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.rnn(x)[0])).sum(0)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_torch_compile_builds_one_graph_with_the_layer_in_it(cell):
+    """Conveyor's forward and backward are custom operators (torch.library): dynamo finds no graph break,
+    fullgraph=True compiles with inductor, and the compiled model gives the eager outputs and gradients."""
+    torch.manual_seed(4)
+    layer = {"lstm": ct.LSTM, "gru": ct.GRU}[cell](3, 5, num_layers=2, bidirectional=True)
+    model = _Tagger(layer)
+    x = torch.randn(6, 4, 3)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    got = compiled(x)
+    expected = model(x)
+    torch.testing.assert_close(got, expected)
+    grads = torch.autograd.grad(got.sum(), list(model.parameters()))
+    expected_grads = torch.autograd.grad(expected.sum(), list(model.parameters()))
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+def test_torch_export_and_jit_trace_keep_the_operator():
+    torch.manual_seed(5)
+    model = _Tagger(ct.GRU(3, 4, num_layers=2)).eval()
     x = torch.randn(5, 2, 3)
-    compiled = torch.compile(m, backend="eager")
-    torch.testing.assert_close(compiled(x)[0], m(x)[0])
+    expected = model(x)
+    exported = torch.export.export(model, (x,))
+    assert any("conveyor.stack_forward" in str(node.target) for node in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(x), expected)
+    traced = torch.jit.trace(model, (x,))
+    torch.testing.assert_close(traced(torch.randn(5, 2, 3) * 0 + x), expected)
+
+
+def test_double_backward_is_refused_with_a_message():
+    layer = ct.LSTM(2, 3).double()
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    (dx,) = torch.autograd.grad(layer(x)[0].sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"conveyor: double backward \(the gradient of a gradient"):
+        dx.sum().backward()
+
+
+SURFACE_CASES = list(itertools.product(CELLS, [1, 2], [False, True], [True, False]))
+
+
+@pytest.mark.parametrize(("cell", "layers", "bidirectional", "bias"), SURFACE_CASES,
+                         ids=["-".join(map(str, c)) for c in SURFACE_CASES])
+def test_the_module_surface_is_torchs(cell, layers, bidirectional, bias):
+    """What models and tools read off torch.nn's RNNs: state_dict keys, _flat_weights_names, _flat_weights,
+    all_weights, flatten_parameters, extra_repr, as torch.nn has them for every configuration."""
+    reference, module = pair(cell, 3, 5, num_layers=layers, bidirectional=bidirectional, bias=bias)
+    assert list(module.state_dict()) == list(reference.state_dict())
+    assert module._flat_weights_names == reference._flat_weights_names
+    assert [tuple(w.shape) for w in module._flat_weights] == [tuple(w.shape) for w in reference._flat_weights]
+    assert [[tuple(w.shape) for w in ws] for ws in module.all_weights] == \
+           [[tuple(w.shape) for w in ws] for ws in reference.all_weights]
+    assert all(a is b for a, b in zip(module._flat_weights, module.parameters()))
+    module.flatten_parameters()
+    assert module.extra_repr() == reference.extra_repr()
+
+
+def test_copies_saves_conversions_and_hooks(tmp_path):
+    torch.manual_seed(6)
+    model = _Tagger(ct.LSTM(3, 4, num_layers=2, peephole=True))
+    x = torch.randn(5, 2, 3)
+    expected = model(x)
+    torch.testing.assert_close(copy.deepcopy(model)(x), expected)
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(model.rnn, tmp_path / "layer.pt")
+    torch.testing.assert_close(torch.load(tmp_path / "model.pt", weights_only=False)(x), expected)
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x)[0], model.rnn(x)[0])
+    seen = []
+    model.rnn.register_forward_hook(lambda module, inputs, output: seen.append(output[0].shape))
+    doubled = model.double()
+    assert doubled.rnn.weight_ih_l0.dtype == torch.float64
+    assert doubled(x.double()).dtype == torch.float64 and seen == [(5, 2, 4)]
+    model.to(torch.float32)
+    torch.testing.assert_close(model(x), expected)
 
 
 def test_distributed_data_parallel_sees_ordinary_parameters(tmp_path):
@@ -283,8 +369,26 @@ def test_a_16_bit_cell_state_reaches_conveyor_as_float32_and_returns_in_the_inpu
         weights = [type(w)(*(None if a is None else a.to(x_dtype) for a in w)) for w in g.weights]
         return _stack.StackGrads(g.dx.to(x_dtype), g.dh0.to(x_dtype), g.dc0.float(), weights)
 
+    # What the stand-in forward saves (float64 windows and x's dtype) crosses from the forward operator to the
+    # backward one as a key into this dict: the operators hand tensors over, and these are not Conveyor's own.
+    stash = {}
+    real_arrays, real_from_arrays = _stack.saved_arrays, _stack.saved_from_arrays
+
+    def saved_arrays(saved):
+        if not isinstance(saved, tuple):
+            return real_arrays(saved)
+        stash[len(stash)] = saved
+        return [np.array([len(stash) - 1.0])]
+
+    def saved_from_arrays(cell, x, weights, h0, c0, y, arrays, **kwargs):
+        if isinstance(x, np.ndarray):
+            return real_from_arrays(cell, x, weights, h0, c0, y, arrays, **kwargs)
+        return stash[int(arrays[0][0])]
+
     monkeypatch.setattr(_stack, "stack_forward", stack_forward)
     monkeypatch.setattr(_stack, "stack_backward", stack_backward)
+    monkeypatch.setattr(_stack, "saved_arrays", saved_arrays)
+    monkeypatch.setattr(_stack, "saved_from_arrays", saved_from_arrays)
     torch.manual_seed(3)
     reference = ct.LSTM(4, 5, num_layers=2).double()
     module = ct.LSTM(4, 5, num_layers=2).to(dt)

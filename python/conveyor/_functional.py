@@ -184,6 +184,26 @@ def _options(activation, training, allow_tf32, dropout=(0.0, True, 0, 0), algori
     return options, training
 
 
+def window_options(cell, *, activation="tanh", training=True, allow_tf32=False, recurrent_dropout=0.0,
+                   variational=True, seed=0, mask_stream=0, algorithm="auto", coupled_gates=False,
+                   peephole=False, forget_bias=0.0, cell_clip=None, reset_after=True) -> tuple[dict, bool]:
+    """The core's options of one window of ``cell`` as its forward function builds them from its keyword
+    arguments (checked), and ``training``: what a backward needs to run the window's backward again."""
+    dropout = (recurrent_dropout, variational, seed, mask_stream)
+    if cell == "lstm":
+        options, training = _options(activation, training, allow_tf32, dropout, algorithm,
+                                     coupled_gates=coupled_gates, peephole=peephole)
+        options["forget_bias"] = _check_number("forget_bias", forget_bias)
+        options["cell_clip"] = 0.0 if cell_clip is None else _check_number("cell_clip", cell_clip,
+                                                                           positive=True)
+    elif cell == "gru":
+        options, training = _options(activation, training, allow_tf32, dropout, algorithm,
+                                     reset_after=reset_after)
+    else:
+        options, training = _options(activation, training, allow_tf32, dropout, algorithm)
+    return options, training
+
+
 def _forward(cell, options, x, W, R, bW, bR, h0, c0, P, lengths, training, stream, packed=False):
     """One window through the core. ``packed`` (the stacks' and the drop-in's): x and y are a
     PackedSequence's data, ``[tokens, features]``, with ``lengths`` non-increasing on the host (C++ API,
@@ -264,11 +284,11 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, coupled_gates=Fal
     raises ``ValueError`` saying why; arrays on the CPU take ``"auto"`` only. ``CONVEYOR_LOG_ALGORITHM=1``
     prints each CUDA window's choice.
     """
-    options, training = _options(activation, training, allow_tf32,
-                                 (recurrent_dropout, variational, seed, mask_stream), algorithm,
-                                 coupled_gates=coupled_gates, peephole=P is not None)
-    options["forget_bias"] = _check_number("forget_bias", forget_bias)
-    options["cell_clip"] = 0.0 if cell_clip is None else _check_number("cell_clip", cell_clip, positive=True)
+    options, training = window_options(
+        "lstm", activation=activation, training=training, allow_tf32=allow_tf32,
+        recurrent_dropout=recurrent_dropout, variational=variational, seed=seed, mask_stream=mask_stream,
+        algorithm=algorithm, coupled_gates=coupled_gates, peephole=P is not None, forget_bias=forget_bias,
+        cell_clip=cell_clip)
     return _forward("lstm", options, x, W, R, bW, bR, h0, c0, P, lengths, training, stream, _packed)
 
 
@@ -286,9 +306,10 @@ def gru_forward(x, W, R, bW, bR, h0=None, *, reset_after=True, activation="tanh"
     """Runs a GRU over the window ``x``. ``reset_after=True`` applies the reset gate after the recurrent
     product (cuDNN, PyTorch); False before it (Cho et al. 2014). Recurrent dropout as in :func:`lstm_forward`
     (the output mix uses the unmasked h_{t-1}); ``lengths`` as there. Returns ``(y, h_T, saved)``."""
-    options, training = _options(activation, training, allow_tf32,
-                                 (recurrent_dropout, variational, seed, mask_stream), algorithm,
-                                 reset_after=reset_after)
+    options, training = window_options(
+        "gru", activation=activation, training=training, allow_tf32=allow_tf32,
+        recurrent_dropout=recurrent_dropout, variational=variational, seed=seed, mask_stream=mask_stream,
+        algorithm=algorithm, reset_after=reset_after)
     y, h_T, _, saved = _forward("gru", options, x, W, R, bW, bR, h0, None, None, lengths, training, stream,
                                 _packed)
     return y, h_T, saved
@@ -305,8 +326,10 @@ def rnn_forward(x, W, R, bW, bR, h0=None, *, activation="tanh", recurrent_dropou
                 stream=None, _packed=False):
     """Runs a plain RNN, ``h_t = act(W x_t + bW + R h_{t-1} + bR)``, over the window ``x``. Recurrent dropout
     and ``lengths`` as in :func:`lstm_forward`. Returns ``(y, h_T, saved)``."""
-    options, training = _options(activation, training, allow_tf32,
-                                 (recurrent_dropout, variational, seed, mask_stream), algorithm)
+    options, training = window_options(
+        "rnn", activation=activation, training=training, allow_tf32=allow_tf32,
+        recurrent_dropout=recurrent_dropout, variational=variational, seed=seed, mask_stream=mask_stream,
+        algorithm=algorithm)
     y, h_T, _, saved = _forward("rnn", options, x, W, R, bW, bR, h0, None, None, lengths, training, stream,
                                 _packed)
     return y, h_T, saved

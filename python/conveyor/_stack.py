@@ -338,3 +338,58 @@ def stack_backward(saved, dy, dh_n=None, dc_n=None, *, stream=None, _keep=False)
     if not _keep:
         saved.saved = None
     return StackGrads(d_output, ops.stack(dh0), ops.stack(dc0) if cell == "lstm" else None, grads)
+
+
+def saved_arrays(saved: StackSaved) -> list:
+    """What a StackSaved holds beyond the stack's inputs and its output y, as a flat list for the drop-in's
+    custom operator (which must hand every saved tensor over as an output): per window (layer-major, then
+    direction) its output as the window produced it (reversed in time for a reverse direction; None for a
+    one-way stack's last layer, whose output is y) and its cache (None for the RNN); then per layer its output
+    dropout mask (None where there is none). :func:`saved_from_arrays` rebuilds the StackSaved."""
+    windows = []
+    last = saved.num_layers - 1
+    for k, window in enumerate(saved.saved):
+        one_way_output = saved.directions == 1 and k // saved.directions == last
+        windows += [None if one_way_output else window.y, window.cache]
+    return windows + list(saved.masks)
+
+
+def saved_from_arrays(cell, x, weights, h0, c0, y, arrays, *, num_layers=1, bidirectional=False, dropout=0.0,
+                      variational=False, recurrent_dropout=0.0, seed=0, lengths=None, _packed=False,
+                      stream=None, **options) -> StackSaved:
+    """The StackSaved of a training forward of :func:`stack_forward` with these arguments, from its inputs,
+    its output y and :func:`saved_arrays`: each window's input is computed again from the layer below's
+    outputs and mask (as the forward formed it), nothing else."""
+    ops = _Ops(x)
+    directions = 2 if bidirectional else 1
+    hidden = weights[0][1].shape[-1]
+    reversal = batch = None
+    if lengths is not None:
+        lengths = _host_lengths(lengths)
+        steps, batch = (int(lengths[0]), len(lengths)) if _packed else (x.shape[0], x.shape[1])
+        if bidirectional:
+            reversal = ops.reversal(lengths, steps, x, packed=_packed)
+    masks = arrays[2 * num_layers * directions:]
+    saved, layer_input = [], x
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            W, R, bW, bR, *rest = weights[k]
+            P = rest[0] if cell == "lstm" and rest else None
+            window_y, cache = arrays[2 * k], arrays[2 * k + 1]
+            window_y = y if window_y is None else window_y
+            window_options, _ = _functional.window_options(
+                cell, training=True, recurrent_dropout=recurrent_dropout, variational=variational, seed=seed,
+                mask_stream=mask_stream(layer, direction, RECURRENT_DROPOUT), peephole=P is not None,
+                **options)
+            inp = layer_input if direction == 0 else ops.flip_time(layer_input, reversal)
+            saved.append(_functional.Saved(cell, window_options, inp, W, R, bW, bR,
+                                           None if h0 is None else h0[k], None if c0 is None else c0[k], P,
+                                           window_y, cache, lengths, _packed))
+            outputs.append(window_y if direction == 0 else ops.flip_time(window_y, reversal))
+        layer_input = ops.concat(outputs)
+        if masks[layer] is not None:
+            layer_input = layer_input * masks[layer]
+    return StackSaved(cell, num_layers, directions, hidden, saved, masks, x, reversal,
+                      batch if _packed else None)

@@ -7,10 +7,16 @@ works unchanged and gives the same outputs and gradients. Conveyor's variants ar
 ``peephole``, ``coupled_gates``, ``forget_bias``, ``cell_clip``, ``activation`` (LSTM/GRU; the RNN keeps
 ``nonlinearity``), ``reset_after`` (GRU), ``variational`` and ``recurrent_dropout``.
 
-Autograd goes through one ``torch.autograd.Function`` per call that runs Conveyor's window kernels on the
-tensors' memory (DLPack, no copies), on their device and the current CUDA stream, and keeps only what the
-backward needs (the inputs, outputs and the kernels' gate cache). Parameters are ordinary ``nn.Parameter``s,
-so optimisers, ``DistributedDataParallel`` and ``state_dict`` treat them as any other.
+A call is one PyTorch custom operator, ``conveyor::stack_forward``, whose backward is another,
+``conveyor::stack_backward`` (``torch.library``, with fake implementations that give every output's shape):
+they run Conveyor's window kernels on the tensors' memory (NumPy views on the CPU, DLPack on a GPU, no
+copies), on the tensors' device and the current CUDA stream, and the forward returns what the backward needs
+(each window's output and gate cache, each layer's dropout mask) as tensors that autograd saves. So
+``torch.compile`` (``fullgraph=True`` included), ``torch.export`` and ``torch.jit.trace`` see the layer as a
+node of the graph, not a break. Double backward is refused with a message. Parameters are ordinary
+``nn.Parameter``s, so optimisers, ``DistributedDataParallel`` and ``state_dict`` treat them as any other; the
+attributes torch.nn's RNNs have for the code around them (``_flat_weights``, ``_flat_weights_names``,
+``all_weights``, ``flatten_parameters()``, ``extra_repr``) are there too.
 
 Cell state in float16 and bfloat16: Conveyor keeps the LSTM's cell state in float32 beside 16-bit storage
 and takes and returns it as float32 (``conveyor.lstm_forward``'s ``c0`` and ``c_T``). ``conveyor.torch.LSTM``
@@ -25,13 +31,11 @@ exact chaining use ``conveyor.lstm_forward``, whose float32 ``c_T`` hands the st
 ``h_n`` (``c_n``) holding each sequence's state after its last step, in the batch's original order (as is
 ``hx``). Each sequence runs only its own steps, in both directions, and padded steps cost no arithmetic
 (``conveyor.lstm_forward``'s ``lengths``).
-
-``torch.compile``: the call into Conveyor is marked ``torch._dynamo.disable``, so a compiled model runs it
-eagerly between compiled graphs (a graph break), with the same results.
 """
 
 from __future__ import annotations
 
+import ast
 import math
 
 try:
@@ -72,58 +76,149 @@ def _unflatten(layout, flat, convert):
     return weights
 
 
-def _stack_forward(spec, x, h0, c0, flat, training):
+def _stack_forward(spec, x, h0, c0, flat, training, **extra):
     """stack_forward on the tensors, through NumPy views on the CPU: (y, h_n, c_n or None, saved)."""
     cell, layout, kwargs = spec
     lstm = cell == "lstm"
     convert = _as_numpy if _numpy_path(x, h0, c0, *flat) else torch.Tensor.detach
     weights = _unflatten(layout, flat, convert)
     y, h_n, c_n, saved = _stack.stack_forward(cell, convert(x), weights, convert(h0),
-                                              convert(c0) if lstm else None, training=training, **kwargs)
+                                              convert(c0) if lstm else None, training=training, **kwargs,
+                                              **extra)
     return _as_tensor(y), _as_tensor(h_n), _as_tensor(c_n), saved
 
 
-class _StackFunction(torch.autograd.Function):
-    """(x, h0, c0, *weights) -> (y, h_n, c_n) through stack_forward / stack_backward. c0 and c_n are empty
-    tensors for cells without a cell state; absent biases and peepholes are empty tensors too. c0 and c_n
-    (and their gradients) are of Conveyor's cell-state dtype: float32 beside float16 or bfloat16 x."""
-
-    @staticmethod
-    def forward(ctx, spec, x, h0, c0, *flat):
-        y, h_n, c_n, saved = _stack_forward(spec, x, h0, c0, flat, training=True)
-        ctx.saved_stack = saved
-        ctx.spec = spec
-        ctx.numpy = _numpy_path(x, h0, c0, *flat)
-        ctx.shapes = [t.shape for t in flat]
-        return y, h_n, c_n if c_n is not None else h_n.new_empty(0)
-
-    @staticmethod
-    def backward(ctx, dy, dh_n, dc_n):
-        cell, layout, _ = ctx.spec
-        lstm = cell == "lstm"
-        # Kept (not consumed): autograd may run this backward more than once with retain_graph (gradcheck
-        # does); the saved values go when the graph does.
-        convert = _as_numpy if ctx.numpy else (lambda t: t)
-        grads = _stack.stack_backward(ctx.saved_stack, convert(dy.contiguous()), convert(dh_n.contiguous()),
-                                      convert(dc_n.contiguous()) if lstm else None, _keep=True)
-        flat = []
-        for g, count in zip(grads.weights, layout):
-            parts = [g.dW, g.dR, g.dbW, g.dbR] + ([g.dP] if lstm else [])
-            flat += parts[:count]
-        flat = [torch.zeros(shape, dtype=dy.dtype, device=dy.device) if g is None else _as_tensor(g)
-                for g, shape in zip(flat, ctx.shapes)]
-        return (None, _as_tensor(grads.dx), _as_tensor(grads.dh0), _as_tensor(grads.dc0) if lstm else None,
-                *flat)
+# ---------------------------------------------------------------------------------------------------------
+# The custom operators. A layer's call is one operator, conveyor::stack_forward, with its backward another,
+# conveyor::stack_backward, joined by torch.library.register_autograd: torch.compile and torch.export see
+# them as nodes of the graph (fake implementations give every output's shape), not as a graph break. What
+# the backward needs beyond the inputs and y comes out of the forward as tensors too (`reserve`: each
+# window's output and cache, each layer's dropout mask; _stack.saved_arrays), so that autograd and the
+# compilers hold them as they hold any saved tensor. `spec` is the layer's configuration as JSON.
 
 
-@torch._dynamo.disable
-def _run(spec, x, h0, c0, flat):
-    return _StackFunction.apply(spec, x, h0, c0, *flat)
+def _spec(cell, layout, kwargs, training) -> str:
+    """The configuration as the operators' string argument: `name=repr(value)` fields joined by ';', built by
+    string formatting alone, which torch.compile traces (json.dumps it does not)."""
+    fields = [f"cell={cell!r}", f"layout={tuple(layout)!r}", f"training={training!r}"]
+    fields += [f"{key}={kwargs[key]!r}" for key in sorted(kwargs)]
+    return ";".join(fields)
 
 
-@torch._dynamo.disable
-def _no_grad_forward(spec, x, h0, c0, flat, training):
-    return _stack_forward(spec, x, h0, c0, flat, training)
+def _decode(spec: str):
+    fields = dict(field.split("=", 1) for field in spec.split(";"))
+    values = {key: ast.literal_eval(value) for key, value in fields.items()}
+    cell, layout, training = values.pop("cell"), values.pop("layout"), values.pop("training")
+    return cell, layout, values, training
+
+
+def _extra(seed, lengths):
+    """The stack's arguments that come as tensors: the dropout seed and the lengths of packed input."""
+    extra = {"seed": int(seed.item())}
+    if lengths is not None:
+        extra.update(lengths=lengths.numpy(), _packed=True)
+    return extra
+
+
+def _empty_like(x):
+    return x.new_empty(0)
+
+
+@torch.library.custom_op("conveyor::stack_forward", mutates_args=())
+def _forward_op(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, weights: list[torch.Tensor],
+                seed: torch.Tensor, lengths: torch.Tensor | None, spec: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    cell, layout, kwargs, training = _decode(spec)
+    y, h_n, c_n, saved = _stack_forward((cell, layout, kwargs), x, h0, c0, weights, training,
+                                        **_extra(seed, lengths))
+    reserve = [] if saved is None else [_empty_like(x) if a is None else _as_tensor(a)
+                                        for a in _stack.saved_arrays(saved)]
+    return y, h_n, c_n if c_n is not None else _empty_like(x), reserve
+
+
+@_forward_op.register_fake
+def _(x, h0, c0, weights, seed, lengths, spec):
+    cell, layout, kwargs, training = _decode(spec)
+    layers, directions = kwargs["num_layers"], 2 if kwargs["bidirectional"] else 1
+    hidden = weights[1].shape[-1]
+
+    def per_step(width):
+        return x.new_empty(tuple(x.shape[:-1]) + (width,))
+
+    reserve = []
+    if training:  # as _stack.saved_arrays lists them
+        cache = {"lstm": 5, "gru": 4, "rnn": 0}[cell] * hidden
+        for k in range(layers * directions):
+            last = directions == 1 and k // directions == layers - 1
+            reserve += [x.new_empty(0) if last else per_step(hidden),
+                        per_step(cache) if cache else x.new_empty(0)]
+        dropping = kwargs["dropout"] > 0
+        reserve += [per_step(directions * hidden) if dropping and layer < layers - 1 else x.new_empty(0)
+                    for layer in range(layers)]
+    return per_step(directions * hidden), h0.new_empty(h0.shape), c0.new_empty(c0.shape), reserve
+
+
+@torch.library.custom_op("conveyor::stack_backward", mutates_args=())
+def _backward_op(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, x: torch.Tensor, h0: torch.Tensor,
+                 c0: torch.Tensor, weights: list[torch.Tensor], seed: torch.Tensor,
+                 lengths: torch.Tensor | None, y: torch.Tensor, reserve: list[torch.Tensor], spec: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    cell, layout, kwargs, _ = _decode(spec)
+    lstm = cell == "lstm"
+    tensors = (x, h0, c0, y, dy, dh_n, dc_n, *weights, *reserve)
+    convert = _as_numpy if _numpy_path(*tensors) else torch.Tensor.detach
+    stack_weights = _unflatten(layout, weights, convert)
+    arrays = [None if a.numel() == 0 else convert(a) for a in reserve]
+    saved = _stack.saved_from_arrays(cell, convert(x), stack_weights, convert(h0),
+                                     convert(c0) if lstm else None, convert(y), arrays, **kwargs,
+                                     **_extra(seed, lengths))
+    grads = _stack.stack_backward(saved, convert(dy.contiguous()), convert(dh_n.contiguous()),
+                                  convert(dc_n.contiguous()) if lstm else None)
+    flat = []
+    for g, count in zip(grads.weights, layout):
+        parts = [g.dW, g.dR, g.dbW, g.dbR] + ([g.dP] if lstm else [])
+        flat += parts[:count]
+    flat = [torch.zeros_like(w) if g is None else _as_tensor(g) for g, w in zip(flat, weights)]
+    dc0 = _as_tensor(grads.dc0) if lstm else torch.zeros_like(c0)
+    return _as_tensor(grads.dx), _as_tensor(grads.dh0), dc0, flat
+
+
+@_backward_op.register_fake
+def _(dy, dh_n, dc_n, x, h0, c0, weights, seed, lengths, y, reserve, spec):
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0),
+            [torch.empty_like(w) for w in weights])
+
+
+def _setup_context(ctx, inputs, output):
+    x, h0, c0, weights, seed, lengths, spec = inputs
+    y, _, _, reserve = output
+    ctx.spec, ctx.counts, ctx.has_lengths = spec, (len(weights), len(reserve)), lengths is not None
+    ctx.save_for_backward(x, h0, c0, seed, y, *weights, *reserve, *([lengths] if lengths is not None else []))
+
+
+def _backward(ctx, dy, dh_n, dc_n, d_reserve):
+    x, h0, c0, seed, y, *rest = ctx.saved_tensors
+    count, reserve_count = ctx.counts
+    weights, reserve = rest[:count], rest[count:count + reserve_count]
+    lengths = rest[-1] if ctx.has_lengths else None
+    dx, dh0, dc0, d_weights = torch.ops.conveyor.stack_backward(dy, dh_n, dc_n, x, h0, c0, list(weights),
+                                                                seed, lengths, y, list(reserve), ctx.spec)
+    return dx, dh0, dc0, list(d_weights), None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("conveyor: double backward (the gradient of a gradient through a Conveyor layer) is "
+                       "not supported; use torch.nn's RNNs where second derivatives are needed")
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+_backward_op.register_autograd(_no_double_backward, setup_context=_setup_nothing)
 
 
 class _ConveyorRNNBase(torch.nn.Module):
@@ -185,6 +280,28 @@ class _ConveyorRNNBase(torch.nn.Module):
     def _options(self):
         return {"activation": self.activation, **self._cell_options}
 
+    # -- the attributes of torch.nn.RNNBase that models and tools read -------------------------------------
+    @property
+    def _all_weights(self) -> list:
+        """The parameter names of each layer and direction, as torch.nn's (absent biases left out)."""
+        return [[name for name in names if getattr(self, name) is not None] for names in self._layout]
+
+    @property
+    def _flat_weights_names(self) -> list:
+        return [name for names in self._all_weights for name in names]
+
+    @property
+    def _flat_weights(self) -> list:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """A no-op, kept for code written for torch.nn: Conveyor reads every parameter where it lies, so there
+        is no flat weight buffer (cuDNN's) to rebuild after the parameters move."""
+
     def forward(self, input, hx=None):  # noqa: A002 (PyTorch's argument name)
         sequence, lengths = None, None
         if isinstance(input, torch.nn.utils.rnn.PackedSequence):
@@ -244,28 +361,23 @@ class _ConveyorRNNBase(torch.nn.Module):
         training = self.training
         kwargs = dict(num_layers=self.num_layers, bidirectional=self.bidirectional,
                       dropout=self.dropout if training else 0.0, variational=self.variational,
-                      recurrent_dropout=self.recurrent_dropout if training else 0.0,
-                      seed=int(torch.randint(0, 2**62, (1,)).item()) if training and (
-                          self.dropout or self.recurrent_dropout) else 0, **self._options())
-        if lengths is not None:
-            kwargs.update(lengths=lengths.numpy(), _packed=True)
+                      recurrent_dropout=self.recurrent_dropout if training else 0.0, **self._options())
         flat, layout = [], []
         for names in self._layout:
             for name in names:
                 p = getattr(self, name)
                 flat.append(p if p is not None else x.new_empty(0))
             layout.append(len(names))
-        spec = (self._cell, tuple(layout), kwargs)
-        if torch.is_grad_enabled() and (x.requires_grad or h0.requires_grad or c0.requires_grad
-                                        or any(p.requires_grad for p in flat)):
-            y, h_n, c_n = _run(spec, x, h0, c0, flat)
-        else:
-            # Nothing asks for gradients (torch.no_grad, inference_mode, frozen weights): no autograd node,
-            # and the kernels save nothing unless dropout, which a training-mode module still applies,
-            # needs the training path.
-            dropping = training and (self.dropout > 0 or self.recurrent_dropout > 0)
-            y, h_n, c_n, _ = _no_grad_forward(spec, x, h0, c0, flat, dropping)
-            c_n = c_n if c_n is not None else h_n.new_empty(0)
+        # Training-mode calls keep what the backward needs whenever a gradient may be asked for, and always
+        # with dropout (its masks are drawn in training mode only); otherwise the kernels save nothing.
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or h0.requires_grad or c0.requires_grad
+                                                  or any(p.requires_grad for p in flat))
+        dropping = training and (self.dropout > 0 or self.recurrent_dropout > 0)
+        seed = torch.randint(0, 2**62, (1,)) if dropping else torch.zeros(1, dtype=torch.int64)
+        # torch.jit.trace checks a trace by a second run without gradients: a trace follows the module's mode.
+        saving = (training if torch.jit.is_tracing() else needs_grad) or dropping
+        spec = _spec(self._cell, layout, kwargs, saving)
+        y, h_n, c_n, _ = torch.ops.conveyor.stack_forward(x, h0, c0, flat, seed, lengths, spec)
         if lstm and c_n.dtype != x.dtype:
             c_n = c_n.to(x.dtype)  # torch.nn.LSTM's c_n dtype; autograd takes dc_n back to float32
         if sequence is not None:
@@ -291,8 +403,11 @@ class _ConveyorRNNBase(torch.nn.Module):
         for name, default in defaults:
             if getattr(self, name) != default:
                 text += f", {name}={getattr(self, name)}"
+        if self.activation != "tanh" and self._cell != "rnn":  # torch.nn.RNN shows no nonlinearity
+            text += f", activation={self.activation!r}"
         for key, value in self._cell_options.items():
-            text += f", {key}={value!r}"
+            if (key, value) != ("reset_after", True):  # the GRU's default: torch.nn's repr has no such option
+                text += f", {key}={value!r}"
         return text
 
 
