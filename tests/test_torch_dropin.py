@@ -211,9 +211,22 @@ def test_torch_export_and_jit_trace_keep_the_operator():
 
 
 def test_double_backward_is_refused_with_a_message():
+    """Eager calls (the operators' bodies through an autograd.Function) and the operator itself (what a
+    compiled graph calls) refuse a gradient of a gradient, saying so."""
     layer = ct.LSTM(2, 3).double()
     x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
     (dx,) = torch.autograd.grad(layer(x)[0].sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"conveyor: double backward \(the gradient of a gradient"):
+        dx.sum().backward()
+    flat = [p for p in layer.parameters()] + [x.new_empty(0)]
+    options = {"num_layers": 1, "bidirectional": False, "dropout": 0.0, "variational": False,
+               "recurrent_dropout": 0.0, "activation": "tanh"}
+    spec = ct._spec("lstm", (5,), options, True)
+    h0 = torch.zeros(1, 2, 3, dtype=torch.float64)
+    y = torch.ops.conveyor.stack_forward(x, h0, h0.clone(), flat, torch.zeros(1, dtype=torch.int64), None,
+                                         spec)[0]
+    torch.testing.assert_close(y, layer(x)[0])
+    (dx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match=r"conveyor: double backward \(the gradient of a gradient"):
         dx.sum().backward()
 

@@ -36,6 +36,7 @@ exact chaining use ``conveyor.lstm_forward``, whose float32 ``c_T`` hands the st
 from __future__ import annotations
 
 import ast
+import functools
 import math
 
 try:
@@ -105,7 +106,10 @@ def _spec(cell, layout, kwargs, training) -> str:
     return ";".join(fields)
 
 
+@functools.lru_cache(maxsize=256)
 def _decode(spec: str):
+    """_spec's fields back (cached: a layer sends the same few strings call after call; callers copy the
+    keyword dict before changing it)."""
     fields = dict(field.split("=", 1) for field in spec.split(";"))
     values = {key: ast.literal_eval(value) for key, value in fields.items()}
     cell, layout, training = values.pop("cell"), values.pop("layout"), values.pop("training")
@@ -124,16 +128,21 @@ def _empty_like(x):
     return x.new_empty(0)
 
 
-@torch.library.custom_op("conveyor::stack_forward", mutates_args=())
-def _forward_op(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, weights: list[torch.Tensor],
-                seed: torch.Tensor, lengths: torch.Tensor | None, spec: str
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def _forward_impl(x, h0, c0, weights, seed, lengths, spec):
+    """The forward operator's body: (y, h_n, c_n, reserve)."""
     cell, layout, kwargs, training = _decode(spec)
     y, h_n, c_n, saved = _stack_forward((cell, layout, kwargs), x, h0, c0, weights, training,
                                         **_extra(seed, lengths))
     reserve = [] if saved is None else [_empty_like(x) if a is None else _as_tensor(a)
                                         for a in _stack.saved_arrays(saved)]
     return y, h_n, c_n if c_n is not None else _empty_like(x), reserve
+
+
+@torch.library.custom_op("conveyor::stack_forward", mutates_args=())
+def _forward_op(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, weights: list[torch.Tensor],
+                seed: torch.Tensor, lengths: torch.Tensor | None, spec: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    return _forward_impl(x, h0, c0, weights, seed, lengths, spec)
 
 
 @_forward_op.register_fake
@@ -158,11 +167,8 @@ def _(x, h0, c0, weights, seed, lengths, spec):
     return per_step(directions * hidden), h0.new_empty(h0.shape), c0.new_empty(c0.shape), reserve
 
 
-@torch.library.custom_op("conveyor::stack_backward", mutates_args=())
-def _backward_op(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, x: torch.Tensor, h0: torch.Tensor,
-                 c0: torch.Tensor, weights: list[torch.Tensor], seed: torch.Tensor,
-                 lengths: torch.Tensor | None, y: torch.Tensor, reserve: list[torch.Tensor], spec: str
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def _backward_impl(dy, dh_n, dc_n, x, h0, c0, weights, seed, lengths, y, reserve, spec):
+    """The backward operator's body: (dx, dh0, dc0, the weights' gradients)."""
     cell, layout, kwargs, _ = _decode(spec)
     lstm = cell == "lstm"
     tensors = (x, h0, c0, y, dy, dh_n, dc_n, *weights, *reserve)
@@ -181,6 +187,14 @@ def _backward_op(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, x: to
     flat = [torch.zeros_like(w) if g is None else _as_tensor(g) for g, w in zip(flat, weights)]
     dc0 = _as_tensor(grads.dc0) if lstm else torch.zeros_like(c0)
     return _as_tensor(grads.dx), _as_tensor(grads.dh0), dc0, flat
+
+
+@torch.library.custom_op("conveyor::stack_backward", mutates_args=())
+def _backward_op(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, x: torch.Tensor, h0: torch.Tensor,
+                 c0: torch.Tensor, weights: list[torch.Tensor], seed: torch.Tensor,
+                 lengths: torch.Tensor | None, y: torch.Tensor, reserve: list[torch.Tensor], spec: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    return _backward_impl(dy, dh_n, dc_n, x, h0, c0, weights, seed, lengths, y, reserve, spec)
 
 
 @_backward_op.register_fake
@@ -209,9 +223,12 @@ def _backward(ctx, dy, dh_n, dc_n, d_reserve):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+_DOUBLE_BACKWARD = ("conveyor: double backward (the gradient of a gradient through a Conveyor layer) is not "
+                    "supported; use torch.nn's RNNs where second derivatives are needed")
+
+
 def _no_double_backward(ctx, *grads):
-    raise RuntimeError("conveyor: double backward (the gradient of a gradient through a Conveyor layer) is "
-                       "not supported; use torch.nn's RNNs where second derivatives are needed")
+    raise RuntimeError(_DOUBLE_BACKWARD)
 
 
 def _setup_nothing(ctx, inputs, output):
@@ -219,6 +236,56 @@ def _setup_nothing(ctx, inputs, output):
 
 
 _backward_op.register_autograd(_no_double_backward, setup_context=_setup_nothing)
+
+
+# Eager calls run the same two bodies through an autograd.Function: the operators' dispatch (the dynamo and
+# autograd wrappers of torch.library) cost 60 µs a call, a fifth of a 100-step streaming window; compiling,
+# exporting and tracing use the operators.
+
+
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """The identity on an eager backward's gradients, whose own backward refuses (_DOUBLE_BACKWARD)."""
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_DOUBLE_BACKWARD)
+
+
+class _EagerStack(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec, seed, lengths, x, h0, c0, *weights):
+        y, h_n, c_n, reserve = _forward_impl(x, h0, c0, list(weights), seed, lengths, spec)
+        ctx.spec, ctx.seed, ctx.lengths, ctx.reserve = spec, seed, lengths, reserve
+        ctx.save_for_backward(x, h0, c0, y, *weights)
+        return y, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n):
+        x, h0, c0, y, *weights = ctx.saved_tensors
+        # Kept (not consumed): autograd may run this backward more than once with retain_graph.
+        with torch.no_grad():
+            dx, dh0, dc0, d_weights = _backward_impl(dy, dh_n, dc_n, x, h0, c0, weights, ctx.seed,
+                                                     ctx.lengths, y, ctx.reserve, ctx.spec)
+        grads = (dx, dh0, dc0, *d_weights)
+        if torch.is_grad_enabled():  # create_graph: a gradient of these would be wrong, so it is refused
+            anchor = next((t for t in (dy, x, h0, c0, *weights) if t.requires_grad), dy)  # joins the graph
+            grads = _RefuseDoubleBackward.apply(anchor, *grads)[1:]
+        return (None, None, None, *grads)
+
+
+def _run_stack(x, h0, c0, flat, seed, lengths, spec):
+    """One call: the operator where torch compiles, exports or traces, else its bodies directly."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        y, h_n, c_n, _ = torch.ops.conveyor.stack_forward(x, h0, c0, flat, seed, lengths, spec)
+        return y, h_n, c_n
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *flat)):
+        return _EagerStack.apply(spec, seed, lengths, x, h0, c0, *flat)
+    y, h_n, c_n, _ = _forward_impl(x, h0, c0, flat, seed, lengths, spec)
+    return y, h_n, c_n
 
 
 class _ConveyorRNNBase(torch.nn.Module):
@@ -377,7 +444,7 @@ class _ConveyorRNNBase(torch.nn.Module):
         # torch.jit.trace checks a trace by a second run without gradients: a trace follows the module's mode.
         saving = (training if torch.jit.is_tracing() else needs_grad) or dropping
         spec = _spec(self._cell, layout, kwargs, saving)
-        y, h_n, c_n, _ = torch.ops.conveyor.stack_forward(x, h0, c0, flat, seed, lengths, spec)
+        y, h_n, c_n = _run_stack(x, h0, c0, flat, seed, lengths, spec)
         if lstm and c_n.dtype != x.dtype:
             c_n = c_n.to(x.dtype)  # torch.nn.LSTM's c_n dtype; autograd takes dc_n back to float32
         if sequence is not None:
