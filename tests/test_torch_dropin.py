@@ -527,3 +527,27 @@ def test_conveyor_imports_without_torch_and_explains_the_extra():
             "    print('refused:', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "refused: conveyor.torch needs PyTorch: pip install torch" in out.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_autocast_and_16_bit_modules_on_cuda(dtype):
+    """torch.autocast runs the layer in the autocast dtype, as torch.nn's; .half()/.bfloat16() modules take
+    16-bit input; both within 16-bit error of torch.nn, gradients reaching the float32 parameters."""
+    if not torch.cuda.is_available():
+        pytest.skip("interop with PyTorch CUDA tensors needs PyTorch with a GPU")
+    dt = getattr(torch, dtype)
+    torch.manual_seed(7)
+    reference = torch.nn.LSTM(16, 32, num_layers=2).cuda()
+    module = ct.LSTM(16, 32, num_layers=2).cuda()
+    module.load_state_dict(reference.state_dict())
+    x = torch.randn(10, 4, 16, device="cuda")
+    with torch.autocast("cuda", dtype=dt):
+        expected, got = reference(x)[0], module(x)[0]
+    assert got.dtype == expected.dtype == dt
+    torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=3e-2)
+    got.float().sum().backward()
+    assert module.weight_ih_l0.grad is not None and module.weight_ih_l0.grad.dtype == torch.float32
+    half_reference, half_module = reference.to(dt), module.to(dt)
+    torch.testing.assert_close(half_module(x.to(dt))[0].float(), half_reference(x.to(dt))[0].float(),
+                               atol=3e-2, rtol=3e-2)

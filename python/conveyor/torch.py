@@ -13,7 +13,8 @@ they run Conveyor's window kernels on the tensors' memory (NumPy views on the CP
 copies), on the tensors' device and the current CUDA stream, and the forward returns what the backward needs
 (each window's output and gate cache, each layer's dropout mask) as tensors that autograd saves. So
 ``torch.compile`` (``fullgraph=True`` included), ``torch.export`` and ``torch.jit.trace`` see the layer as a
-node of the graph, not a break. Double backward is refused with a message. Parameters are ordinary
+node of the graph, not a break. Double backward is refused with a message. Under ``torch.autocast`` on CUDA
+the layer runs in the autocast dtype, as torch.nn's RNNs do. Parameters are ordinary
 ``nn.Parameter``s, so optimisers, ``DistributedDataParallel`` and ``state_dict`` treat them as any other; the
 attributes torch.nn's RNNs have for the code around them (``_flat_weights``, ``_flat_weights_names``,
 ``all_weights``, ``flatten_parameters()``, ``extra_repr``) are there too.
@@ -398,6 +399,11 @@ class _ConveyorRNNBase(torch.nn.Module):
         if x.shape[-1] != self.input_size:
             raise ValueError(f"input: expected {self.input_size} features (input_size), got shape "
                              f"{tuple(x.shape)}")
+        # Under torch.autocast on CUDA, torch.nn's RNNs run in the autocast dtype: so does this layer (x, h_0
+        # and the weights cast by torch ops, so gradients reach them in their own dtypes; c in float32).
+        autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
+        if autocast:
+            x = x.to(torch.get_autocast_dtype("cuda"))
         directions = 2 if self.bidirectional else 1
         state_shape = (self.num_layers * directions, batch, self.hidden_size)
         lstm = self._cell == "lstm"
@@ -423,6 +429,8 @@ class _ConveyorRNNBase(torch.nn.Module):
             if sequence is not None and sequence.sorted_indices is not None:
                 h0 = h0.index_select(1, sequence.sorted_indices)
                 c0 = c0.index_select(1, sequence.sorted_indices) if lstm else c0
+            if autocast:
+                h0 = h0.to(x.dtype)
             if lstm and c0.dtype == x.dtype != cell_dtype:
                 c0 = c0.to(cell_dtype)  # a torch op: autograd converts dc_0 back to c_0's dtype
         training = self.training
@@ -433,7 +441,11 @@ class _ConveyorRNNBase(torch.nn.Module):
         for names in self._layout:
             for name in names:
                 p = getattr(self, name)
-                flat.append(p if p is not None else x.new_empty(0))
+                if p is None:
+                    p = x.new_empty(0)
+                elif autocast:
+                    p = p.to(x.dtype)
+                flat.append(p)
             layout.append(len(names))
         # Training-mode calls keep what the backward needs whenever a gradient may be asked for, and always
         # with dropout (its masks are drawn in training mode only); otherwise the kernels save nothing.
