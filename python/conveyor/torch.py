@@ -179,8 +179,15 @@ def _backward_impl(dy, dh_n, dc_n, x, h0, c0, weights, seed, lengths, y, reserve
     saved = _stack.saved_from_arrays(cell, convert(x), stack_weights, convert(h0),
                                      convert(c0) if lstm else None, convert(y), arrays, **kwargs,
                                      **_extra(seed, lengths))
+    return _stack_grads(cell, layout, saved, convert, dy, dh_n, dc_n, c0, weights)
+
+
+def _stack_grads(cell, layout, saved, convert, dy, dh_n, dc_n, c0, weights, keep=False):
+    """stack_backward on the tensors: (dx, dh0, dc0, the weights' gradients in their flat order; zeros
+    for absent ones)."""
+    lstm = cell == "lstm"
     grads = _stack.stack_backward(saved, convert(dy.contiguous()), convert(dh_n.contiguous()),
-                                  convert(dc_n.contiguous()) if lstm else None)
+                                  convert(dc_n.contiguous()) if lstm else None, _keep=keep)
     flat = []
     for g, count in zip(grads.weights, layout):
         parts = [g.dW, g.dR, g.dbW, g.dbR] + ([g.dP] if lstm else [])
@@ -239,9 +246,10 @@ def _setup_nothing(ctx, inputs, output):
 _backward_op.register_autograd(_no_double_backward, setup_context=_setup_nothing)
 
 
-# Eager calls run the same two bodies through an autograd.Function: the operators' dispatch (the dynamo and
-# autograd wrappers of torch.library) cost 60 µs a call, a fifth of a 100-step streaming window; compiling,
-# exporting and tracing use the operators.
+# Eager calls skip the operators: their dispatch (the dynamo and autograd wrappers of torch.library) cost
+# 60 µs a call, a fifth of a 100-step streaming window, and handing the saved windows out as tensors and
+# rebuilding them in the backward 80 µs more. An autograd.Function keeps the stack's saved state as it is;
+# compiling, exporting and tracing use the operators.
 
 
 class _RefuseDoubleBackward(torch.autograd.Function):
@@ -259,18 +267,22 @@ class _RefuseDoubleBackward(torch.autograd.Function):
 class _EagerStack(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, seed, lengths, x, h0, c0, *weights):
-        y, h_n, c_n, reserve = _forward_impl(x, h0, c0, list(weights), seed, lengths, spec)
-        ctx.spec, ctx.seed, ctx.lengths, ctx.reserve = spec, seed, lengths, reserve
-        ctx.save_for_backward(x, h0, c0, y, *weights)
-        return y, h_n, c_n
+        cell, layout, kwargs, training = _decode(spec)
+        y, h_n, c_n, saved = _stack_forward((cell, layout, kwargs), x, h0, c0, weights, training,
+                                            **_extra(seed, lengths))
+        ctx.cell, ctx.layout, ctx.saved_stack = cell, layout, saved
+        ctx.numpy = _numpy_path(x, h0, c0, *weights)
+        ctx.save_for_backward(x, h0, c0, *weights)
+        return y, h_n, c_n if c_n is not None else _empty_like(x)
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n):
-        x, h0, c0, y, *weights = ctx.saved_tensors
+        x, h0, c0, *weights = ctx.saved_tensors
+        convert = _as_numpy if ctx.numpy else torch.Tensor.detach
         # Kept (not consumed): autograd may run this backward more than once with retain_graph.
         with torch.no_grad():
-            dx, dh0, dc0, d_weights = _backward_impl(dy, dh_n, dc_n, x, h0, c0, weights, ctx.seed,
-                                                     ctx.lengths, y, ctx.reserve, ctx.spec)
+            dx, dh0, dc0, d_weights = _stack_grads(ctx.cell, ctx.layout, ctx.saved_stack, convert, dy, dh_n,
+                                                   dc_n, c0, weights, keep=True)
         grads = (dx, dh0, dc0, *d_weights)
         if torch.is_grad_enabled():  # create_graph: a gradient of these would be wrong, so it is refused
             anchor = next((t for t in (dy, x, h0, c0, *weights) if t.requires_grad), dy)  # joins the graph
