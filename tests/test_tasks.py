@@ -108,6 +108,24 @@ def test_padding_changes_nothing(tmp_path):
     assert together == pytest.approx(sum(t for t, _, _ in alone), rel=1e-12)
 
 
+def test_music_batches_run_each_piece_on_its_own_frames(tmp_path, monkeypatch):
+    """The layer gets each piece's predicting frames as its lengths, so the padding costs no arithmetic; the
+    gradients stay those of the summed pieces (the padding carries no loss)."""
+    task = music_task(write_music_pickle(tmp_path / "set.pickle"), dtype="float64")
+    pieces = task.rolls["train"][:4]
+    seen = []
+    forward = task.rnn.forward
+    monkeypatch.setattr(task.rnn, "forward", lambda x, *a, lengths=None: seen.append(lengths) or forward(
+        x, *a, lengths=lengths))
+    _, _, grads = task._loss(pieces, training=True)
+    np.testing.assert_array_equal(seen[0], [len(p) - 1 for p in pieces])
+    alone = [task._loss([p], training=True)[2] for p in pieces]
+    frames = [len(p) - 1 for p in pieces]
+    for name, value in grads.items():  # gradients of the mean over all frames: the frame-weighted mean
+        expected = sum(g[name] * f for g, f in zip(alone, frames)) / sum(frames)
+        np.testing.assert_allclose(value, expected, rtol=1e-9, atol=1e-12, err_msg=name)
+
+
 def test_music_learns_the_pattern(tmp_path, capsys):
     task = music_task(write_music_pickle(tmp_path / "set.pickle"), epochs=60, lr=3e-2)
     results = run(task)

@@ -2,9 +2,9 @@
 2014): next-frame prediction of 88-key piano rolls. Each frame is 88 notes on or off (MIDI 21..108); a
 one-layer recurrent network reads frame t and predicts the notes of frame t+1 through 88 sigmoids. The loss
 is the Bernoulli negative log-likelihood summed over the 88 keys, per predicted frame (T_i - 1 of them for a
-piece of T_i frames), the figure the papers report. A batch is whole pieces, padded to its longest; the
-padding is causal (it comes after a piece's end and a one-way network never reads backwards) and carries no
-loss, so the gradients are exactly those of the pieces alone.
+piece of T_i frames), the figure the papers report. A batch is whole pieces, padded to its longest; each
+piece runs its own frames only (the layers' ``lengths``: the padding costs no arithmetic) and the padding
+carries no loss, so the gradients are exactly those of the pieces alone.
 
 Data: the ``.mat`` files of the four standard sets (``traindata``, ``validdata``, ``testdata`` cell arrays of
 [T_i, 88] 0/1 piano rolls; read with SciPy) or the original ``.pickle`` files (``train``, ``valid``, ``test``:
@@ -159,7 +159,8 @@ class MusicTask(HeadAndLayer, Task):
         xp = self.xp
         x, target, mask = self._batch(pieces)
         self.rnn.train(training)
-        y = self.rnn(x)[0]
+        # A piece of n frames predicts n - 1 (one of a single frame predicts none: its step carries no loss).
+        y = self.rnn(x, lengths=np.array([max(p.shape[0] - 1, 1) for p in pieces]))[0]
         logits = y @ self.head["output_weight"].T + self.head["output_bias"]
         total = float((_bernoulli_nll(xp, logits, target) * mask).sum())
         frames = float(mask.sum())
