@@ -47,17 +47,18 @@ def _as_f64(name, value, shape):
     return arr
 
 
-def _inputs(x, W, R, bW, bR, G, activation):
-    """Converts the common inputs to float64 and checks their shapes against x [T, B, I] and R [G*H, H]."""
+def _inputs(x, W, R, bW, bR, G, activation, hidden=None):
+    """Converts the common inputs to float64 and checks their shapes against x [T, B, I] and R [G*H, H]
+    (with a projection of `hidden` units to P: R [G*hidden, P])."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 3:
         raise ValueError(f"x: expected 3 dimensions [T, B, I], got shape {x.shape}")
     R = np.asarray(R, dtype=np.float64)
-    if R.ndim != 2 or R.shape[0] != G * R.shape[1]:
-        raise ValueError(f"R: expected shape [{G}*H, H], got {R.shape}")
-    H = R.shape[1]
+    H = R.shape[1] if hidden is None else hidden
+    if R.ndim != 2 or R.shape[0] != G * H:
+        raise ValueError(f"R: expected shape [{G}*H, {'H' if hidden is None else 'P'}], got {R.shape}")
     W = _as_f64("W", W, (G * H, x.shape[2]))
     bW = _as_f64("bW", bW, (G * H,))
     bR = _as_f64("bR", bR, (G * H,))
@@ -78,12 +79,12 @@ def _weight_grads(cache, da_in, da_rec, x_rec):
     """Turns the per-step pre-activation gradients into (dx, dW, dR, dbW, dbR).
 
     da_in [T, B, G*H] multiplies W x_t + bW; da_rec [T, B, G*H] multiplies R x_rec_t + bR, where x_rec is
-    [T, B, G, H]: the recurrent input seen by each gate block (h_{t-1}, or r * h_{t-1} for the GRU n block
-    when reset_after=False).
+    [T, B, G, P]: the recurrent input seen by each gate block (h_{t-1}, or r * h_{t-1} for the GRU n block
+    when reset_after=False; P = H but for a projected LSTM's).
     """
     W, R = cache["W"], cache["R"]
-    H = R.shape[1]
-    G = R.shape[0] // H
+    G = x_rec.shape[2]
+    H = R.shape[0] // G
     dx = np.zeros_like(cache["x"])
     dW = np.zeros_like(W)
     dR = np.zeros_like(R)
@@ -100,18 +101,23 @@ def _weight_grads(cache, da_in, da_rec, x_rec):
 
 
 def lstm_forward(x, W, R, bW, bR, h0, c0, activation="tanh", *, peephole=None, coupled_gates=False,
-                 forget_bias=0.0, cell_clip=None, recurrent_mask=None):
+                 forget_bias=0.0, cell_clip=None, recurrent_mask=None, projection=None):
     """LSTM window, gates i, f, g, o (coupled_gates: f, g, o and i = 1 - f). Returns (y, h_T, c_T, cache).
 
     peephole: None or [3, H] (p_i, p_f, p_o; p_i unused with coupled_gates). forget_bias: added to f's
     pre-activation. cell_clip: None or > 0, clamps c_t to [-cell_clip, cell_clip]. recurrent_mask: None or
-    [T, B, H], multiplies h_{t-1} inside R h_{t-1}.
+    [T, B, P], multiplies h_{t-1} inside R h_{t-1}. projection: None or W_hr [P, H] (LSTMP, Sak et al. 2014;
+    PyTorch's proj_size): h_t = W_hr (o * act(c_t)), so h0, y, h_T and R's columns have P units, c has H.
     """
     G = 3 if coupled_gates else 4
-    x, W, R, bW, bR = _inputs(x, W, R, bW, bR, G, activation)
+    hidden = None if projection is None else np.asarray(projection).shape[1]
+    x, W, R, bW, bR = _inputs(x, W, R, bW, bR, G, activation, hidden)
     T, B, _ = x.shape
-    H = R.shape[1]
-    h0 = _as_f64("h0", h0, (B, H))
+    H = R.shape[0] // G
+    P = R.shape[1]  # the state's units: H without a projection
+    if projection is not None:
+        projection = _as_f64("projection", projection, (P, H))
+    h0 = _as_f64("h0", h0, (B, P))
     c0 = _as_f64("c0", c0, (B, H))
     if peephole is not None:
         peephole = _as_f64("peephole", peephole, (3, H))
@@ -122,12 +128,13 @@ def lstm_forward(x, W, R, bW, bR, h0, c0, activation="tanh", *, peephole=None, c
         cell_clip = float(cell_clip)
         if not (np.isfinite(cell_clip) and cell_clip > 0.0):
             raise ValueError(f"cell_clip: expected None or a finite number > 0, got {cell_clip!r}")
-    mask = _recurrent_mask(recurrent_mask, (T, B, H))
+    mask = _recurrent_mask(recurrent_mask, (T, B, P))
 
-    hs = np.zeros((T + 1, B, H))
+    hs = np.zeros((T + 1, B, P))
     cs = np.zeros((T + 1, B, H))
     hs[0], cs[0] = h0, c0
-    hms = np.zeros((T, B, H))
+    hms = np.zeros((T, B, P))
+    ms = np.zeros((T, B, H))  # o * act(c_t), before the projection
     names = ("i", "f", "g", "o", "pre_g", "c_unclipped", "clip_pass")
     gates = {name: np.zeros((T, B, H)) for name in names}
     for t in range(T):
@@ -159,39 +166,47 @@ def lstm_forward(x, W, R, bW, bR, h0, c0, activation="tanh", *, peephole=None, c
             clip_pass = (np.abs(c_unclipped) < cell_clip).astype(np.float64)
         pre_o = a_o if peephole is None else a_o + peephole[2] * c
         o = _sigmoid(pre_o)
-        h = o * _act(c, activation)
-        hs[t + 1], cs[t + 1], hms[t] = h, c, hm
+        m = o * _act(c, activation)
+        h = m if projection is None else m @ projection.T
+        hs[t + 1], cs[t + 1], hms[t], ms[t] = h, c, hm, m
         for name, value in zip(names, (i, f, g, o, a_g, c_unclipped, clip_pass)):
             gates[name][t] = value
 
     cache = {
         "x": x, "W": W, "R": R, "activation": activation,
         "peephole": peephole, "coupled_gates": coupled_gates, "forget_bias": forget_bias,
-        "cell_clip": cell_clip, "recurrent_mask": mask,
-        "hs": hs, "cs": cs, "hms": hms, **gates,
+        "cell_clip": cell_clip, "recurrent_mask": mask, "projection": projection,
+        "hs": hs, "cs": cs, "hms": hms, "ms": ms, **gates,
     }
     return hs[1:].copy(), hs[T].copy(), cs[T].copy(), cache
 
 
 def lstm_backward(cache, dy, dh_T, dc_T):
-    """Backward through the window. Returns (dx, dh0, dc0, dW, dR, dbW, dbR, dP).
+    """Backward through the window. Returns (dx, dh0, dc0, dW, dR, dbW, dbR, dP, dW_hr).
 
-    dP is the [3, H] peephole gradient (row p_i is zero with coupled gates), or None without peephole.
+    dP is the [3, H] peephole gradient (row p_i is zero with coupled gates), or None without peephole; dW_hr
+    the [P, H] projection's gradient, or None without a projection.
     """
     hs, cs, activation = cache["hs"], cache["cs"], cache["activation"]
     peephole, coupled, mask = cache["peephole"], cache["coupled_gates"], cache["recurrent_mask"]
-    T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    projection = cache["projection"]
+    T, B, P, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2], cs.shape[2]
     G = 3 if coupled else 4
-    dy = _as_f64("dy", dy, (T, B, H))
-    dh_next = _as_f64("dh_T", dh_T, (B, H)).copy()
+    dy = _as_f64("dy", dy, (T, B, P))
+    dh_next = _as_f64("dh_T", dh_T, (B, P)).copy()
     dc_next = _as_f64("dc_T", dc_T, (B, H)).copy()
     dP = None if peephole is None else np.zeros((3, H))
+    dW_hr = None if projection is None else np.zeros((P, H))
 
     da = np.zeros((T, B, G * H))
     for t in reversed(range(T)):
         i, f, g, o = cache["i"][t], cache["f"][t], cache["g"][t], cache["o"][t]
         c_prev, c = cs[t], cs[t + 1]
         dh = dy[t] + dh_next
+        if projection is not None:
+            # h_t = W_hr m_t: the gradient reaching m_t = o * act(c_t), and the projection's own
+            dW_hr += dh.T @ cache["ms"][t]
+            dh = dh @ projection
         # h_t = o * act(c_t)
         do = dh * _act(c, activation)
         dc = dc_next + dh * o * _act_grad(c, activation)
@@ -231,7 +246,7 @@ def lstm_backward(cache, dy, dh_T, dc_T):
 
     x_rec = np.repeat(cache["hms"][:, :, None, :], G, axis=2)
     dx, dW, dR, dbW, dbR = _weight_grads(cache, da, da, x_rec)
-    return dx, dh_next, dc_next, dW, dR, dbW, dbR, dP
+    return dx, dh_next, dc_next, dW, dR, dbW, dbR, dP, dW_hr
 
 
 # ------------------------------------------------------------------------------------------------------ GRU

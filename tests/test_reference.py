@@ -61,13 +61,14 @@ def _forward(cell, opts, p):
 def _backward(cell, cache, seeds):
     """Returns the gradients as a dict keyed like the inputs."""
     if cell == "lstm":
-        names = ("x", "h0", "c0", "W", "R", "bW", "bR", "peephole")
+        names = ("x", "h0", "c0", "W", "R", "bW", "bR", "peephole", "projection")
         grads = ref.lstm_backward(cache, seeds["dy"], seeds["dh_T"], seeds["dc_T"])
         assert len(grads) == len(names)
         grads = dict(zip(names, grads))
-        if grads["peephole"] is None:
-            assert cache["peephole"] is None
-            del grads["peephole"]
+        for name in ("peephole", "projection"):
+            if grads[name] is None:
+                assert cache[name] is None
+                del grads[name]
         return grads
     backward = ref.gru_backward if cell == "gru" else ref.rnn_backward
     return dict(zip(("x", "h0", "W", "R", "bW", "bR"), backward(cache, seeds["dy"], seeds["dh_T"])))
@@ -459,3 +460,54 @@ def test_forward_matches_torch(cell, opts):
     assert len(states) == len(states_torch)
     for got, want in zip(states, states_torch):
         np.testing.assert_allclose(got, want[0].numpy(), rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------- projection (LSTMP)
+
+
+def _projected_problem(T, B, input_size, H, P, rng, scale=0.5, **kw):
+    """An LSTM problem whose state is projected from H to P units: R [4H, P], h0 and dy of P units."""
+    p, seeds = _problem("lstm", T, B, input_size, H, rng, scale, **kw)
+    G = p["R"].shape[0] // H
+    p["R"] = rng.normal(scale=scale, size=(G * H, P))
+    p["h0"] = rng.normal(scale=scale, size=(B, P))
+    p["projection"] = rng.normal(scale=scale, size=(P, H))
+    seeds["dy"], seeds["dh_T"] = rng.normal(size=(T, B, P)), rng.normal(size=(B, P))
+    return p, seeds
+
+
+@pytest.mark.parametrize(("opts", "peephole"), [o[1:] for o in LSTM_OPTIONS if o[0] in
+                                                ("peephole", "coupled", "forget_bias", "all")],
+                         ids=["peephole", "coupled", "forget_bias", "all"])
+def test_projection_backward_matches_finite_differences(opts, peephole, rng):
+    """The projected LSTM's backward, dW_hr included, against central finite differences, with options."""
+    for _ in range(100):
+        p, seeds = _projected_problem(3, 2, 3, 4, 2, rng, coupled=opts.get("coupled_gates", False),
+                                      peephole=peephole)
+        if _is_valid("lstm", opts, p):
+            break
+    _check_against_finite_differences("lstm", opts, p, seeds)
+
+
+def test_projection_with_a_recurrent_mask_matches_finite_differences(rng):
+    p, seeds = _projected_problem(4, 3, 3, 5, 3, rng)
+    _check_against_finite_differences("lstm", {"activation": "tanh", "recurrent_mask": _mask(4, 3, 3, rng)},
+                                      p, seeds)
+
+
+def test_projection_matches_torch(rng):
+    """Outputs and final states against torch.nn.LSTM(proj_size=P) with the same weights, float64."""
+    torch = pytest.importorskip("torch")
+    T, B, I, H, P = 5, 3, 4, 6, 2
+    p, _ = _projected_problem(T, B, I, H, P, rng)
+    module = torch.nn.LSTM(I, H, proj_size=P).double()
+    with torch.no_grad():
+        for name, key in (("weight_ih_l0", "W"), ("weight_hh_l0", "R"), ("bias_ih_l0", "bW"),
+                          ("bias_hh_l0", "bR"), ("weight_hr_l0", "projection")):
+            getattr(module, name).copy_(torch.from_numpy(p[key]))
+        states = (torch.from_numpy(p["h0"])[None], torch.from_numpy(p["c0"])[None])
+        y_torch, (h_torch, c_torch) = module(torch.from_numpy(p["x"]), states)
+    y, h_T, c_T, _ = ref.lstm_forward(**p, activation="tanh")
+    np.testing.assert_allclose(y, y_torch.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(h_T, h_torch[0].numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(c_T, c_torch[0].numpy(), rtol=1e-12, atol=1e-14)
