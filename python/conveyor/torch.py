@@ -61,8 +61,8 @@ def _as_numpy(t):
 def _numpy_path(x, *others) -> bool:
     """Whether a call takes NumPy views: float32/float64 x with every tensor on the CPU (mixed devices go
     the DLPack way, whose checks name the tensor on the wrong device)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and all(t.device.type == "cpu" for t in others))
+    return (x.is_cpu and x.dtype in (torch.float32, torch.float64)
+            and all(t is None or t.is_cpu for t in others))
 
 
 def _as_tensor(a):
