@@ -224,8 +224,9 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
         # The first window's checks name x exactly; the states' shapes need B first.
         getattr(_functional, f"{cell}_forward")(x, *weights[0][:4], training=False, lengths=lengths,
                                                 _packed=_packed)
+    if lengths is not None:
+        lengths = _host_lengths(lengths)  # read once here, for the reversals and every window
     if _packed:
-        lengths = _host_lengths(lengths)
         steps, batch = int(lengths[0]), len(lengths)  # the core has checked them in the first window
     else:
         steps, batch = x.shape[0], x.shape[1]
@@ -237,7 +238,6 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
     forward = getattr(_functional, f"{cell}_forward")
     reversal, positions = None, None
     if lengths is not None:
-        lengths = _host_lengths(lengths)  # read once here, for the reversals and every window
         if (bidirectional and lengths.dtype.kind == "i" and lengths.shape == (batch,)
                 and 1 <= lengths.min() and lengths.max() <= steps):
             reversal = ops.reversal(lengths, steps, x, packed=_packed)
