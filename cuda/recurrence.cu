@@ -784,10 +784,12 @@ void run_on_device(const CellOptions& options, const WindowSizes& sizes, const A
 namespace conveyor::detail {
 
 void cuda_forward(const CellOptions& options, const WindowSizes& sizes, const ForwardArgs& args, void* stream) {
+  if (args.W_hr.present()) throw ArgumentError("W_hr: the CUDA backend has no projection yet (run it on the CPU)");
   cuda::run_on_device(options, sizes, args, stream);
 }
 
 void cuda_backward(const CellOptions& options, const WindowSizes& sizes, const BackwardArgs& args, void* stream) {
+  if (args.W_hr.present()) throw ArgumentError("W_hr: the CUDA backend has no projection yet (run it on the CPU)");
   cuda::run_on_device(options, sizes, args, stream);
 }
 

@@ -91,7 +91,7 @@ def run_conveyor(p: Problem):
     if p.cell == "lstm":
         y, h_T, c_T, saved = conveyor.lstm_forward(p.x, p.W, p.R, p.bW, p.bR, p.h0, p.c0, **p.options)
         g = conveyor.lstm_backward(saved, p.dy, p.dh_T, p.dc_T)._asdict()
-        del g["dP"]  # no peephole in these problems (tests/test_variants.py covers it)
+        del g["dP"], g["dW_hr"]  # no peephole or projection here (test_variants.py, test_projection.py)
     else:
         forward = getattr(conveyor, f"{p.cell}_forward")
         backward = getattr(conveyor, f"{p.cell}_backward")

@@ -52,6 +52,7 @@ def run_with_lengths(p, lengths, **options):
     out = forward(p.x, p.W, p.R, p.bW, p.bR, *states(p), lengths=lengths, **p.options, **options)
     grads = backward(out[-1], p.dy, *finals(p))._asdict()
     grads.pop("dP", None)
+    grads.pop("dW_hr", None)
     return out[0], out[1], out[2] if p.cell == "lstm" else None, grads
 
 

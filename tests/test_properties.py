@@ -2,8 +2,8 @@
 reference, forward and backward, in float64.
 
 Each example draws a cell (LSTM, GRU, RNN), its options (activation; GRU reset_after; LSTM peephole, coupled
-gates, forget bias, cell clip), optional recurrent dropout (variational or per step, any seed and mask
-stream), whether the biases, the initial state and the final-state gradients are given, and T, B, I, H down
+gates, forget bias, cell clip, a projection of any size), optional recurrent dropout (variational or per step,
+any seed and mask stream), whether the biases, the initial state and the final-state gradients are given, and T, B, I, H down
 to 1 and at odd sizes. Inputs come from a NumPy generator seeded by a drawn integer. Conveyor must match the
 reference within support.TOLERANCES[float64] for y, h_T, c_T and every gradient.
 
@@ -52,6 +52,7 @@ class Case:
     coupled_gates: bool = False
     forget_bias: float = 0.0
     cell_clip: float | None = None
+    proj_size: int | None = None
     dropout: float = 0.0
     variational: bool = True
     seed: int = 0
@@ -77,7 +78,8 @@ def cases(draw):
     if cell == "lstm":
         kwargs.update(peephole=draw(st.booleans()), coupled_gates=draw(st.booleans()),
                       forget_bias=draw(st.sampled_from([0.0, 1.0])),
-                      cell_clip=draw(st.sampled_from([None, 0.5, 3.0])))
+                      cell_clip=draw(st.sampled_from([None, 0.5, 3.0])),
+                      proj_size=draw(st.one_of(st.none(), st.integers(1, 9))))
     q = draw(st.sampled_from([0.0, 0.3]))
     if q > 0:
         kwargs.update(dropout=q, variational=draw(st.booleans()), seed=draw(st.integers(0, 2**64 - 1)),
@@ -92,19 +94,26 @@ def make_arrays(c: Case) -> dict:
     G = 3 if c.coupled_gates else GATES[c.cell]
     w = 1.0 / np.sqrt(c.H)
     lstm = c.cell == "lstm"
+    S = units(c)
 
     def u(shape, s=1.0):
         return rng.uniform(-s, s, size=shape)
 
     return dict(
-        x=u((c.T, c.B, c.I)), W=u((G * c.H, c.I), w), R=u((G * c.H, c.H), w),
+        x=u((c.T, c.B, c.I)), W=u((G * c.H, c.I), w), R=u((G * c.H, S), w),
         bW=u(G * c.H, w) if c.bias else None, bR=u(G * c.H, w) if c.bias else None,
-        h0=u((c.B, c.H), 0.5) if c.initial_state else None,
+        h0=u((c.B, S), 0.5) if c.initial_state else None,
         c0=u((c.B, c.H), 0.5) if c.initial_state and lstm else None,
         P=u((3, c.H), 0.5) if c.peephole else None,
-        dy=u((c.T, c.B, c.H)), dh_T=u((c.B, c.H)) if c.final_grads else None,
+        W_hr=u((S, c.H), w) if c.proj_size else None,
+        dy=u((c.T, c.B, S)), dh_T=u((c.B, S)) if c.final_grads else None,
         dc_T=u((c.B, c.H)) if c.final_grads and lstm else None,
     )
+
+
+def units(c: Case) -> int:
+    """The units of h: the projection's, or H."""
+    return c.proj_size or c.H
 
 
 def run_conveyor(c: Case, a: dict, lengths=None) -> dict:
@@ -112,7 +121,7 @@ def run_conveyor(c: Case, a: dict, lengths=None) -> dict:
                    mask_stream=c.mask_stream, lengths=lengths)
     if c.cell == "lstm":
         y, h_T, c_T, saved = conveyor.lstm_forward(
-            a["x"], a["W"], a["R"], a["bW"], a["bR"], a["h0"], a["c0"], P=a["P"],
+            a["x"], a["W"], a["R"], a["bW"], a["bR"], a["h0"], a["c0"], P=a["P"], W_hr=a["W_hr"],
             coupled_gates=c.coupled_gates, forget_bias=c.forget_bias, cell_clip=c.cell_clip,
             activation=c.activation, **dropout)
         grads = conveyor.lstm_backward(saved, a["dy"], a["dh_T"], a["dc_T"])._asdict()
@@ -127,30 +136,30 @@ def run_conveyor(c: Case, a: dict, lengths=None) -> dict:
 
 
 def recurrent_mask(c: Case):
-    """The recurrent dropout mask [T, B, H] of the example, or None."""
+    """The recurrent dropout mask [T, B, units] of the example, or None."""
     if not c.dropout:
         return None
-    return ref.dropout_mask(c.dropout, c.variational, c.seed, c.mask_stream, (c.T, c.B, c.H))
+    return ref.dropout_mask(c.dropout, c.variational, c.seed, c.mask_stream, (c.T, c.B, units(c)))
 
 
 def run_reference(c: Case, a: dict, mask="drawn") -> tuple[dict, dict]:
     """The reference's outputs and gradients (absent arrays as zeros, absent bias gradients as None), and its
     cache. ``mask``: the example's own recurrent dropout mask, or the one given."""
     G = 3 if c.coupled_gates else GATES[c.cell]
-    B, H = c.B, c.H
+    B, H, S = c.B, c.H, units(c)
 
     def given_or_zeros(name, shape):
         return np.zeros(shape) if a[name] is None else a[name]
 
     bW, bR = given_or_zeros("bW", G * H), given_or_zeros("bR", G * H)
-    h0, dh_T = given_or_zeros("h0", (B, H)), given_or_zeros("dh_T", (B, H))
+    h0, dh_T = given_or_zeros("h0", (B, S)), given_or_zeros("dh_T", (B, S))
     mask = recurrent_mask(c) if isinstance(mask, str) else mask
     if c.cell == "lstm":
         y, h_T, c_T, cache = ref.lstm_forward(
             a["x"], a["W"], a["R"], bW, bR, h0, given_or_zeros("c0", (B, H)), c.activation, peephole=a["P"],
             coupled_gates=c.coupled_gates, forget_bias=c.forget_bias, cell_clip=c.cell_clip,
-            recurrent_mask=mask)
-        names = ("dx", "dh0", "dc0", "dW", "dR", "dbW", "dbR", "dP")
+            recurrent_mask=mask, projection=a["W_hr"])
+        names = ("dx", "dh0", "dc0", "dW", "dR", "dbW", "dbR", "dP", "dW_hr")
         grads = ref.lstm_backward(cache, a["dy"], dh_T, given_or_zeros("dc_T", (B, H)))
         out = {"y": y, "h_T": h_T, "c_T": c_T, **dict(zip(names, grads))}
     else:
@@ -220,7 +229,7 @@ def row_alone(c: Case, a: dict, b: int, steps: int) -> tuple[Case, dict]:
 
     row = {name: take(name, (slice(steps), slice(b, b + 1))) for name in ("x", "dy")}
     row.update({name: take(name, slice(b, b + 1)) for name in ("h0", "c0", "dh_T", "dc_T")})
-    row.update({name: a[name] for name in ("W", "R", "bW", "bR", "P")})
+    row.update({name: a[name] for name in ("W", "R", "bW", "bR", "P", "W_hr")})
     return dataclasses.replace(c, T=steps, B=1), row
 
 
@@ -243,7 +252,7 @@ def test_lengths_match_the_reference_row_by_row(case, lengths_seed):
         per_row.update({name: got[name][b:b + 1] for name in ("h_T", "c_T", "dh0", "dc0") if name in got})
         assert_all_close(per_row, {name: expected[name] for name in per_row}, DTYPE)
         assert not np.any(got["y"][n:, b]) and not np.any(got["dx"][n:, b])
-        for name in ("dW", "dR", "dbW", "dbR", "dP"):
+        for name in ("dW", "dR", "dbW", "dbR", "dP", "dW_hr"):
             if expected.get(name) is not None:
                 sums[name] = sums.get(name, 0) + expected[name]
     assert_all_close({name: got[name] for name in sums}, sums, DTYPE)

@@ -334,22 +334,25 @@ struct DLPackOutputs {
 struct Layout {
   int64_t rows0, rows1;  // T and B, or tokens and 0 (packed)
   int64_t batch, input_size, hidden_size;
+  int64_t output_size;  // the units of h and y: proj_size with a projection, else hidden_size
   std::vector<py::ssize_t> per_step(int64_t width) const {
     return rows1 > 0 ? std::vector<py::ssize_t>{rows0, rows1, width} : std::vector<py::ssize_t>{rows0, width};
   }
 };
 
-Layout layout_of(const TensorView& x, const TensorView& R, const TensorView& lengths, bool packed) {
-  if (packed) return {x.shape[0], 0, lengths.shape[0], x.shape[1], R.shape[1]};
-  return {x.shape[0], x.shape[1], x.shape[1], x.shape[2], R.shape[1]};
+Layout layout_of(const TensorView& x, const TensorView& R, const TensorView& W_hr, const TensorView& lengths,
+                 bool packed) {
+  const int64_t hidden = W_hr.present() ? W_hr.shape[1] : R.shape[1];
+  if (packed) return {x.shape[0], 0, lengths.shape[0], x.shape[1], hidden, R.shape[1]};
+  return {x.shape[0], x.shape[1], x.shape[1], x.shape[2], hidden, R.shape[1]};
 }
 
 // (y, h_T, c_T or None, cache or None)
 template <typename Views, typename Outputs>
 py::tuple run_forward(const CellOptions& options, Views& views, const Outputs& outputs, const py::object& x,
                       const py::object& W, const py::object& R, const py::object& bW, const py::object& bR,
-                      const py::object& h0, const py::object& c0, const py::object& P, const py::object& lengths,
-                      bool packed, bool training, int64_t stream) {
+                      const py::object& h0, const py::object& c0, const py::object& P, const py::object& W_hr,
+                      const py::object& lengths, bool packed, bool training, int64_t stream) {
   ForwardArgs args;
   args.x = views("x", x);
   args.W = views("W", W);
@@ -359,13 +362,14 @@ py::tuple run_forward(const CellOptions& options, Views& views, const Outputs& o
   args.h0 = views.optional("h0", h0);
   args.c0 = views.optional("c0", c0);
   args.P = views.optional("P", P);
+  args.W_hr = views.optional("W_hr", W_hr);
   args.lengths = views.lengths(lengths);
   args.packed = packed;
   check_forward_inputs(options, args);
-  const Layout s = layout_of(args.x, args.R, args.lengths, packed);
+  const Layout s = layout_of(args.x, args.R, args.W_hr, args.lengths, packed);
   const DType dtype = args.x.dtype, cell_dtype = cell_state_dtype(args.x.dtype);
-  Output y = outputs(s.per_step(s.hidden_size), dtype);
-  Output h_T = outputs({s.batch, s.hidden_size}, dtype);
+  Output y = outputs(s.per_step(s.output_size), dtype);
+  Output h_T = outputs({s.batch, s.output_size}, dtype);
   Output c_T{py::none(), TensorView{}};
   Output cache{py::none(), TensorView{}};
   if (options.cell == CellType::lstm) c_T = outputs({s.batch, s.hidden_size}, cell_dtype);
@@ -383,13 +387,13 @@ py::tuple run_forward(const CellOptions& options, Views& views, const Outputs& o
   return py::make_tuple(y.first, h_T.first, c_T.first, cache.first);
 }
 
-// (dx, dh0, dc0 or None, dW, dR, dbW or None, dbR or None, dP or None)
+// (dx, dh0, dc0 or None, dW, dR, dbW or None, dbR or None, dP or None, dW_hr or None)
 template <typename Views, typename Outputs>
 py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& outputs, const py::object& x,
                        const py::object& W, const py::object& R, const py::object& h0, const py::object& c0,
-                       const py::object& P, const py::object& y, const py::object& cache, const py::object& dy, const py::object& dh_T,
-                       const py::object& dc_T, const py::object& lengths, bool packed, bool has_bW, bool has_bR,
-                       int64_t stream) {
+                       const py::object& P, const py::object& W_hr, const py::object& y, const py::object& cache,
+                       const py::object& dy, const py::object& dh_T, const py::object& dc_T,
+                       const py::object& lengths, bool packed, bool has_bW, bool has_bR, int64_t stream) {
   BackwardArgs args;
   args.x = views("x", x);
   args.W = views("W", W);
@@ -397,6 +401,7 @@ py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& 
   args.h0 = views.optional("h0", h0);
   args.c0 = views.optional("c0", c0);
   args.P = views.optional("P", P);
+  args.W_hr = views.optional("W_hr", W_hr);
   args.y = views("y", y);
   if (cache_width(options) > 0) args.cache = views("cache", cache);
   args.dy = views("dy", dy);
@@ -405,18 +410,19 @@ py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& 
   args.lengths = views.lengths(lengths);
   args.packed = packed;
   check_backward_inputs(options, args);
-  const Layout s = layout_of(args.x, args.R, args.lengths, packed);
+  const Layout s = layout_of(args.x, args.R, args.W_hr, args.lengths, packed);
   const int64_t GH = gate_count(options) * s.hidden_size;
   const Output none{py::none(), TensorView{}};
   const DType dtype = args.x.dtype, cell_dtype = cell_state_dtype(args.x.dtype);
   Output dx = outputs(s.per_step(s.input_size), dtype);
-  Output dh0 = outputs({s.batch, s.hidden_size}, dtype);
+  Output dh0 = outputs({s.batch, s.output_size}, dtype);
   Output dc0 = options.cell == CellType::lstm ? outputs({s.batch, s.hidden_size}, cell_dtype) : none;
   Output dW = outputs({GH, s.input_size}, dtype);
-  Output dR = outputs({GH, s.hidden_size}, dtype);
+  Output dR = outputs({GH, s.output_size}, dtype);
   Output dbW = has_bW ? outputs({GH}, dtype) : none;
   Output dbR = has_bR ? outputs({GH}, dtype) : none;
   Output dP = options.peephole ? outputs({3, s.hidden_size}, dtype) : none;
+  Output dW_hr = args.W_hr.present() ? outputs({s.output_size, s.hidden_size}, dtype) : none;
   args.dx = dx.second;
   args.dh0 = dh0.second;
   args.dc0 = dc0.second;
@@ -425,49 +431,51 @@ py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& 
   args.dbW = dbW.second;
   args.dbR = dbR.second;
   args.dP = dP.second;
+  args.dW_hr = dW_hr.second;
   {
     py::gil_scoped_release release;
     conveyor::backward(options, args, reinterpret_cast<void*>(stream));
   }
-  return py::make_tuple(dx.first, dh0.first, dc0.first, dW.first, dR.first, dbW.first, dbR.first, dP.first);
+  return py::make_tuple(dx.first, dh0.first, dc0.first, dW.first, dR.first, dbW.first, dbR.first, dP.first,
+                        dW_hr.first);
 }
 
 py::tuple forward_numpy(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
                         const py::object& R, const py::object& bW, const py::object& bR, const py::object& h0,
-                        const py::object& c0, const py::object& P, const py::object& lengths, bool packed,
-                        bool training) {
+                        const py::object& c0, const py::object& P, const py::object& W_hr, const py::object& lengths,
+                        bool packed, bool training) {
   NumpyViews views;
-  return run_forward(cell_options(cell, options), views, NumpyOutputs{}, x, W, R, bW, bR, h0, c0, P, lengths, packed,
-                     training, 0);
+  return run_forward(cell_options(cell, options), views, NumpyOutputs{}, x, W, R, bW, bR, h0, c0, P, W_hr, lengths,
+                     packed, training, 0);
 }
 
 py::tuple backward_numpy(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
                          const py::object& R, const py::object& h0, const py::object& c0, const py::object& P,
-                         const py::object& y, const py::object& cache, const py::object& dy, const py::object& dh_T,
-                         const py::object& dc_T, const py::object& lengths, bool packed, bool has_bW,
-                         bool has_bR) {
+                         const py::object& W_hr, const py::object& y, const py::object& cache, const py::object& dy,
+                         const py::object& dh_T, const py::object& dc_T, const py::object& lengths, bool packed,
+                         bool has_bW, bool has_bR) {
   NumpyViews views;
-  return run_backward(cell_options(cell, options), views, NumpyOutputs{}, x, W, R, h0, c0, P, y, cache, dy, dh_T,
-                      dc_T, lengths, packed, has_bW, has_bR, 0);
+  return run_backward(cell_options(cell, options), views, NumpyOutputs{}, x, W, R, h0, c0, P, W_hr, y, cache, dy,
+                      dh_T, dc_T, lengths, packed, has_bW, has_bR, 0);
 }
 
 py::tuple forward_dlpack(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
                          const py::object& R, const py::object& bW, const py::object& bR, const py::object& h0,
-                         const py::object& c0, const py::object& P, const py::object& lengths, bool packed,
-                         bool training, const py::function& allocate, int64_t stream) {
+                         const py::object& c0, const py::object& P, const py::object& W_hr, const py::object& lengths,
+                         bool packed, bool training, const py::function& allocate, int64_t stream) {
   DLPackViews views(stream);
   return run_forward(cell_options(cell, options), views, DLPackOutputs{allocate, views}, x, W, R, bW, bR, h0, c0, P,
-                     lengths, packed, training, stream);
+                     W_hr, lengths, packed, training, stream);
 }
 
 py::tuple backward_dlpack(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
                           const py::object& R, const py::object& h0, const py::object& c0, const py::object& P,
-                          const py::object& y, const py::object& cache, const py::object& dy, const py::object& dh_T,
-                          const py::object& dc_T, const py::object& lengths, bool packed, bool has_bW,
-                          bool has_bR, const py::function& allocate, int64_t stream) {
+                          const py::object& W_hr, const py::object& y, const py::object& cache, const py::object& dy,
+                          const py::object& dh_T, const py::object& dc_T, const py::object& lengths, bool packed,
+                          bool has_bW, bool has_bR, const py::function& allocate, int64_t stream) {
   DLPackViews views(stream);
-  return run_backward(cell_options(cell, options), views, DLPackOutputs{allocate, views}, x, W, R, h0, c0, P, y,
-                      cache, dy, dh_T, dc_T, lengths, packed, has_bW, has_bR, stream);
+  return run_backward(cell_options(cell, options), views, DLPackOutputs{allocate, views}, x, W, R, h0, c0, P, W_hr,
+                      y, cache, dy, dh_T, dc_T, lengths, packed, has_bW, has_bR, stream);
 }
 
 // Fills `out` (NumPy, or any DLPack array) with dropout_mask(); returns it.
@@ -500,17 +508,18 @@ PYBIND11_MODULE(_conveyor, m) {
   });
 
   m.def("forward", &forward_numpy, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"), py::arg("R"),
-        py::arg("bW"), py::arg("bR"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("lengths"),
-        py::arg("packed"), py::arg("training"));
+        py::arg("bW"), py::arg("bR"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("W_hr"),
+        py::arg("lengths"), py::arg("packed"), py::arg("training"));
   m.def("backward", &backward_numpy, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"), py::arg("R"),
-        py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("y"), py::arg("cache"), py::arg("dy"), py::arg("dh_T"),
-        py::arg("dc_T"), py::arg("lengths"), py::arg("packed"), py::arg("has_bW"), py::arg("has_bR"));
-  m.def("forward_dlpack", &forward_dlpack, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"),
-        py::arg("R"), py::arg("bW"), py::arg("bR"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("lengths"),
-        py::arg("packed"), py::arg("training"), py::arg("allocate"), py::arg("stream"));
-  m.def("backward_dlpack", &backward_dlpack, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"),
-        py::arg("R"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("y"), py::arg("cache"), py::arg("dy"),
+        py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("W_hr"), py::arg("y"), py::arg("cache"), py::arg("dy"),
         py::arg("dh_T"), py::arg("dc_T"), py::arg("lengths"), py::arg("packed"), py::arg("has_bW"),
+        py::arg("has_bR"));
+  m.def("forward_dlpack", &forward_dlpack, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"),
+        py::arg("R"), py::arg("bW"), py::arg("bR"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("W_hr"),
+        py::arg("lengths"), py::arg("packed"), py::arg("training"), py::arg("allocate"), py::arg("stream"));
+  m.def("backward_dlpack", &backward_dlpack, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"),
+        py::arg("R"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("W_hr"), py::arg("y"), py::arg("cache"),
+        py::arg("dy"), py::arg("dh_T"), py::arg("dc_T"), py::arg("lengths"), py::arg("packed"), py::arg("has_bW"),
         py::arg("has_bR"), py::arg("allocate"), py::arg("stream"));
   m.def("gate_count", [](const std::string& cell, const py::dict& options) {
     return gate_count(cell_options(cell, options));

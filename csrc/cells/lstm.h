@@ -33,6 +33,13 @@ struct LstmGates {
   T h;           // the new hidden state h_t
 };
 
+// o * act(c_t): the LSTM's output h_t, or with a projection what W_hr projects (backward recomputes it from
+// the o and c_t it saved).
+template <typename T>
+CONVEYOR_HOST_DEVICE T lstm_output(bool relu, T o, T c) {
+  return o * activate(relu, c);
+}
+
 template <typename T>
 CONVEYOR_HOST_DEVICE LstmGates<T> lstm_forward(const LstmOptions<T>& opt, T a_i, T a_f, T a_g, T a_o, T c_prev,
                                                Peephole<T> p) {
@@ -49,7 +56,7 @@ CONVEYOR_HOST_DEVICE LstmGates<T> lstm_forward(const LstmOptions<T>& opt, T a_i,
   }
   s.c = c;
   s.o = sigmoid(a_o + (opt.peephole ? p.o * c : T(0)));
-  s.h = s.o * activate(opt.relu, c);
+  s.h = lstm_output(opt.relu, s.o, c);
   return s;
 }
 

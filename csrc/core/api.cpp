@@ -279,7 +279,8 @@ void check_no_cell_state_unless_lstm(const CellOptions& options, const char* nam
 
 }  // namespace
 
-WindowSizes window_sizes(const CellOptions& options, const TensorView& x, const TensorView& W, const TensorView& R) {
+WindowSizes window_sizes(const CellOptions& options, const TensorView& x, const TensorView& W, const TensorView& R,
+                         const TensorView& W_hr) {
   check_options(options);
   const int64_t G = gate_count(options);
   if (!x.present()) throw ArgumentError("x: expected an array of shape (T, B, input_size), got none");
@@ -292,16 +293,32 @@ WindowSizes window_sizes(const CellOptions& options, const TensorView& x, const 
       throw ArgumentError(std::string("x: ") + kXDims[d] + " must be positive, got shape " + shape_string(x));
     }
   }
-  if (!R.present()) throw ArgumentError("R: expected an array of shape (G*hidden_size, hidden_size), got none");
-  if (R.rank != 2 || R.shape[1] <= 0 || R.shape[0] != G * R.shape[1]) {
-    throw ArgumentError(std::string("R: expected shape (") + std::to_string(G) + "*hidden_size, hidden_size) for a " +
-                        cell_name(options.cell) + " (" + std::to_string(G) + " gate blocks), got " + shape_string(R));
+  if (W_hr.present()) {
+    if (options.cell != CellType::lstm) {
+      throw ArgumentError(std::string("W_hr: a projection is an LSTM option, but the cell is ") +
+                          cell_name(options.cell));
+    }
+    if (W_hr.rank != 2 || W_hr.shape[0] <= 0 || W_hr.shape[1] <= 0) {
+      throw ArgumentError("W_hr: expected a 2-D array (proj_size, hidden_size), got shape " + shape_string(W_hr));
+    }
+  }
+  // Without a projection R's columns are the hidden units; with one they are the projection's, and H is W_hr's.
+  const int64_t H = W_hr.present() ? W_hr.shape[1] : R.present() && R.rank == 2 ? R.shape[1] : 0;
+  const int64_t O = W_hr.present() ? W_hr.shape[0] : H;
+  const char* R_dims = W_hr.present() ? "*hidden_size, proj_size)" : "*hidden_size, hidden_size)";
+  if (!R.present()) throw ArgumentError(std::string("R: expected an array of shape (G") + R_dims + ", got none");
+  if (R.rank != 2 || H <= 0 || R.shape[1] != O || R.shape[0] != G * H) {
+    throw ArgumentError("R: expected shape " +
+                        (H > 0 ? dims_string({G * H, O}) + " = (" : std::string("(")) + std::to_string(G) + R_dims +
+                        " for a " + cell_name(options.cell) + " (" + std::to_string(G) + " gate blocks), got " +
+                        shape_string(R));
   }
   WindowSizes s;
   s.steps = x.shape[0];
   s.batch = x.shape[1];
   s.input_size = x.shape[2];
-  s.hidden_size = R.shape[1];
+  s.hidden_size = H;
+  s.output_size = O;
   if (!W.present()) throw ArgumentError("W: expected an array of shape (G*hidden_size, input_size), got none");
   if (W.rank != 2 || W.shape[0] != G * s.hidden_size || W.shape[1] != s.input_size) {
     throw ArgumentError("W: expected shape " + dims_string({G * s.hidden_size, s.input_size}) + " = (" +
@@ -316,6 +333,7 @@ namespace {
 struct Checked {
   WindowSizes sizes;
   int64_t T, B, I, H, GH;
+  int64_t O;  // the units of h and y: P with a projection, else H
   bool packed;
   int64_t tokens;  // the rows of the per-step arrays: T * B, or sum(lengths) when packed
 
@@ -326,12 +344,15 @@ struct Checked {
   std::string meaning(const char* width) const {
     return packed ? std::string("[tokens, ") + width + "] (packed)" : std::string("[T, B, ") + width + "]";
   }
+  // The units of h: "hidden_size", or "proj_size" with a projection.
+  const char* state_units() const { return O != H ? "proj_size" : "hidden_size"; }
+  std::string state_meaning(const char* prefix) const { return std::string(prefix) + state_units() + "]"; }
 };
 
 // Packed arrays (ForwardArgs::packed): the lengths, read on the host, must be non-increasing and add up to
 // x's rows; T is the first.
 WindowSizes packed_window_sizes(const CellOptions& options, const TensorView& x, const TensorView& W,
-                                const TensorView& R, const TensorView& lengths) {
+                                const TensorView& R, const TensorView& W_hr, const TensorView& lengths) {
   if (!lengths.present()) throw ArgumentError("lengths: packed arrays need the lengths of their rows, got none");
   if (!x.present() || x.rank != 2) {
     throw ArgumentError("x: expected a packed 2-D array (tokens, input_size), got " +
@@ -350,7 +371,7 @@ WindowSizes packed_window_sizes(const CellOptions& options, const TensorView& x,
   as_window.rank = 3;
   as_window.shape[2] = x.shape[1];
   as_window.shape[1] = 1;
-  WindowSizes s = window_sizes(options, as_window, W, R);
+  WindowSizes s = window_sizes(options, as_window, W, R, W_hr);
   const std::vector<int64_t> values = detail::host_lengths(lengths);
   int64_t tokens = 0;
   for (size_t b = 0; b < values.size(); ++b) {
@@ -371,11 +392,12 @@ WindowSizes packed_window_sizes(const CellOptions& options, const TensorView& x,
 }
 
 Checked check_window(const CellOptions& options, const TensorView& x, const TensorView& W, const TensorView& R,
-                     const TensorView& lengths, bool packed) {
-  const WindowSizes s = packed ? packed_window_sizes(options, x, W, R, lengths) : window_sizes(options, x, W, R);
+                     const TensorView& W_hr, const TensorView& lengths, bool packed) {
+  const WindowSizes s =
+      packed ? packed_window_sizes(options, x, W, R, W_hr, lengths) : window_sizes(options, x, W, R, W_hr);
   check_device_supported(x, options);
   check_dtype_supported(x);
-  return {s,      s.steps, s.batch, s.input_size, s.hidden_size, gate_count(options) * s.hidden_size,
+  return {s,      s.steps, s.batch, s.input_size, s.hidden_size, gate_count(options) * s.hidden_size, s.output_size,
           packed, packed ? x.shape[0] : s.steps * s.batch};
 }
 
@@ -388,15 +410,17 @@ void check_peephole(const CellOptions& options, const ViewChecker& check, const 
   }
 }
 
-// x, W, R and the initial states, which forward and backward both read.
+// x, W, R, W_hr and the initial states, which forward and backward both read.
 Checked check_window_inputs(const CellOptions& options, const TensorView& x, const TensorView& W, const TensorView& R,
-                            const TensorView& h0, const TensorView& c0, const TensorView& lengths, bool packed) {
-  const Checked c = check_window(options, x, W, R, lengths, packed);
+                            const TensorView& W_hr, const TensorView& h0, const TensorView& c0,
+                            const TensorView& lengths, bool packed) {
+  const Checked c = check_window(options, x, W, R, W_hr, lengths, packed);
   const ViewChecker check(x);
   check("x", x, c.per_step(c.I), c.meaning("input_size").c_str());
   check("W", W, {c.GH, c.I}, "[G*hidden_size, input_size]");
-  check("R", R, {c.GH, c.H}, "[G*hidden_size, hidden_size]");
-  check("h0", h0, {c.B, c.H}, "[B, hidden_size]", true);
+  check("R", R, {c.GH, c.O}, c.state_meaning("[G*hidden_size, ").c_str());
+  check("W_hr", W_hr, {c.O, c.H}, "[proj_size, hidden_size]", true);
+  check("h0", h0, {c.B, c.O}, c.state_meaning("[B, ").c_str(), true);
   check_no_cell_state_unless_lstm(options, "c0", c0);
   check.cell_state("c0", c0, {c.B, c.H}, "[B, hidden_size]", true);
   return c;
@@ -428,8 +452,8 @@ void check_lengths(const Checked& c, const TensorView& x, const TensorView& leng
 }
 
 Checked check_forward_inputs_impl(const CellOptions& options, const ForwardArgs& args) {
-  const Checked c =
-      check_window_inputs(options, args.x, args.W, args.R, args.h0, args.c0, args.lengths, args.packed);
+  const Checked c = check_window_inputs(options, args.x, args.W, args.R, args.W_hr, args.h0, args.c0, args.lengths,
+                                        args.packed);
   check_lengths(c, args.x, args.lengths);
   const ViewChecker check(args.x);
   check("bW", args.bW, {c.GH}, "[G*hidden_size]", true);
@@ -439,17 +463,17 @@ Checked check_forward_inputs_impl(const CellOptions& options, const ForwardArgs&
 }
 
 Checked check_backward_inputs_impl(const CellOptions& options, const BackwardArgs& args) {
-  const Checked c =
-      check_window_inputs(options, args.x, args.W, args.R, args.h0, args.c0, args.lengths, args.packed);
+  const Checked c = check_window_inputs(options, args.x, args.W, args.R, args.W_hr, args.h0, args.c0, args.lengths,
+                                        args.packed);
   check_lengths(c, args.x, args.lengths);
   const ViewChecker check(args.x);
-  check("y", args.y, c.per_step(c.H), c.meaning("hidden_size").c_str());
+  check("y", args.y, c.per_step(c.O), c.meaning(c.state_units()).c_str());
   if (cache_width(options) > 0) {
     check("cache", args.cache, c.per_step(cache_width(options) * c.H),
           (c.meaning("cache_width*hidden_size") + " from forward").c_str());
   }
-  check("dy", args.dy, c.per_step(c.H), c.meaning("hidden_size").c_str());
-  check("dh_T", args.dh_T, {c.B, c.H}, "[B, hidden_size]", true);
+  check("dy", args.dy, c.per_step(c.O), c.meaning(c.state_units()).c_str());
+  check("dh_T", args.dh_T, {c.B, c.O}, c.state_meaning("[B, ").c_str(), true);
   check_no_cell_state_unless_lstm(options, "dc_T", args.dc_T);
   check.cell_state("dc_T", args.dc_T, {c.B, c.H}, "[B, hidden_size]", true);
   check_peephole(options, check, c, args.P);
@@ -512,6 +536,7 @@ BackwardArgs backward_args_for(const ForwardArgs& f) {
   b.h0 = f.h0;
   b.c0 = f.c0;
   b.P = f.P;
+  b.W_hr = f.W_hr;
   b.y = f.y;
   b.cache = f.cache;
   b.lengths = f.lengths;
@@ -526,8 +551,8 @@ void check_backward_inputs(const CellOptions& options, const BackwardArgs& args)
 void forward(const CellOptions& options, const ForwardArgs& args, void* stream) {
   const Checked c = check_forward_inputs_impl(options, args);
   const ViewChecker check(args.x);
-  check("y", args.y, c.per_step(c.H), c.meaning("hidden_size").c_str());
-  check("h_T", args.h_T, {c.B, c.H}, "[B, hidden_size]", true);
+  check("y", args.y, c.per_step(c.O), c.meaning(c.state_units()).c_str());
+  check("h_T", args.h_T, {c.B, c.O}, c.state_meaning("[B, ").c_str(), true);
   check_no_cell_state_unless_lstm(options, "c_T", args.c_T);
   check.cell_state("c_T", args.c_T, {c.B, c.H}, "[B, hidden_size]", true);
   if (cache_width(options) > 0) {
@@ -536,7 +561,8 @@ void forward(const CellOptions& options, const ForwardArgs& args, void* stream) 
   }
   check_no_aliasing({{"y", &args.y}, {"h_T", &args.h_T}, {"c_T", &args.c_T}, {"cache", &args.cache}},
                     {{"x", &args.x}, {"W", &args.W}, {"R", &args.R}, {"bW", &args.bW}, {"bR", &args.bR},
-                     {"h0", &args.h0}, {"c0", &args.c0}, {"P", &args.P}, {"lengths", &args.lengths}});
+                     {"h0", &args.h0}, {"c0", &args.c0}, {"P", &args.P}, {"W_hr", &args.W_hr},
+                     {"lengths", &args.lengths}});
   const std::string operation = std::string("conveyor::") + cell_name(options.cell) + "_forward";
   const detail::NvtxRange range(operation.c_str());
   if (args.x.device.kind == DeviceKind::cuda) {
@@ -572,21 +598,25 @@ void backward(const CellOptions& options, const BackwardArgs& args, void* stream
   const Checked c = check_backward_inputs_impl(options, args);
   const ViewChecker check(args.x);
   check("dx", args.dx, c.per_step(c.I), c.meaning("input_size").c_str(), true);
-  check("dh0", args.dh0, {c.B, c.H}, "[B, hidden_size]", true);
+  check("dh0", args.dh0, {c.B, c.O}, c.state_meaning("[B, ").c_str(), true);
   check_no_cell_state_unless_lstm(options, "dc0", args.dc0);
   check.cell_state("dc0", args.dc0, {c.B, c.H}, "[B, hidden_size]", true);
   check("dW", args.dW, {c.GH, c.I}, "[G*hidden_size, input_size]", true);
-  check("dR", args.dR, {c.GH, c.H}, "[G*hidden_size, hidden_size]", true);
+  check("dR", args.dR, {c.GH, c.O}, c.state_meaning("[G*hidden_size, ").c_str(), true);
   check("dbW", args.dbW, {c.GH}, "[G*hidden_size]", true);
   check("dbR", args.dbR, {c.GH}, "[G*hidden_size]", true);
   if (args.dP.present() && !options.peephole) {
     throw ArgumentError("dP: a peephole gradient was asked for, but the cell has no peephole");
   }
   check("dP", args.dP, {3, c.H}, "[3, hidden_size]", true);
+  if (args.dW_hr.present() && !args.W_hr.present()) {
+    throw ArgumentError("dW_hr: a projection gradient was asked for, but the window has no projection (W_hr)");
+  }
+  check("dW_hr", args.dW_hr, {c.O, c.H}, "[proj_size, hidden_size]", true);
   check_no_aliasing({{"dx", &args.dx}, {"dh0", &args.dh0}, {"dc0", &args.dc0}, {"dW", &args.dW}, {"dR", &args.dR},
-                     {"dbW", &args.dbW}, {"dbR", &args.dbR}, {"dP", &args.dP}},
+                     {"dbW", &args.dbW}, {"dbR", &args.dbR}, {"dP", &args.dP}, {"dW_hr", &args.dW_hr}},
                     {{"x", &args.x}, {"W", &args.W}, {"R", &args.R}, {"h0", &args.h0}, {"c0", &args.c0},
-                     {"P", &args.P}, {"y", &args.y}, {"cache", &args.cache}, {"dy", &args.dy},
+                     {"P", &args.P}, {"W_hr", &args.W_hr}, {"y", &args.y}, {"cache", &args.cache}, {"dy", &args.dy},
                      {"dh_T", &args.dh_T}, {"dc_T", &args.dc_T}, {"lengths", &args.lengths}});
   const std::string operation = std::string("conveyor::") + cell_name(options.cell) + "_backward";
   const detail::NvtxRange range(operation.c_str());

@@ -396,12 +396,14 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   const Window w = make_window(options, sizes);
   const PackedBatch rows = window_rows(sizes, args.lengths, args.packed);
   const int64_t B = w.batch, H = w.hidden_size, GH = w.gh(), N = rows.tokens();
+  const int64_t O = sizes.output_size;  // the units of h and y: P with a projection, else H
   const int64_t cw = cache_width(options) * H;
   const T* W = static_cast<const T*>(args.W.data);
   const T* R = static_cast<const T*>(args.R.data);
   const T* bW = data_or_null<T>(args.bW);
+  const T* W_hr = data_or_null<T>(args.W_hr);
   const PackedInput<T> x(rows, w.input_size, static_cast<const T*>(args.x.data));
-  Scratch<T> y_packed(rows.in_place ? 0 : N * H);
+  Scratch<T> y_packed(rows.in_place ? 0 : N * O);
   T* y = rows.in_place ? static_cast<T*>(args.y.data) : y_packed.data();
   // Absent biases and cache become zeros and a one-step scratch cache, so that the per-element loops have
   // no branches.
@@ -421,14 +423,14 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
     });
   }
 
-  const std::vector<T> h0 = packed_state<T>(rows, H, args.h0);
+  const std::vector<T> h0 = packed_state<T>(rows, O, args.h0);
   const cells::LstmOptions<T> lstm = lstm_options<T>(options);
   std::vector<T> no_peephole(args.P.present() ? 0 : static_cast<size_t>(3 * H), T(0));
   const T* peephole = args.P.present() ? static_cast<const T*>(args.P.data) : no_peephole.data();
   // Recurrent dropout: the product reads h_product = m_t * h_{t-1} instead of h_{t-1}.
-  const std::vector<T> masks = recurrent_masks<T>(options, rows, H);
+  const std::vector<T> masks = recurrent_masks<T>(options, rows, O);
   const bool dropout = !masks.empty();
-  std::vector<T> h_masked(dropout ? static_cast<size_t>(B * H) : 0);
+  std::vector<T> h_masked(dropout ? static_cast<size_t>(B * O) : 0);
   Scratch<T> ar(B * GH);  // the recurrent pre-activations of one step
   std::vector<T> cell_state;                        // LSTM: c_{t-1}, then c_t, in place
   std::vector<T> reset_hidden;                      // GRU reset_before: r * h_{t-1}
@@ -438,18 +440,22 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   // The recurrent weights, packed once for the T per-step products h_{t-1} R^T (the GRU without reset_after
   // multiplies its r, z rows and its n rows separately).
   const bool split_n = options.cell == CellType::gru && !options.reset_after;
-  const PackedMatrix<T> recurrent(H, split_n ? 2 * H : GH, MatrixRef<T>::transposed(R, H));
+  const PackedMatrix<T> recurrent(O, split_n ? 2 * H : GH, MatrixRef<T>::transposed(R, O));
   const PackedMatrix<T> recurrent_n(split_n ? H : 0, H, MatrixRef<T>::transposed(R + 2 * H * H, H));
+  // A projection: the cell writes o * act(c_t) of a step's rows here, and their product with W_hr^T is h_t.
+  Scratch<T> unprojected(W_hr != nullptr ? B * H : 0);
+  const PackedMatrix<T> projection(W_hr != nullptr ? H : 0, O, MatrixRef<T>::transposed(W_hr, H));
 
   for (int64_t t = 0; t < rows.steps; ++t) {
     const int64_t Bt = rows.rows_at(t), first = rows.offsets[t];
-    const T* h_prev = t == 0 ? h0.data() : y + rows.offsets[t - 1] * H;
+    const T* h_prev = t == 0 ? h0.data() : y + rows.offsets[t - 1] * O;
     const T* h_product = h_prev;
     if (dropout) {
-      masked(Bt * H, masks.data() + (options.variational ? 0 : first) * H, h_prev, h_masked.data());
+      masked(Bt * O, masks.data() + (options.variational ? 0 : first) * O, h_prev, h_masked.data());
       h_product = h_masked.data();
     }
-    T* h = y + first * H;
+    T* h = y + first * O;
+    T* cell_output = W_hr != nullptr ? unprojected.data() : h;  // o * act(c_t), [Bt, H]
     const T* ax_t = ax.data() + first * GH;
     T* cache_t = cache != nullptr ? cache + first * cw : step_cache.data();
 
@@ -468,7 +474,7 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
       continue;
     }
 
-    gemm<T>(Bt, T(1), MatrixRef<T>::rows(h_product, H), recurrent, T(0), ar.data(), GH);
+    gemm<T>(Bt, T(1), MatrixRef<T>::rows(h_product, O), recurrent, T(0), ar.data(), GH);
     for_each_row(Bt, kElementCost * H, [&](int64_t b) {
       const T* ax_b = ax_t + b * GH;
       const T* ar_b = ar.data() + b * GH;
@@ -476,8 +482,8 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
         case CellType::lstm:
           lstm_switch(lstm, options.coupled_gates, [&](auto kCoupled, auto kPeephole, auto kClip) {
             lstm_forward_row<T, kRelu, kCoupled, kPeephole, kClip>(H, lstm, peephole, ax_b, ar_b, bR,
-                                                                   cell_state.data() + b * H, h + b * H,
-                                                                   cache_t + b * cw);
+                                                                   cell_state.data() + b * H,
+                                                                   cell_output + b * H, cache_t + b * cw);
           });
           break;
         case CellType::gru:  // reset_after
@@ -488,13 +494,14 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
           break;
       }
     });
+    if (W_hr != nullptr) gemm<T>(Bt, T(1), MatrixRef<T>::rows(cell_output, H), projection, T(0), h, O);
   }
 
   // A row's final state is its output at its last step; the cell state stopped where the row did.
-  if (!rows.in_place) unpack_rows(rows, w.steps, H, y, static_cast<T*>(args.y.data));
+  if (!rows.in_place) unpack_rows(rows, w.steps, O, y, static_cast<T*>(args.y.data));
   if (args.h_T.present()) {
     T* h_T = static_cast<T*>(args.h_T.data);
-    for (int64_t k = 0; k < B; ++k) std::memcpy(h_T + rows.order[k] * H, y + rows.last_row(k) * H, sizeof(T) * H);
+    for (int64_t k = 0; k < B; ++k) std::memcpy(h_T + rows.order[k] * O, y + rows.last_row(k) * O, sizeof(T) * O);
   }
   if (args.c_T.present()) rows_from_packed(rows, H, cell_state.data(), static_cast<T*>(args.c_T.data));
 }
@@ -504,17 +511,19 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   const Window w = make_window(options, sizes);
   const PackedBatch rows = window_rows(sizes, args.lengths, args.packed);
   const int64_t B = w.batch, H = w.hidden_size, I = w.input_size, GH = w.gh(), N = rows.tokens();
+  const int64_t O = sizes.output_size;  // the units of h and y: P with a projection, else H
   const int64_t cw = cache_width(options) * H;
   const T* W = static_cast<const T*>(args.W.data);
   const T* R = static_cast<const T*>(args.R.data);
+  const T* W_hr = data_or_null<T>(args.W_hr);
   const PackedInput<T> x(rows, I, static_cast<const T*>(args.x.data));
-  const PackedInput<T> y(rows, H, static_cast<const T*>(args.y.data));
-  const PackedInput<T> dy(rows, H, static_cast<const T*>(args.dy.data));
+  const PackedInput<T> y(rows, O, static_cast<const T*>(args.y.data));
+  const PackedInput<T> dy(rows, O, static_cast<const T*>(args.dy.data));
   const T* cache = data_or_null<T>(args.cache);
   const bool reset_after_gru = options.cell == CellType::gru && options.reset_after;
   const bool reset_before_gru = options.cell == CellType::gru && !options.reset_after;
 
-  const std::vector<T> h0 = packed_state<T>(rows, H, args.h0);
+  const std::vector<T> h0 = packed_state<T>(rows, O, args.h0);
   const std::vector<T> c0 = packed_state<T>(rows, options.cell == CellType::lstm ? H : 0, args.c0);
   const cells::LstmOptions<T> lstm = lstm_options<T>(options);
   std::vector<T> no_peephole(args.P.present() ? 0 : static_cast<size_t>(3 * H), T(0));
@@ -526,60 +535,77 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   std::vector<T> dar_n(reset_after_gru ? static_cast<size_t>(N * H) : 0);
   // The gradient reaching h_t (and c_t) from later steps, carried backwards. A row that stops before the
   // window's end keeps dh_T (dc_T) here untouched until its own last step.
-  std::vector<T> dh = packed_state<T>(rows, H, args.dh_T);
+  std::vector<T> dh = packed_state<T>(rows, O, args.dh_T);
   std::vector<T> dc = packed_state<T>(rows, options.cell == CellType::lstm ? H : 0, args.dc_T);
   std::vector<T> d_reset_hidden(reset_before_gru ? static_cast<size_t>(B * H) : 0);
 
   // Recurrent dropout: step t's product read h_products[t] = m_t * h_{t-1}, so the gradient it sends back to
   // h_{t-1} is m_t * (da_t R), and dR pairs da_t with h_products[t]. With lengths, dR needs every step's
   // h_{t-1} in one array too (step t's rows of y_{t-1} are not step t-1's whole block).
-  const std::vector<T> masks = recurrent_masks<T>(options, rows, H);
+  const std::vector<T> masks = recurrent_masks<T>(options, rows, O);
   const bool dropout = !masks.empty();
-  const std::vector<T> ones(dropout ? 0 : static_cast<size_t>(B * H), T(1));
+  const std::vector<T> ones(dropout ? 0 : static_cast<size_t>(B * O), T(1));
   auto mask_of = [&](int64_t t) {
-    return dropout ? masks.data() + (options.variational ? 0 : rows.offsets[t]) * H : ones.data();
+    return dropout ? masks.data() + (options.variational ? 0 : rows.offsets[t]) * O : ones.data();
   };
-  auto h_prev_of = [&](int64_t t) { return t == 0 ? h0.data() : y.get() + rows.offsets[t - 1] * H; };
+  auto h_prev_of = [&](int64_t t) { return t == 0 ? h0.data() : y.get() + rows.offsets[t - 1] * O; };
   const bool gather_products = dropout || !rows.dense;
-  Scratch<T> h_products(gather_products ? N * H : 0);
+  Scratch<T> h_products(gather_products ? N * O : 0);
   for (int64_t t = 0; gather_products && t < rows.steps; ++t) {
-    masked(rows.rows_at(t) * H, mask_of(t), h_prev_of(t), h_products.data() + rows.offsets[t] * H);
+    masked(rows.rows_at(t) * O, mask_of(t), h_prev_of(t), h_products.data() + rows.offsets[t] * O);
   }
   // dh (=, or += when `add`) m_t * product, the product of one step's gradients with R, over its Bt rows.
-  Scratch<T> product(B * H);
+  Scratch<T> product(B * O);
   auto fold_product = [&](int64_t t, int64_t Bt, bool add) {
     const T* m = mask_of(t);
-    for_each_row(Bt, 2.0 * H, [&](int64_t b) {
-      for (int64_t j = b * H; j < (b + 1) * H; ++j) dh[j] = add ? dh[j] + m[j] * product[j] : m[j] * product[j];
+    for_each_row(Bt, 2.0 * O, [&](int64_t b) {
+      for (int64_t j = b * O; j < (b + 1) * O; ++j) dh[j] = add ? dh[j] + m[j] * product[j] : m[j] * product[j];
     });
   };
 
   // R packed once for the T per-step products dh_{t-1} = da R (the GRU's r, z rows apart from its n rows).
   const bool gru = options.cell == CellType::gru;
-  const PackedMatrix<T> recurrent(gru ? 2 * H : GH, H, MatrixRef<T>::rows(R, H));
+  const PackedMatrix<T> recurrent(gru ? 2 * H : GH, O, MatrixRef<T>::rows(R, O));
   const PackedMatrix<T> recurrent_n(gru ? H : 0, H, MatrixRef<T>::rows(R + 2 * H * H, H));
+  // A projection (h_t = W_hr m_t, m_t = o * act(c_t)): every step's gradient reaching h_t, dy_t + dh, kept for
+  // dW_hr, and the gradient it sends to m_t, (dy_t + dh) W_hr, which the cell's backward takes as its dh with
+  // no further dy.
+  Scratch<T> dh_total(W_hr != nullptr ? N * O : 0);
+  Scratch<T> d_unprojected(W_hr != nullptr ? B * H : 0);
+  const std::vector<T> no_dy(W_hr != nullptr ? static_cast<size_t>(B * H) : 0, T(0));
+  const PackedMatrix<T> projection(W_hr != nullptr ? O : 0, H, MatrixRef<T>::rows(W_hr, H));
 
   for (int64_t t = rows.steps - 1; t >= 0; --t) {
     const int64_t Bt = rows.rows_at(t), first = rows.offsets[t];
     const T* h_prev = h_prev_of(t);
-    const T* h_product = dropout ? h_products.data() + first * H : h_prev;
-    const T* dy_t = dy.get() + first * H;
+    const T* h_product = dropout ? h_products.data() + first * O : h_prev;
+    const T* dy_t = dy.get() + first * O;
     const T* cache_t = cache + first * cw;
     T* dax_t = dax.data() + first * GH;
 
     switch (options.cell) {
-      case CellType::lstm:
+      case CellType::lstm: {
+        const T* d_output = dy_t;  // the cell's two gradients reaching o * act(c_t): these and dh
+        const T* d_later = dh.data();
+        if (W_hr != nullptr) {
+          T* total = dh_total.data() + first * O;
+          for (int64_t j = 0; j < Bt * O; ++j) total[j] = dy_t[j] + dh[j];
+          gemm<T>(Bt, T(1), MatrixRef<T>::rows(total, O), projection, T(0), d_unprojected.data(), H);
+          d_output = d_unprojected.data();
+          d_later = no_dy.data();
+        }
         for_each_row(Bt, kElementCost * H, [&](int64_t b) {
           const T* c_prev = t == 0 ? c0.data() + b * H : cache + (rows.offsets[t - 1] + b) * cw + 4 * H;
           lstm_switch(lstm, options.coupled_gates, [&](auto kCoupled, auto kPeephole, auto kClip) {
             lstm_backward_row<T, kRelu, kCoupled, kPeephole, kClip>(H, lstm, peephole, cache_t + b * cw, c_prev,
-                                                                    dy_t + b * H, dh.data() + b * H,
+                                                                    d_output + b * H, d_later + b * H,
                                                                     dc.data() + b * H, dax_t + b * GH);
           });
         });
-        gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
+        gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), O);
         fold_product(t, Bt, false);
         break;
+      }
       case CellType::rnn:
         for_each_row(Bt, kElementCost * H, [&](int64_t b) {
           rnn_backward_row<T, kRelu>(H, y.get() + (first + b) * H, dy_t + b * H, dh.data() + b * H, dax_t + b * H);
@@ -615,7 +641,7 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
     }
   }
 
-  if (args.dh0.present()) rows_from_packed(rows, H, dh.data(), static_cast<T*>(args.dh0.data));
+  if (args.dh0.present()) rows_from_packed(rows, O, dh.data(), static_cast<T*>(args.dh0.data));
   if (args.dc0.present()) rows_from_packed(rows, H, dc.data(), static_cast<T*>(args.dc0.data));
 
   const T beta = args.accumulate ? T(1) : T(0);
@@ -635,20 +661,33 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
                    static_cast<T*>(args.dP.data));
   }
 
+  if (args.dW_hr.present()) {
+    // dW_hr = sum over steps of (dy_t + dh)^T m_t, with m_t = o * act(c_t) recomputed from the cache.
+    Scratch<T> unprojected(N * H);
+    for_each_row(N, kElementCost * H, [&](int64_t r) {
+      const T* saved = cache + r * cw;
+      for (int64_t j = 0; j < H; ++j) {
+        unprojected[r * H + j] = cells::lstm_output(kRelu, saved[3 * H + j], saved[4 * H + j]);
+      }
+    });
+    gemm<T>(O, H, N, T(1), MatrixRef<T>::transposed(dh_total.data(), O), MatrixRef<T>::rows(unprojected.data(), H),
+            beta, static_cast<T*>(args.dW_hr.data), H);
+  }
+
   // dR[rows] = sum over steps of da^T h_{t-1}, for a block of R's rows whose pre-activation gradients are
   // `da` (leading dimension lda). Dense and without dropout, step 0 reads h0 and later steps read y: two
   // products; otherwise one over h_products.
   auto recurrent_weight_grad = [&](int64_t row0, int64_t count, const T* da, int64_t lda) {
-    T* out = static_cast<T*>(args.dR.data) + row0 * H;
+    T* out = static_cast<T*>(args.dR.data) + row0 * O;
     if (gather_products) {
-      gemm<T>(count, H, N, T(1), MatrixRef<T>::transposed(da, lda), MatrixRef<T>::rows(h_products.data(), H), beta,
-              out, H);
+      gemm<T>(count, O, N, T(1), MatrixRef<T>::transposed(da, lda), MatrixRef<T>::rows(h_products.data(), O), beta,
+              out, O);
       return;
     }
-    gemm<T>(count, H, N - B, T(1), MatrixRef<T>::transposed(da + B * lda, lda), MatrixRef<T>::rows(y.get(), H), beta,
-            out, H);
+    gemm<T>(count, O, N - B, T(1), MatrixRef<T>::transposed(da + B * lda, lda), MatrixRef<T>::rows(y.get(), O), beta,
+            out, O);
     if (args.h0.present()) {
-      gemm<T>(count, H, B, T(1), MatrixRef<T>::transposed(da, lda), MatrixRef<T>::rows(h0.data(), H), T(1), out, H);
+      gemm<T>(count, O, B, T(1), MatrixRef<T>::transposed(da, lda), MatrixRef<T>::rows(h0.data(), O), T(1), out, O);
     }
   };
   if (args.dR.present()) {

@@ -47,7 +47,8 @@ _ACTIVATIONS = ("tanh", "relu")
 
 class LSTMGrads(NamedTuple):
     """Gradients of an LSTM window. ``dbW``/``dbR`` are None when forward ran without that bias, ``dP`` (the
-    peephole weights' gradient, ``[3, hidden_size]``) when it ran without peepholes."""
+    peephole weights' gradient, ``[3, hidden_size]``) when it ran without peepholes, ``dW_hr`` (the
+    projection's, ``[proj_size, hidden_size]``) when it ran without a projection."""
 
     dx: np.ndarray
     dh0: np.ndarray
@@ -57,6 +58,7 @@ class LSTMGrads(NamedTuple):
     dbW: np.ndarray | None
     dbR: np.ndarray | None
     dP: np.ndarray | None = None
+    dW_hr: np.ndarray | None = None
 
 
 class GRUGrads(NamedTuple):
@@ -86,15 +88,15 @@ class Saved:
     of gate values. Used by exactly one backward call, which releases it; the arrays it refers to must not
     be modified in between."""
 
-    __slots__ = ("cell", "options", "x", "W", "R", "has_bW", "has_bR", "h0", "c0", "P", "y", "cache",
+    __slots__ = ("cell", "options", "x", "W", "R", "has_bW", "has_bR", "h0", "c0", "P", "W_hr", "y", "cache",
                  "lengths", "packed")
 
-    def __init__(self, cell, options, x, W, R, bW, bR, h0, c0, P, y, cache, lengths=None, packed=False):
+    def __init__(self, cell, options, x, W, R, bW, bR, h0, c0, P, W_hr, y, cache, lengths=None, packed=False):
         self.cell = cell
         self.options = options
         self.x, self.W, self.R = x, W, R
         self.has_bW, self.has_bR = bW is not None, bR is not None
-        self.h0, self.c0, self.P, self.y, self.cache = h0, c0, P, y, cache
+        self.h0, self.c0, self.P, self.W_hr, self.y, self.cache = h0, c0, P, W_hr, y, cache
         self.lengths, self.packed = lengths, packed
 
     @property
@@ -204,11 +206,11 @@ def window_options(cell, *, activation="tanh", training=True, allow_tf32=False, 
     return options, training
 
 
-def _forward(cell, options, x, W, R, bW, bR, h0, c0, P, lengths, training, stream, packed=False):
+def _forward(cell, options, x, W, R, bW, bR, h0, c0, P, W_hr, lengths, training, stream, packed=False):
     """One window through the core. ``packed`` (the stacks' and the drop-in's): x and y are a
     PackedSequence's data, ``[tokens, features]``, with ``lengths`` non-increasing on the host (C++ API,
     ForwardArgs::packed)."""
-    inputs = (x, W, R, bW, bR, h0, c0, P)
+    inputs = (x, W, R, bW, bR, h0, c0, P, W_hr)
     lengths = _arrays.lengths_argument(lengths)
     if any(_arrays.is_foreign(a) for a in (*inputs, lengths)):
         inputs = tuple(None if a is None else _arrays.for_export(a) for a in inputs)
@@ -219,7 +221,7 @@ def _forward(cell, options, x, W, R, bW, bR, h0, c0, P, lengths, training, strea
     else:
         _arrays.stream_of(x, stream)  # checks the argument; NumPy work runs on the CPU
         y, h_T, c_T, cache = _conveyor.forward(cell, options, *inputs, lengths, packed, training)
-    saved = Saved(cell, options, *inputs[:8], y, cache, lengths, packed) if training else None
+    saved = Saved(cell, options, *inputs, y, cache, lengths, packed) if training else None
     return y, h_T, c_T, saved
 
 
@@ -231,7 +233,8 @@ def _backward(cell: str, saved, dy, dh_T, dc_T, stream, keep=False):
         raise ValueError(f"saved: expected the result of {cell}_forward, got that of {saved.cell}_forward")
     if saved.consumed:
         raise ValueError("saved: already used by a backward call, which released it; run forward again")
-    arrays = (saved.x, saved.W, saved.R, saved.h0, saved.c0, saved.P, saved.y, saved.cache, dy, dh_T, dc_T)
+    arrays = (saved.x, saved.W, saved.R, saved.h0, saved.c0, saved.P, saved.W_hr, saved.y, saved.cache, dy, dh_T,
+              dc_T)
     if any(_arrays.is_foreign(a) for a in (*arrays, saved.lengths)):
         arrays = tuple(None if a is None else _arrays.for_export(a) for a in arrays)
         allocate = _arrays.Allocator(saved.x)
@@ -244,12 +247,12 @@ def _backward(cell: str, saved, dy, dh_T, dc_T, stream, keep=False):
         grads = _conveyor.backward(cell, saved.options, *arrays, saved.lengths, saved.packed, saved.has_bW,
                                    saved.has_bR)
     if not keep:  # the TBPTT driver keeps a window's Saved for the later spans that reach back over it
-        saved.x = saved.W = saved.R = saved.h0 = saved.c0 = saved.P = saved.y = saved.cache = None
+        saved.x = saved.W = saved.R = saved.h0 = saved.c0 = saved.P = saved.W_hr = saved.y = saved.cache = None
         saved.lengths = None
     return grads
 
 
-def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, coupled_gates=False, forget_bias=0.0,
+def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, W_hr=None, coupled_gates=False, forget_bias=0.0,
                  cell_clip=None, activation="tanh", recurrent_dropout=0.0, variational=True, seed=0,
                  mask_stream=0, training=True, allow_tf32=False, algorithm="auto", lengths=None, stream=None,
                  _packed=False):
@@ -263,6 +266,11 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, coupled_gates=Fal
     added to f's pre-activation; ``cell_clip`` (None, or c_t clamped to [-cell_clip, cell_clip]);
     ``activation`` (``"tanh"`` or ``"relu"``). Returns ``(y, h_T, c_T, saved)``: ``y`` is
     ``[T, B, hidden_size]``, ``saved`` feeds :func:`lstm_backward` (None when ``training=False``).
+
+    ``W_hr`` ``[proj_size, hidden_size]``: a projection (LSTMP, Sak et al. 2014; PyTorch's ``proj_size`` and
+    ``weight_hr_l{k}``; None: none). ``h_t = W_hr (o * act(c_t))``: ``R`` is then
+    ``[G*hidden_size, proj_size]``, and ``h0``, ``y``, ``h_T`` and the recurrent dropout mask have proj_size
+    units, while ``c0``/``c_T`` keep hidden_size.
 
     ``lengths`` (every forward): None, or ``[B]`` integers (a sequence, or an int32/int64 array of any library
     on the CPU or x's device; a GPU's is copied to the host, which waits for the stream) with
@@ -289,7 +297,7 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, coupled_gates=Fal
         recurrent_dropout=recurrent_dropout, variational=variational, seed=seed, mask_stream=mask_stream,
         algorithm=algorithm, coupled_gates=coupled_gates, peephole=P is not None, forget_bias=forget_bias,
         cell_clip=cell_clip)
-    return _forward("lstm", options, x, W, R, bW, bR, h0, c0, P, lengths, training, stream, _packed)
+    return _forward("lstm", options, x, W, R, bW, bR, h0, c0, P, W_hr, lengths, training, stream, _packed)
 
 
 def lstm_backward(saved, dy, dh_T=None, dc_T=None, *, stream=None, _keep=False) -> LSTMGrads:
@@ -310,14 +318,14 @@ def gru_forward(x, W, R, bW, bR, h0=None, *, reset_after=True, activation="tanh"
         "gru", activation=activation, training=training, allow_tf32=allow_tf32,
         recurrent_dropout=recurrent_dropout, variational=variational, seed=seed, mask_stream=mask_stream,
         algorithm=algorithm, reset_after=reset_after)
-    y, h_T, _, saved = _forward("gru", options, x, W, R, bW, bR, h0, None, None, lengths, training, stream,
-                                _packed)
+    y, h_T, _, saved = _forward("gru", options, x, W, R, bW, bR, h0, None, None, None, lengths, training,
+                                stream, _packed)
     return y, h_T, saved
 
 
 def gru_backward(saved, dy, dh_T=None, *, stream=None, _keep=False) -> GRUGrads:
     """Exact gradients of the window from :func:`gru_forward`'s ``saved``."""
-    dx, dh0, _, dW, dR, dbW, dbR, _ = _backward("gru", saved, dy, dh_T, None, stream, _keep)
+    dx, dh0, _, dW, dR, dbW, dbR, _, _ = _backward("gru", saved, dy, dh_T, None, stream, _keep)
     return GRUGrads(dx, dh0, dW, dR, dbW, dbR)
 
 
@@ -330,14 +338,14 @@ def rnn_forward(x, W, R, bW, bR, h0=None, *, activation="tanh", recurrent_dropou
         "rnn", activation=activation, training=training, allow_tf32=allow_tf32,
         recurrent_dropout=recurrent_dropout, variational=variational, seed=seed, mask_stream=mask_stream,
         algorithm=algorithm)
-    y, h_T, _, saved = _forward("rnn", options, x, W, R, bW, bR, h0, None, None, lengths, training, stream,
-                                _packed)
+    y, h_T, _, saved = _forward("rnn", options, x, W, R, bW, bR, h0, None, None, None, lengths, training,
+                                stream, _packed)
     return y, h_T, saved
 
 
 def rnn_backward(saved, dy, dh_T=None, *, stream=None, _keep=False) -> RNNGrads:
     """Exact gradients of the window from :func:`rnn_forward`'s ``saved``."""
-    dx, dh0, _, dW, dR, dbW, dbR, _ = _backward("rnn", saved, dy, dh_T, None, stream, _keep)
+    dx, dh0, _, dW, dR, dbW, dbR, _, _ = _backward("rnn", saved, dy, dh_T, None, stream, _keep)
     return RNNGrads(dx, dh0, dW, dR, dbW, dbR)
 
 

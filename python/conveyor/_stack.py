@@ -116,19 +116,23 @@ class StackSaved:
     direction, and the output dropout masks."""
 
     __slots__ = ("cell", "num_layers", "directions", "hidden_size", "saved", "masks", "x", "reversal",
-                 "batch")
+                 "batch", "cell_size")
 
-    def __init__(self, cell, num_layers, directions, hidden_size, saved, masks, x, reversal=None, batch=None):
+    def __init__(self, cell, num_layers, directions, hidden_size, saved, masks, x, reversal=None, batch=None,
+                 cell_size=None):
         self.cell, self.num_layers, self.directions = cell, num_layers, directions
         self.hidden_size, self.saved, self.masks, self.x = hidden_size, saved, masks, x
         self.reversal = reversal
         self.batch = batch  # packed windows: B (x is [tokens, input_size]); else None
+        # The LSTM's cell-state units: hidden_size, but with a projection the h states have proj_size units
+        # (hidden_size above) and c keeps these.
+        self.cell_size = hidden_size if cell_size is None else cell_size
 
 
 class StackGrads(NamedTuple):
     """Gradients of a stack: ``dx`` ``[T, B, input_size]``, ``dh0`` (and ``dc0`` for the LSTM, else None)
     ``[L*D, B, H]``, and ``weights``: one gradient tuple per layer and direction (layer-major), each with
-    ``dW, dR, dbW, dbR`` (and ``dP`` for the LSTM)."""
+    ``dW, dR, dbW, dbR`` (and ``dP``, ``dW_hr`` for the LSTM)."""
 
     dx: object
     dh0: object
@@ -186,14 +190,24 @@ def _host_lengths(lengths):
     return _arrays.lengths_argument(np.asarray(lengths))
 
 
+def _state_sizes(cell, weights) -> tuple[int, int]:
+    """The units of the h states (R's columns: proj_size with a projection) and of the LSTM's c states (W_hr's
+    columns with a projection, else the same)."""
+    hidden = weights[0][1].shape[-1]
+    W_hr = weights[0][5] if cell == "lstm" and len(weights[0]) > 5 else None
+    return hidden, hidden if W_hr is None else W_hr.shape[-1]
+
+
 def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirectional=False, dropout=0.0,
                   variational=False, recurrent_dropout=0.0, seed=0, training=True, lengths=None,
                   _packed=False, **options):
     """Runs ``num_layers`` layers of ``cell`` (``"lstm"``, ``"gru"`` or ``"rnn"``) over the window ``x``.
 
-    ``weights``: a sequence of L*D tuples ``(W, R, bW, bR)`` (LSTM: ``(W, R, bW, bR, P)``, P None without
-    peepholes), layer-major then direction. ``h0``/``c0``: ``[L*D, B, H]`` or None (c0, and the returned
-    c_n, of the cell state's dtype: float32 beside float16 or bfloat16 x). ``dropout``: inverted
+    ``weights``: a sequence of L*D tuples ``(W, R, bW, bR)`` (LSTM: ``(W, R, bW, bR, P)`` or
+    ``(W, R, bW, bR, P, W_hr)``, P None without peepholes, W_hr None without a projection), layer-major then
+    direction. ``h0``/``c0``: ``[L*D, B, H]`` or None (c0, and the returned c_n, of the cell state's dtype:
+    float32 beside float16 or bfloat16 x; with a projection h0, h_n and y have proj_size units where H is
+    written, c0 and c_n hidden_size). ``dropout``: inverted
     dropout on each layer's output but the last; ``variational``: its masks (and those of
     ``recurrent_dropout``) shared by every step; both apply in training only. ``options``: the cell's own
     options (activation, reset_after, coupled_gates, forget_bias, cell_clip, allow_tf32, stream).
@@ -219,7 +233,7 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
     if cell != "lstm" and c0 is not None:
         raise ValueError(f"c0: only an LSTM has a cell state, but the cell is {cell}")
     ops = _Ops(x)
-    hidden = weights[0][1].shape[-1]
+    hidden, cell_size = _state_sizes(cell, weights)
     if not hasattr(x, "shape") or len(x.shape) != (2 if _packed else 3):
         # The first window's checks name x exactly; the states' shapes need B first.
         getattr(_functional, f"{cell}_forward")(x, *weights[0][:4], training=False, lengths=lengths,
@@ -230,10 +244,11 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
         steps, batch = int(lengths[0]), len(lengths)  # the core has checked them in the first window
     else:
         steps, batch = x.shape[0], x.shape[1]
-    states_shape = (num_layers * directions, batch, hidden)
-    for name, state in (("h0", h0), ("c0", c0)):
-        _check_array(name, state, states_shape, "(num_layers * directions, B, hidden_size)", x,
-                     cell_state=name == "c0")
+    h_meaning = "(num_layers * directions, B, proj_size)" if cell_size != hidden else \
+        "(num_layers * directions, B, hidden_size)"
+    _check_array("h0", h0, (num_layers * directions, batch, hidden), h_meaning, x)
+    _check_array("c0", c0, (num_layers * directions, batch, cell_size),
+                 "(num_layers * directions, B, hidden_size)", x, cell_state=True)
 
     forward = getattr(_functional, f"{cell}_forward")
     reversal, positions = None, None
@@ -253,7 +268,9 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
         for direction in range(directions):
             k = layer * directions + direction
             W, R, bW, bR, *rest = weights[k]
-            extra = {"P": rest[0]} if cell == "lstm" and rest else {}
+            extra = {}
+            if cell == "lstm":
+                extra = {"P": rest[0] if rest else None, "W_hr": rest[1] if len(rest) > 1 else None}
             inp = layer_input if direction == 0 else ops.flip_time(layer_input, reversal)
             states = (None if h0 is None else h0[k],)
             if cell == "lstm":
@@ -284,7 +301,7 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
     state = None
     if training:
         state = StackSaved(cell, num_layers, directions, hidden, saved, masks, x, reversal,
-                           batch if _packed else None)
+                           batch if _packed else None, cell_size)
     return layer_input, ops.stack(h_n), ops.stack(c_n) if cell == "lstm" else None, state
 
 
@@ -307,9 +324,10 @@ def stack_backward(saved, dy, dh_n=None, dc_n=None, *, stream=None, _keep=False)
     _check_array("dy", dy, dy_shape, meaning, saved.x)
     if dy is None:
         raise TypeError(f"dy: expected an array of shape {meaning}, got NoneType")
-    for name, final in (("dh_n", dh_n), ("dc_n", dc_n)):
-        _check_array(name, final, (L * D, B, H), "(num_layers * directions, B, hidden_size)", saved.x,
-                     cell_state=name == "dc_n")
+    _check_array("dh_n", dh_n, (L * D, B, H), "(num_layers * directions, B, hidden_size)"
+                 if saved.cell_size == H else "(num_layers * directions, B, proj_size)", saved.x)
+    _check_array("dc_n", dc_n, (L * D, B, saved.cell_size), "(num_layers * directions, B, hidden_size)",
+                 saved.x, cell_state=True)
     if cell != "lstm" and dc_n is not None:
         raise ValueError(f"dc_n: only an LSTM has a cell state, but the cell is {cell}")
     backward = getattr(_functional, f"{cell}_backward")
@@ -364,7 +382,7 @@ def saved_from_arrays(cell, x, weights, h0, c0, y, arrays, *, num_layers=1, bidi
     outputs and mask (as the forward formed it), nothing else."""
     ops = _Ops(x)
     directions = 2 if bidirectional else 1
-    hidden = weights[0][1].shape[-1]
+    hidden, cell_size = _state_sizes(cell, weights)
     reversal = batch = None
     if lengths is not None:
         lengths = _host_lengths(lengths)
@@ -379,6 +397,7 @@ def saved_from_arrays(cell, x, weights, h0, c0, y, arrays, *, num_layers=1, bidi
             k = layer * directions + direction
             W, R, bW, bR, *rest = weights[k]
             P = rest[0] if cell == "lstm" and rest else None
+            W_hr = rest[1] if cell == "lstm" and len(rest) > 1 else None
             window_y, cache = arrays[2 * k], arrays[2 * k + 1]
             window_y = y if window_y is None else window_y
             window_options, _ = _functional.window_options(
@@ -388,10 +407,10 @@ def saved_from_arrays(cell, x, weights, h0, c0, y, arrays, *, num_layers=1, bidi
             inp = layer_input if direction == 0 else ops.flip_time(layer_input, reversal)
             saved.append(_functional.Saved(cell, window_options, inp, W, R, bW, bR,
                                            None if h0 is None else h0[k], None if c0 is None else c0[k], P,
-                                           window_y, cache, lengths, _packed))
+                                           W_hr, window_y, cache, lengths, _packed))
             outputs.append(window_y if direction == 0 else ops.flip_time(window_y, reversal))
         layer_input = ops.concat(outputs)
         if masks[layer] is not None:
             layer_input = layer_input * masks[layer]
     return StackSaved(cell, num_layers, directions, hidden, saved, masks, x, reversal,
-                      batch if _packed else None)
+                      batch if _packed else None, cell_size)

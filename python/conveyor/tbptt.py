@@ -183,7 +183,7 @@ class TBPTT:
                     if getattr(w, name) is not None:
                         arrays[f"{i}.{k}.{name}"] = getattr(w, name)
                 windows.append({"options": w.options, "has_bW": w.has_bW, "has_bR": w.has_bR,
-                                "peephole": w.P is not None})
+                                "peephole": w.P is not None, "projection": w.W_hr is not None})
             for m, mask in enumerate(saved.masks):
                 if mask is not None:
                     arrays[f"{i}.mask.{m}"] = mask
@@ -200,9 +200,10 @@ class TBPTT:
             for k, w in enumerate(entry["windows"]):
                 W, R, bW, bR, *rest = weights[k]
                 P = rest[0] if rest and w["peephole"] else None
+                W_hr = rest[1] if len(rest) > 1 and w.get("projection") else None
                 windows.append(Saved(layer._cell, w["options"], arrays[f"{i}.{k}.x"], W, R,
                                      bW if w["has_bW"] else None, bR if w["has_bR"] else None,
-                                     arrays.get(f"{i}.{k}.h0"), arrays.get(f"{i}.{k}.c0"), P,
+                                     arrays.get(f"{i}.{k}.h0"), arrays.get(f"{i}.{k}.c0"), P, W_hr,
                                      arrays[f"{i}.{k}.y"], arrays.get(f"{i}.{k}.cache")))
             masks = [arrays[f"{i}.mask.{m}"] if present else None for m, present in enumerate(entry["masks"])]
             saved = _stack.StackSaved(layer._cell, layer.num_layers, 1, layer.hidden_size, windows, masks,

@@ -7,9 +7,10 @@
 //   T  steps in the window            B  batch rows
 //   I  input_size                     H  hidden_size
 //   G  gate blocks: LSTM 4 (i, f, g, o; 3 with coupled gates: f, g, o), GRU 3 (r, z, n), RNN 1
+//   P  the LSTM's projection size (LSTMP, W_hr [P, H]); without a projection P = H
 //
 // Memory layout. Every array is a dense row-major (C-contiguous) block described by a TensorView. Sequences
-// are time-major: x is [T, B, I], y is [T, B, H]. Weights follow PyTorch, so a torch.nn.LSTM/GRU/RNN state
+// are time-major: x is [T, B, I], y is [T, B, P]. Weights follow PyTorch, so a torch.nn.LSTM/GRU/RNN state
 // dict loads unchanged: W [G*H, I] (weight_ih), R [G*H, H] (weight_hh), bW and bR [G*H] (bias_ih, bias_hh),
 // gate blocks stacked along the first axis in the order above.
 //
@@ -170,20 +171,23 @@ int gate_count(const CellOptions& options);
 
 // The number of H-wide columns that forward() saves per (step, batch row) for backward():
 // LSTM 5 (i, f, g, o after their activations, c_t); GRU 4 (r, z, n, and R_n h + bR_n when reset_after,
-// r * h when not); RNN 0 (backward reads y). The cache is [T, B, cache_width * H].
+// r * h when not); RNN 0 (backward reads y). The cache is [T, B, cache_width * H]. A projection adds no
+// column: backward recomputes o * act(c_t) from o and c_t.
 int cache_width(const CellOptions& options);
 
-// The sizes of one window, read off x and R (and checked against W). Throws ArgumentError naming the
-// argument when x is not [T, B, I], R is not [G*H, H] or W is not [G*H, I], or a size is not positive.
+// The sizes of one window, read off x and R (and W_hr, with a projection), and checked against W. Throws
+// ArgumentError naming the argument when x is not [T, B, I], R is not [G*H, P], W is not [G*H, I] or W_hr is
+// not [P, H], or a size is not positive.
 struct WindowSizes {
   int64_t steps = 0;        // T
   int64_t batch = 0;        // B
   int64_t input_size = 0;   // I
   int64_t hidden_size = 0;  // H
+  int64_t output_size = 0;  // P: the units of h and y (H without a projection)
 };
-// Reads the sizes off x, W and R as described above.
+// Reads the sizes off x, W, R and W_hr (absent: no projection) as described above.
 WindowSizes window_sizes(const CellOptions& options, const TensorView& x, const TensorView& W,
-                         const TensorView& R);
+                         const TensorView& R, const TensorView& W_hr = {});
 
 // ---------------------------------------------------------------------------------------------------------
 // Forward over a window
@@ -193,12 +197,16 @@ struct ForwardArgs {
   // Inputs (read only).
   TensorView x;   // [T, B, I]
   TensorView W;   // [G*H, I]
-  TensorView R;   // [G*H, H]
+  TensorView R;   // [G*H, P]
   TensorView bW;  // [G*H]; optional (absent: no input bias)
   TensorView bR;  // [G*H]; optional (absent: no recurrent bias)
-  TensorView h0;  // [B, H] initial hidden state; optional (absent: zeros)
+  TensorView h0;  // [B, P] initial hidden state; optional (absent: zeros)
   TensorView c0;  // [B, H] initial cell state, LSTM only, of cell_state_dtype(x); optional (absent: zeros)
   TensorView P;   // [3, H] peephole weights p_i, p_f, p_o; required with peephole, else absent
+  // [P, H] LSTM only; optional (absent: no projection). The projection of LSTMP (Sak et al. 2014, PyTorch's
+  // proj_size): h_t = W_hr (o * act(c_t)), so that h, y and R's columns have P units while c keeps H. The
+  // recurrent dropout mask (CellOptions) is then [T, B, P], over h_{t-1} as the product reads it.
+  TensorView W_hr;
   // [B] int32 or int64, on the CPU or x's device; optional (absent: every row runs all T steps). Row b runs
   // steps 0 .. lengths[b] - 1 only (1 <= lengths[b] <= T; in any order): its h_T and c_T are its state after
   // them, y is 0 at the steps after them, and those steps cost no arithmetic. A reverse direction is a
@@ -213,8 +221,8 @@ struct ForwardArgs {
   bool packed = false;
 
   // Outputs.
-  TensorView y;      // [T, B, H] =  hidden state of every step
-  TensorView h_T;    // [B, H]    =  final hidden state (equal to y[T-1]); optional
+  TensorView y;      // [T, B, P] =  hidden state of every step
+  TensorView h_T;    // [B, P]    =  final hidden state (equal to y[T-1]); optional
   TensorView c_T;    // [B, H]    =  final cell state, LSTM only, of cell_state_dtype(x), unrounded; optional
   TensorView cache;  // [T, B, cache_width * H] =  what backward() needs; absent for inference only
                      //   (with lengths, its first sum(lengths) rows of [B, cache_width * H] are written)
@@ -237,36 +245,38 @@ struct BackwardArgs {
   // What forward() read and wrote (read only): the same views, unchanged since.
   TensorView x;      // [T, B, I]
   TensorView W;      // [G*H, I]
-  TensorView R;      // [G*H, H]
-  TensorView h0;     // [B, H]; absent if forward's was
+  TensorView R;      // [G*H, P]
+  TensorView h0;     // [B, P]; absent if forward's was
   TensorView c0;     // [B, H]; LSTM only, of cell_state_dtype(x); absent if forward's was
   TensorView P;      // [3, H]; with peephole only
-  TensorView y;      // [T, B, H]
+  TensorView W_hr;   // [P, H]; with a projection only
+  TensorView y;      // [T, B, P]
   TensorView cache;  // [T, B, cache_width * H]
   TensorView lengths;  // [B]; the very lengths forward() ran with (absent if it ran without)
   bool packed = false;  // as forward()'s: dy and dx are then packed as x is
 
   // Gradients of the loss with respect to forward's outputs (read only).
-  TensorView dy;    // [T, B, H]; with lengths, read at each row's steps only
-  TensorView dh_T;  // [B, H]; optional (absent: zeros, no loss on the final state)
+  TensorView dy;    // [T, B, P]; with lengths, read at each row's steps only
+  TensorView dh_T;  // [B, P]; optional (absent: zeros, no loss on the final state)
   TensorView dc_T;  // [B, H]; LSTM only, of cell_state_dtype(x); optional (absent: zeros)
 
   // Gradients of the loss with respect to forward's inputs. Each is optional: absent means not wanted.
   TensorView dx;   // [T, B, I] =  (0 at the steps past a row's length)
-  TensorView dh0;  // [B, H]    =
+  TensorView dh0;  // [B, P]    =
   TensorView dc0;  // [B, H]    =  LSTM only, of cell_state_dtype(x)
   TensorView dW;   // [G*H, I]  =, or += when accumulate
-  TensorView dR;   // [G*H, H]  =, or += when accumulate
+  TensorView dR;   // [G*H, P]  =, or += when accumulate
   TensorView dbW;  // [G*H]     =, or += when accumulate
   TensorView dbR;  // [G*H]     =, or += when accumulate
   TensorView dP;   // [3, H]    =, or += when accumulate; with peephole only (dp_i is 0 with coupled gates)
+  TensorView dW_hr;  // [P, H]  =, or += when accumulate; with a projection only
 
   // false: parameter gradients are written (=). true: they are added to (+=), for summing over windows.
   bool accumulate = false;
 };
 
-// A BackwardArgs that holds what `forward_args` read and wrote (x, W, R, h0, c0, P, y, cache, lengths, packed),
-// for the caller to complete with dy (and dh_T, dc_T) and the gradients it wants.
+// A BackwardArgs that holds what `forward_args` read and wrote (x, W, R, h0, c0, P, W_hr, y, cache, lengths,
+// packed), for the caller to complete with dy (and dh_T, dc_T) and the gradients it wants.
 BackwardArgs backward_args_for(const ForwardArgs& forward_args);
 
 // Checks every input of `args` (what forward read and wrote, dy, dh_T, dc_T) as backward() does, ignoring
