@@ -3,9 +3,9 @@ reference, forward and backward, in float64.
 
 Each example draws a cell (LSTM, GRU, RNN), its options (activation; GRU reset_after; LSTM peephole, coupled
 gates, forget bias, cell clip, a projection of any size), optional recurrent dropout (variational or per step,
-any seed and mask stream), whether the biases, the initial state and the final-state gradients are given, and T, B, I, H down
-to 1 and at odd sizes. Inputs come from a NumPy generator seeded by a drawn integer. Conveyor must match the
-reference within support.TOLERANCES[float64] for y, h_T, c_T and every gradient.
+any seed and mask stream), whether the biases, the initial state and the final-state gradients are given, and
+T, B, I, H down to 1 and at odd sizes. Inputs come from a NumPy generator seeded by a drawn integer. Conveyor
+must match the reference within support.TOLERANCES[float64] for y, h_T, c_T and every gradient.
 
 Two legitimate sources of mismatch are assumed away rather than covered by looser tolerances: a relu argument
 within KINK of zero (either side of the kink is right) and an unclipped LSTM cell value within KINK of

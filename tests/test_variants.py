@@ -1,6 +1,7 @@
 """The variants of docs/math.md on the CPU backend against the float64 reference: every combination of the
-LSTM options (peephole, coupled gates, forget bias, cell clip, relu, projection), recurrent dropout for every cell, and
-the counter-based dropout masks themselves (bit for bit against the reference's own copy of the generator)."""
+LSTM options (peephole, coupled gates, forget bias, cell clip, relu, projection), recurrent dropout for every
+cell, and the counter-based dropout masks themselves (bit for bit against the reference's own copy of the
+generator)."""
 
 import itertools
 

@@ -233,8 +233,8 @@ def _backward(cell: str, saved, dy, dh_T, dc_T, stream, keep=False):
         raise ValueError(f"saved: expected the result of {cell}_forward, got that of {saved.cell}_forward")
     if saved.consumed:
         raise ValueError("saved: already used by a backward call, which released it; run forward again")
-    arrays = (saved.x, saved.W, saved.R, saved.h0, saved.c0, saved.P, saved.W_hr, saved.y, saved.cache, dy, dh_T,
-              dc_T)
+    arrays = (saved.x, saved.W, saved.R, saved.h0, saved.c0, saved.P, saved.W_hr, saved.y, saved.cache, dy,
+              dh_T, dc_T)
     if any(_arrays.is_foreign(a) for a in (*arrays, saved.lengths)):
         arrays = tuple(None if a is None else _arrays.for_export(a) for a in arrays)
         allocate = _arrays.Allocator(saved.x)
@@ -247,15 +247,15 @@ def _backward(cell: str, saved, dy, dh_T, dc_T, stream, keep=False):
         grads = _conveyor.backward(cell, saved.options, *arrays, saved.lengths, saved.packed, saved.has_bW,
                                    saved.has_bR)
     if not keep:  # the TBPTT driver keeps a window's Saved for the later spans that reach back over it
-        saved.x = saved.W = saved.R = saved.h0 = saved.c0 = saved.P = saved.W_hr = saved.y = saved.cache = None
-        saved.lengths = None
+        saved.x = saved.W = saved.R = saved.h0 = saved.c0 = saved.P = saved.W_hr = None
+        saved.y = saved.cache = saved.lengths = None
     return grads
 
 
-def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, W_hr=None, coupled_gates=False, forget_bias=0.0,
-                 cell_clip=None, activation="tanh", recurrent_dropout=0.0, variational=True, seed=0,
-                 mask_stream=0, training=True, allow_tf32=False, algorithm="auto", lengths=None, stream=None,
-                 _packed=False):
+def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, W_hr=None, coupled_gates=False,
+                 forget_bias=0.0, cell_clip=None, activation="tanh", recurrent_dropout=0.0, variational=True,
+                 seed=0, mask_stream=0, training=True, allow_tf32=False, algorithm="auto", lengths=None,
+                 stream=None, _packed=False):
     """Runs an LSTM over the window ``x`` ``[T, B, input_size]``.
 
     ``bW``/``bR`` may be None (no bias); ``h0``/``c0`` ``[B, hidden_size]`` default to zeros. ``c0`` and the
