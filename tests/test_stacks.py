@@ -100,7 +100,7 @@ def test_dropout_between_layers_uses_the_documented_masks(variational, rng):
                                         variational=variational, seed=seed)
 
     def direction(inp, k, reverse):
-        W, R, bW, bR, _ = weights[k]
+        W, R, bW, bR, *_ = weights[k]
         out = conveyor.lstm_forward(np.ascontiguousarray(inp[::-1]) if reverse else inp, W, R, bW, bR,
                                     training=False)[0]
         return np.ascontiguousarray(out[::-1]) if reverse else out

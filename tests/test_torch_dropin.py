@@ -1,5 +1,6 @@
 """conveyor.torch.LSTM/GRU/RNN as drop-in replacements for torch.nn.LSTM/GRU/RNN: the same outputs and
-gradients on the same state dict for every cell, layer count, direction, batch_first and initial state;
+gradients on the same state dict for every cell (the LSTM with and without proj_size), layer count,
+direction, batch_first and initial state;
 gradcheck in float64; state dicts both ways; a training loop that falls as torch's; torch.compile;
 DistributedDataParallel; the refusals; and ``import conveyor`` without torch."""
 
@@ -16,12 +17,23 @@ ct = pytest.importorskip("conveyor.torch")
 
 CELLS = {
     "lstm": (lambda *a, **k: torch.nn.LSTM(*a, **k), lambda *a, **k: ct.LSTM(*a, **k)),
+    "lstm-proj": (lambda *a, **k: torch.nn.LSTM(*a, proj_size=2, **k),
+                  lambda *a, **k: ct.LSTM(*a, proj_size=2, **k)),
     "gru": (lambda *a, **k: torch.nn.GRU(*a, **k), lambda *a, **k: ct.GRU(*a, **k)),
     "rnn-tanh": (lambda *a, **k: torch.nn.RNN(*a, **k), lambda *a, **k: ct.RNN(*a, **k)),
     "rnn-relu": (lambda *a, **k: torch.nn.RNN(*a, nonlinearity="relu", **k),
                  lambda *a, **k: ct.RNN(*a, nonlinearity="relu", **k)),
 }
 CASES = list(itertools.product(CELLS, [1, 2], [False, True], [False, True], [False, True]))
+
+
+def state_units(cell, hidden):
+    """The units of h_0 and h_n: "lstm-proj" projects them to 2."""
+    return 2 if cell == "lstm-proj" else hidden
+
+
+def is_lstm(cell):
+    return cell.startswith("lstm")
 
 
 def pair(cell, *args, **kwargs):
@@ -49,9 +61,10 @@ def test_same_outputs_and_gradients_as_torch(cell, layers, bidirectional, batch_
     hx = None
     inputs = [x]
     if with_hx:
-        h0 = torch.randn(layers * D, 2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+        h0 = torch.randn(layers * D, 2, state_units(cell, 5), generator=gen, dtype=torch.float64,
+                         requires_grad=True)
         inputs.append(h0)
-        if cell == "lstm":
+        if is_lstm(cell):
             c0 = torch.randn(layers * D, 2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
             inputs.append(c0)
             hx = (h0, c0)
@@ -83,13 +96,16 @@ def test_unbatched_input(cell):
     lambda: ct.GRU(3, 4, reset_after=False, activation="relu"),
     lambda: ct.RNN(3, 4, nonlinearity="relu", bidirectional=True),
     lambda: ct.LSTM(3, 4, peephole=True, coupled_gates=True, forget_bias=1.0, cell_clip=2.0),
-], ids=["lstm-2x-bi", "gru-2x", "gru-reset-before-relu", "rnn-relu-bi", "lstm-every-option"])
+    lambda: ct.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=3, peephole=True, cell_clip=2.0),
+], ids=["lstm-2x-bi", "gru-2x", "gru-reset-before-relu", "rnn-relu-bi", "lstm-every-option",
+        "lstm-proj-2x-bi-every-option"])
 def test_gradcheck(module):
     torch.manual_seed(2)
     m = module().double()
     D = 2 if m.bidirectional else 1
     x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(m.num_layers * D, 2, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(m.num_layers * D, 2, getattr(m, "proj_size", 0) or 4, dtype=torch.float64,
+                     requires_grad=True)
     if isinstance(m, ct.LSTM):
         c0 = torch.randn(m.num_layers * D, 2, 4, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda x, h, c: flat_outputs(m(x, (h, c))), (x, h0, c0))
@@ -171,18 +187,19 @@ class _Tagger(torch.nn.Module):
     def __init__(self, layer):
         super().__init__()
         self.rnn = layer
-        self.head = torch.nn.Linear(layer.hidden_size * (2 if layer.bidirectional else 1), 3)
+        units = getattr(layer, "proj_size", 0) or layer.hidden_size
+        self.head = torch.nn.Linear(units * (2 if layer.bidirectional else 1), 3)
 
     def forward(self, x):
         return self.head(torch.tanh(self.rnn(x)[0])).sum(0)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "lstm-proj", "gru"])
 def test_torch_compile_builds_one_graph_with_the_layer_in_it(cell):
     """Conveyor's forward and backward are custom operators (torch.library): dynamo finds no graph break,
     fullgraph=True compiles with inductor, and the compiled model gives the eager outputs and gradients."""
     torch.manual_seed(4)
-    layer = {"lstm": ct.LSTM, "gru": ct.GRU}[cell](3, 5, num_layers=2, bidirectional=True)
+    layer = CELLS[cell][1](3, 5, num_layers=2, bidirectional=True)
     model = _Tagger(layer)
     x = torch.randn(6, 4, 3)
     explained = torch._dynamo.explain(model)(x)
@@ -218,10 +235,10 @@ def test_double_backward_is_refused_with_a_message():
     (dx,) = torch.autograd.grad(layer(x)[0].sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match=r"conveyor: double backward \(the gradient of a gradient"):
         dx.sum().backward()
-    flat = [p for p in layer.parameters()] + [x.new_empty(0)]
+    flat = [p for p in layer.parameters()] + [x.new_empty(0), x.new_empty(0)]  # no peephole, no projection
     options = {"num_layers": 1, "bidirectional": False, "dropout": 0.0, "variational": False,
                "recurrent_dropout": 0.0, "activation": "tanh"}
-    spec = ct._spec("lstm", (5,), options, True)
+    spec = ct._spec("lstm", (6,), options, True)
     h0 = torch.zeros(1, 2, 3, dtype=torch.float64)
     y = torch.ops.conveyor.stack_forward(x, h0, h0.clone(), flat, torch.zeros(1, dtype=torch.int64), None,
                                          spec)[0]
@@ -458,10 +475,10 @@ def test_packed_sequences_as_torch(cell, layers, bidirectional, packing, with_hx
     D, B = 2 if bidirectional else 1, len(lengths)
     hx = None
     if with_hx:
-        states = [torch.randn(layers * D, B, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-                  for _ in range(2 if cell == "lstm" else 1)]
+        states = [torch.randn(layers * D, B, units, generator=gen, dtype=torch.float64, requires_grad=True)
+                  for units in ([state_units(cell, 5), 5] if is_lstm(cell) else [5])]
         leaves += states
-        hx = tuple(states) if cell == "lstm" else states[0]
+        hx = tuple(states) if is_lstm(cell) else states[0]
     expected, got = reference(packed, hx), module(packed, hx)
     assert isinstance(got[0], torch.nn.utils.rnn.PackedSequence)
     for name in ("batch_sizes", "sorted_indices", "unsorted_indices"):
@@ -514,8 +531,13 @@ def test_refusals_name_the_problem():
         m(torch.randn(5, 2, 3), (torch.zeros(2, 2, 4), torch.zeros(1, 2, 4)))
     with pytest.raises(TypeError, match="hx: expected a tuple"):
         m(torch.randn(5, 2, 3), torch.zeros(1, 2, 4))
-    with pytest.raises(ValueError, match="proj_size"):
-        ct.LSTM(3, 4, proj_size=2)
+    with pytest.raises(ValueError, match=r"proj_size: expected 0 \(no projection\) or an integer from 1 to "
+                                         r"hidden_size - 1 = 3, got 4"):
+        ct.LSTM(3, 4, proj_size=4)
+    with pytest.raises(ValueError, match=r"hx: expected h_0 of shape \(1, 2, 2\)"):
+        ct.LSTM(3, 4, proj_size=2)(torch.randn(5, 2, 3), (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)))
+    with pytest.raises(ValueError, match=r"hx: expected c_0 of shape \(1, 2, 4\)"):
+        ct.LSTM(3, 4, proj_size=2)(torch.randn(5, 2, 3), (torch.zeros(1, 2, 2), torch.zeros(1, 2, 2)))
 
 
 def test_conveyor_imports_without_torch_and_explains_the_extra():

@@ -5,7 +5,9 @@ Parameters carry PyTorch's state-dict names and shapes (``weight_ih_l{k}``, ``we
 PyTorch does (uniform in +-1/sqrt(hidden_size)), so a ``torch.nn.LSTM/GRU/RNN`` state dict with the same
 ``num_layers`` and ``bidirectional`` loads unchanged and gives the same outputs. Peephole weights, which
 PyTorch has not, are ``weight_peephole_l{k}`` ``[3, hidden_size]`` (p_i, p_f, p_o). States are
-``[num_layers * directions, B, hidden_size]``, as PyTorch's.
+``[num_layers * directions, B, hidden_size]``, as PyTorch's. An LSTM with ``proj_size > 0`` (LSTMP) has
+PyTorch's ``weight_hr_l{k}`` ``[proj_size, hidden_size]`` too; its h states and outputs then have proj_size
+units.
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+def _proj_size(value, hidden_size) -> int:
+    """PyTorch's rule: 0 (no projection) or 0 < proj_size < hidden_size."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"proj_size: expected a non-negative integer, got {value!r} of type "
+                        f"{type(value).__name__}")
+    if not 0 <= value < hidden_size:
+        raise ValueError(f"proj_size: expected 0 (no projection) or an integer from 1 to hidden_size - 1 = "
+                         f"{hidden_size - 1}, got {value}")
+    return int(value)
+
+
 def _as_numpy(value):
     """A torch tensor (any device, requiring grad or not) or anything array-like, as a NumPy array."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):
@@ -46,9 +59,10 @@ class _Recurrent:
 
     def __init__(self, input_size, hidden_size, *, num_layers=1, bias=True, bidirectional=False, dropout=0.0,
                  variational=False, recurrent_dropout=0.0, activation="tanh", dtype=np.float32, seed=None,
-                 cell_options=None, peephole=False):
+                 cell_options=None, peephole=False, proj_size=0):
         self.input_size = _positive_int("input_size", input_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
+        self.proj_size = _proj_size(proj_size, self.hidden_size)
         self.num_layers = _positive_int("num_layers", num_layers)
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias: expected True or False, got {bias!r}")
@@ -74,17 +88,20 @@ class _Recurrent:
         gate_options = {"coupled_gates": self._cell_options.get("coupled_gates", False)}
         gh = _conveyor.gate_count(self._cell, gate_options) * self.hidden_size
         directions = 2 if self.bidirectional else 1
+        units = self.state_size
         shapes = {}
         for layer in range(self.num_layers):
-            layer_input = self.input_size if layer == 0 else directions * self.hidden_size
+            layer_input = self.input_size if layer == 0 else directions * units
             for suffix in ("", "_reverse")[:directions]:
                 shapes[f"weight_ih_l{layer}{suffix}"] = (gh, layer_input)
-                shapes[f"weight_hh_l{layer}{suffix}"] = (gh, self.hidden_size)
+                shapes[f"weight_hh_l{layer}{suffix}"] = (gh, units)
                 if self.bias:
                     shapes[f"bias_ih_l{layer}{suffix}"] = (gh,)
                     shapes[f"bias_hh_l{layer}{suffix}"] = (gh,)
                 if self.peephole:
                     shapes[f"weight_peephole_l{layer}{suffix}"] = (3, self.hidden_size)
+                if self.proj_size:
+                    shapes[f"weight_hr_l{layer}{suffix}"] = (self.proj_size, self.hidden_size)
         self._shapes = shapes
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
@@ -93,6 +110,12 @@ class _Recurrent:
     @property
     def directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    @property
+    def state_size(self) -> int:
+        """The units of the h states and of each direction's output: proj_size with a projection, else
+        hidden_size."""
+        return self.proj_size or self.hidden_size
 
     def _names(self):
         """(suffix of the parameter names) per layer and direction, layer-major."""
@@ -149,7 +172,7 @@ class _Recurrent:
             entry = (p[f"weight_ih_{name}"], p[f"weight_hh_{name}"], p.get(f"bias_ih_{name}"),
                      p.get(f"bias_hh_{name}"))
             if self._cell == "lstm":
-                entry += (p.get(f"weight_peephole_{name}"),)
+                entry += (p.get(f"weight_peephole_{name}"), p.get(f"weight_hr_{name}"))
             weights.append(entry)
         return weights
 
@@ -186,6 +209,8 @@ class _Recurrent:
                 grads[f"bias_ih_{name}"], grads[f"bias_hh_{name}"] = g.dbW, g.dbR
             if self.peephole:
                 grads[f"weight_peephole_{name}"] = g.dP
+            if self.proj_size:
+                grads[f"weight_hr_{name}"] = g.dW_hr
         return grads
 
     def _backward(self, dy, dh_n, dc_n):
@@ -224,7 +249,7 @@ class _Recurrent:
         for name in ("bidirectional", "peephole", "variational"):
             if getattr(self, name):
                 options.append(f"{name}=True")
-        for name in ("dropout", "recurrent_dropout"):
+        for name in ("dropout", "recurrent_dropout", "proj_size"):
             if getattr(self, name):
                 options.append(f"{name}={getattr(self, name)}")
         options += [f"{k}={v!r}" for k, v in self._cell_options.items()]
@@ -244,14 +269,17 @@ class LSTM(_Recurrent):
     Options (docs/math.md; the README names the papers): ``num_layers``, ``bidirectional``, ``dropout``
     (between layers), ``variational`` (dropout masks shared over time), ``recurrent_dropout`` (on h_{t-1}
     inside the recurrent product), ``peephole``, ``coupled_gates``, ``forget_bias``, ``cell_clip``,
-    ``activation``.
+    ``activation``, ``proj_size`` (LSTMP as PyTorch's: ``0 < proj_size < hidden_size`` projects each h_t to
+    that many units with ``weight_hr_l{k}``; y and the h states then have proj_size units, c keeps
+    hidden_size).
     """
 
     _cell = "lstm"
 
     def __init__(self, input_size, hidden_size, *, num_layers=1, bias=True, bidirectional=False,
                  dropout=0.0, variational=False, recurrent_dropout=0.0, peephole=False, coupled_gates=False,
-                 forget_bias=0.0, cell_clip=None, activation="tanh", dtype=np.float32, seed=None):
+                 forget_bias=0.0, cell_clip=None, activation="tanh", proj_size=0, dtype=np.float32,
+                 seed=None):
         options = {"coupled_gates": _functional._check_flag("coupled_gates", coupled_gates)}
         if forget_bias != 0.0:
             options["forget_bias"] = _functional._check_number("forget_bias", forget_bias)
@@ -260,7 +288,7 @@ class LSTM(_Recurrent):
         super().__init__(input_size, hidden_size, num_layers=num_layers, bias=bias,
                          bidirectional=bidirectional, dropout=dropout, variational=variational,
                          recurrent_dropout=recurrent_dropout, activation=activation, dtype=dtype, seed=seed,
-                         cell_options=options, peephole=peephole)
+                         cell_options=options, peephole=peephole, proj_size=proj_size)
         if not coupled_gates:
             del self._cell_options["coupled_gates"]
 

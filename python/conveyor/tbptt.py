@@ -206,8 +206,8 @@ class TBPTT:
                                      arrays.get(f"{i}.{k}.h0"), arrays.get(f"{i}.{k}.c0"), P, W_hr,
                                      arrays[f"{i}.{k}.y"], arrays.get(f"{i}.{k}.cache")))
             masks = [arrays[f"{i}.mask.{m}"] if present else None for m, present in enumerate(entry["masks"])]
-            saved = _stack.StackSaved(layer._cell, layer.num_layers, 1, layer.hidden_size, windows, masks,
-                                      windows[0].x)
+            saved = _stack.StackSaved(layer._cell, layer.num_layers, 1, layer.state_size, windows, masks,
+                                      windows[0].x, cell_size=layer.hidden_size)
             rows = entry.get("reset")
             rows = None if rows is None else np.array(rows, dtype=bool)
             self._history.append((saved, entry["steps"], rows))

@@ -150,14 +150,16 @@ def _forward_op(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, weights: li
 def _(x, h0, c0, weights, seed, lengths, spec):
     cell, layout, kwargs, training = _decode(spec)
     layers, directions = kwargs["num_layers"], 2 if kwargs["bidirectional"] else 1
-    hidden = weights[1].shape[-1]
+    hidden = weights[1].shape[-1]  # the units of h: proj_size with a projection
+    projection = weights[5] if cell == "lstm" else None  # weight_hr_l0, empty without a projection
+    cell_units = projection.shape[-1] if projection is not None and projection.numel() > 0 else hidden
 
     def per_step(width):
         return x.new_empty(tuple(x.shape[:-1]) + (width,))
 
     reserve = []
     if training:  # as _stack.saved_arrays lists them
-        cache = {"lstm": 5, "gru": 4, "rnn": 0}[cell] * hidden
+        cache = {"lstm": 5, "gru": 4, "rnn": 0}[cell] * cell_units
         for k in range(layers * directions):
             last = directions == 1 and k // directions == layers - 1
             reserve += [x.new_empty(0) if last else per_step(hidden),
@@ -190,7 +192,7 @@ def _stack_grads(cell, layout, saved, convert, dy, dh_n, dc_n, c0, weights, keep
                                   convert(dc_n.contiguous()) if lstm else None, _keep=keep)
     flat = []
     for g, count in zip(grads.weights, layout):
-        parts = [g.dW, g.dR, g.dbW, g.dbR] + ([g.dP] if lstm else [])
+        parts = [g.dW, g.dR, g.dbW, g.dbR] + ([g.dP, g.dW_hr] if lstm else [])
         flat += parts[:count]
     flat = [torch.zeros_like(w) if g is None else _as_tensor(g) for g, w in zip(flat, weights)]
     dc0 = _as_tensor(grads.dc0) if lstm else torch.zeros_like(c0)
@@ -307,12 +309,17 @@ class _ConveyorRNNBase(torch.nn.Module):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, device=None, dtype=None, *, activation="tanh", variational=False,
-                 recurrent_dropout=0.0, cell_options=None, peephole=False, algorithm="auto"):
+                 recurrent_dropout=0.0, cell_options=None, peephole=False, algorithm="auto", proj_size=0):
         super().__init__()
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                             ("num_layers", num_layers)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if isinstance(proj_size, bool) or not isinstance(proj_size, int) or not 0 <= proj_size < hidden_size:
+            raise ValueError(f"proj_size: expected 0 (no projection) or an integer from 1 to hidden_size - 1 "
+                             f"= {hidden_size - 1}, got {proj_size!r}")
+        self.proj_size = proj_size
+        units = proj_size or hidden_size  # of h and of each direction's output
         if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
@@ -329,13 +336,13 @@ class _ConveyorRNNBase(torch.nn.Module):
         directions = 2 if self.bidirectional else 1
         self._layout = []
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else directions * hidden_size
+            layer_input = input_size if layer == 0 else directions * units
             for suffix in ("", "_reverse")[:directions]:
                 names = [f"weight_ih_l{layer}{suffix}", f"weight_hh_l{layer}{suffix}"]
                 self.register_parameter(names[0], torch.nn.Parameter(
                     torch.empty(gates * hidden_size, layer_input, **factory)))
                 self.register_parameter(names[1], torch.nn.Parameter(
-                    torch.empty(gates * hidden_size, hidden_size, **factory)))
+                    torch.empty(gates * hidden_size, units, **factory)))
                 for name in (f"bias_ih_l{layer}{suffix}", f"bias_hh_l{layer}{suffix}"):
                     names.append(name)
                     if self.bias:
@@ -348,6 +355,11 @@ class _ConveyorRNNBase(torch.nn.Module):
                     names.append(name)
                     self.register_parameter(name, torch.nn.Parameter(torch.empty(3, hidden_size, **factory))
                                             if self.peephole else None)
+                    name = f"weight_hr_l{layer}{suffix}"  # torch.nn's name and place (after the biases)
+                    names.append(name)
+                    self.register_parameter(name, torch.nn.Parameter(torch.empty(proj_size, hidden_size,
+                                                                                 **factory))
+                                            if proj_size else None)
                 self._layout.append(names)
         self.reset_parameters()
 
@@ -417,13 +429,14 @@ class _ConveyorRNNBase(torch.nn.Module):
         if autocast:
             x = x.to(torch.get_autocast_dtype("cuda"))
         directions = 2 if self.bidirectional else 1
-        state_shape = (self.num_layers * directions, batch, self.hidden_size)
+        state_shape = (self.num_layers * directions, batch, self.proj_size or self.hidden_size)
+        cell_shape = (self.num_layers * directions, batch, self.hidden_size)
         lstm = self._cell == "lstm"
         # Conveyor's cell state is float32 beside 16-bit x; torch.nn.LSTM's c_0 and c_n have x's dtype.
         cell_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         if hx is None:
             h0 = x.new_zeros(state_shape)
-            c0 = x.new_zeros(state_shape, dtype=cell_dtype) if lstm else x.new_empty(0)
+            c0 = x.new_zeros(cell_shape, dtype=cell_dtype) if lstm else x.new_empty(0)
         else:
             if lstm:
                 if not (isinstance(hx, tuple) and len(hx) == 2):
@@ -434,9 +447,10 @@ class _ConveyorRNNBase(torch.nn.Module):
             if not batched:
                 h0 = h0.unsqueeze(1)
                 c0 = c0.unsqueeze(1) if lstm else c0
-            for name, state in (("h_0", h0),) + ((("c_0", c0),) if lstm else ()):
-                if tuple(state.shape) != state_shape:
-                    raise ValueError(f"hx: expected {name} of shape {state_shape}, got {tuple(state.shape)}")
+            checks = (("h_0", h0, state_shape),) + ((("c_0", c0, cell_shape),) if lstm else ())
+            for name, state, shape in checks:
+                if tuple(state.shape) != shape:
+                    raise ValueError(f"hx: expected {name} of shape {shape}, got {tuple(state.shape)}")
             h0, c0 = h0.contiguous(), c0.contiguous()
             if sequence is not None and sequence.sorted_indices is not None:
                 h0 = h0.index_select(1, sequence.sorted_indices)
@@ -487,6 +501,8 @@ class _ConveyorRNNBase(torch.nn.Module):
 
     def extra_repr(self) -> str:
         text = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size:
+            text += f", proj_size={self.proj_size}"
         if self.num_layers != 1:
             text += f", num_layers={self.num_layers}"
         defaults = (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False),
@@ -512,9 +528,6 @@ class LSTM(_ConveyorRNNBase):
                  bidirectional=False, proj_size=0, device=None, dtype=None, *, peephole=False,
                  coupled_gates=False, forget_bias=0.0, cell_clip=None, activation="tanh", variational=False,
                  recurrent_dropout=0.0, algorithm="auto"):
-        if proj_size:
-            raise ValueError("proj_size: projections are not supported by conveyor.torch.LSTM; use "
-                             "torch.nn.LSTM")
         options = {}
         if coupled_gates:
             options["coupled_gates"] = True
@@ -525,7 +538,7 @@ class LSTM(_ConveyorRNNBase):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device, dtype, activation=activation, variational=variational,
                          recurrent_dropout=recurrent_dropout, cell_options=options, peephole=peephole,
-                         algorithm=algorithm)
+                         algorithm=algorithm, proj_size=proj_size)
 
 
 class GRU(_ConveyorRNNBase):
