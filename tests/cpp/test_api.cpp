@@ -628,7 +628,134 @@ void check_packed(Problem p) {
 
   std::vector<int64_t> unsorted = {2, T, 1};
   a.lengths = TensorView::contiguous(unsorted.data(), DType::int64, {B});
-  CHECK_THROWS(forward(p.options, a), ArgumentError, "lengths: packed arrays need lengths >= 1 in non-increasing order");
+  CHECK_THROWS(forward(p.options, a), ArgumentError,
+               "lengths: packed arrays need lengths >= 1 in non-increasing order");
+}
+
+// A projection (W_hr [P, H], LSTMP): every gradient, dW_hr included, against central differences of the
+// loss; outputs poisoned; h and y of P units, c of H; and the refusals that name W_hr.
+void check_projection() {
+  const int64_t T = 3, B = 2, I = 3, H = 4, P = 2, GH = 4 * H;
+  CellOptions options;
+  options.peephole = true;
+  std::mt19937 rng(500);
+  std::uniform_real_distribution<double> uniform(-1.0, 1.0);
+  auto draw = [&](int64_t n, double scale) {
+    Vec v(static_cast<size_t>(n));
+    for (double& e : v) e = scale * uniform(rng);
+    return v;
+  };
+  struct Inputs {
+    Vec x, W, R, bW, bR, h0, c0, peephole, W_hr;
+  } in{draw(T * B * I, 1.0), draw(GH * I, 0.6), draw(GH * P, 0.6), draw(GH, 0.3), draw(GH, 0.3),
+       draw(B * P, 0.8), draw(B * H, 0.8), draw(3 * H, 0.5), draw(P * H, 0.7)};
+  const Vec dy = draw(T * B * P, 1.0), dh_T = draw(B * P, 1.0), dc_T = draw(B * H, 1.0);
+  auto forward_args = [&](const Inputs& v, Vec& y, Vec& h_T, Vec& c_T, Vec* cache) {
+    y.assign(static_cast<size_t>(T * B * P), kNaN);
+    h_T.assign(static_cast<size_t>(B * P), kNaN);
+    c_T.assign(static_cast<size_t>(B * H), kNaN);
+    ForwardArgs a;
+    a.x = view(v.x, {T, B, I});
+    a.W = view(v.W, {GH, I});
+    a.R = view(v.R, {GH, P});
+    a.bW = view(v.bW, {GH});
+    a.bR = view(v.bR, {GH});
+    a.h0 = view(v.h0, {B, P});
+    a.c0 = view(v.c0, {B, H});
+    a.P = view(v.peephole, {3, H});
+    a.W_hr = view(v.W_hr, {P, H});
+    a.y = view(y, {T, B, P});
+    a.h_T = view(h_T, {B, P});
+    a.c_T = view(c_T, {B, H});
+    if (cache != nullptr) {
+      cache->assign(static_cast<size_t>(T * B * 5 * H), kNaN);
+      a.cache = view(*cache, {T, B, 5 * H});
+    }
+    return a;
+  };
+  auto loss = [&](const Inputs& v) {
+    Vec y, h_T, c_T;
+    forward(options, forward_args(v, y, h_T, c_T, nullptr));
+    double L = 0;
+    for (size_t i = 0; i < y.size(); ++i) L += y[i] * dy[i];
+    for (size_t i = 0; i < h_T.size(); ++i) L += h_T[i] * dh_T[i];
+    for (size_t i = 0; i < c_T.size(); ++i) L += c_T[i] * dc_T[i];
+    return L;
+  };
+
+  Vec y, h_T, c_T, cache;
+  const ForwardArgs f = forward_args(in, y, h_T, c_T, &cache);
+  forward(options, f);
+  CHECK_MSG(all_finite(y) && all_finite(h_T) && all_finite(c_T) && all_finite(cache),
+            "projection: forward left NaN in an output");
+  CHECK_MSG(bitwise_equal(h_T, Vec(y.end() - B * P, y.end())), "projection: h_T differs from y[T-1]");
+  BackwardArgs b = backward_args_for(f);
+  CHECK(b.W_hr.data == f.W_hr.data);
+  Vec dx(static_cast<size_t>(T * B * I), kNaN), dh0(static_cast<size_t>(B * P), kNaN);
+  Vec dc0(static_cast<size_t>(B * H), kNaN), dW(static_cast<size_t>(GH * I), kNaN);
+  Vec dR(static_cast<size_t>(GH * P), kNaN), dbW(static_cast<size_t>(GH), kNaN), dbR(static_cast<size_t>(GH), kNaN);
+  Vec dP(static_cast<size_t>(3 * H), kNaN), dW_hr(static_cast<size_t>(P * H), kNaN);
+  b.dy = view(dy, {T, B, P});
+  b.dh_T = view(dh_T, {B, P});
+  b.dc_T = view(dc_T, {B, H});
+  b.dx = view(dx, {T, B, I});
+  b.dh0 = view(dh0, {B, P});
+  b.dc0 = view(dc0, {B, H});
+  b.dW = view(dW, {GH, I});
+  b.dR = view(dR, {GH, P});
+  b.dbW = view(dbW, {GH});
+  b.dbR = view(dbR, {GH});
+  b.dP = view(dP, {3, H});
+  b.dW_hr = view(dW_hr, {P, H});
+  backward(options, b);
+
+  const double eps = 1e-6;
+  const struct {
+    const char* name;
+    Vec Inputs::*input;
+    const Vec& analytic;
+  } grads[] = {{"dx", &Inputs::x, dx},   {"dh0", &Inputs::h0, dh0}, {"dc0", &Inputs::c0, dc0},
+               {"dW", &Inputs::W, dW},   {"dR", &Inputs::R, dR},    {"dbW", &Inputs::bW, dbW},
+               {"dbR", &Inputs::bR, dbR}, {"dP", &Inputs::peephole, dP}, {"dW_hr", &Inputs::W_hr, dW_hr}};
+  for (const auto& g : grads) {
+    Inputs q = in;
+    Vec& v = q.*g.input;
+    int bad = 0;
+    for (size_t i = 0; i < v.size(); ++i) {
+      const double saved = v[i];
+      v[i] = saved + eps;
+      const double plus = loss(q);
+      v[i] = saved - eps;
+      const double minus = loss(q);
+      v[i] = saved;
+      if (!conveyor_test::near(g.analytic[i], (plus - minus) / (2 * eps), 1e-7, 1e-5)) ++bad;
+    }
+    CHECK_MSG(bad == 0, std::string("projection: ") + g.name + " vs finite differences: " + std::to_string(bad) +
+                            " of " + std::to_string(v.size()) + " elements off");
+  }
+
+  // The refusals name W_hr (a GRU has no projection) and dW_hr (no projection to differentiate).
+  CellOptions gru;
+  gru.cell = CellType::gru;
+  ForwardArgs wrong = f;
+  wrong.P = TensorView{};
+  wrong.c0 = wrong.c_T = wrong.cache = TensorView{};
+  CHECK_THROWS(forward(gru, wrong), ArgumentError, "W_hr: a projection is an LSTM option, but the cell is gru");
+  BackwardArgs no_projection = b;
+  no_projection.W_hr = TensorView{};
+  CHECK_THROWS(backward(options, no_projection), ArgumentError,
+               "R: expected shape (8, 2) = (4*hidden_size, hidden_size) for a lstm (4 gate blocks), got (16, 2)");
+  Vec R_square(static_cast<size_t>(GH * H), 0.1), y_wide(static_cast<size_t>(T * B * H)), dy_wide(y_wide);
+  Vec h0_wide(static_cast<size_t>(B * H)), dR_square(R_square), dh0_wide(h0_wide);
+  no_projection.R = view(R_square, {GH, H});
+  no_projection.h0 = view(h0_wide, {B, H});
+  no_projection.y = view(y_wide, {T, B, H});
+  no_projection.dy = view(dy_wide, {T, B, H});
+  no_projection.dh_T = TensorView{};
+  no_projection.dh0 = view(dh0_wide, {B, H});
+  no_projection.dR = view(dR_square, {GH, H});
+  CHECK_THROWS(backward(options, no_projection), ArgumentError,
+               "dW_hr: a projection gradient was asked for, but the window has no projection (W_hr)");
 }
 
 }  // namespace
@@ -640,6 +767,7 @@ int main() {
     for (const Problem& p : all_cells(200, 1, 1, 3, 4)) check_cell(p);
     for (const Problem& p : all_cells(300, 4, 3, 3, 4)) check_lengths(p);
     for (const Problem& p : all_cells(400, 4, 3, 3, 4)) check_packed(p);
+    check_projection();
     check_errors();
     check_backends();
     check_threads();
