@@ -62,16 +62,18 @@ def _backward(cell, cache, seeds):
     """Returns the gradients as a dict keyed like the inputs."""
     if cell == "lstm":
         names = ("x", "h0", "c0", "W", "R", "bW", "bR", "peephole", "projection")
-        grads = ref.lstm_backward(cache, seeds["dy"], seeds["dh_T"], seeds["dc_T"])
+        *grads, d_layer_norm = ref.lstm_backward(cache, seeds["dy"], seeds["dh_T"], seeds["dc_T"])
         assert len(grads) == len(names)
         grads = dict(zip(names, grads))
         for name in ("peephole", "projection"):
             if grads[name] is None:
                 assert cache[name] is None
                 del grads[name]
-        return grads
-    backward = ref.gru_backward if cell == "gru" else ref.rnn_backward
-    return dict(zip(("x", "h0", "W", "R", "bW", "bR"), backward(cache, seeds["dy"], seeds["dh_T"])))
+        return {**grads, **(d_layer_norm or {})}
+    if cell == "gru":
+        *grads, d_layer_norm = ref.gru_backward(cache, seeds["dy"], seeds["dh_T"])
+        return {**dict(zip(("x", "h0", "W", "R", "bW", "bR"), grads)), **(d_layer_norm or {})}
+    return dict(zip(("x", "h0", "W", "R", "bW", "bR"), ref.rnn_backward(cache, seeds["dy"], seeds["dh_T"])))
 
 
 def _loss(cell, opts, p, seeds):
@@ -513,3 +515,142 @@ def test_projection_matches_torch(rng):
     np.testing.assert_allclose(y, y_torch.numpy(), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(h_T, h_torch[0].numpy(), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(c_T, c_torch[0].numpy(), rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------ regularisers: layer norm, zoneout, DropConnect
+
+
+def _with_layer_norm(cell, p, rng, coupled=False):
+    """The problem with layer-norm gains as inputs (so that finite differences cover them): random around
+    their initial values (gains 1, bias 0), so that a wrong gradient cannot hide behind a one."""
+    G = 3 if coupled else GATES[cell]
+    H = p["R"].shape[0] // G
+    p = {**p, "gamma_x": 1 + rng.normal(scale=0.3, size=G * H),
+         "gamma_h": 1 + rng.normal(scale=0.3, size=G * H)}
+    if cell == "lstm":
+        p.update(gamma_c=1 + rng.normal(scale=0.3, size=H), beta_c=rng.normal(scale=0.3, size=H))
+    return p
+
+
+def _keep_mask(shape, rng, z=0.3):
+    """Zoneout keep factors in training: 1 with probability z, else 0; both present."""
+    for _ in range(100):
+        d = (rng.random(shape) < z).astype(np.float64)
+        if 0 < np.count_nonzero(d) < d.size:
+            return d
+    raise AssertionError("no mixed zoneout mask in 100 draws")
+
+
+REGULARISED = [  # (cell, options without arrays, layer norm, zoneout, weight mask)
+    ("lstm", {"activation": "tanh"}, True, False, False),
+    ("lstm", {"activation": "relu", "coupled_gates": True, "forget_bias": 1.0}, True, False, False),
+    ("lstm", {"activation": "tanh"}, False, True, False),
+    ("lstm", {"activation": "tanh"}, False, False, True),
+    ("lstm", {"activation": "tanh", "cell_clip": CLIP}, True, True, True),
+    ("gru", {"reset_after": True, "activation": "tanh"}, True, False, False),
+    ("gru", {"reset_after": True, "activation": "relu"}, False, True, True),
+    ("gru", {"reset_after": False, "activation": "tanh"}, False, True, True),
+    ("gru", {"reset_after": True, "activation": "tanh"}, True, True, True),
+    ("rnn", {"activation": "tanh"}, False, False, True),
+    ("rnn", {"activation": "relu"}, False, False, True),
+]
+# with and without peepholes for the LSTM
+REGULARISED_CASES = [(*case, peephole) for case in REGULARISED
+                     for peephole in ((False, True) if case[0] == "lstm" else (False,))]
+REGULARISED_IDS = ["-".join([cell, *(f"{k}={v}" for k, v in o.items())]
+                            + [n for n, on in zip(("layer_norm", "zoneout", "weight_mask", "peephole"), flags)
+                               if on])
+                   for cell, o, *flags in REGULARISED_CASES]
+
+
+@pytest.mark.parametrize(("cell", "opts", "layer_norm", "zoneout", "weight_mask", "peephole"),
+                         REGULARISED_CASES, ids=REGULARISED_IDS)
+def test_regularisers_backward_matches_finite_differences(cell, opts, layer_norm, zoneout, weight_mask,
+                                                          peephole, rng):
+    """Layer norm (its gains among the inputs), zoneout of h and c (training masks) and DropConnect, alone
+    and together, with a recurrent mask too, against central finite differences of the reference."""
+    T, B, I, H = SIZES
+    coupled = opts.get("coupled_gates", False)
+    G = 3 if coupled else GATES[cell]
+    opts = {**opts, "recurrent_mask": _mask(T, B, H, rng)}
+    if zoneout:
+        opts["zoneout"] = _keep_mask((T, B, H), rng)
+        if cell == "lstm":
+            opts["zoneout_cell"] = _keep_mask((T, B, H), rng)
+    if weight_mask:
+        opts["weight_mask"] = _mask(1, G * H, H, rng)[0]
+    for _ in range(100):
+        p, seeds = _problem(cell, T, B, I, H, rng, coupled=coupled, peephole=peephole)
+        if layer_norm:
+            p = _with_layer_norm(cell, p, rng, coupled)
+        if _is_valid(cell, {**opts}, p):
+            break
+    else:
+        raise AssertionError("no problem away from the relu kink and the clip bounds in 100 draws")
+    _check_against_finite_differences(cell, opts, p, seeds)
+
+
+def test_layer_norm_normalises_each_row_and_its_gains_scale_it(rng):
+    """LN(v) has mean 0 and variance var / (var + 1e-5) per row; the LSTM with unit gains and zero cell bias
+    differs from the one without layer norm, and scaling W leaves it unchanged (LN is scale-invariant)."""
+    v = rng.normal(size=(3, 8)) * 5 + 2
+    out, _ = ref._layer_norm(v, np.ones(8))
+    var = v.var(axis=1, keepdims=True)
+    np.testing.assert_allclose(out.mean(axis=1), 0.0, atol=1e-12)
+    np.testing.assert_allclose(out.var(axis=1, keepdims=True), var / (var + 1e-5), rtol=1e-12)
+    p, _ = _problem("lstm", 4, 2, 3, 5, rng)
+    gains = dict(gamma_x=np.ones(20), gamma_h=np.ones(20), gamma_c=np.ones(5), beta_c=np.zeros(5))
+    y, *_ = ref.lstm_forward(**p, **gains)
+    y_plain, *_ = ref.lstm_forward(**p)
+    assert np.abs(y - y_plain).max() > 1e-3
+    y_scaled, *_ = ref.lstm_forward(**{**p, "W": 10.0 * p["W"]}, **gains)
+    # Equal up to the 1e-5 beside the variance: W x has a variance of about 0.02 per row here, so the outputs
+    # move by about 1e-5 / (2 * 0.02); without layer norm they move by far more.
+    assert np.abs(y_scaled - y).max() < 1e-3
+    assert np.abs(ref.lstm_forward(**{**p, "W": 10.0 * p["W"]})[0] - y_plain).max() > 0.1
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_zoneout_keeps_the_state_where_its_mask_is_one(cell, rng):
+    """Keep factors 0 everywhere are no zoneout; 1 everywhere keep h0 (and c0) for every step; in evaluation
+    the factor z mixes the previous state and the new one."""
+    T, B, I, H = SIZES
+    p, _ = _problem(cell, T, B, I, H, rng)
+    forward = ref.lstm_forward if cell == "lstm" else ref.gru_forward
+    zeros, ones = np.zeros((T, B, H)), np.ones((T, B, H))
+    cell_keep = (lambda d: {"zoneout_cell": d}) if cell == "lstm" else (lambda d: {})
+    plain = forward(**p)
+    np.testing.assert_array_equal(forward(**p, zoneout=zeros, **cell_keep(zeros))[0], plain[0])
+    frozen = forward(**p, zoneout=ones, **cell_keep(ones))
+    np.testing.assert_array_equal(frozen[0], np.broadcast_to(p["h0"], (T, B, H)))
+    if cell == "lstm":
+        np.testing.assert_array_equal(frozen[2], p["c0"])
+    evaluation = np.full((1, B, H), 0.3)
+    first = forward(**{**p, "x": p["x"][:1]}, zoneout=evaluation, **cell_keep(evaluation))
+    step = forward(**{**p, "x": p["x"][:1]})
+    np.testing.assert_allclose(first[0][0], 0.3 * p["h0"] + 0.7 * step[0][0], rtol=1e-14)
+
+
+def test_weight_mask_is_dropconnect_on_R(rng):
+    """A weight mask M runs the cell on R * M; dR is M times the gradient of R * M."""
+    T, B, I, H = SIZES
+    p, seeds = _problem("lstm", T, B, I, H, rng)
+    M = _mask(1, 4 * H, H, rng)[0]
+    masked = ref.lstm_forward(**p, weight_mask=M)
+    on_product = ref.lstm_forward(**{**p, "R": p["R"] * M})
+    np.testing.assert_array_equal(masked[0], on_product[0])
+    g = ref.lstm_backward(masked[3], seeds["dy"], seeds["dh_T"], seeds["dc_T"])
+    g_product = ref.lstm_backward(on_product[3], seeds["dy"], seeds["dh_T"], seeds["dc_T"])
+    np.testing.assert_allclose(g[4], M * g_product[4], rtol=1e-14)
+    np.testing.assert_allclose(g[0], g_product[0], rtol=1e-14)
+
+
+def test_regularisers_with_a_projection_match_finite_differences(rng):
+    """Layer norm, zoneout (of the P units of h, the H of c) and DropConnect ([4H, P]) with a projection."""
+    T, B, I, H, P = 4, 2, 3, 5, 3
+    p, seeds = _projected_problem(T, B, I, H, P, rng, peephole=True)
+    p = _with_layer_norm("lstm", p, rng)
+    opts = {"activation": "tanh", "zoneout": _keep_mask((T, B, P), rng),
+            "zoneout_cell": _keep_mask((T, B, H), rng), "weight_mask": _mask(1, 4 * H, P, rng)[0],
+            "recurrent_mask": _mask(T, B, P, rng)}
+    _check_against_finite_differences("lstm", opts, p, seeds)
