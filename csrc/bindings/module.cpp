@@ -293,6 +293,20 @@ CellOptions cell_options(const std::string& cell, const py::dict& given) {
       o.dropout_seed = value.cast<uint64_t>();
     } else if (key == "dropout_stream") {
       o.dropout_stream = value.cast<uint64_t>();
+    } else if (key == "weight_dropout") {
+      o.weight_dropout = value.cast<double>();
+    } else if (key == "weight_dropout_stream") {
+      o.weight_dropout_stream = value.cast<uint64_t>();
+    } else if (key == "zoneout") {
+      o.zoneout = value.cast<double>();
+    } else if (key == "zoneout_cell") {
+      o.zoneout_cell = value.cast<double>();
+    } else if (key == "zoneout_sample") {
+      o.zoneout_sample = value.cast<bool>();
+    } else if (key == "zoneout_stream") {
+      o.zoneout_stream = value.cast<uint64_t>();
+    } else if (key == "zoneout_cell_stream") {
+      o.zoneout_cell_stream = value.cast<uint64_t>();
     } else {
       throw py::value_error("options: unknown cell option '" + key + "'");
     }

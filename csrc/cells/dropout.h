@@ -37,4 +37,13 @@ CONVEYOR_HOST_DEVICE T dropout_mask_value(double p, uint64_t seed, uint64_t stre
   return dropout_uniform(seed, stream, row, unit, step) < p ? T(0) : static_cast<T>(1.0 / (1.0 - p));
 }
 
+// Zoneout's keep factor d of one element (Krueger et al. 2017), in h_t = d h_{t-1} + (1 - d) h~_t: when sampled
+// (training) 1 with probability z, from the draw dropout uses, else 0; otherwise (evaluation) the expectation z.
+template <typename T>
+CONVEYOR_HOST_DEVICE T zoneout_keep(double z, bool sample, uint64_t seed, uint64_t stream, uint64_t row, uint64_t unit,
+                                    uint64_t step) {
+  if (!sample) return static_cast<T>(z);
+  return dropout_uniform(seed, stream, row, unit, step) < z ? T(1) : T(0);
+}
+
 }  // namespace conveyor::cells

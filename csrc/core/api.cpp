@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "conveyor/conveyor.h"
@@ -128,7 +129,7 @@ int gate_count(const CellOptions& options) {
 
 int cache_width(const CellOptions& options) {
   switch (options.cell) {
-    case CellType::lstm: return 5;
+    case CellType::lstm: return options.zoneout_cell > 0 ? 6 : 5;
     case CellType::gru: return 4;
     case CellType::rnn: return 0;
   }
@@ -177,9 +178,20 @@ void check_options(const CellOptions& options) {
   if (!std::isfinite(options.forget_bias)) {
     throw ArgumentError("forget_bias: expected a finite number, got " + number(options.forget_bias));
   }
-  if (!(options.recurrent_dropout >= 0 && options.recurrent_dropout < 1)) {
-    throw ArgumentError("recurrent_dropout: expected a probability in [0, 1), got " +
-                        number(options.recurrent_dropout));
+  const std::pair<const char*, double> probabilities[] = {{"recurrent_dropout", options.recurrent_dropout},
+                                                          {"weight_dropout", options.weight_dropout},
+                                                          {"zoneout", options.zoneout},
+                                                          {"zoneout_cell", options.zoneout_cell}};
+  for (const auto& [name, p] : probabilities) {
+    if (!(p >= 0 && p < 1)) {
+      throw ArgumentError(std::string(name) + ": expected a probability in [0, 1), got " + number(p));
+    }
+  }
+  if (options.zoneout_cell > 0 && options.cell != CellType::lstm) {
+    throw ArgumentError(std::string("zoneout_cell: an LSTM option, but the cell is ") + cell_name(options.cell));
+  }
+  if (options.zoneout > 0 && options.cell == CellType::rnn) {
+    throw ArgumentError("zoneout: an option of the LSTM and the GRU, but the cell is rnn");
   }
   if (!std::isfinite(options.cell_clip) || options.cell_clip < 0) {
     throw ArgumentError("cell_clip: expected a finite number > 0 (or 0 for no clip), got " +
@@ -257,6 +269,11 @@ void check_dtype_supported(const TensorView& x) {
 }
 
 void check_device_supported(const TensorView& x, const CellOptions& options) {
+  if (x.device.kind == DeviceKind::cuda && (options.weight_dropout > 0 || options.zoneout > 0 ||
+                                            options.zoneout_cell > 0)) {
+    throw ArgumentError(std::string(options.weight_dropout > 0 ? "weight_dropout" : "zoneout") +
+                        ": not in the CUDA backend yet (run the window on the CPU)");
+  }
   if (x.device.kind == DeviceKind::cpu && options.algorithm != Algorithm::automatic) {
     throw ArgumentError(std::string("algorithm: '") + algorithm_name(options.algorithm) +
                         "' is an algorithm of the CUDA backend, but x is on the CPU (expected 'auto')");

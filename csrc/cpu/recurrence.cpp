@@ -184,6 +184,51 @@ void masked(int64_t n, const T* __restrict m, const T* __restrict h, T* __restri
   for (int64_t i = 0; i < n; ++i) out[i] = m[i] * h[i];
 }
 
+// DropConnect's mask value M[r, k] (CellOptions::weight_dropout): one mask for the whole window.
+template <typename T>
+T weight_mask(const CellOptions& options, int64_t r, int64_t k) {
+  return cells::dropout_mask_value<T>(options.weight_dropout, options.dropout_seed, options.weight_dropout_stream,
+                                      r, k, 0);
+}
+
+// R * M under DropConnect, or R itself without it ([rows, cols]).
+template <typename T>
+class DroppedWeights {
+ public:
+  DroppedWeights(const CellOptions& options, int64_t rows, int64_t cols, const T* R)
+      : copy_(options.weight_dropout > 0 ? rows * cols : 0) {
+    data_ = R;
+    if (options.weight_dropout == 0) return;
+    for_each_row(rows, kElementCost * cols, [&](int64_t r) {
+      for (int64_t k = 0; k < cols; ++k) copy_[r * cols + k] = R[r * cols + k] * weight_mask<T>(options, r, k);
+    });
+    data_ = copy_.data();
+  }
+  const T* get() const { return data_; }
+
+ private:
+  Scratch<T> copy_;
+  const T* data_;
+};
+
+// Zoneout's keep factors (cells::zoneout_keep) of step t's rows in packed order, [rows_at(t), width].
+template <typename T>
+void keep_factors(const CellOptions& options, double z, uint64_t stream, const PackedBatch& rows, int64_t t,
+                  int64_t width, T* out) {
+  for (int64_t k = 0; k < rows.rows_at(t); ++k) {
+    for (int64_t u = 0; u < width; ++u) {
+      out[k * width + u] =
+          cells::zoneout_keep<T>(z, options.zoneout_sample, options.dropout_seed, stream, rows.order[k], u, t);
+    }
+  }
+}
+
+// state (=) keep * previous + (1 - keep) * state, over n elements: zoneout of a new state.
+template <typename T>
+void zone_out(int64_t n, const T* __restrict keep, const T* __restrict previous, T* __restrict state) {
+  for (int64_t i = 0; i < n; ++i) state[i] = keep[i] * previous[i] + (T(1) - keep[i]) * state[i];
+}
+
 struct Window {
   int64_t steps, batch, input_size, hidden_size, gates;
   int64_t gh() const { return gates * hidden_size; }
@@ -200,14 +245,15 @@ Window make_window(const CellOptions& options, const WindowSizes& s) {
 template <typename T>
 void peephole_grads(const CellOptions& options, const PackedBatch& rows, int64_t H, const T* da, int64_t ld,
                     const T* cache, const T* c0, bool accumulate, T* dP) {
-  const int64_t cw = 5 * H;
+  const int64_t cw = cache_width(options) * H;
+  const int64_t carried = options.zoneout_cell > 0 ? 5 * H : 4 * H;  // c_{t-1} as the step received it
   const int64_t bf = options.coupled_gates ? 0 : 1, bo = options.coupled_gates ? 2 : 3;
   std::vector<T> sum(static_cast<size_t>(3 * H), T(0));
   for (int64_t t = 0; t < rows.steps; ++t) {
     for (int64_t b = 0; b < rows.rows_at(t); ++b) {
       const int64_t row = rows.offsets[t] + b;
       const T* c = cache + row * cw + 4 * H;
-      const T* c_prev = t == 0 ? c0 + b * H : cache + (rows.offsets[t - 1] + b) * cw + 4 * H;
+      const T* c_prev = t == 0 ? c0 + b * H : cache + (rows.offsets[t - 1] + b) * cw + carried;
       const T* d = da + row * ld;
       for (int64_t j = 0; j < H; ++j) {
         if (!options.coupled_gates) sum[j] += d[j] * c_prev[j];
@@ -399,7 +445,8 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   const int64_t O = sizes.output_size;  // the units of h and y: P with a projection, else H
   const int64_t cw = cache_width(options) * H;
   const T* W = static_cast<const T*>(args.W.data);
-  const T* R = static_cast<const T*>(args.R.data);
+  const DroppedWeights<T> dropped(options, GH, O, static_cast<const T*>(args.R.data));
+  const T* R = dropped.get();
   const T* bW = data_or_null<T>(args.bW);
   const T* W_hr = data_or_null<T>(args.W_hr);
   const PackedInput<T> x(rows, w.input_size, static_cast<const T*>(args.x.data));
@@ -445,6 +492,14 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   // A projection: the cell writes o * act(c_t) of a step's rows here, and their product with W_hr^T is h_t.
   Scratch<T> unprojected(W_hr != nullptr ? B * H : 0);
   const PackedMatrix<T> projection(W_hr != nullptr ? H : 0, O, MatrixRef<T>::transposed(W_hr, H));
+  // Zoneout: a step's keep factors of h (and c), and the LSTM's c_{t-1}, which the cell overwrites in place.
+  Scratch<T> keep_h(options.zoneout > 0 ? B * O : 0), keep_c(options.zoneout_cell > 0 ? B * H : 0);
+  Scratch<T> c_prev(options.zoneout_cell > 0 ? B * H : 0);
+  auto zone_out_h = [&](int64_t t, int64_t Bt, const T* h_prev, T* h) {
+    if (options.zoneout == 0) return;
+    keep_factors(options, options.zoneout, options.zoneout_stream, rows, t, O, keep_h.data());
+    zone_out(Bt * O, keep_h.data(), h_prev, h);
+  };
 
   for (int64_t t = 0; t < rows.steps; ++t) {
     const int64_t Bt = rows.rows_at(t), first = rows.offsets[t];
@@ -471,10 +526,12 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
         gru_reset_before_output_row<T, kRelu>(H, ax_t + b * GH + 2 * H, ar.data() + b * GH + 2 * H, bR + 2 * H,
                                               h_prev + b * H, h + b * H, cache_t + b * cw);
       });
+      zone_out_h(t, Bt, h_prev, h);
       continue;
     }
 
     gemm<T>(Bt, T(1), MatrixRef<T>::rows(h_product, O), recurrent, T(0), ar.data(), GH);
+    if (options.zoneout_cell > 0) std::memcpy(c_prev.data(), cell_state.data(), sizeof(T) * Bt * H);
     for_each_row(Bt, kElementCost * H, [&](int64_t b) {
       const T* ax_b = ax_t + b * GH;
       const T* ar_b = ar.data() + b * GH;
@@ -495,6 +552,14 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
       }
     });
     if (W_hr != nullptr) gemm<T>(Bt, T(1), MatrixRef<T>::rows(cell_output, H), projection, T(0), h, O);
+    zone_out_h(t, Bt, h_prev, h);
+    if (options.zoneout_cell > 0) {  // the cache keeps both: the cell's own c_t (column 4) and the state carried
+      keep_factors(options, options.zoneout_cell, options.zoneout_cell_stream, rows, t, H, keep_c.data());
+      zone_out(Bt * H, keep_c.data(), c_prev.data(), cell_state.data());
+      for (int64_t b = 0; b < Bt; ++b) {
+        std::memcpy(cache_t + b * cw + 5 * H, cell_state.data() + b * H, sizeof(T) * H);
+      }
+    }
   }
 
   // A row's final state is its output at its last step; the cell state stopped where the row did.
@@ -514,7 +579,8 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   const int64_t O = sizes.output_size;  // the units of h and y: P with a projection, else H
   const int64_t cw = cache_width(options) * H;
   const T* W = static_cast<const T*>(args.W.data);
-  const T* R = static_cast<const T*>(args.R.data);
+  const DroppedWeights<T> dropped(options, GH, O, static_cast<const T*>(args.R.data));
+  const T* R = dropped.get();
   const T* W_hr = data_or_null<T>(args.W_hr);
   const PackedInput<T> x(rows, I, static_cast<const T*>(args.x.data));
   const PackedInput<T> y(rows, O, static_cast<const T*>(args.y.data));
@@ -572,8 +638,15 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   // no further dy.
   Scratch<T> dh_total(W_hr != nullptr ? N * O : 0);
   Scratch<T> d_unprojected(W_hr != nullptr ? B * H : 0);
-  const std::vector<T> no_dy(W_hr != nullptr ? static_cast<size_t>(B * H) : 0, T(0));
+  const std::vector<T> no_dy(W_hr != nullptr || options.zoneout > 0 ? static_cast<size_t>(B * std::max(H, O)) : 0,
+                             T(0));
   const PackedMatrix<T> projection(W_hr != nullptr ? O : 0, H, MatrixRef<T>::rows(W_hr, H));
+  // Zoneout (h_t = d h_{t-1} + (1 - d) h~_t, likewise c): a step's keep factors, and the parts of the gradients
+  // reaching h_t and c_t that go straight on to h_{t-1} and c_{t-1}. The cell's backward gets the rest.
+  Scratch<T> keep_h(options.zoneout > 0 ? B * O : 0), kept_h(options.zoneout > 0 ? B * O : 0);
+  Scratch<T> keep_c(options.zoneout_cell > 0 ? B * H : 0), kept_c(options.zoneout_cell > 0 ? B * H : 0);
+  // Where the cache holds the cell state a step hands on: c_t, or c_t after zoneout in column 5.
+  const int64_t carried = options.zoneout_cell > 0 ? 5 * H : 4 * H;
 
   for (int64_t t = rows.steps - 1; t >= 0; --t) {
     const int64_t Bt = rows.rows_at(t), first = rows.offsets[t];
@@ -582,6 +655,22 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
     const T* dy_t = dy.get() + first * O;
     const T* cache_t = cache + first * cw;
     T* dax_t = dax.data() + first * GH;
+    if (options.zoneout > 0) {  // dh becomes the cell's whole output gradient, (1 - d) (dy_t + dh)
+      keep_factors(options, options.zoneout, options.zoneout_stream, rows, t, O, keep_h.data());
+      for (int64_t j = 0; j < Bt * O; ++j) {
+        const T total = dy_t[j] + dh[j];
+        kept_h[j] = keep_h[j] * total;
+        dh[j] = (T(1) - keep_h[j]) * total;
+      }
+      dy_t = no_dy.data();
+    }
+    if (options.zoneout_cell > 0) {
+      keep_factors(options, options.zoneout_cell, options.zoneout_cell_stream, rows, t, H, keep_c.data());
+      for (int64_t j = 0; j < Bt * H; ++j) {
+        kept_c[j] = keep_c[j] * dc[j];
+        dc[j] = (T(1) - keep_c[j]) * dc[j];
+      }
+    }
 
     switch (options.cell) {
       case CellType::lstm: {
@@ -595,7 +684,7 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
           d_later = no_dy.data();
         }
         for_each_row(Bt, kElementCost * H, [&](int64_t b) {
-          const T* c_prev = t == 0 ? c0.data() + b * H : cache + (rows.offsets[t - 1] + b) * cw + 4 * H;
+          const T* c_prev = t == 0 ? c0.data() + b * H : cache + (rows.offsets[t - 1] + b) * cw + carried;
           lstm_switch(lstm, options.coupled_gates, [&](auto kCoupled, auto kPeephole, auto kClip) {
             lstm_backward_row<T, kRelu, kCoupled, kPeephole, kClip>(H, lstm, peephole, cache_t + b * cw, c_prev,
                                                                     d_output + b * H, d_later + b * H,
@@ -604,6 +693,9 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
         });
         gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), O);
         fold_product(t, Bt, false);
+        if (options.zoneout_cell > 0) {
+          for (int64_t j = 0; j < Bt * H; ++j) dc[j] += kept_c[j];
+        }
         break;
       }
       case CellType::rnn:
@@ -638,6 +730,9 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
           fold_product(t, Bt, true);
         }
         break;
+    }
+    if (options.zoneout > 0) {
+      for (int64_t j = 0; j < Bt * O; ++j) dh[j] += kept_h[j];
     }
   }
 
@@ -674,18 +769,23 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
             beta, static_cast<T*>(args.dW_hr.data), H);
   }
 
+  // DropConnect: the products used R * M, so dR = M * (their gradient), formed in a scratch first.
+  const bool weight_dropout = options.weight_dropout > 0 && args.dR.present();
+  Scratch<T> dR_dropped(weight_dropout ? GH * O : 0);
+  T* dR_out = weight_dropout ? dR_dropped.data() : static_cast<T*>(args.dR.data);
+  const T beta_R = weight_dropout ? T(0) : beta;
   // dR[rows] = sum over steps of da^T h_{t-1}, for a block of R's rows whose pre-activation gradients are
   // `da` (leading dimension lda). Dense and without dropout, step 0 reads h0 and later steps read y: two
   // products; otherwise one over h_products.
   auto recurrent_weight_grad = [&](int64_t row0, int64_t count, const T* da, int64_t lda) {
-    T* out = static_cast<T*>(args.dR.data) + row0 * O;
+    T* out = dR_out + row0 * O;
     if (gather_products) {
-      gemm<T>(count, O, N, T(1), MatrixRef<T>::transposed(da, lda), MatrixRef<T>::rows(h_products.data(), O), beta,
-              out, O);
+      gemm<T>(count, O, N, T(1), MatrixRef<T>::transposed(da, lda), MatrixRef<T>::rows(h_products.data(), O),
+              beta_R, out, O);
       return;
     }
-    gemm<T>(count, O, N - B, T(1), MatrixRef<T>::transposed(da + B * lda, lda), MatrixRef<T>::rows(y.get(), O), beta,
-            out, O);
+    gemm<T>(count, O, N - B, T(1), MatrixRef<T>::transposed(da + B * lda, lda), MatrixRef<T>::rows(y.get(), O),
+            beta_R, out, O);
     if (args.h0.present()) {
       gemm<T>(count, O, B, T(1), MatrixRef<T>::transposed(da, lda), MatrixRef<T>::rows(h0.data(), O), T(1), out, O);
     }
@@ -695,15 +795,23 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
       recurrent_weight_grad(0, GH, dax.data(), GH);
     } else {
       recurrent_weight_grad(0, 2 * H, dax.data(), GH);
-      T* out_n = static_cast<T*>(args.dR.data) + 2 * H * H;
       if (options.reset_after) {
         recurrent_weight_grad(2 * H, H, dar_n.data(), H);
       } else {
         // The n block's recurrent product read r * h_{t-1}, saved in the cache's fourth column block.
         gemm<T>(H, H, N, T(1), MatrixRef<T>::transposed(dax.data() + 2 * H, GH),
-                MatrixRef<T>::rows(cache + 3 * H, cw), beta, out_n, H);
+                MatrixRef<T>::rows(cache + 3 * H, cw), beta_R, dR_out + 2 * H * H, H);
       }
     }
+  }
+  if (weight_dropout) {
+    T* dR = static_cast<T*>(args.dR.data);
+    for_each_row(GH, kElementCost * O, [&](int64_t r) {
+      for (int64_t k = r * O; k < (r + 1) * O; ++k) {
+        const T masked_grad = weight_mask<T>(options, r, k - r * O) * dR_dropped[k];
+        dR[k] = args.accumulate ? dR[k] + masked_grad : masked_grad;
+      }
+    });
   }
   if (args.dbR.present()) {
     T* dbR = static_cast<T*>(args.dbR.data);

@@ -166,10 +166,17 @@ def check_algorithm(algorithm) -> str:
     return _check_choice("algorithm", algorithm, ALGORITHMS)
 
 
-def _options(activation, training, allow_tf32, dropout=(0.0, True, 0, 0), algorithm="auto",
+# The streams of a window's masks beyond its recurrent dropout's (`mask_stream`): mask_stream + these. The
+# stacks give each layer and direction mask_stream(layer, direction, 1), so that these are its kinds 2, 3, 4.
+WEIGHT_DROPOUT_OFFSET, ZONEOUT_OFFSET, ZONEOUT_CELL_OFFSET = 1, 2, 3
+
+
+def _options(activation, training, allow_tf32, dropout=(0.0, True, 0, 0), algorithm="auto", regularisers=None,
              **flags) -> tuple[dict, bool]:
     """The cell options as the compiled core takes them, checked; and `training`. `dropout` is
-    (recurrent_dropout, variational, seed, mask_stream), applied in training only."""
+    (recurrent_dropout, variational, seed, mask_stream), applied in training only. `regularisers`:
+    (weight_dropout, zoneout, zoneout_cell): DropConnect in training only; zoneout sampled in training, its
+    expectation in evaluation."""
     options = {"activation": _check_activation(activation),
                "allow_tf32": _check_flag("allow_tf32", allow_tf32),
                "algorithm": check_algorithm(algorithm)}
@@ -183,26 +190,46 @@ def _options(activation, training, allow_tf32, dropout=(0.0, True, 0, 0), algori
     if training and q > 0:
         options.update(recurrent_dropout=q, variational=variational, dropout_seed=seed,
                        dropout_stream=mask_stream)
+    weight_dropout, zoneout, zoneout_cell = regularisers or (0.0, 0.0, 0.0)
+    weight_dropout = check_probability("weight_dropout", weight_dropout)
+    zoneout = check_probability("zoneout", zoneout)
+    zoneout_cell = check_probability("zoneout_cell", zoneout_cell)
+    if training and weight_dropout > 0:
+        options.update(weight_dropout=weight_dropout, dropout_seed=seed,
+                       weight_dropout_stream=(mask_stream + WEIGHT_DROPOUT_OFFSET) % 2**64)
+    if zoneout > 0 or zoneout_cell > 0:
+        options.update(zoneout_sample=training, dropout_seed=seed)
+    if zoneout > 0:
+        options.update(zoneout=zoneout, zoneout_stream=(mask_stream + ZONEOUT_OFFSET) % 2**64)
+    if zoneout_cell > 0:
+        options.update(zoneout_cell=zoneout_cell,
+                       zoneout_cell_stream=(mask_stream + ZONEOUT_CELL_OFFSET) % 2**64)
     return options, training
 
 
 def window_options(cell, *, activation="tanh", training=True, allow_tf32=False, recurrent_dropout=0.0,
                    variational=True, seed=0, mask_stream=0, algorithm="auto", coupled_gates=False,
-                   peephole=False, forget_bias=0.0, cell_clip=None, reset_after=True) -> tuple[dict, bool]:
+                   peephole=False, forget_bias=0.0, cell_clip=None, reset_after=True, weight_dropout=0.0,
+                   zoneout=0.0, zoneout_cell=0.0) -> tuple[dict, bool]:
     """The core's options of one window of ``cell`` as its forward function builds them from its keyword
     arguments (checked), and ``training``: what a backward needs to run the window's backward again."""
     dropout = (recurrent_dropout, variational, seed, mask_stream)
+    if cell == "rnn" and zoneout:
+        raise ValueError(f"zoneout: an option of the LSTM and the GRU, got {zoneout!r} for an rnn")
+    if cell != "lstm" and zoneout_cell:
+        raise ValueError(f"zoneout_cell: an LSTM option, got {zoneout_cell!r} for a {cell}")
+    regularisers = (weight_dropout, zoneout, zoneout_cell)
     if cell == "lstm":
-        options, training = _options(activation, training, allow_tf32, dropout, algorithm,
+        options, training = _options(activation, training, allow_tf32, dropout, algorithm, regularisers,
                                      coupled_gates=coupled_gates, peephole=peephole)
         options["forget_bias"] = _check_number("forget_bias", forget_bias)
         options["cell_clip"] = 0.0 if cell_clip is None else _check_number("cell_clip", cell_clip,
                                                                            positive=True)
     elif cell == "gru":
-        options, training = _options(activation, training, allow_tf32, dropout, algorithm,
+        options, training = _options(activation, training, allow_tf32, dropout, algorithm, regularisers,
                                      reset_after=reset_after)
     else:
-        options, training = _options(activation, training, allow_tf32, dropout, algorithm)
+        options, training = _options(activation, training, allow_tf32, dropout, algorithm, regularisers)
     return options, training
 
 
@@ -255,7 +282,7 @@ def _backward(cell: str, saved, dy, dh_T, dc_T, stream, keep=False):
 def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, W_hr=None, coupled_gates=False,
                  forget_bias=0.0, cell_clip=None, activation="tanh", recurrent_dropout=0.0, variational=True,
                  seed=0, mask_stream=0, training=True, allow_tf32=False, algorithm="auto", lengths=None,
-                 stream=None, _packed=False):
+                 weight_dropout=0.0, zoneout=0.0, zoneout_cell=0.0, stream=None, _packed=False):
     """Runs an LSTM over the window ``x`` ``[T, B, input_size]``.
 
     ``bW``/``bR`` may be None (no bias); ``h0``/``c0`` ``[B, hidden_size]`` default to zeros. ``c0`` and the
@@ -285,6 +312,13 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, W_hr=None, couple
     seed=seed, mask_stream=mask_stream)`` of shape ``[T, B, hidden_size]`` (one mask shared by every step when
     ``variational``, Gal & Ghahramani 2016).
 
+    Regularisers (docs/math.md, "Regularisers"): ``weight_dropout=p`` (every cell, in training only):
+    DropConnect on R, one mask for the window, ``dropout_mask(..., (1, G*hidden_size, R's columns), p,
+    variational=True, seed=seed, mask_stream=mask_stream + 1)[0]``, as AWD-LSTM's weight drop.
+    ``zoneout=z`` (LSTM and GRU) and ``zoneout_cell`` (LSTM): each unit of h (of c) keeps its previous value
+    with probability z, per step, row and unit, drawn from the streams ``mask_stream + 2`` (``+ 3``) in
+    training; in evaluation (``training=False``) the expectation ``z h_{t-1} + (1 - z) h~_t``.
+
     ``algorithm`` (every forward; the backward of a window takes the same): how the CUDA backend runs the
     recurrence. ``"persistent"``: one cooperative launch for the window, each block keeping its slice of R
     on chip; ``"per_step"``: one launch per step; ``"auto"``: persistent where it fits on the device and
@@ -296,7 +330,7 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, W_hr=None, couple
         "lstm", activation=activation, training=training, allow_tf32=allow_tf32,
         recurrent_dropout=recurrent_dropout, variational=variational, seed=seed, mask_stream=mask_stream,
         algorithm=algorithm, coupled_gates=coupled_gates, peephole=P is not None, forget_bias=forget_bias,
-        cell_clip=cell_clip)
+        cell_clip=cell_clip, weight_dropout=weight_dropout, zoneout=zoneout, zoneout_cell=zoneout_cell)
     return _forward("lstm", options, x, W, R, bW, bR, h0, c0, P, W_hr, lengths, training, stream, _packed)
 
 
@@ -310,14 +344,15 @@ def lstm_backward(saved, dy, dh_T=None, dc_T=None, *, stream=None, _keep=False) 
 
 def gru_forward(x, W, R, bW, bR, h0=None, *, reset_after=True, activation="tanh", recurrent_dropout=0.0,
                 variational=True, seed=0, mask_stream=0, training=True, allow_tf32=False, algorithm="auto",
-                lengths=None, stream=None, _packed=False):
+                lengths=None, weight_dropout=0.0, zoneout=0.0, stream=None, _packed=False):
     """Runs a GRU over the window ``x``. ``reset_after=True`` applies the reset gate after the recurrent
     product (cuDNN, PyTorch); False before it (Cho et al. 2014). Recurrent dropout as in :func:`lstm_forward`
-    (the output mix uses the unmasked h_{t-1}); ``lengths`` as there. Returns ``(y, h_T, saved)``."""
+    (the output mix uses the unmasked h_{t-1}); ``lengths``, ``weight_dropout`` and ``zoneout`` as there.
+    Returns ``(y, h_T, saved)``."""
     options, training = window_options(
         "gru", activation=activation, training=training, allow_tf32=allow_tf32,
         recurrent_dropout=recurrent_dropout, variational=variational, seed=seed, mask_stream=mask_stream,
-        algorithm=algorithm, reset_after=reset_after)
+        algorithm=algorithm, reset_after=reset_after, weight_dropout=weight_dropout, zoneout=zoneout)
     y, h_T, _, saved = _forward("gru", options, x, W, R, bW, bR, h0, None, None, None, lengths, training,
                                 stream, _packed)
     return y, h_T, saved
@@ -331,13 +366,13 @@ def gru_backward(saved, dy, dh_T=None, *, stream=None, _keep=False) -> GRUGrads:
 
 def rnn_forward(x, W, R, bW, bR, h0=None, *, activation="tanh", recurrent_dropout=0.0, variational=True,
                 seed=0, mask_stream=0, training=True, allow_tf32=False, algorithm="auto", lengths=None,
-                stream=None, _packed=False):
-    """Runs a plain RNN, ``h_t = act(W x_t + bW + R h_{t-1} + bR)``, over the window ``x``. Recurrent dropout
-    and ``lengths`` as in :func:`lstm_forward`. Returns ``(y, h_T, saved)``."""
+                weight_dropout=0.0, stream=None, _packed=False):
+    """Runs a plain RNN, ``h_t = act(W x_t + bW + R h_{t-1} + bR)``, over the window ``x``. Recurrent dropout,
+    ``lengths`` and ``weight_dropout`` as in :func:`lstm_forward`. Returns ``(y, h_T, saved)``."""
     options, training = window_options(
         "rnn", activation=activation, training=training, allow_tf32=allow_tf32,
         recurrent_dropout=recurrent_dropout, variational=variational, seed=seed, mask_stream=mask_stream,
-        algorithm=algorithm)
+        algorithm=algorithm, weight_dropout=weight_dropout)
     y, h_T, _, saved = _forward("rnn", options, x, W, R, bW, bR, h0, None, None, None, lengths, training,
                                 stream, _packed)
     return y, h_T, saved

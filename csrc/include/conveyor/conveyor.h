@@ -151,6 +151,22 @@ struct CellOptions {
   bool variational = true;
   uint64_t dropout_seed = 0;
   uint64_t dropout_stream = 0;  // distinguishes the masks of layers and directions under one seed
+  // DropConnect on the recurrent weights (Wan et al. 2013; the weight drop of Merity et al. 2017): the
+  // probability of dropping each entry of R, in [0, 1); 0: none. The window runs on R * M with the one mask
+  // M[r, k] = dropout_mask value of (dropout_seed, weight_dropout_stream, row r, unit k, step 0) (an [1, G*H, P]
+  // dropout_mask, variational), 0 or 1 / (1 - p); dR is M times the gradient of R * M.
+  double weight_dropout = 0;
+  uint64_t weight_dropout_stream = 0;
+  // Zoneout (Krueger et al. 2017), LSTM and GRU: h_t = d h_{t-1} + (1 - d) h~_t, h~_t the cell's own output,
+  // per (step, row, unit); the LSTM's c likewise with zoneout_cell. Probabilities in [0, 1); 0: none.
+  // zoneout_sample: d is 1 with probability z, else 0, drawn as dropout's masks are from (dropout_seed,
+  // zoneout_stream or zoneout_cell_stream, b, u, step) (training); false: d = z, the expectation (evaluation).
+  // The step counts the order the window runs.
+  double zoneout = 0;
+  double zoneout_cell = 0;
+  bool zoneout_sample = true;
+  uint64_t zoneout_stream = 0;
+  uint64_t zoneout_cell_stream = 0;
   // CUDA float32 only: the time-parallel products (input projection, dx, dW, dR) may run on tensor cores in
   // TF32 (inputs rounded to 10 mantissa bits, float32 accumulation). The recurrence itself stays float32.
   // Ignored by the CPU backend and by other dtypes.
@@ -170,8 +186,8 @@ const char* algorithm_name(Algorithm algorithm);  // "auto", "per_step", "persis
 int gate_count(const CellOptions& options);
 
 // The number of H-wide columns that forward() saves per (step, batch row) for backward():
-// LSTM 5 (i, f, g, o after their activations, c_t); GRU 4 (r, z, n, and R_n h + bR_n when reset_after,
-// r * h when not); RNN 0 (backward reads y). The cache is [T, B, cache_width * H]. A projection adds no
+// LSTM 5 (i, f, g, o after their activations, c_t; a sixth with zoneout_cell, c_t after zoneout); GRU 4 (r,
+// z, n, and R_n h + bR_n when reset_after, r * h when not); RNN 0 (backward reads y). The cache is [T, B, cache_width * H]. A projection adds no
 // column: backward recomputes o * act(c_t) from o and c_t.
 int cache_width(const CellOptions& options);
 
