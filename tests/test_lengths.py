@@ -53,6 +53,7 @@ def run_with_lengths(p, lengths, **options):
     grads = backward(out[-1], p.dy, *finals(p))._asdict()
     grads.pop("dP", None)
     grads.pop("dW_hr", None)
+    grads.pop("dlayer_norm", None)
     return out[0], out[1], out[2] if p.cell == "lstm" else None, grads
 
 

@@ -307,6 +307,8 @@ CellOptions cell_options(const std::string& cell, const py::dict& given) {
       o.zoneout_stream = value.cast<uint64_t>();
     } else if (key == "zoneout_cell_stream") {
       o.zoneout_cell_stream = value.cast<uint64_t>();
+    } else if (key == "layer_norm") {
+      o.layer_norm = value.cast<bool>();
     } else {
       throw py::value_error("options: unknown cell option '" + key + "'");
     }
@@ -361,11 +363,29 @@ Layout layout_of(const TensorView& x, const TensorView& R, const TensorView& W_h
   return {x.shape[0], x.shape[1], x.shape[1], x.shape[2], hidden, R.shape[1]};
 }
 
+// The layer-norm gains (gamma_x, gamma_h[, gamma_c, beta_c]) of a Python tuple, or None, into the args.
+template <typename Views, typename Args>
+void layer_norm_views(Views& views, const py::object& layer_norm, Args& args) {
+  if (layer_norm.is_none()) return;
+  const py::tuple gains = layer_norm.cast<py::tuple>();
+  if (gains.size() != 2 && gains.size() != 4) {
+    throw py::value_error("layer_norm: expected (gamma_x, gamma_h) or (gamma_x, gamma_h, gamma_c, beta_c), got " +
+                          std::to_string(gains.size()) + " arrays");
+  }
+  args.gamma_x = views("gamma_x", gains[0]);
+  args.gamma_h = views("gamma_h", gains[1]);
+  if (gains.size() == 4) {
+    args.gamma_c = views("gamma_c", gains[2]);
+    args.beta_c = views("beta_c", gains[3]);
+  }
+}
+
 // (y, h_T, c_T or None, cache or None)
 template <typename Views, typename Outputs>
 py::tuple run_forward(const CellOptions& options, Views& views, const Outputs& outputs, const py::object& x,
                       const py::object& W, const py::object& R, const py::object& bW, const py::object& bR,
                       const py::object& h0, const py::object& c0, const py::object& P, const py::object& W_hr,
+                      const py::object& layer_norm,
                       const py::object& lengths, bool packed, bool training, int64_t stream) {
   ForwardArgs args;
   args.x = views("x", x);
@@ -377,6 +397,7 @@ py::tuple run_forward(const CellOptions& options, Views& views, const Outputs& o
   args.c0 = views.optional("c0", c0);
   args.P = views.optional("P", P);
   args.W_hr = views.optional("W_hr", W_hr);
+  layer_norm_views(views, layer_norm, args);
   args.lengths = views.lengths(lengths);
   args.packed = packed;
   check_forward_inputs(options, args);
@@ -401,11 +422,13 @@ py::tuple run_forward(const CellOptions& options, Views& views, const Outputs& o
   return py::make_tuple(y.first, h_T.first, c_T.first, cache.first);
 }
 
-// (dx, dh0, dc0 or None, dW, dR, dbW or None, dbR or None, dP or None, dW_hr or None)
+// (dx, dh0, dc0 or None, dW, dR, dbW or None, dbR or None, dP or None, dW_hr or None, the layer-norm gains'
+// gradients as a tuple or None)
 template <typename Views, typename Outputs>
 py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& outputs, const py::object& x,
                        const py::object& W, const py::object& R, const py::object& h0, const py::object& c0,
-                       const py::object& P, const py::object& W_hr, const py::object& y, const py::object& cache,
+                       const py::object& P, const py::object& W_hr, const py::object& layer_norm, const py::object& y,
+                       const py::object& cache,
                        const py::object& dy, const py::object& dh_T, const py::object& dc_T,
                        const py::object& lengths, bool packed, bool has_bW, bool has_bR, int64_t stream) {
   BackwardArgs args;
@@ -416,6 +439,7 @@ py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& 
   args.c0 = views.optional("c0", c0);
   args.P = views.optional("P", P);
   args.W_hr = views.optional("W_hr", W_hr);
+  layer_norm_views(views, layer_norm, args);
   args.y = views("y", y);
   if (cache_width(options) > 0) args.cache = views("cache", cache);
   args.dy = views("dy", dy);
@@ -437,6 +461,20 @@ py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& 
   Output dbR = has_bR ? outputs({GH}, dtype) : none;
   Output dP = options.peephole ? outputs({3, s.hidden_size}, dtype) : none;
   Output dW_hr = args.W_hr.present() ? outputs({s.output_size, s.hidden_size}, dtype) : none;
+  std::vector<Output> d_layer_norm;
+  if (options.layer_norm) {
+    d_layer_norm = {outputs({GH}, dtype), outputs({GH}, dtype)};
+    if (options.cell == CellType::lstm) {
+      d_layer_norm.push_back(outputs({s.hidden_size}, dtype));
+      d_layer_norm.push_back(outputs({s.hidden_size}, dtype));
+    }
+  }
+  TensorView* gain_grads[] = {&args.dgamma_x, &args.dgamma_h, &args.dgamma_c, &args.dbeta_c};
+  py::list d_gains;
+  for (size_t k = 0; k < d_layer_norm.size(); ++k) {
+    *gain_grads[k] = d_layer_norm[k].second;
+    d_gains.append(d_layer_norm[k].first);
+  }
   args.dx = dx.second;
   args.dh0 = dh0.second;
   args.dc0 = dc0.second;
@@ -451,45 +489,51 @@ py::tuple run_backward(const CellOptions& options, Views& views, const Outputs& 
     conveyor::backward(options, args, reinterpret_cast<void*>(stream));
   }
   return py::make_tuple(dx.first, dh0.first, dc0.first, dW.first, dR.first, dbW.first, dbR.first, dP.first,
-                        dW_hr.first);
+                        dW_hr.first, options.layer_norm ? py::object(py::tuple(d_gains)) : py::object(py::none()));
 }
 
 py::tuple forward_numpy(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
                         const py::object& R, const py::object& bW, const py::object& bR, const py::object& h0,
-                        const py::object& c0, const py::object& P, const py::object& W_hr, const py::object& lengths,
+                        const py::object& c0, const py::object& P, const py::object& W_hr, const py::object& layer_norm,
+                        const py::object& lengths,
                         bool packed, bool training) {
   NumpyViews views;
-  return run_forward(cell_options(cell, options), views, NumpyOutputs{}, x, W, R, bW, bR, h0, c0, P, W_hr, lengths,
+  return run_forward(cell_options(cell, options), views, NumpyOutputs{}, x, W, R, bW, bR, h0, c0, P, W_hr, layer_norm,
+  lengths,
                      packed, training, 0);
 }
 
 py::tuple backward_numpy(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
                          const py::object& R, const py::object& h0, const py::object& c0, const py::object& P,
-                         const py::object& W_hr, const py::object& y, const py::object& cache, const py::object& dy,
+                         const py::object& W_hr, const py::object& layer_norm, const py::object& y,
+                         const py::object& cache, const py::object& dy,
                          const py::object& dh_T, const py::object& dc_T, const py::object& lengths, bool packed,
                          bool has_bW, bool has_bR) {
   NumpyViews views;
-  return run_backward(cell_options(cell, options), views, NumpyOutputs{}, x, W, R, h0, c0, P, W_hr, y, cache, dy,
+  return run_backward(cell_options(cell, options), views, NumpyOutputs{}, x, W, R, h0, c0, P, W_hr, layer_norm, y,
+  cache, dy,
                       dh_T, dc_T, lengths, packed, has_bW, has_bR, 0);
 }
 
 py::tuple forward_dlpack(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
                          const py::object& R, const py::object& bW, const py::object& bR, const py::object& h0,
-                         const py::object& c0, const py::object& P, const py::object& W_hr, const py::object& lengths,
+                         const py::object& c0, const py::object& P, const py::object& W_hr,
+                         const py::object& layer_norm, const py::object& lengths,
                          bool packed, bool training, const py::function& allocate, int64_t stream) {
   DLPackViews views(stream);
   return run_forward(cell_options(cell, options), views, DLPackOutputs{allocate, views}, x, W, R, bW, bR, h0, c0, P,
-                     W_hr, lengths, packed, training, stream);
+                     W_hr, layer_norm, lengths, packed, training, stream);
 }
 
 py::tuple backward_dlpack(const std::string& cell, const py::dict& options, const py::object& x, const py::object& W,
                           const py::object& R, const py::object& h0, const py::object& c0, const py::object& P,
-                          const py::object& W_hr, const py::object& y, const py::object& cache, const py::object& dy,
+                          const py::object& W_hr, const py::object& layer_norm, const py::object& y,
+                          const py::object& cache, const py::object& dy,
                           const py::object& dh_T, const py::object& dc_T, const py::object& lengths, bool packed,
                           bool has_bW, bool has_bR, const py::function& allocate, int64_t stream) {
   DLPackViews views(stream);
   return run_backward(cell_options(cell, options), views, DLPackOutputs{allocate, views}, x, W, R, h0, c0, P, W_hr,
-                      y, cache, dy, dh_T, dc_T, lengths, packed, has_bW, has_bR, stream);
+                      layer_norm, y, cache, dy, dh_T, dc_T, lengths, packed, has_bW, has_bR, stream);
 }
 
 // Fills `out` (NumPy, or any DLPack array) with dropout_mask(); returns it.
@@ -523,16 +567,20 @@ PYBIND11_MODULE(_conveyor, m) {
 
   m.def("forward", &forward_numpy, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"), py::arg("R"),
         py::arg("bW"), py::arg("bR"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("W_hr"),
+        py::arg("layer_norm"),
         py::arg("lengths"), py::arg("packed"), py::arg("training"));
   m.def("backward", &backward_numpy, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"), py::arg("R"),
-        py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("W_hr"), py::arg("y"), py::arg("cache"), py::arg("dy"),
+        py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("W_hr"), py::arg("layer_norm"), py::arg("y"),
+        py::arg("cache"), py::arg("dy"),
         py::arg("dh_T"), py::arg("dc_T"), py::arg("lengths"), py::arg("packed"), py::arg("has_bW"),
         py::arg("has_bR"));
   m.def("forward_dlpack", &forward_dlpack, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"),
         py::arg("R"), py::arg("bW"), py::arg("bR"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("W_hr"),
+        py::arg("layer_norm"),
         py::arg("lengths"), py::arg("packed"), py::arg("training"), py::arg("allocate"), py::arg("stream"));
   m.def("backward_dlpack", &backward_dlpack, py::arg("cell"), py::arg("options"), py::arg("x"), py::arg("W"),
-        py::arg("R"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("W_hr"), py::arg("y"), py::arg("cache"),
+        py::arg("R"), py::arg("h0"), py::arg("c0"), py::arg("P"), py::arg("W_hr"), py::arg("layer_norm"), py::arg("y"),
+        py::arg("cache"),
         py::arg("dy"), py::arg("dh_T"), py::arg("dc_T"), py::arg("lengths"), py::arg("packed"), py::arg("has_bW"),
         py::arg("has_bR"), py::arg("allocate"), py::arg("stream"));
   m.def("gate_count", [](const std::string& cell, const py::dict& options) {

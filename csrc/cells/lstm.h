@@ -74,15 +74,15 @@ struct LstmGrads {
   T dc_prev;                 // gradient flowing into c_{t-1}
 };
 
-// dh: total gradient reaching h_t (from y_t and from step t+1); dc: gradient reaching c_t from step t+1.
-// i, f, g, o, c as lstm_forward returned them.
+// The backward given what the output h_t = o * act(.) sends back: d_o, the gradient reaching o, and dc_output,
+// the one reaching c_t through act (layer normalisation of c_t puts its own backward in between); dc: the
+// gradient reaching c_t from step t+1. i, f, g, o, c as lstm_forward returned them.
 template <typename T>
-CONVEYOR_HOST_DEVICE LstmGrads<T> lstm_backward(const LstmOptions<T>& opt, T i, T f, T g, T o, T c, T c_prev, T dh,
-                                                T dc, Peephole<T> p) {
-  const T act_c = activate(opt.relu, c);
+CONVEYOR_HOST_DEVICE LstmGrads<T> lstm_backward_from_output(const LstmOptions<T>& opt, T i, T f, T g, T o, T c,
+                                                            T c_prev, T d_o, T dc_output, T dc, Peephole<T> p) {
   LstmGrads<T> d;
-  d.da_o = dh * act_c * sigmoid_grad_from_output(o);
-  T dc_total = dc + dh * o * activation_grad_from_output(opt.relu, act_c) + (opt.peephole ? d.da_o * p.o : T(0));
+  d.da_o = d_o * sigmoid_grad_from_output(o);
+  T dc_total = dc + dc_output + (opt.peephole ? d.da_o * p.o : T(0));
   if (opt.cell_clip > T(0) && (c >= opt.cell_clip || c <= -opt.cell_clip)) dc_total = T(0);
   if (opt.coupled) {
     d.da_i = T(0);
@@ -94,6 +94,16 @@ CONVEYOR_HOST_DEVICE LstmGrads<T> lstm_backward(const LstmOptions<T>& opt, T i, 
   d.da_g = dc_total * i * activation_grad_from_output(opt.relu, g);
   d.dc_prev = dc_total * f + (opt.peephole ? d.da_i * p.i + d.da_f * p.f : T(0));
   return d;
+}
+
+// dh: total gradient reaching h_t (from y_t and from step t+1); dc: gradient reaching c_t from step t+1.
+// i, f, g, o, c as lstm_forward returned them.
+template <typename T>
+CONVEYOR_HOST_DEVICE LstmGrads<T> lstm_backward(const LstmOptions<T>& opt, T i, T f, T g, T o, T c, T c_prev, T dh,
+                                                T dc, Peephole<T> p) {
+  const T act_c = activate(opt.relu, c);
+  return lstm_backward_from_output(opt, i, f, g, o, c, c_prev, dh * act_c,
+                                   dh * o * activation_grad_from_output(opt.relu, act_c), dc, p);
 }
 
 template <typename T>

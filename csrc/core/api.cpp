@@ -128,9 +128,10 @@ int gate_count(const CellOptions& options) {
 }
 
 int cache_width(const CellOptions& options) {
+  const int layer_norm = options.layer_norm ? 2 * gate_count(options) : 0;
   switch (options.cell) {
-    case CellType::lstm: return options.zoneout_cell > 0 ? 6 : 5;
-    case CellType::gru: return 4;
+    case CellType::lstm: return (options.zoneout_cell > 0 ? 6 : 5) + layer_norm;
+    case CellType::gru: return 4 + layer_norm;
     case CellType::rnn: return 0;
   }
   throw ArgumentError("cell: unknown cell type " + std::to_string(static_cast<int>(options.cell)));
@@ -192,6 +193,12 @@ void check_options(const CellOptions& options) {
   }
   if (options.zoneout > 0 && options.cell == CellType::rnn) {
     throw ArgumentError("zoneout: an option of the LSTM and the GRU, but the cell is rnn");
+  }
+  if (options.layer_norm && options.cell == CellType::rnn) {
+    throw ArgumentError("layer_norm: an option of the LSTM and the GRU, but the cell is rnn");
+  }
+  if (options.layer_norm && options.cell == CellType::gru && !options.reset_after) {
+    throw ArgumentError("layer_norm: the GRU with reset_after = false has no layer-normalised form (as in Haste)");
   }
   if (!std::isfinite(options.cell_clip) || options.cell_clip < 0) {
     throw ArgumentError("cell_clip: expected a finite number > 0 (or 0 for no clip), got " +
@@ -270,8 +277,10 @@ void check_dtype_supported(const TensorView& x) {
 
 void check_device_supported(const TensorView& x, const CellOptions& options) {
   if (x.device.kind == DeviceKind::cuda && (options.weight_dropout > 0 || options.zoneout > 0 ||
-                                            options.zoneout_cell > 0)) {
-    throw ArgumentError(std::string(options.weight_dropout > 0 ? "weight_dropout" : "zoneout") +
+                                            options.zoneout_cell > 0 || options.layer_norm)) {
+    throw ArgumentError(std::string(options.weight_dropout > 0 ? "weight_dropout"
+                                    : options.layer_norm       ? "layer_norm"
+                                                               : "zoneout") +
                         ": not in the CUDA backend yet (run the window on the CPU)");
   }
   if (x.device.kind == DeviceKind::cpu && options.algorithm != Algorithm::automatic) {
@@ -418,6 +427,30 @@ Checked check_window(const CellOptions& options, const TensorView& x, const Tens
           packed, packed ? x.shape[0] : s.steps * s.batch};
 }
 
+// The layer-norm gains: required with layer_norm ([G*H] each, and the LSTM's [H] each), refused without it.
+void check_layer_norm(const CellOptions& options, const ViewChecker& check, const Checked& c,
+                      const TensorView& gamma_x, const TensorView& gamma_h, const TensorView& gamma_c,
+                      const TensorView& beta_c) {
+  const bool lstm = options.cell == CellType::lstm;
+  const std::pair<const char*, const TensorView*> gains[] = {
+      {"gamma_x", &gamma_x}, {"gamma_h", &gamma_h}, {"gamma_c", &gamma_c}, {"beta_c", &beta_c}};
+  for (int k = 0; k < 4; ++k) {
+    const auto& [name, view] = gains[k];
+    if (!options.layer_norm || (k >= 2 && !lstm)) {
+      if (view->present()) {
+        throw ArgumentError(std::string(name) + ": a layer-norm gain given, but " +
+                            (options.layer_norm ? "only the LSTM normalises its cell" : "layer_norm is off"));
+      }
+      continue;
+    }
+    if (k < 2) {
+      check(name, *view, {c.GH}, "[G*hidden_size] with layer_norm");
+    } else {
+      check(name, *view, {c.H}, "[hidden_size] with layer_norm");
+    }
+  }
+}
+
 // P is required with peephole and refused without it.
 void check_peephole(const CellOptions& options, const ViewChecker& check, const Checked& c, const TensorView& P) {
   if (options.peephole) {
@@ -476,6 +509,7 @@ Checked check_forward_inputs_impl(const CellOptions& options, const ForwardArgs&
   check("bW", args.bW, {c.GH}, "[G*hidden_size]", true);
   check("bR", args.bR, {c.GH}, "[G*hidden_size]", true);
   check_peephole(options, check, c, args.P);
+  check_layer_norm(options, check, c, args.gamma_x, args.gamma_h, args.gamma_c, args.beta_c);
   return c;
 }
 
@@ -494,6 +528,7 @@ Checked check_backward_inputs_impl(const CellOptions& options, const BackwardArg
   check_no_cell_state_unless_lstm(options, "dc_T", args.dc_T);
   check.cell_state("dc_T", args.dc_T, {c.B, c.H}, "[B, hidden_size]", true);
   check_peephole(options, check, c, args.P);
+  check_layer_norm(options, check, c, args.gamma_x, args.gamma_h, args.gamma_c, args.beta_c);
   return c;
 }
 
@@ -554,6 +589,10 @@ BackwardArgs backward_args_for(const ForwardArgs& f) {
   b.c0 = f.c0;
   b.P = f.P;
   b.W_hr = f.W_hr;
+  b.gamma_x = f.gamma_x;
+  b.gamma_h = f.gamma_h;
+  b.gamma_c = f.gamma_c;
+  b.beta_c = f.beta_c;
   b.y = f.y;
   b.cache = f.cache;
   b.lengths = f.lengths;
@@ -579,7 +618,8 @@ void forward(const CellOptions& options, const ForwardArgs& args, void* stream) 
   check_no_aliasing({{"y", &args.y}, {"h_T", &args.h_T}, {"c_T", &args.c_T}, {"cache", &args.cache}},
                     {{"x", &args.x}, {"W", &args.W}, {"R", &args.R}, {"bW", &args.bW}, {"bR", &args.bR},
                      {"h0", &args.h0}, {"c0", &args.c0}, {"P", &args.P}, {"W_hr", &args.W_hr},
-                     {"lengths", &args.lengths}});
+                     {"gamma_x", &args.gamma_x}, {"gamma_h", &args.gamma_h}, {"gamma_c", &args.gamma_c},
+                     {"beta_c", &args.beta_c}, {"lengths", &args.lengths}});
   const std::string operation = std::string("conveyor::") + cell_name(options.cell) + "_forward";
   const detail::NvtxRange range(operation.c_str());
   if (args.x.device.kind == DeviceKind::cuda) {
@@ -630,11 +670,25 @@ void backward(const CellOptions& options, const BackwardArgs& args, void* stream
     throw ArgumentError("dW_hr: a projection gradient was asked for, but the window has no projection (W_hr)");
   }
   check("dW_hr", args.dW_hr, {c.O, c.H}, "[proj_size, hidden_size]", true);
+  const std::pair<const char*, const TensorView*> gain_grads[] = {
+      {"dgamma_x", &args.dgamma_x}, {"dgamma_h", &args.dgamma_h}, {"dgamma_c", &args.dgamma_c},
+      {"dbeta_c", &args.dbeta_c}};
+  for (int k = 0; k < 4; ++k) {
+    const auto& [name, view] = gain_grads[k];
+    if (view->present() && (!options.layer_norm || (k >= 2 && options.cell != CellType::lstm))) {
+      throw ArgumentError(std::string(name) + ": a layer-norm gradient was asked for, but the window has no such "
+                          "gain");
+    }
+    check(name, *view, {k < 2 ? c.GH : c.H}, k < 2 ? "[G*hidden_size]" : "[hidden_size]", true);
+  }
   check_no_aliasing({{"dx", &args.dx}, {"dh0", &args.dh0}, {"dc0", &args.dc0}, {"dW", &args.dW}, {"dR", &args.dR},
-                     {"dbW", &args.dbW}, {"dbR", &args.dbR}, {"dP", &args.dP}, {"dW_hr", &args.dW_hr}},
+                     {"dbW", &args.dbW}, {"dbR", &args.dbR}, {"dP", &args.dP}, {"dW_hr", &args.dW_hr},
+                     {"dgamma_x", &args.dgamma_x}, {"dgamma_h", &args.dgamma_h}, {"dgamma_c", &args.dgamma_c},
+                     {"dbeta_c", &args.dbeta_c}},
                     {{"x", &args.x}, {"W", &args.W}, {"R", &args.R}, {"h0", &args.h0}, {"c0", &args.c0},
-                     {"P", &args.P}, {"W_hr", &args.W_hr}, {"y", &args.y}, {"cache", &args.cache}, {"dy", &args.dy},
-                     {"dh_T", &args.dh_T}, {"dc_T", &args.dc_T}, {"lengths", &args.lengths}});
+                     {"P", &args.P}, {"W_hr", &args.W_hr}, {"gamma_x", &args.gamma_x}, {"gamma_h", &args.gamma_h},
+                     {"gamma_c", &args.gamma_c}, {"beta_c", &args.beta_c}, {"y", &args.y}, {"cache", &args.cache},
+                     {"dy", &args.dy}, {"dh_T", &args.dh_T}, {"dc_T", &args.dc_T}, {"lengths", &args.lengths}});
   const std::string operation = std::string("conveyor::") + cell_name(options.cell) + "_backward";
   const detail::NvtxRange range(operation.c_str());
   if (args.x.device.kind == DeviceKind::cuda) {

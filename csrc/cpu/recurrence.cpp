@@ -8,6 +8,7 @@
 //
 // All views have been checked by api.cpp: shapes, one dtype, C-contiguous, on the CPU.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <type_traits>
@@ -229,6 +230,63 @@ void zone_out(int64_t n, const T* __restrict keep, const T* __restrict previous,
   for (int64_t i = 0; i < n; ++i) state[i] = keep[i] * previous[i] + (T(1) - keep[i]) * state[i];
 }
 
+// Layer normalisation (CellOptions::layer_norm) of one row of n values: out = gamma * (v - mean) * rstd + beta
+// (beta absent: 0), rstd = 1 / sqrt(var + 1e-5) of the biased variance; the statistics in double. out may be v.
+constexpr double kLayerNormEpsilon = 1e-5;
+
+struct RowStatistics {
+  double mean, rstd;
+};
+
+template <typename T>
+RowStatistics row_statistics(int64_t n, const T* v) {
+  double mean = 0, var = 0;
+  for (int64_t i = 0; i < n; ++i) mean += v[i];
+  mean /= double(n);
+  for (int64_t i = 0; i < n; ++i) var += (v[i] - mean) * (v[i] - mean);
+  return {mean, 1.0 / std::sqrt(var / double(n) + kLayerNormEpsilon)};
+}
+
+template <typename T>
+void layer_norm_row(int64_t n, const T* v, const T* gamma, const T* beta, T* out) {
+  const RowStatistics s = row_statistics(n, v);
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = gamma[i] * static_cast<T>((v[i] - s.mean) * s.rstd) + (beta != nullptr ? beta[i] : T(0));
+  }
+}
+
+// Its backward for one row, from the raw v: dv (=) the gradient of v given d_out, the gradient of out; and the
+// row's part of dgamma, d_out * v_hat, into d_gamma.
+template <typename T>
+void layer_norm_backward_row(int64_t n, const T* v, const T* gamma, const T* d_out, T* __restrict dv,
+                             T* __restrict d_gamma) {
+  const RowStatistics s = row_statistics(n, v);
+  double mean_d = 0, mean_dv = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d_hat = double(d_out[i]) * gamma[i];
+    mean_d += d_hat;
+    mean_dv += d_hat * (v[i] - s.mean) * s.rstd;
+  }
+  mean_d /= double(n);
+  mean_dv /= double(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const double v_hat = (v[i] - s.mean) * s.rstd;
+    d_gamma[i] = static_cast<T>(d_out[i] * v_hat);
+    dv[i] = static_cast<T>(s.rstd * (double(d_out[i]) * gamma[i] - mean_d - v_hat * mean_dv));
+  }
+}
+
+// The layer-normalised LSTM's output of one row, o * act(LN(c_t; gamma_c, beta_c)), from the cache's o and c_t.
+template <typename T, bool kRelu>
+void lstm_layer_norm_output_row(int64_t H, const T* saved, const T* gamma_c, const T* beta_c, T* out) {
+  const T* o = saved + 3 * H;
+  const T* c = saved + 4 * H;
+  const RowStatistics s = row_statistics(H, c);
+  for (int64_t j = 0; j < H; ++j) {
+    out[j] = o[j] * cells::activate(kRelu, gamma_c[j] * static_cast<T>((c[j] - s.mean) * s.rstd) + beta_c[j]);
+  }
+}
+
 struct Window {
   int64_t steps, batch, input_size, hidden_size, gates;
   int64_t gh() const { return gates * hidden_size; }
@@ -384,6 +442,49 @@ void lstm_backward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict
   }
 }
 
+// The layer-normalised LSTM (output o * act(LN(c_t))): as lstm_backward_row, with LN(c_t)'s backward between the
+// output and c_t; d_gamma_c, d_beta_c (=) the row's parts of the gain's and bias's gradients.
+template <typename T, bool kRelu, bool kCoupled, bool kPeephole, bool kClip>
+void lstm_layer_norm_backward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict P,
+                                  const T* __restrict saved, const T* __restrict c_prev, const T* __restrict dy,
+                                  const T* __restrict dh, const T* __restrict gamma_c, const T* __restrict beta_c,
+                                  T* __restrict dc, T* __restrict da, T* __restrict d_gamma_c,
+                                  T* __restrict d_beta_c) {
+  using K = Blocks<kCoupled>;
+  opt.relu = kRelu;
+  opt.coupled = kCoupled;
+  opt.peephole = kPeephole;
+  if (!kClip) opt.cell_clip = T(0);
+  const T* o = saved + 3 * H;
+  const T* c = saved + 4 * H;
+  const RowStatistics s = row_statistics(H, c);
+  // d_beta_c holds the gradient reaching LN(c_t), then d_gamma_c its product with the normalised c_t.
+  double mean_d = 0, mean_dv = 0;
+  for (int64_t j = 0; j < H; ++j) {
+    const T c_hat = static_cast<T>((c[j] - s.mean) * s.rstd);
+    const T act = cells::activate(kRelu, gamma_c[j] * c_hat + beta_c[j]);
+    d_beta_c[j] = (dh[j] + dy[j]) * o[j] * cells::activation_grad_from_output(kRelu, act);
+    d_gamma_c[j] = d_beta_c[j] * c_hat;
+    mean_d += double(d_beta_c[j]) * gamma_c[j];
+    mean_dv += double(d_beta_c[j]) * gamma_c[j] * c_hat;
+  }
+  mean_d /= double(H);
+  mean_dv /= double(H);
+  for (int64_t j = 0; j < H; ++j) {
+    const T c_hat = static_cast<T>((c[j] - s.mean) * s.rstd);
+    const T act = cells::activate(kRelu, gamma_c[j] * c_hat + beta_c[j]);
+    const T dc_output = static_cast<T>(s.rstd * (double(d_beta_c[j]) * gamma_c[j] - mean_d - c_hat * mean_dv));
+    const auto d = cells::lstm_backward_from_output(opt, saved[j], saved[H + j], saved[2 * H + j], o[j], c[j],
+                                                    c_prev[j], (dh[j] + dy[j]) * act, dc_output, dc[j],
+                                                    cells::Peephole<T>{P[j], P[H + j], P[2 * H + j]});
+    if (!kCoupled) da[j] = d.da_i;
+    da[K::f * H + j] = d.da_f;
+    da[K::g * H + j] = d.da_g;
+    da[K::o * H + j] = d.da_o;
+    dc[j] = d.dc_prev;
+  }
+}
+
 template <typename T, bool kRelu>
 void gru_reset_after_backward_row(int64_t H, const T* __restrict saved, const T* __restrict h_prev,
                                   const T* __restrict dy, T* __restrict dh, T* __restrict da,
@@ -459,10 +560,25 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   T* cache = mutable_or_null<T>(args.cache);
   std::vector<T> step_cache(cache != nullptr ? 0 : static_cast<size_t>(B * cw));
 
-  // ax = x W^T + bW for every step at once.
+  // Layer normalisation: the gains, and where the cache keeps W x_t and R h_{t-1} before it, for the backward.
+  const bool layer_norm = options.layer_norm;
+  const T* gamma_x = data_or_null<T>(args.gamma_x);
+  const T* gamma_h = data_or_null<T>(args.gamma_h);
+  const T* gamma_c = data_or_null<T>(args.gamma_c);
+  const T* beta_c = data_or_null<T>(args.beta_c);
+  const int64_t raw_x = cw - 2 * GH, raw_h = cw - GH;
+
+  // ax = x W^T + bW for every step at once (LN(x W^T) + bW with layer normalisation).
   Scratch<T> ax(N * GH);
   gemm<T>(N, GH, w.input_size, T(1), MatrixRef<T>::rows(x.get(), w.input_size),
           MatrixRef<T>::transposed(W, w.input_size), T(0), ax.data(), GH);
+  if (layer_norm) {
+    for_each_row(N, kElementCost * GH, [&](int64_t r) {
+      T* row = ax.data() + r * GH;
+      if (cache != nullptr) std::memcpy(cache + r * cw + raw_x, row, sizeof(T) * GH);
+      layer_norm_row(GH, row, gamma_x, static_cast<const T*>(nullptr), row);
+    });
+  }
   if (bW != nullptr) {
     for_each_row(N, double(GH), [&](int64_t r) {
       T* row = ax.data() + r * GH;
@@ -531,6 +647,13 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
     }
 
     gemm<T>(Bt, T(1), MatrixRef<T>::rows(h_product, O), recurrent, T(0), ar.data(), GH);
+    if (layer_norm) {
+      for_each_row(Bt, kElementCost * GH, [&](int64_t b) {
+        T* row = ar.data() + b * GH;
+        if (cache != nullptr) std::memcpy(cache_t + b * cw + raw_h, row, sizeof(T) * GH);
+        layer_norm_row(GH, row, gamma_h, static_cast<const T*>(nullptr), row);
+      });
+    }
     if (options.zoneout_cell > 0) std::memcpy(c_prev.data(), cell_state.data(), sizeof(T) * Bt * H);
     for_each_row(Bt, kElementCost * H, [&](int64_t b) {
       const T* ax_b = ax_t + b * GH;
@@ -551,6 +674,11 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
           break;
       }
     });
+    if (layer_norm && options.cell == CellType::lstm) {  // the output is o * act(LN(c_t)), not o * act(c_t)
+      for_each_row(Bt, kElementCost * H, [&](int64_t b) {
+        lstm_layer_norm_output_row<T, kRelu>(H, cache_t + b * cw, gamma_c, beta_c, cell_output + b * H);
+      });
+    }
     if (W_hr != nullptr) gemm<T>(Bt, T(1), MatrixRef<T>::rows(cell_output, H), projection, T(0), h, O);
     zone_out_h(t, Bt, h_prev, h);
     if (options.zoneout_cell > 0) {  // the cache keeps both: the cell's own c_t (column 4) and the state carried
@@ -647,6 +775,28 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   Scratch<T> keep_c(options.zoneout_cell > 0 ? B * H : 0), kept_c(options.zoneout_cell > 0 ? B * H : 0);
   // Where the cache holds the cell state a step hands on: c_t, or c_t after zoneout in column 5.
   const int64_t carried = options.zoneout_cell > 0 ? 5 * H : 4 * H;
+  // Layer normalisation: the gains, where the cache keeps W x_t and R h_{t-1} before it, the gradients of R h
+  // before it (for the products with R and dR), and every row's parts of the gains' gradients.
+  const bool layer_norm = options.layer_norm;
+  const T* gamma_x = data_or_null<T>(args.gamma_x);
+  const T* gamma_h = data_or_null<T>(args.gamma_h);
+  const T* gamma_c = data_or_null<T>(args.gamma_c);
+  const T* beta_c = data_or_null<T>(args.beta_c);
+  const int64_t raw_x = cw - 2 * GH, raw_h = cw - GH;
+  const bool lstm_layer_norm = layer_norm && options.cell == CellType::lstm;
+  Scratch<T> dar_raw(layer_norm ? N * GH : 0), d_gamma_h(layer_norm ? N * GH : 0);
+  Scratch<T> d_gamma_c(lstm_layer_norm ? N * H : 0), d_beta_c(lstm_layer_norm ? N * H : 0);
+  Scratch<T> d_recurrent(reset_after_gru && layer_norm ? B * GH : 0);  // [da_r, da_z, dar_n] of a step
+  const PackedMatrix<T> recurrent_all(reset_after_gru && layer_norm ? GH : 0, O, MatrixRef<T>::rows(R, O));
+  // The gradients of a step's R h before its layer norm from those after it (`da`, leading dimension lda).
+  auto recurrent_layer_norm_backward = [&](int64_t t, int64_t Bt, const T* da, int64_t lda) {
+    const int64_t first = rows.offsets[t];
+    for_each_row(Bt, kElementCost * GH, [&](int64_t b) {
+      layer_norm_backward_row(GH, cache + (first + b) * cw + raw_h, gamma_h, da + b * lda,
+                              dar_raw.data() + (first + b) * GH, d_gamma_h.data() + (first + b) * GH);
+    });
+    return dar_raw.data() + first * GH;
+  };
 
   for (int64_t t = rows.steps - 1; t >= 0; --t) {
     const int64_t Bt = rows.rows_at(t), first = rows.offsets[t];
@@ -686,12 +836,20 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
         for_each_row(Bt, kElementCost * H, [&](int64_t b) {
           const T* c_prev = t == 0 ? c0.data() + b * H : cache + (rows.offsets[t - 1] + b) * cw + carried;
           lstm_switch(lstm, options.coupled_gates, [&](auto kCoupled, auto kPeephole, auto kClip) {
-            lstm_backward_row<T, kRelu, kCoupled, kPeephole, kClip>(H, lstm, peephole, cache_t + b * cw, c_prev,
-                                                                    d_output + b * H, d_later + b * H,
-                                                                    dc.data() + b * H, dax_t + b * GH);
+            if (lstm_layer_norm) {
+              lstm_layer_norm_backward_row<T, kRelu, kCoupled, kPeephole, kClip>(
+                  H, lstm, peephole, cache_t + b * cw, c_prev, d_output + b * H, d_later + b * H, gamma_c, beta_c,
+                  dc.data() + b * H, dax_t + b * GH, d_gamma_c.data() + (first + b) * H,
+                  d_beta_c.data() + (first + b) * H);
+            } else {
+              lstm_backward_row<T, kRelu, kCoupled, kPeephole, kClip>(H, lstm, peephole, cache_t + b * cw, c_prev,
+                                                                      d_output + b * H, d_later + b * H,
+                                                                      dc.data() + b * H, dax_t + b * GH);
+            }
           });
         });
-        gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), O);
+        const T* d_product = layer_norm ? recurrent_layer_norm_backward(t, Bt, dax_t, GH) : dax_t;
+        gemm<T>(Bt, T(1), MatrixRef<T>::rows(d_product, GH), recurrent, T(0), product.data(), O);
         fold_product(t, Bt, false);
         if (options.zoneout_cell > 0) {
           for (int64_t j = 0; j < Bt * H; ++j) dc[j] += kept_c[j];
@@ -712,8 +870,17 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
             gru_reset_after_backward_row<T, kRelu>(H, cache_t + b * cw, h_prev + b * H, dy_t + b * H,
                                                    dh.data() + b * H, dax_t + b * GH, dar_n_t + b * H);
           });
-          gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
-          gemm<T>(Bt, T(1), MatrixRef<T>::rows(dar_n_t, H), recurrent_n, T(1), product.data(), H);
+          if (layer_norm) {  // one layer norm over the three blocks of R h: its backward sees them together
+            for (int64_t b = 0; b < Bt; ++b) {
+              std::memcpy(d_recurrent.data() + b * GH, dax_t + b * GH, sizeof(T) * 2 * H);
+              std::memcpy(d_recurrent.data() + b * GH + 2 * H, dar_n_t + b * H, sizeof(T) * H);
+            }
+            const T* d_product = recurrent_layer_norm_backward(t, Bt, d_recurrent.data(), GH);
+            gemm<T>(Bt, T(1), MatrixRef<T>::rows(d_product, GH), recurrent_all, T(0), product.data(), H);
+          } else {
+            gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
+            gemm<T>(Bt, T(1), MatrixRef<T>::rows(dar_n_t, H), recurrent_n, T(1), product.data(), H);
+          }
           fold_product(t, Bt, true);
         } else {
           for_each_row(Bt, kElementCost * H, [&](int64_t b) {
@@ -740,14 +907,23 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   if (args.dc0.present()) rows_from_packed(rows, H, dc.data(), static_cast<T*>(args.dc0.data));
 
   const T beta = args.accumulate ? T(1) : T(0);
+  // With layer normalisation dx and dW take the gradients of x W^T before it.
+  Scratch<T> dax_raw(layer_norm ? N * GH : 0), d_gamma_x(layer_norm ? N * GH : 0);
+  if (layer_norm) {
+    for_each_row(N, kElementCost * GH, [&](int64_t r) {
+      layer_norm_backward_row(GH, cache + r * cw + raw_x, gamma_x, dax.data() + r * GH, dax_raw.data() + r * GH,
+                              d_gamma_x.data() + r * GH);
+    });
+  }
+  const T* d_input = layer_norm ? dax_raw.data() : dax.data();
   if (args.dx.present()) {
     Scratch<T> dx_packed(rows.in_place ? 0 : N * I);
     T* dx = rows.in_place ? static_cast<T*>(args.dx.data) : dx_packed.data();
-    gemm<T>(N, I, GH, T(1), MatrixRef<T>::rows(dax.data(), GH), MatrixRef<T>::rows(W, I), T(0), dx, I);
+    gemm<T>(N, I, GH, T(1), MatrixRef<T>::rows(d_input, GH), MatrixRef<T>::rows(W, I), T(0), dx, I);
     if (!rows.in_place) unpack_rows(rows, w.steps, I, dx, static_cast<T*>(args.dx.data));
   }
   if (args.dW.present()) {
-    gemm<T>(GH, I, N, T(1), MatrixRef<T>::transposed(dax.data(), GH), MatrixRef<T>::rows(x.get(), I), beta,
+    gemm<T>(GH, I, N, T(1), MatrixRef<T>::transposed(d_input, GH), MatrixRef<T>::rows(x.get(), I), beta,
             static_cast<T*>(args.dW.data), I);
   }
   if (args.dbW.present()) column_sums(N, GH, dax.data(), GH, args.accumulate, static_cast<T*>(args.dbW.data));
@@ -757,10 +933,15 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   }
 
   if (args.dW_hr.present()) {
-    // dW_hr = sum over steps of (dy_t + dh)^T m_t, with m_t = o * act(c_t) recomputed from the cache.
+    // dW_hr = sum over steps of (dy_t + dh)^T m_t, with m_t = o * act(c_t) (act(LN(c_t)) with layer
+    // normalisation) recomputed from the cache.
     Scratch<T> unprojected(N * H);
     for_each_row(N, kElementCost * H, [&](int64_t r) {
       const T* saved = cache + r * cw;
+      if (lstm_layer_norm) {
+        lstm_layer_norm_output_row<T, kRelu>(H, saved, gamma_c, beta_c, unprojected.data() + r * H);
+        return;
+      }
       for (int64_t j = 0; j < H; ++j) {
         unprojected[r * H + j] = cells::lstm_output(kRelu, saved[3 * H + j], saved[4 * H + j]);
       }
@@ -791,7 +972,9 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
     }
   };
   if (args.dR.present()) {
-    if (options.cell != CellType::gru) {
+    if (layer_norm) {  // every block's product took the gradients of R h before its layer norm
+      recurrent_weight_grad(0, GH, dar_raw.data(), GH);
+    } else if (options.cell != CellType::gru) {
       recurrent_weight_grad(0, GH, dax.data(), GH);
     } else {
       recurrent_weight_grad(0, 2 * H, dax.data(), GH);
@@ -812,6 +995,15 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
         dR[k] = args.accumulate ? dR[k] + masked_grad : masked_grad;
       }
     });
+  }
+  const std::pair<const TensorView*, const T*> gain_grads[] = {{&args.dgamma_x, d_gamma_x.data()},
+                                                               {&args.dgamma_h, d_gamma_h.data()},
+                                                               {&args.dgamma_c, d_gamma_c.data()},
+                                                               {&args.dbeta_c, d_beta_c.data()}};
+  for (int k = 0; k < 4; ++k) {
+    if (!gain_grads[k].first->present()) continue;
+    const int64_t width = k < 2 ? GH : H;
+    column_sums(N, width, gain_grads[k].second, width, args.accumulate, static_cast<T*>(gain_grads[k].first->data));
   }
   if (args.dbR.present()) {
     T* dbR = static_cast<T*>(args.dbR.data);

@@ -48,7 +48,8 @@ _ACTIVATIONS = ("tanh", "relu")
 class LSTMGrads(NamedTuple):
     """Gradients of an LSTM window. ``dbW``/``dbR`` are None when forward ran without that bias, ``dP`` (the
     peephole weights' gradient, ``[3, hidden_size]``) when it ran without peepholes, ``dW_hr`` (the
-    projection's, ``[proj_size, hidden_size]``) when it ran without a projection."""
+    projection's, ``[proj_size, hidden_size]``) when it ran without a projection, ``dlayer_norm`` (the gains'
+    gradients, as ``layer_norm`` gave them) without layer normalisation."""
 
     dx: np.ndarray
     dh0: np.ndarray
@@ -59,10 +60,12 @@ class LSTMGrads(NamedTuple):
     dbR: np.ndarray | None
     dP: np.ndarray | None = None
     dW_hr: np.ndarray | None = None
+    dlayer_norm: tuple | None = None
 
 
 class GRUGrads(NamedTuple):
-    """Gradients of a GRU window. ``dbW``/``dbR`` are None when forward ran without that bias."""
+    """Gradients of a GRU window. ``dbW``/``dbR`` are None when forward ran without that bias,
+    ``dlayer_norm`` (the gains' gradients, as ``layer_norm`` gave them) without layer normalisation."""
 
     dx: np.ndarray
     dh0: np.ndarray
@@ -70,6 +73,7 @@ class GRUGrads(NamedTuple):
     dR: np.ndarray
     dbW: np.ndarray | None
     dbR: np.ndarray | None
+    dlayer_norm: tuple | None = None
 
 
 class RNNGrads(NamedTuple):
@@ -88,15 +92,17 @@ class Saved:
     of gate values. Used by exactly one backward call, which releases it; the arrays it refers to must not
     be modified in between."""
 
-    __slots__ = ("cell", "options", "x", "W", "R", "has_bW", "has_bR", "h0", "c0", "P", "W_hr", "y", "cache",
-                 "lengths", "packed")
+    __slots__ = ("cell", "options", "x", "W", "R", "has_bW", "has_bR", "h0", "c0", "P", "W_hr", "layer_norm",
+                 "y", "cache", "lengths", "packed")
 
-    def __init__(self, cell, options, x, W, R, bW, bR, h0, c0, P, W_hr, y, cache, lengths=None, packed=False):
+    def __init__(self, cell, options, x, W, R, bW, bR, h0, c0, P, W_hr, layer_norm, y, cache, lengths=None,
+                 packed=False):
         self.cell = cell
         self.options = options
         self.x, self.W, self.R = x, W, R
         self.has_bW, self.has_bR = bW is not None, bR is not None
         self.h0, self.c0, self.P, self.W_hr, self.y, self.cache = h0, c0, P, W_hr, y, cache
+        self.layer_norm = layer_norm
         self.lengths, self.packed = lengths, packed
 
     @property
@@ -210,7 +216,7 @@ def _options(activation, training, allow_tf32, dropout=(0.0, True, 0, 0), algori
 def window_options(cell, *, activation="tanh", training=True, allow_tf32=False, recurrent_dropout=0.0,
                    variational=True, seed=0, mask_stream=0, algorithm="auto", coupled_gates=False,
                    peephole=False, forget_bias=0.0, cell_clip=None, reset_after=True, weight_dropout=0.0,
-                   zoneout=0.0, zoneout_cell=0.0) -> tuple[dict, bool]:
+                   zoneout=0.0, zoneout_cell=0.0, layer_norm=False) -> tuple[dict, bool]:
     """The core's options of one window of ``cell`` as its forward function builds them from its keyword
     arguments (checked), and ``training``: what a backward needs to run the window's backward again."""
     dropout = (recurrent_dropout, variational, seed, mask_stream)
@@ -230,25 +236,41 @@ def window_options(cell, *, activation="tanh", training=True, allow_tf32=False, 
                                      reset_after=reset_after)
     else:
         options, training = _options(activation, training, allow_tf32, dropout, algorithm, regularisers)
+    if layer_norm:
+        options["layer_norm"] = True
     return options, training
 
 
-def _forward(cell, options, x, W, R, bW, bR, h0, c0, P, W_hr, lengths, training, stream, packed=False):
+def _layer_norm_gains(cell, layer_norm):
+    """The gains as a tuple, checked for their count (their shapes are the core's to check), or None."""
+    if layer_norm is None:
+        return None
+    count = 4 if cell == "lstm" else 2
+    names = "(gamma_x, gamma_h, gamma_c, beta_c)" if cell == "lstm" else "(gamma_x, gamma_h)"
+    if not isinstance(layer_norm, (tuple, list)) or len(layer_norm) != count:
+        raise TypeError(f"layer_norm: expected None or a tuple {names}, got {layer_norm!r:.80}")
+    return tuple(layer_norm)
+
+
+def _forward(cell, options, x, W, R, bW, bR, h0, c0, P, W_hr, lengths, training, stream, packed=False,
+             layer_norm=None):
     """One window through the core. ``packed`` (the stacks' and the drop-in's): x and y are a
     PackedSequence's data, ``[tokens, features]``, with ``lengths`` non-increasing on the host (C++ API,
     ForwardArgs::packed)."""
     inputs = (x, W, R, bW, bR, h0, c0, P, W_hr)
     lengths = _arrays.lengths_argument(lengths)
-    if any(_arrays.is_foreign(a) for a in (*inputs, lengths)):
+    if any(_arrays.is_foreign(a) for a in (*inputs, *(layer_norm or ()), lengths)):
         inputs = tuple(None if a is None else _arrays.for_export(a) for a in inputs)
+        if layer_norm is not None:
+            layer_norm = tuple(_arrays.for_export(a) for a in layer_norm)
         allocate = _arrays.Allocator(inputs[0])
-        outputs = _conveyor.forward_dlpack(cell, options, *inputs, lengths, packed, training, allocate,
-                                           _arrays.stream_of(inputs[0], stream))
+        outputs = _conveyor.forward_dlpack(cell, options, *inputs, layer_norm, lengths, packed, training,
+                                           allocate, _arrays.stream_of(inputs[0], stream))
         y, h_T, c_T, cache = allocate.finish(outputs)
     else:
         _arrays.stream_of(x, stream)  # checks the argument; NumPy work runs on the CPU
-        y, h_T, c_T, cache = _conveyor.forward(cell, options, *inputs, lengths, packed, training)
-    saved = Saved(cell, options, *inputs, y, cache, lengths, packed) if training else None
+        y, h_T, c_T, cache = _conveyor.forward(cell, options, *inputs, layer_norm, lengths, packed, training)
+    saved = Saved(cell, options, *inputs, layer_norm, y, cache, lengths, packed) if training else None
     return y, h_T, c_T, saved
 
 
@@ -260,29 +282,34 @@ def _backward(cell: str, saved, dy, dh_T, dc_T, stream, keep=False):
         raise ValueError(f"saved: expected the result of {cell}_forward, got that of {saved.cell}_forward")
     if saved.consumed:
         raise ValueError("saved: already used by a backward call, which released it; run forward again")
-    arrays = (saved.x, saved.W, saved.R, saved.h0, saved.c0, saved.P, saved.W_hr, saved.y, saved.cache, dy,
-              dh_T, dc_T)
-    if any(_arrays.is_foreign(a) for a in (*arrays, saved.lengths)):
-        arrays = tuple(None if a is None else _arrays.for_export(a) for a in arrays)
+    before = (saved.x, saved.W, saved.R, saved.h0, saved.c0, saved.P, saved.W_hr)
+    after = (saved.y, saved.cache, dy, dh_T, dc_T)
+    layer_norm = saved.layer_norm
+    if any(_arrays.is_foreign(a) for a in (*before, *after, *(layer_norm or ()), saved.lengths)):
+        before = tuple(None if a is None else _arrays.for_export(a) for a in before)
+        after = tuple(None if a is None else _arrays.for_export(a) for a in after)
+        if layer_norm is not None:
+            layer_norm = tuple(_arrays.for_export(a) for a in layer_norm)
         allocate = _arrays.Allocator(saved.x)
-        grads = _conveyor.backward_dlpack(cell, saved.options, *arrays, saved.lengths, saved.packed,
-                                          saved.has_bW, saved.has_bR, allocate,
+        grads = _conveyor.backward_dlpack(cell, saved.options, *before, layer_norm, *after, saved.lengths,
+                                          saved.packed, saved.has_bW, saved.has_bR, allocate,
                                           _arrays.stream_of(saved.x, stream))
         grads = allocate.finish(grads)
     else:
         _arrays.stream_of(saved.x, stream)
-        grads = _conveyor.backward(cell, saved.options, *arrays, saved.lengths, saved.packed, saved.has_bW,
-                                   saved.has_bR)
+        grads = _conveyor.backward(cell, saved.options, *before, layer_norm, *after, saved.lengths,
+                                   saved.packed, saved.has_bW, saved.has_bR)
     if not keep:  # the TBPTT driver keeps a window's Saved for the later spans that reach back over it
         saved.x = saved.W = saved.R = saved.h0 = saved.c0 = saved.P = saved.W_hr = None
-        saved.y = saved.cache = saved.lengths = None
+        saved.y = saved.cache = saved.lengths = saved.layer_norm = None
     return grads
 
 
 def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, W_hr=None, coupled_gates=False,
                  forget_bias=0.0, cell_clip=None, activation="tanh", recurrent_dropout=0.0, variational=True,
                  seed=0, mask_stream=0, training=True, allow_tf32=False, algorithm="auto", lengths=None,
-                 weight_dropout=0.0, zoneout=0.0, zoneout_cell=0.0, stream=None, _packed=False):
+                 weight_dropout=0.0, zoneout=0.0, zoneout_cell=0.0, layer_norm=None, stream=None,
+                 _packed=False):
     """Runs an LSTM over the window ``x`` ``[T, B, input_size]``.
 
     ``bW``/``bR`` may be None (no bias); ``h0``/``c0`` ``[B, hidden_size]`` default to zeros. ``c0`` and the
@@ -318,6 +345,10 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, W_hr=None, couple
     ``zoneout=z`` (LSTM and GRU) and ``zoneout_cell`` (LSTM): each unit of h (of c) keeps its previous value
     with probability z, per step, row and unit, drawn from the streams ``mask_stream + 2`` (``+ 3``) in
     training; in evaluation (``training=False``) the expectation ``z h_{t-1} + (1 - z) h~_t``.
+    ``layer_norm=(gamma_x, gamma_h, gamma_c, beta_c)`` (LSTM; the GRU's ``(gamma_x, gamma_h)``): layer
+    normalisation (Ba et al. 2016, as Haste's LayerNormLSTM), ``a = LN(W x_t; gamma_x) + bW + LN(R h_{t-1};
+    gamma_h) + bR`` with gains ``[G*hidden_size]``, and the output ``o * act(LN(c_t; gamma_c, beta_c))`` with
+    ``[hidden_size]`` each; the backward returns their gradients as ``dlayer_norm``.
 
     ``algorithm`` (every forward; the backward of a window takes the same): how the CUDA backend runs the
     recurrence. ``"persistent"``: one cooperative launch for the window, each block keeping its slice of R
@@ -330,8 +361,10 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, W_hr=None, couple
         "lstm", activation=activation, training=training, allow_tf32=allow_tf32,
         recurrent_dropout=recurrent_dropout, variational=variational, seed=seed, mask_stream=mask_stream,
         algorithm=algorithm, coupled_gates=coupled_gates, peephole=P is not None, forget_bias=forget_bias,
-        cell_clip=cell_clip, weight_dropout=weight_dropout, zoneout=zoneout, zoneout_cell=zoneout_cell)
-    return _forward("lstm", options, x, W, R, bW, bR, h0, c0, P, W_hr, lengths, training, stream, _packed)
+        cell_clip=cell_clip, weight_dropout=weight_dropout, zoneout=zoneout, zoneout_cell=zoneout_cell,
+        layer_norm=layer_norm is not None)
+    return _forward("lstm", options, x, W, R, bW, bR, h0, c0, P, W_hr, lengths, training, stream, _packed,
+                    _layer_norm_gains("lstm", layer_norm))
 
 
 def lstm_backward(saved, dy, dh_T=None, dc_T=None, *, stream=None, _keep=False) -> LSTMGrads:
@@ -344,24 +377,26 @@ def lstm_backward(saved, dy, dh_T=None, dc_T=None, *, stream=None, _keep=False) 
 
 def gru_forward(x, W, R, bW, bR, h0=None, *, reset_after=True, activation="tanh", recurrent_dropout=0.0,
                 variational=True, seed=0, mask_stream=0, training=True, allow_tf32=False, algorithm="auto",
-                lengths=None, weight_dropout=0.0, zoneout=0.0, stream=None, _packed=False):
+                lengths=None, weight_dropout=0.0, zoneout=0.0, layer_norm=None, stream=None, _packed=False):
     """Runs a GRU over the window ``x``. ``reset_after=True`` applies the reset gate after the recurrent
     product (cuDNN, PyTorch); False before it (Cho et al. 2014). Recurrent dropout as in :func:`lstm_forward`
-    (the output mix uses the unmasked h_{t-1}); ``lengths``, ``weight_dropout`` and ``zoneout`` as there.
+    (the output mix uses the unmasked h_{t-1}); ``lengths``, ``weight_dropout``, ``zoneout`` and
+    ``layer_norm=(gamma_x, gamma_h)`` (reset_after only; n uses the normalised R_n h inside r * (.)) as there.
     Returns ``(y, h_T, saved)``."""
     options, training = window_options(
         "gru", activation=activation, training=training, allow_tf32=allow_tf32,
         recurrent_dropout=recurrent_dropout, variational=variational, seed=seed, mask_stream=mask_stream,
-        algorithm=algorithm, reset_after=reset_after, weight_dropout=weight_dropout, zoneout=zoneout)
+        algorithm=algorithm, reset_after=reset_after, weight_dropout=weight_dropout, zoneout=zoneout,
+        layer_norm=layer_norm is not None)
     y, h_T, _, saved = _forward("gru", options, x, W, R, bW, bR, h0, None, None, None, lengths, training,
-                                stream, _packed)
+                                stream, _packed, _layer_norm_gains("gru", layer_norm))
     return y, h_T, saved
 
 
 def gru_backward(saved, dy, dh_T=None, *, stream=None, _keep=False) -> GRUGrads:
     """Exact gradients of the window from :func:`gru_forward`'s ``saved``."""
-    dx, dh0, _, dW, dR, dbW, dbR, _, _ = _backward("gru", saved, dy, dh_T, None, stream, _keep)
-    return GRUGrads(dx, dh0, dW, dR, dbW, dbR)
+    dx, dh0, _, dW, dR, dbW, dbR, _, _, dlayer_norm = _backward("gru", saved, dy, dh_T, None, stream, _keep)
+    return GRUGrads(dx, dh0, dW, dR, dbW, dbR, dlayer_norm)
 
 
 def rnn_forward(x, W, R, bW, bR, h0=None, *, activation="tanh", recurrent_dropout=0.0, variational=True,
@@ -380,7 +415,7 @@ def rnn_forward(x, W, R, bW, bR, h0=None, *, activation="tanh", recurrent_dropou
 
 def rnn_backward(saved, dy, dh_T=None, *, stream=None, _keep=False) -> RNNGrads:
     """Exact gradients of the window from :func:`rnn_forward`'s ``saved``."""
-    dx, dh0, _, dW, dR, dbW, dbR, _, _ = _backward("rnn", saved, dy, dh_T, None, stream, _keep)
+    dx, dh0, _, dW, dR, dbW, dbR, *_ = _backward("rnn", saved, dy, dh_T, None, stream, _keep)
     return RNNGrads(dx, dh0, dW, dR, dbW, dbR)
 
 

@@ -190,6 +190,20 @@ def _host_lengths(lengths):
     return _arrays.lengths_argument(np.asarray(lengths))
 
 
+def window_extras(cell, rest) -> dict:
+    """A window's weights beyond (W, R, bW, bR), as keyword arguments of its forward: the LSTM's P, W_hr and
+    layer-norm gains (gamma_x, gamma_h, gamma_c, beta_c), the GRU's gains (gamma_x, gamma_h); absent entries
+    (None, or past the tuple's end) are no such option."""
+    rest = list(rest)
+    if cell == "lstm":
+        rest += [None] * (6 - len(rest))
+        gains = tuple(rest[2:6])
+        return {"P": rest[0], "W_hr": rest[1], "layer_norm": None if gains[0] is None else gains}
+    if cell == "gru" and rest and rest[0] is not None:
+        return {"layer_norm": tuple(rest[:2])}
+    return {}
+
+
 def _state_sizes(cell, weights) -> tuple[int, int]:
     """The units of the h states (R's columns: proj_size with a projection) and of the LSTM's c states (W_hr's
     columns with a projection, else the same)."""
@@ -203,14 +217,15 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
                   _packed=False, **options):
     """Runs ``num_layers`` layers of ``cell`` (``"lstm"``, ``"gru"`` or ``"rnn"``) over the window ``x``.
 
-    ``weights``: a sequence of L*D tuples ``(W, R, bW, bR)`` (LSTM: ``(W, R, bW, bR, P)`` or
-    ``(W, R, bW, bR, P, W_hr)``, P None without peepholes, W_hr None without a projection), layer-major then
-    direction. ``h0``/``c0``: ``[L*D, B, H]`` or None (c0, and the returned c_n, of the cell state's dtype:
-    float32 beside float16 or bfloat16 x; with a projection h0, h_n and y have proj_size units where H is
-    written, c0 and c_n hidden_size). ``dropout``: inverted
-    dropout on each layer's output but the last; ``variational``: its masks (and those of
-    ``recurrent_dropout``) shared by every step; both apply in training only. ``options``: the cell's own
-    options (activation, reset_after, coupled_gates, forget_bias, cell_clip, allow_tf32, stream).
+    ``weights``: a sequence of L*D tuples ``(W, R, bW, bR)``, layer-major then direction, with the options'
+    weights after them: the LSTM's ``P``, ``W_hr``, ``gamma_x``, ``gamma_h``, ``gamma_c``, ``beta_c`` (None,
+    or left off the end, where the option is off), the GRU's ``gamma_x``, ``gamma_h`` (window_extras).
+    ``h0``/``c0``: ``[L*D, B, H]`` or None (c0, and the returned c_n, of the cell state's dtype: float32 beside
+    float16 or bfloat16 x; with a projection h0, h_n and y have proj_size units where H is written, c0 and c_n
+    hidden_size). ``dropout``: inverted dropout on each layer's output but the last; ``variational``: its
+    masks (and those of ``recurrent_dropout``) shared by every step; both apply in training only.
+    ``options``: the cell's own options (activation, reset_after, coupled_gates, forget_bias, cell_clip,
+    weight_dropout, zoneout, zoneout_cell, allow_tf32, stream).
     ``lengths``: None, or ``[B]`` (docs/math.md, "Variable lengths"): row b runs its first lengths[b] steps in
     every layer, the reverse direction from step lengths[b] - 1 down to 0 (its input reversed within the
     row's length, so each row's masks count its own steps), and y is 0 past them. (``_packed``, the drop-in's:
@@ -268,9 +283,7 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
         for direction in range(directions):
             k = layer * directions + direction
             W, R, bW, bR, *rest = weights[k]
-            extra = {}
-            if cell == "lstm":
-                extra = {"P": rest[0] if rest else None, "W_hr": rest[1] if len(rest) > 1 else None}
+            extra = window_extras(cell, rest)
             inp = layer_input if direction == 0 else ops.flip_time(layer_input, reversal)
             states = (None if h0 is None else h0[k],)
             if cell == "lstm":
@@ -396,18 +409,18 @@ def saved_from_arrays(cell, x, weights, h0, c0, y, arrays, *, num_layers=1, bidi
         for direction in range(directions):
             k = layer * directions + direction
             W, R, bW, bR, *rest = weights[k]
-            P = rest[0] if cell == "lstm" and rest else None
-            W_hr = rest[1] if cell == "lstm" and len(rest) > 1 else None
+            extra = window_extras(cell, rest)
+            P, W_hr, layer_norm = extra.get("P"), extra.get("W_hr"), extra.get("layer_norm")
             window_y, cache = arrays[2 * k], arrays[2 * k + 1]
             window_y = y if window_y is None else window_y
             window_options, _ = _functional.window_options(
                 cell, training=True, recurrent_dropout=recurrent_dropout, variational=variational, seed=seed,
                 mask_stream=mask_stream(layer, direction, RECURRENT_DROPOUT), peephole=P is not None,
-                **options)
+                layer_norm=layer_norm is not None, **options)
             inp = layer_input if direction == 0 else ops.flip_time(layer_input, reversal)
             saved.append(_functional.Saved(cell, window_options, inp, W, R, bW, bR,
                                            None if h0 is None else h0[k], None if c0 is None else c0[k], P,
-                                           W_hr, window_y, cache, lengths, _packed))
+                                           W_hr, layer_norm, window_y, cache, lengths, _packed))
             outputs.append(window_y if direction == 0 else ops.flip_time(window_y, reversal))
         layer_input = ops.concat(outputs)
         if masks[layer] is not None:

@@ -182,8 +182,7 @@ class TBPTT:
                 for name in ("x", "h0", "c0", "y", "cache"):
                     if getattr(w, name) is not None:
                         arrays[f"{i}.{k}.{name}"] = getattr(w, name)
-                windows.append({"options": w.options, "has_bW": w.has_bW, "has_bR": w.has_bR,
-                                "peephole": w.P is not None, "projection": w.W_hr is not None})
+                windows.append({"options": w.options, "has_bW": w.has_bW, "has_bR": w.has_bR})
             for m, mask in enumerate(saved.masks):
                 if mask is not None:
                     arrays[f"{i}.mask.{m}"] = mask
@@ -199,12 +198,12 @@ class TBPTT:
             windows = []
             for k, w in enumerate(entry["windows"]):
                 W, R, bW, bR, *rest = weights[k]
-                P = rest[0] if rest and w["peephole"] else None
-                W_hr = rest[1] if len(rest) > 1 and w.get("projection") else None
+                extra = _stack.window_extras(layer._cell, rest)
                 windows.append(Saved(layer._cell, w["options"], arrays[f"{i}.{k}.x"], W, R,
                                      bW if w["has_bW"] else None, bR if w["has_bR"] else None,
-                                     arrays.get(f"{i}.{k}.h0"), arrays.get(f"{i}.{k}.c0"), P, W_hr,
-                                     arrays[f"{i}.{k}.y"], arrays.get(f"{i}.{k}.cache")))
+                                     arrays.get(f"{i}.{k}.h0"), arrays.get(f"{i}.{k}.c0"), extra.get("P"),
+                                     extra.get("W_hr"), extra.get("layer_norm"), arrays[f"{i}.{k}.y"],
+                                     arrays.get(f"{i}.{k}.cache")))
             masks = [arrays[f"{i}.mask.{m}"] if present else None for m, present in enumerate(entry["masks"])]
             saved = _stack.StackSaved(layer._cell, layer.num_layers, 1, layer.state_size, windows, masks,
                                       windows[0].x, cell_size=layer.hidden_size)

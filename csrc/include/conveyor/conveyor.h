@@ -164,6 +164,12 @@ struct CellOptions {
   // The step counts the order the window runs.
   double zoneout = 0;
   double zoneout_cell = 0;
+  // Layer normalisation (Ba et al. 2016, as Haste's LayerNormLSTM/GRU), LSTM and GRU with reset_after:
+  // a = LN(W x_t; gamma_x) + bW + LN(R h_{t-1}; gamma_h) + bR, LN(v; gamma, beta) = gamma * (v - mean(v)) /
+  // sqrt(var(v) + 1e-5) + beta over the G*H entries of a row; the LSTM's output is o * act(LN(c_t; gamma_c,
+  // beta_c)) (its peepholes and c_T see the raw c_t). The gains are ForwardArgs' gamma_x, gamma_h (and the
+  // LSTM's gamma_c, beta_c).
+  bool layer_norm = false;
   bool zoneout_sample = true;
   uint64_t zoneout_stream = 0;
   uint64_t zoneout_cell_stream = 0;
@@ -187,8 +193,9 @@ int gate_count(const CellOptions& options);
 
 // The number of H-wide columns that forward() saves per (step, batch row) for backward():
 // LSTM 5 (i, f, g, o after their activations, c_t; a sixth with zoneout_cell, c_t after zoneout); GRU 4 (r,
-// z, n, and R_n h + bR_n when reset_after, r * h when not); RNN 0 (backward reads y). The cache is [T, B, cache_width * H]. A projection adds no
-// column: backward recomputes o * act(c_t) from o and c_t.
+// z, n, and R_n h + bR_n when reset_after, r * h when not); RNN 0 (backward reads y). Layer normalisation
+// adds 2G (W x_t and R h_{t-1} before it). The cache is [T, B, cache_width * H]. A projection adds no column:
+// backward recomputes o * act(c_t) from o and c_t.
 int cache_width(const CellOptions& options);
 
 // The sizes of one window, read off x and R (and W_hr, with a projection), and checked against W. Throws
@@ -223,6 +230,9 @@ struct ForwardArgs {
   // proj_size): h_t = W_hr (o * act(c_t)), so that h, y and R's columns have P units while c keeps H. The
   // recurrent dropout mask (CellOptions) is then [T, B, P], over h_{t-1} as the product reads it.
   TensorView W_hr;
+  // With layer_norm (CellOptions), else absent: the gains of LN(W x_t) and LN(R h_{t-1}) [G*H], and the LSTM's
+  // gain and bias of LN(c_t) [H].
+  TensorView gamma_x, gamma_h, gamma_c, beta_c;
   // [B] int32 or int64, on the CPU or x's device; optional (absent: every row runs all T steps). Row b runs
   // steps 0 .. lengths[b] - 1 only (1 <= lengths[b] <= T; in any order): its h_T and c_T are its state after
   // them, y is 0 at the steps after them, and those steps cost no arithmetic. A reverse direction is a
@@ -266,6 +276,7 @@ struct BackwardArgs {
   TensorView c0;     // [B, H]; LSTM only, of cell_state_dtype(x); absent if forward's was
   TensorView P;      // [3, H]; with peephole only
   TensorView W_hr;   // [P, H]; with a projection only
+  TensorView gamma_x, gamma_h, gamma_c, beta_c;  // with layer_norm only, as forward's
   TensorView y;      // [T, B, P]
   TensorView cache;  // [T, B, cache_width * H]
   TensorView lengths;  // [B]; the very lengths forward() ran with (absent if it ran without)
@@ -286,13 +297,15 @@ struct BackwardArgs {
   TensorView dbR;  // [G*H]     =, or += when accumulate
   TensorView dP;   // [3, H]    =, or += when accumulate; with peephole only (dp_i is 0 with coupled gates)
   TensorView dW_hr;  // [P, H]  =, or += when accumulate; with a projection only
+  // [G*H], [G*H], [H], [H] =, or += when accumulate; with layer_norm only (the last two: the LSTM's)
+  TensorView dgamma_x, dgamma_h, dgamma_c, dbeta_c;
 
   // false: parameter gradients are written (=). true: they are added to (+=), for summing over windows.
   bool accumulate = false;
 };
 
-// A BackwardArgs that holds what `forward_args` read and wrote (x, W, R, h0, c0, P, W_hr, y, cache, lengths,
-// packed), for the caller to complete with dy (and dh_T, dc_T) and the gradients it wants.
+// A BackwardArgs that holds what `forward_args` read and wrote (x, W, R, h0, c0, P, W_hr, the layer-norm gains,
+// y, cache, lengths, packed), for the caller to complete with dy (and dh_T, dc_T) and the gradients it wants.
 BackwardArgs backward_args_for(const ForwardArgs& forward_args);
 
 // Checks every input of `args` (what forward read and wrote, dy, dh_T, dc_T) as backward() does, ignoring
