@@ -220,10 +220,10 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
     ``weights``: a sequence of L*D tuples ``(W, R, bW, bR)``, layer-major then direction, with the options'
     weights after them: the LSTM's ``P``, ``W_hr``, ``gamma_x``, ``gamma_h``, ``gamma_c``, ``beta_c`` (None,
     or left off the end, where the option is off), the GRU's ``gamma_x``, ``gamma_h`` (window_extras).
-    ``h0``/``c0``: ``[L*D, B, H]`` or None (c0, and the returned c_n, of the cell state's dtype: float32 beside
-    float16 or bfloat16 x; with a projection h0, h_n and y have proj_size units where H is written, c0 and c_n
-    hidden_size). ``dropout``: inverted dropout on each layer's output but the last; ``variational``: its
-    masks (and those of ``recurrent_dropout``) shared by every step; both apply in training only.
+    ``h0``/``c0``: ``[L*D, B, H]`` or None (c0, and the returned c_n, of the cell state's dtype: float32
+    beside float16 or bfloat16 x; with a projection h0, h_n and y have proj_size units where H is written, c0
+    and c_n hidden_size). ``dropout``: inverted dropout on each layer's output but the last; ``variational``:
+    its masks (and those of ``recurrent_dropout``) shared by every step; both apply in training only.
     ``options``: the cell's own options (activation, reset_after, coupled_gates, forget_bias, cell_clip,
     weight_dropout, zoneout, zoneout_cell, allow_tf32, stream).
     ``lengths``: None, or ``[B]`` (docs/math.md, "Variable lengths"): row b runs its first lengths[b] steps in
