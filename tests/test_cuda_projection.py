@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from device_arrays import DeviceArray
 from test_cuda import UNIT_ROUNDOFF, dtype_of
-from test_lengths import poison_padding, random_lengths
+from test_lengths import pack_padded, poison_padding, random_lengths
 from test_variants import LSTM_OPTIONS, lstm_id, lstm_problem, reference_lstm
 
 import conveyor
@@ -105,6 +105,20 @@ def test_recurrent_dropout_matches_the_cpu(o, variational, lengths, rng):
     assert_same(got, expected, np.float64)
     without = run(p, o, "float64", lengths=given, algorithm="per_step")
     assert not np.allclose(without["dR"], got["dR"]), "the masks changed nothing: a weak test"
+
+
+def test_packed_arrays_match_the_cpu(rng):
+    """ForwardArgs::packed: x, y, dy and dx as a PackedSequence's data, y and dy P wide."""
+    o = PROJECTED_OPTIONS[1]
+    T, B = 6, 7
+    p = problem(o, (T, B, 5, 9, 4), rng)
+    lengths = np.sort(random_lengths(rng, T, B))[::-1].copy()
+    p["x"], p["dy"] = pack_padded(p["x"], lengths), pack_padded(p["dy"], lengths)
+    dropout = dict(recurrent_dropout=0.3, variational=False, seed=2)
+    expected = run(p, o, lengths=lengths, _packed=True, **dropout)
+    assert expected["y"].shape == (lengths.sum(), 4)
+    got = run(p, o, "float64", lengths=lengths, _packed=True, algorithm="per_step", **dropout)
+    assert_same(got, expected, np.float64)
 
 
 @pytest.mark.parametrize("shape", [(5, 17, 40, 70, 33), (3, 33, 65, 129, 40), (4, 3, 5, 7, 3)], ids=shape_id)
