@@ -66,8 +66,8 @@ void launch_floor(const PersistentPlan& plan, int64_t steps, int64_t batch, int6
 template <typename S>
 detail::PersistentFloorLaunch persistent_floor(const CellOptions& options, int64_t steps, int64_t batch, int64_t hidden,
                                        bool backward, cudaStream_t stream) {
-  const PersistentPlan plan = backward ? persistent_backward_plan<S, false>(options, hidden)
-                                       : persistent_forward_plan<S, false>(options, hidden);
+  const PersistentPlan plan = backward ? persistent_backward_plan<S, false>(options, hidden, false)
+                                       : persistent_forward_plan<S, false>(options, hidden, false);
   if (!plan.fits) {
     throw ArgumentError("hidden: the persistent " + std::string(backward ? "backward" : "forward") +
                         " kernel cannot run H=" + std::to_string(hidden) + " on this device: " + plan.why);

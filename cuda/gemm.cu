@@ -290,6 +290,8 @@ void convert_copy(int64_t count, const From* in, To* out, cudaStream_t stream) {
                                   bool, cudaStream_t);                                                        \
   template void gemm<float, float, S>(int64_t, int64_t, int64_t, Operand<float>, Operand<float>, bool, S*,     \
                                       int64_t, bool, cudaStream_t);                                           \
+  template void gemm<float, S, float>(int64_t, int64_t, int64_t, Operand<float>, Operand<S>, bool, float*,    \
+                                      int64_t, bool, cudaStream_t);                                           \
   template void column_sums<float, S>(int64_t, int64_t, const float*, int64_t, bool, S*, cudaStream_t);      \
   template void convert_copy<float, S>(int64_t, const S*, float*, cudaStream_t);                             \
   template void convert_copy<S, float>(int64_t, const float*, S*, cudaStream_t);

@@ -1,7 +1,7 @@
 // The time-parallel matrix products of the CUDA backend (input projection, dx, dW, dR), a column sum for
 // the bias gradients, and a converting copy. Declarations; cuda/gemm.cu defines and instantiates them for
-// every storage type S with its compute type C: gemm<S, S, C>, gemm<C, S, S>, gemm<C, C, S>, column_sums<C, S>,
-// convert_copy<C, S> and convert_copy<S, C>.
+// every storage type S with its compute type C: gemm<S, S, C>, gemm<C, S, S>, gemm<C, C, S>, gemm<C, S, C>,
+// column_sums<C, S>, convert_copy<C, S> and convert_copy<S, C>.
 #pragma once
 
 #include <cuda_runtime.h>

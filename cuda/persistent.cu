@@ -383,8 +383,16 @@ PersistentPlan plan_for(const void* kernel, int64_t hidden, size_t bytes_per_uni
   return plan;
 }
 
+// The plan of a window the kernels cannot run whatever the device: a projection (persistent.cuh).
+PersistentPlan projection_plan() {
+  PersistentPlan plan;
+  plan.why = "a projection (W_hr) runs on the per-step kernels";
+  return plan;
+}
+
 template <typename S, bool kRelu>
-PersistentPlan persistent_forward_plan(const CellOptions& options, int64_t hidden) {
+PersistentPlan persistent_forward_plan(const CellOptions& options, int64_t hidden, bool projection) {
+  if (projection) return projection_plan();
   const void* kernel = reinterpret_cast<const void*>(forward_persistent_kernel_for<S, kRelu>(options));
   const size_t ld = size_t(forward_slice_ld<S>(hidden));
   const size_t h_stage = kTensorCoreForward<S> ? sizeof(S) * kPersistentRows * ld : 0;
@@ -392,7 +400,8 @@ PersistentPlan persistent_forward_plan(const CellOptions& options, int64_t hidde
 }
 
 template <typename S, bool kRelu>
-PersistentPlan persistent_backward_plan(const CellOptions& options, int64_t hidden) {
+PersistentPlan persistent_backward_plan(const CellOptions& options, int64_t hidden, bool projection) {
+  if (projection) return projection_plan();
   const void* kernel = reinterpret_cast<const void*>(backward_persistent_kernel_for<S, kRelu>(options));
   const size_t ld = size_t(backward_slice_ld<S>(int64_t(gate_count(options)) * hidden));
   return plan_for<Compute<S>>(kernel, hidden, sizeof(S) * ld, 0);
@@ -419,8 +428,8 @@ void backward_persistent(const CellOptions& options, const PersistentPlan& plan,
 }
 
 #define CONVEYOR_INSTANTIATE_PERSISTENT(S, RELU)                                                                   \
-  template PersistentPlan persistent_forward_plan<S, RELU>(const CellOptions&, int64_t);                          \
-  template PersistentPlan persistent_backward_plan<S, RELU>(const CellOptions&, int64_t);                         \
+  template PersistentPlan persistent_forward_plan<S, RELU>(const CellOptions&, int64_t, bool);                    \
+  template PersistentPlan persistent_backward_plan<S, RELU>(const CellOptions&, int64_t, bool);                   \
   template void forward_persistent<S, RELU>(const CellOptions&, const PersistentPlan&, const ForwardWindow<S>&,   \
                                             cudaStream_t);                                                         \
   template void backward_persistent<S, RELU>(const CellOptions&, const PersistentPlan&, const BackwardWindow<S>&, \

@@ -12,7 +12,9 @@
 
 namespace conveyor::cuda {
 
-// How the persistent kernel would run a window's recurrence on the current device, or why it cannot.
+// How the persistent kernel would run a window's recurrence on the current device, or why it cannot. The LSTM's
+// projection (W_hr) it cannot: its h_t = W_hr m_t needs every block's m_t, one more grid barrier a step, and its
+// backward splits R's columns by P, not H. A window with one runs on the per-step kernels.
 struct PersistentPlan {
   bool fits = false;
   int units = 0;            // hidden units per block
@@ -22,9 +24,9 @@ struct PersistentPlan {
 };
 
 template <typename S, bool kRelu>
-PersistentPlan persistent_forward_plan(const CellOptions& options, int64_t hidden);
+PersistentPlan persistent_forward_plan(const CellOptions& options, int64_t hidden, bool projection);
 template <typename S, bool kRelu>
-PersistentPlan persistent_backward_plan(const CellOptions& options, int64_t hidden);
+PersistentPlan persistent_backward_plan(const CellOptions& options, int64_t hidden, bool projection);
 
 // The window's recurrence (every step's kernel of the per-step path) in one launch; `plan` fits.
 template <typename S, bool kRelu>

@@ -47,7 +47,7 @@ static_assert(kStepThreads == kStepUnits * kStepRows / 2, "two rows per thread")
 // Forward step (its arguments and cell math: step.cuh)
 
 // For the block's tile of (batch row, hidden unit), every gate's recurrent product
-// sum_k h_in[b, k] R[R_row0 + g*H + j, k], then the cell math.
+// sum_{k < P} h_in[b, k] R[R_row0 + g*H + j, k], then the cell math.
 template <typename S, ForwardEpilogue kEpilogue, bool kRelu, bool kComputeInput>
 __global__ void __launch_bounds__(kStepThreads) forward_step_kernel(ForwardStep<S> p) {
   using C = Compute<S>;
@@ -56,23 +56,23 @@ __global__ void __launch_bounds__(kStepThreads) forward_step_kernel(ForwardStep<
   CONVEYOR_SHARED(C, h_tile, [kStepRows][kStepK + 1]);
   CONVEYOR_SHARED(C, r_tile, [G * kStepUnits][kStepK + 1]);
   const int tid = threadIdx.x, tx = tid % kStepUnits, ty = tid / kStepUnits;
-  const int64_t B = p.batch, H = p.hidden;
+  const int64_t B = p.batch, H = p.hidden, K = p.output_size;
   const int64_t b0 = int64_t(blockIdx.y) * kStepRows, j0 = int64_t(blockIdx.x) * kStepUnits;
   const Input* h_in = static_cast<const Input*>(p.h_in);
   C acc[2][G] = {};
 
-  for (int64_t k0 = 0; k0 < H; k0 += kStepK) {
+  for (int64_t k0 = 0; k0 < K; k0 += kStepK) {
     for (int e = tid; e < kStepRows * kStepK; e += kStepThreads) {
       const int kk = e % kStepK, bb = e / kStepK;
       const int64_t b = b0 + bb, k = k0 + kk;
-      h_tile[bb][kk] = b < B && k < H ? convert<C>(h_in[b * H + k]) * (p.mask != nullptr ? p.mask[b * H + k] : C(1))
+      h_tile[bb][kk] = b < B && k < K ? convert<C>(h_in[b * K + k]) * (p.mask != nullptr ? p.mask[b * K + k] : C(1))
                                       : C(0);
     }
     for (int e = tid; e < G * kStepUnits * kStepK; e += kStepThreads) {
       const int kk = e % kStepK, row = e / kStepK;
       const int64_t j = j0 + row % kStepUnits, k = k0 + kk;
       const int64_t r_row = p.R_row0 + (row / kStepUnits) * H + j;
-      r_tile[row][kk] = j < H && k < H ? convert<C>(p.R[r_row * H + k]) : C(0);
+      r_tile[row][kk] = j < H && k < K ? convert<C>(p.R[r_row * K + k]) : C(0);
     }
     __syncthreads();
 #pragma unroll 8
@@ -106,13 +106,16 @@ void forward_step(const ForwardStep<S>& p, cudaStream_t stream) {
 // ---------------------------------------------------------------------------------------------------------
 // Backward step (its arguments and cell math: step.cuh)
 
+// For the block's tile of (batch row, unit: h's P or the cell's H, epilogue_units), the product
+// sum_k A(b, k) R[R_row0 + k, j] (step.cuh, BackwardStep), then the epilogue.
 template <typename S, BackwardEpilogue kEpilogue, bool kRelu>
 __global__ void __launch_bounds__(kStepThreads) backward_step_kernel(BackwardStep<S> p) {
   using C = Compute<S>;
   CONVEYOR_SHARED(C, a_tile, [kStepRows][kStepK + 1]);
   CONVEYOR_SHARED(C, r_tile, [kStepK][kStepUnits]);
   const int tid = threadIdx.x, tx = tid % kStepUnits, ty = tid / kStepUnits;
-  const int64_t B = p.batch, H = p.hidden;
+  // R's rows are P wide; a cell epilogue with a product runs without a projection, where its H units are P.
+  const int64_t B = p.batch, units = epilogue_units<kEpilogue>(p), R_ld = p.output_size;
   const int64_t b0 = int64_t(blockIdx.y) * kStepRows, j0 = int64_t(blockIdx.x) * kStepUnits;
   C acc[2] = {C(0), C(0)};
 
@@ -129,7 +132,7 @@ __global__ void __launch_bounds__(kStepThreads) backward_step_kernel(BackwardSte
     for (int e = tid; e < kStepK * kStepUnits; e += kStepThreads) {
       const int jj = e % kStepUnits, kk = e / kStepUnits;
       const int64_t j = j0 + jj, k = k0 + kk;
-      r_tile[kk][jj] = j < H && k < p.K ? convert<C>(p.R[(p.R_row0 + k) * H + j]) : C(0);
+      r_tile[kk][jj] = j < units && k < p.K ? convert<C>(p.R[(p.R_row0 + k) * R_ld + j]) : C(0);
     }
     __syncthreads();
 #pragma unroll 8
@@ -145,13 +148,13 @@ __global__ void __launch_bounds__(kStepThreads) backward_step_kernel(BackwardSte
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int64_t b = b0 + ty + 8 * i;
-    if (b < B && j < H) backward_epilogue<S, kEpilogue, kRelu>(p, b, j, acc[i]);
+    if (b < B && j < units) backward_epilogue<S, kEpilogue, kRelu>(p, b, j, acc[i]);
   }
 }
 
 template <BackwardEpilogue kEpilogue, bool kRelu, typename S>
 void backward_step(const BackwardStep<S>& p, cudaStream_t stream) {
-  const dim3 grid(blocks_for(p.hidden, kStepUnits), blocks_for(p.batch, kStepRows));
+  const dim3 grid(blocks_for(epilogue_units<kEpilogue>(p), kStepUnits), blocks_for(p.batch, kStepRows));
   launch("backward_step_kernel", backward_step_kernel<S, kEpilogue, kRelu>, grid, kStepThreads, 0, stream, p);
 }
 
@@ -180,17 +183,47 @@ void dropout_mask(int64_t steps, int64_t rows, int64_t units, double p, bool var
 }
 
 // The inputs of every step's recurrent product, for dR: h_products[r] = m * h_{t-1} for packed row r of step
-// t (m = 1 without masks; h_{t-1} from h0 at step 0, else from y).
+// t (m = 1 without masks; h_{t-1} from h0 at step 0, else from y), each of h's `units` (P).
 template <typename S>
-__global__ void previous_states_kernel(int64_t steps, StepRows rows, int64_t tokens, int64_t hidden,
+__global__ void previous_states_kernel(int64_t steps, StepRows rows, int64_t tokens, int64_t units,
                                        bool variational, const Compute<S>* masks, const S* h0, const S* y,
                                        Compute<S>* h_products) {
-  const int64_t count = tokens * hidden;
+  const int64_t count = tokens * units;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = e / hidden, u = e % hidden, t = rows.step_of(r, steps), k = r - rows.first(t);
-    const Compute<S> h = convert<Compute<S>>(t == 0 ? h0[k * hidden + u] : y[(rows.first(t - 1) + k) * hidden + u]);
-    h_products[e] = masks != nullptr ? masks[(variational ? k : r) * hidden + u] * h : h;
+    const int64_t r = e / units, u = e % units, t = rows.step_of(r, steps), k = r - rows.first(t);
+    const Compute<S> h = convert<Compute<S>>(t == 0 ? h0[k * units + u] : y[(rows.first(t - 1) + k) * units + u]);
+    h_products[e] = masks != nullptr ? masks[(variational ? k : r) * units + u] * h : h;
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The projection's gradient: dW_hr pairs every step's dh_total with m_t = o * act(c_t), which the cache does
+// not hold; this recomputes it from the cached o and c_t (as the CPU backend does), for every packed row.
+
+template <typename S, bool kRelu>
+__global__ void cell_outputs_kernel(int64_t tokens, int64_t hidden, const S* cache, Compute<S>* out) {
+  using C = Compute<S>;
+  const int64_t H = hidden, cw = 5 * H, count = tokens * H;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = e / H, j = e % H;
+    const S* saved = cache + row * cw;
+    out[e] = cells::lstm_output(kRelu, convert<C>(saved[3 * H + j]), convert<C>(saved[4 * H + j]));
+  }
+}
+
+// dW_hr (=, or += when `accumulate`) = sum over packed rows of dh_total^T m, m recomputed from the cache.
+template <typename S, bool kRelu>
+void projection_grad(int64_t tokens, int64_t hidden, int64_t output_size, const Compute<S>* dh_totals,
+                     const S* cache, bool accumulate, bool allow_tf32, S* dW_hr, cudaStream_t stream) {
+  using C = Compute<S>;
+  const NvtxRange range("conveyor::projection_grad");
+  Workspace<C> cell_outputs(tokens * hidden, stream);
+  const int64_t count = tokens * hidden;
+  const unsigned blocks = count / 256 + 1 < 4096 ? unsigned(count / 256 + 1) : 4096u;
+  launch("cell_outputs_kernel", cell_outputs_kernel<S, kRelu>, blocks, 256, 0, stream, tokens, hidden, cache,
+         cell_outputs.get());
+  gemm<C, C, S>(output_size, hidden, tokens, transpose_of<C>(dh_totals, output_size),
+                rows_of<C>(cell_outputs.get(), hidden), accumulate, dW_hr, hidden, allow_tf32, stream);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -355,11 +388,13 @@ void init_from(int64_t count, const From* in, To* out, cudaStream_t stream) {
 
 struct Sizes {
   int64_t T, B, I, H, G, GH, cw;
+  int64_t P;  // the units of h: the projection's size, or H without one
 };
 
 Sizes sizes_of(const CellOptions& options, const WindowSizes& s) {
   const int64_t G = gate_count(options);
-  return {s.steps, s.batch, s.input_size, s.hidden_size, G, G * s.hidden_size, cache_width(options) * s.hidden_size};
+  return {s.steps,     s.batch, s.input_size, s.hidden_size, G, G * s.hidden_size, cache_width(options) * s.hidden_size,
+          s.output_size};
 }
 
 // A zero [B, H] array standing in for an absent initial state, or the state itself; T is the state's element
@@ -416,11 +451,13 @@ class RecurrentMasks {
 constexpr int64_t kAutoPersistentMaxBatch = 32;
 
 // The persistent kernel's plan when the window runs on it (fits), else a plan that does not fit: per_step
-// asked for, auto at a batch the per-step kernels win, or auto where the slices do not fit on the device
-// (persistent asked for there throws an ArgumentError saying why). The device is asked only when the
-// persistent kernel is a candidate. CONVEYOR_LOG_ALGORITHM=1 prints the choice and why.
+// asked for, auto at a batch the per-step kernels win, or auto where the persistent kernel cannot run the window
+// (its slices do not fit on the device, or a projection; persistent asked for there throws an ArgumentError
+// saying why). The device is asked only when the persistent kernel is a candidate. CONVEYOR_LOG_ALGORITHM=1
+// prints the choice and why.
 template <typename S, bool kRelu>
-PersistentPlan persistent_plan_to_run(const CellOptions& options, int64_t batch, int64_t hidden, bool forward) {
+PersistentPlan persistent_plan_to_run(const CellOptions& options, int64_t batch, int64_t hidden, bool projection,
+                                      bool forward) {
   const char* direction = forward ? "forward" : "backward";
   PersistentPlan plan;
   std::string why_not;
@@ -430,8 +467,8 @@ PersistentPlan persistent_plan_to_run(const CellOptions& options, int64_t batch,
     why_not = "B = " + std::to_string(batch) + " > " + std::to_string(kAutoPersistentMaxBatch) +
               ", where the per-step kernels are faster";
   } else {
-    plan = forward ? persistent_forward_plan<S, kRelu>(options, hidden)
-                   : persistent_backward_plan<S, kRelu>(options, hidden);
+    plan = forward ? persistent_forward_plan<S, kRelu>(options, hidden, projection)
+                   : persistent_backward_plan<S, kRelu>(options, hidden, projection);
     if (!plan.fits && options.algorithm == Algorithm::persistent) {
       throw ArgumentError(std::string("algorithm: 'persistent' cannot run this ") + cell_name(options.cell) + " " +
                           direction + " window: " + plan.why + " (use 'auto' or 'per_step')");
@@ -451,14 +488,24 @@ PersistentPlan persistent_plan_to_run(const CellOptions& options, int64_t batch,
   return plan;
 }
 
-// Step t of a forward window on the per-step path: one kernel (two for the GRU with reset_before).
+// Step t of a forward window on the per-step path: one kernel (two for the GRU with reset_before); with the
+// LSTM's projection, the kernel writes m_t = o * act(c_t) and a product forms h_t = m_t W_hr^T from it.
 template <typename S, bool kRelu>
 void forward_steps(const CellOptions& options, const ForwardWindow<S>& w, int64_t t, cudaStream_t stream) {
+  using C = Compute<S>;
   ForwardStep<S> p = w.step(t);
   switch (options.cell) {
     case CellType::lstm:
-      if (options.coupled_gates) return forward_step<ForwardEpilogue::lstm_coupled, kRelu>(p, stream);
-      return forward_step<ForwardEpilogue::lstm, kRelu>(p, stream);
+      if (options.coupled_gates) {
+        forward_step<ForwardEpilogue::lstm_coupled, kRelu>(p, stream);
+      } else {
+        forward_step<ForwardEpilogue::lstm, kRelu>(p, stream);
+      }
+      if (w.W_hr != nullptr) {
+        gemm<C, S, S>(p.batch, p.output_size, p.hidden, rows_of<C>(p.cell_output, p.hidden),
+                      transpose_of(w.W_hr, p.hidden), false, p.h, p.output_size, options.allow_tf32, stream);
+      }
+      return;
     case CellType::rnn:
       return forward_step<ForwardEpilogue::rnn, kRelu>(p, stream);
     case CellType::gru:
@@ -469,12 +516,21 @@ void forward_steps(const CellOptions& options, const ForwardWindow<S>& w, int64_
   }
 }
 
-// Step t of a backward window on the per-step path.
+// Step t of a backward window on the per-step path. With the LSTM's projection, three launches: dh_total
+// (the gradient reaching h_t, over the product with R), its product with W_hr (the gradient reaching m_t),
+// and the cell's backward from that.
 template <typename S, bool kRelu>
 void backward_steps(const CellOptions& options, const BackwardWindow<S>& w, int64_t t, cudaStream_t stream) {
+  using C = Compute<S>;
   BackwardStep<S> p = w.step(t);
   switch (options.cell) {
     case CellType::lstm:
+      if (w.W_hr != nullptr) {
+        backward_step<BackwardEpilogue::projection, kRelu>(p, stream);
+        gemm<C, S, C>(p.batch, p.hidden, p.output_size, rows_of<C>(p.dh_total, p.output_size),
+                      rows_of(w.W_hr, p.hidden), false, w.d_cell_output, p.hidden, options.allow_tf32, stream);
+        w.to_cell_phase(p);
+      }
       return backward_step<BackwardEpilogue::lstm, kRelu>(p, stream);
     case CellType::rnn:
       return backward_step<BackwardEpilogue::rnn, kRelu>(p, stream);
@@ -487,8 +543,9 @@ void backward_steps(const CellOptions& options, const BackwardWindow<S>& w, int6
 }
 
 // A window runs over its rows in packed order (csrc/core/packing.h, StepRows): without lengths that is the
-// caller's own layout and nothing moves; with them x (and backward's y and dy) are packed first, the [B, H]
-// states put in packed order, and the outputs unpacked after.
+// caller's own layout and nothing moves; with them x (and backward's y and dy) are packed first, the [B, P]
+// and [B, H] states put in packed order, and the outputs unpacked after. P is h's units: the projection's
+// size with W_hr, else H.
 template <typename S, bool kRelu>
 void forward_window(const CellOptions& options, const WindowSizes& sizes, const ForwardArgs& args,
                     cudaStream_t stream) {
@@ -496,14 +553,15 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   const Sizes z = sizes_of(options, sizes);
   const detail::PackedBatch batch = window_rows(sizes, args.lengths, args.packed, stream);
   const DeviceRows rows(batch, stream);
-  const int64_t N = batch.tokens(), B = z.B, H = z.H;
+  const int64_t N = batch.tokens(), B = z.B, H = z.H, P = z.P;
   const S* W = static_cast<const S*>(args.W.data);
   const S* R = static_cast<const S*>(args.R.data);
+  const S* W_hr = data_or_null<S>(args.W_hr);
   S* cache = args.cache.present() ? static_cast<S*>(args.cache.data) : nullptr;
   const bool lstm = options.cell == CellType::lstm;
   const bool reset_before = options.cell == CellType::gru && !options.reset_after;
   const PackedInput<S> x(rows, N, z.I, static_cast<const S*>(args.x.data), stream);
-  Workspace<S> y_packed(rows.in_place() ? 0 : N * H, stream);
+  Workspace<S> y_packed(rows.in_place() ? 0 : N * P, stream);
   S* y = rows.in_place() ? static_cast<S*>(args.y.data) : y_packed.get();
 
   Workspace<C> ax(N * z.GH, stream);
@@ -512,9 +570,9 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
     gemm<S, S, C>(N, z.GH, z.I, rows_of(x.get(), z.I), transpose_of(W, z.I), false, ax.get(), z.GH,
                   options.allow_tf32, stream);
   }
-  const StateOrZeros<S> h0_given(args.h0, B * H, stream);
-  Workspace<S> h0_packed(rows.packed() ? B * H : 0, stream);
-  if (rows.packed()) copy_rows(B, H, rows.order(), nullptr, h0_given.get(), h0_packed.get(), stream);
+  const StateOrZeros<S> h0_given(args.h0, B * P, stream);
+  Workspace<S> h0_packed(rows.packed() ? B * P : 0, stream);
+  if (rows.packed()) copy_rows(B, P, rows.order(), nullptr, h0_given.get(), h0_packed.get(), stream);
   Workspace<C> cell_state(lstm ? B * H : 0, stream);
   if (lstm && rows.packed() && args.c0.present()) {
     copy_rows(B, H, rows.order(), nullptr, static_cast<const C*>(args.c0.data), cell_state.get(), stream);
@@ -523,13 +581,15 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   }
   Workspace<C> reset_hidden(reset_before ? B * H : 0, stream);
   Workspace<C> update_gate(reset_before ? B * H : 0, stream);
+  Workspace<C> cell_output(W_hr != nullptr ? B * H : 0, stream);
 
-  const RecurrentMasks<C> masks(options, z.T, B, H, rows, N, stream);
+  const RecurrentMasks<C> masks(options, z.T, B, P, rows, N, stream);
   NvtxRange range("conveyor::recurrence");
   ForwardWindow<S> w{};
   ForwardStep<S>& p = w.base;
   p.batch = B;
   p.hidden = H;
+  p.output_size = P;
   p.gate_stride = z.GH;
   p.R = R;
   p.bW = data_or_null<S>(args.bW);
@@ -539,6 +599,7 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   p.cell_state = cell_state.get();
   p.reset_hidden = reset_hidden.get();
   p.update_gate = update_gate.get();
+  p.cell_output = cell_output.get();
   p.cache_stride = z.cw;
   w.steps = batch.steps;
   w.rows = rows.on_device();
@@ -548,7 +609,8 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   w.ax = ax.get();
   w.masks = masks.all();
   w.variational = options.variational;
-  const PersistentPlan plan = persistent_plan_to_run<S, kRelu>(options, B, H, true);
+  w.W_hr = W_hr;
+  const PersistentPlan plan = persistent_plan_to_run<S, kRelu>(options, B, H, W_hr != nullptr, true);
   if (plan.fits) {
     forward_persistent<S, kRelu>(options, plan, w, stream);
   } else {
@@ -559,15 +621,15 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
 
   // A row's final state is its output at its last step; its cell state stopped where the row did.
   if (rows.packed()) {
-    if (!rows.in_place()) unpack_rows(rows, N, z.T * B, H, y, static_cast<S*>(args.y.data), stream);
-    if (args.h_T.present()) copy_rows(B, H, rows.last_rows(), rows.order(), y, static_cast<S*>(args.h_T.data), stream);
+    if (!rows.in_place()) unpack_rows(rows, N, z.T * B, P, y, static_cast<S*>(args.y.data), stream);
+    if (args.h_T.present()) copy_rows(B, P, rows.last_rows(), rows.order(), y, static_cast<S*>(args.h_T.data), stream);
     if (args.c_T.present()) {
       copy_rows(B, H, nullptr, rows.order(), cell_state.get(), static_cast<C*>(args.c_T.data), stream);
     }
     return;
   }
   if (args.h_T.present()) {
-    CONVEYOR_CUDA_CHECK(cudaMemcpyAsync(args.h_T.data, y + (z.T - 1) * B * H, sizeof(S) * size_t(B * H),
+    CONVEYOR_CUDA_CHECK(cudaMemcpyAsync(args.h_T.data, y + (z.T - 1) * B * P, sizeof(S) * size_t(B * P),
                                         cudaMemcpyDeviceToDevice, stream));
   }
   if (args.c_T.present()) {  // c_T is of C: the state as the window carried it, unrounded
@@ -594,36 +656,41 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   const Sizes z = sizes_of(options, sizes);
   const detail::PackedBatch batch = window_rows(sizes, args.lengths, args.packed, stream);
   const DeviceRows rows(batch, stream);
-  const int64_t B = z.B, H = z.H, GH = z.GH, N = batch.tokens();
+  const int64_t B = z.B, H = z.H, P = z.P, GH = z.GH, N = batch.tokens();
   const S* W = static_cast<const S*>(args.W.data);
   const S* R = static_cast<const S*>(args.R.data);
+  const S* W_hr = data_or_null<S>(args.W_hr);
   const S* cache = data_or_null<S>(args.cache);
   const bool lstm = options.cell == CellType::lstm;
   const bool gru = options.cell == CellType::gru;
   const bool reset_after_gru = gru && options.reset_after;
-  const PackedInput<S> y(rows, N, H, static_cast<const S*>(args.y.data), stream);
-  const PackedInput<S> dy(rows, N, H, static_cast<const S*>(args.dy.data), stream);
+  const PackedInput<S> y(rows, N, P, static_cast<const S*>(args.y.data), stream);
+  const PackedInput<S> dy(rows, N, P, static_cast<const S*>(args.dy.data), stream);
 
   Workspace<C> dax(N * GH, stream);
   Workspace<C> dar_n(reset_after_gru ? N * H : 0, stream);
   // The gradient reaching h_t (c_t) from later steps; a row that stops early keeps dh_T (dc_T) here untouched
   // until its own last step.
-  Workspace<C> dh_carry(B * H, stream);
+  Workspace<C> dh_carry(B * P, stream);
   Workspace<C> dc(lstm ? B * H : 0, stream);
-  packed_state_into<C, S>(rows, B, H, args.dh_T, dh_carry.get(), stream);
+  packed_state_into<C, S>(rows, B, P, args.dh_T, dh_carry.get(), stream);
   if (lstm) packed_state_into<C, C>(rows, B, H, args.dc_T, dc.get(), stream);  // dc_T, c0 and dc0 are of C
-  const StateOrZeros<S> h0_given(args.h0, B * H, stream);
-  Workspace<S> h0_packed(rows.packed() ? B * H : 0, stream);
-  if (rows.packed()) copy_rows(B, H, rows.order(), nullptr, h0_given.get(), h0_packed.get(), stream);
+  const StateOrZeros<S> h0_given(args.h0, B * P, stream);
+  Workspace<S> h0_packed(rows.packed() ? B * P : 0, stream);
+  if (rows.packed()) copy_rows(B, P, rows.order(), nullptr, h0_given.get(), h0_packed.get(), stream);
   const S* h0 = rows.packed() ? h0_packed.get() : h0_given.get();
   Workspace<C> c0(lstm ? B * H : 0, stream);
   if (lstm) packed_state_into<C, C>(rows, B, H, args.c0, c0.get(), stream);
+  // The projection's gradients: every step's dh_total (for dW_hr) and one step's d_cell_output (step.cuh).
+  Workspace<C> dh_totals(W_hr != nullptr ? N * P : 0, stream);
+  Workspace<C> d_cell_output(W_hr != nullptr ? B * H : 0, stream);
 
-  const RecurrentMasks<C> masks(options, z.T, B, H, rows, N, stream);
+  const RecurrentMasks<C> masks(options, z.T, B, P, rows, N, stream);
   BackwardWindow<S> w{};
   BackwardStep<S>& p = w.base;
   p.batch = B;
   p.hidden = H;
+  p.output_size = P;
   p.gate_stride = GH;
   p.R = R;
   p.cache_stride = z.cw;
@@ -645,13 +712,16 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   w.cache = cache;
   w.y = y.get();
   w.h0 = h0;
-  Workspace<S> dh0_packed(rows.packed() && args.dh0.present() ? B * H : 0, stream);
+  w.W_hr = W_hr;
+  w.dh_totals = dh_totals.get();
+  w.d_cell_output = d_cell_output.get();
+  Workspace<S> dh0_packed(rows.packed() && args.dh0.present() ? B * P : 0, stream);
   S* dh0 = dh0_packed.get() != nullptr ? dh0_packed.get() : args.dh0.present() ? static_cast<S*>(args.dh0.data)
                                                                                 : nullptr;
 
   {
     NvtxRange range("conveyor::recurrence");
-    const PersistentPlan plan = persistent_plan_to_run<S, kRelu>(options, B, H, false);
+    const PersistentPlan plan = persistent_plan_to_run<S, kRelu>(options, B, H, W_hr != nullptr, false);
     if (plan.fits) {
       backward_persistent<S, kRelu>(options, plan, w, dh0, stream);
     } else {
@@ -663,7 +733,7 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
       }
     }
     if (dh0_packed.get() != nullptr) {
-      copy_rows(B, H, nullptr, rows.order(), dh0_packed.get(), static_cast<S*>(args.dh0.data), stream);
+      copy_rows(B, P, nullptr, rows.order(), dh0_packed.get(), static_cast<S*>(args.dh0.data), stream);
     }
     if (args.dc0.present() && rows.packed()) {
       copy_rows(B, H, nullptr, rows.order(), dc.get(), static_cast<C*>(args.dc0.data), stream);
@@ -692,26 +762,29 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
     peephole_grads(batch.steps, rows.on_device(), N, H, options.coupled_gates, dax.get(), GH, cache, c0.get(), acc,
                    static_cast<S*>(args.dP.data), stream);
   }
+  if (args.dW_hr.present()) {
+    projection_grad<S, kRelu>(N, H, P, dh_totals.get(), cache, acc, tf32, static_cast<S*>(args.dW_hr.data), stream);
+  }
 
   // dR[row0 : row0 + count] = sum over steps of da_t^T h_{t-1}, where da (leading dimension lda) holds the
   // gradients of those rows' pre-activations. Dense and unmasked, step 0 reads h0 and later steps read y: two
   // products; otherwise one over every step's (masked) h_{t-1} gathered in h_products.
   const bool gather_products = (masks.active() || rows.packed()) && args.dR.present();
-  Workspace<C> h_products(gather_products ? N * H : 0, stream);
+  Workspace<C> h_products(gather_products ? N * P : 0, stream);
   if (gather_products) {
-    const unsigned blocks = N * H / 256 + 1 < 4096 ? unsigned(N * H / 256 + 1) : 4096u;
+    const unsigned blocks = N * P / 256 + 1 < 4096 ? unsigned(N * P / 256 + 1) : 4096u;
     launch("previous_states_kernel", previous_states_kernel<S>, blocks, 256, 0, stream, batch.steps, rows.on_device(),
-           N, H, options.variational, masks.all(), h0, y.get(), h_products.get());
+           N, P, options.variational, masks.all(), h0, y.get(), h_products.get());
   }
   auto recurrent_weight_grad = [&](int64_t row0, int64_t count, const C* da, int64_t lda) {
-    S* out = static_cast<S*>(args.dR.data) + row0 * H;
+    S* out = static_cast<S*>(args.dR.data) + row0 * P;
     if (gather_products) {
-      gemm<C, C, S>(count, H, N, transpose_of(da, lda), rows_of<C>(h_products.get(), H), acc, out, H, tf32, stream);
+      gemm<C, C, S>(count, P, N, transpose_of(da, lda), rows_of<C>(h_products.get(), P), acc, out, P, tf32, stream);
       return;
     }
-    gemm<C, S, S>(count, H, N - B, transpose_of(da + B * lda, lda), rows_of(y.get(), H), acc, out, H, tf32, stream);
+    gemm<C, S, S>(count, P, N - B, transpose_of(da + B * lda, lda), rows_of(y.get(), P), acc, out, P, tf32, stream);
     if (args.h0.present()) {
-      gemm<C, S, S>(count, H, B, transpose_of(da, lda), rows_of(h0, H), true, out, H, tf32, stream);
+      gemm<C, S, S>(count, P, B, transpose_of(da, lda), rows_of(h0, P), true, out, P, tf32, stream);
     }
   };
   if (args.dR.present()) {
@@ -784,12 +857,10 @@ void run_on_device(const CellOptions& options, const WindowSizes& sizes, const A
 namespace conveyor::detail {
 
 void cuda_forward(const CellOptions& options, const WindowSizes& sizes, const ForwardArgs& args, void* stream) {
-  if (args.W_hr.present()) throw ArgumentError("W_hr: the CUDA backend has no projection yet (run it on the CPU)");
   cuda::run_on_device(options, sizes, args, stream);
 }
 
 void cuda_backward(const CellOptions& options, const WindowSizes& sizes, const BackwardArgs& args, void* stream) {
-  if (args.W_hr.present()) throw ArgumentError("W_hr: the CUDA backend has no projection yet (run it on the CPU)");
   cuda::run_on_device(options, sizes, args, stream);
 }
 

@@ -2,6 +2,11 @@
 // (persistent.cu): a step's arguments (ForwardStep, BackwardStep), where they point at step t of a window
 // (ForwardWindow, BackwardWindow), and the cell math applied to a unit once its recurrent product is formed
 // (forward_epilogue, backward_epilogue). Device code for both builds, GPU and emulated.
+//
+// With the LSTM's projection (W_hr [P, H]), h has P units and the cell H: arrays over h (h_in, h_prev, h, y,
+// dy, the masks, dh_carry, dh0) and R's rows are P wide, and the cell's arrays H wide. The projection's own
+// products (h_t = m_t W_hr^T, and (dy_t + dh_t) W_hr back) run between the step's kernels (recurrence.cu);
+// without one P = H.
 #pragma once
 
 #include "cells/dropout.h"
@@ -39,20 +44,22 @@ template <typename S>
 struct ForwardStep {
   using C = Compute<S>;
   int64_t batch, hidden, gate_stride;  // B, H, G*H
-  const S* R;                          // [G*H, H]
+  int64_t output_size;                 // P: the units of h_in, h and each row of R (H without a projection)
+  const S* R;                          // [G*H, P]
   int64_t R_row0;                      // R's row of the product's first gate block (2H for the n block)
-  const void* h_in;                    // [B, H] the product's vector: h_{t-1} (S) or r * h_{t-1} (C)
+  const void* h_in;                    // [B, P] the product's vector: h_{t-1} (S) or r * h_{t-1} (C)
   const C* ax;                         // [B, G*H] x_t W^T, without bias
   const S* bW;                         // [G*H] or null
   const S* bR;                         // [G*H] or null
   const S* P;                          // [3, H] LSTM peephole weights p_i, p_f, p_o, or null
   cells::LstmOptions<C> lstm;          // LSTM options (relu and coupled are template constants)
-  const C* mask;                       // [B, H] recurrent dropout mask m_t on the product's h, or null
-  const S* h_prev;                     // [B, H] h_{t-1}
+  const C* mask;                       // [B, P] recurrent dropout mask m_t on the product's h, or null
+  const S* h_prev;                     // [B, P] h_{t-1}
   C* cell_state;                       // [B, H] LSTM: c_{t-1} in, c_t out
   C* reset_hidden;                     // [B, H] GRU reset_before: r * h_{t-1}, out
   C* update_gate;                      // [B, H] GRU reset_before: z, from the gates pass to the output pass
-  S* h;                                // [B, H] h_t (y_t)
+  S* h;                                // [B, P] h_t (y_t); with a projection, formed after the step's kernel
+  C* cell_output;  // [B, H] LSTM with a projection: o * act(c_t), written instead of h_t for W_hr; else null
   S* cache;                            // [B, cache_width * H] or null (inference)
   int64_t cache_stride;                // cache_width * H
 };
@@ -107,7 +114,11 @@ __device__ __forceinline__ void forward_epilogue(const ForwardStep<S>& p, int64_
                                        input(kG) + (product[kG] + recurrent_bias(kG)),
                                        input(kO) + (product[kO] + recurrent_bias(kO)), p.cell_state[unit], peephole);
     p.cell_state[unit] = s.c;
-    p.h[unit] = convert<S>(s.h);
+    if (p.cell_output != nullptr) {
+      p.cell_output[unit] = s.h;  // kept in C: the projection's product rounds once, to h_t
+    } else {
+      p.h[unit] = convert<S>(s.h);
+    }
     if (cache != nullptr) {
       cache[j] = convert<S>(s.i);
       cache[H + j] = convert<S>(s.f);
@@ -158,9 +169,15 @@ enum class BackwardEpilogue {
   gru_reset_before_reset,   // r's gradient, after the product d(r * h_{t-1}) = dax_n R_n
   rnn,
   initial_state,            // dh0 = the product + the carried part
+  projection,               // dh_total = the product + the carried part + dy_t: what reaches h_t = W_hr m_t
 };
 
-// One step's arguments. The product is P[b, j] = sum_{k < K} A(b, k) R[R_row0 + k, j], where A(b, k) is
+// Whether an epilogue's units are h's (P, and the product's outputs), not the cell's (H).
+__host__ __device__ constexpr bool over_hidden_state(BackwardEpilogue e) {
+  return e == BackwardEpilogue::initial_state || e == BackwardEpilogue::projection;
+}
+
+// One step's arguments. The product is D[b, j] = sum_{k < K} A(b, k) R[R_row0 + k, j], where A(b, k) is
 // a_first[b * a_first_ld + k] for k < K_first and a_second[b * a_second_ld + k - K_first] after, for the
 // product_batch rows of step t+1 (0 past them: rows whose last step is t): the pre-activation gradients of
 // step t+1 along R's rows (K = 0 at the window's last step).
@@ -168,39 +185,54 @@ template <typename S>
 struct BackwardStep {
   using C = Compute<S>;
   int64_t batch, hidden, gate_stride;  // B, H, G*H
-  const S* R;                          // [G*H, H]
+  int64_t output_size;                 // P: the units of h, and the columns of R (H without a projection)
+  const S* R;                          // [G*H, P]
   int64_t R_row0, K, K_first, product_batch;
   const C* a_first;
   int64_t a_first_ld;
   const C* a_second;
   int64_t a_second_ld;
-  const S* dy;           // [B, H] dy_t
+  const S* dy;           // [B, P] dy_t
   const S* cache;        // [B, cache_width * H] step t's cache
   int64_t cache_stride;  // cache_width * H
-  const S* h;            // [B, H] h_t
-  const S* h_prev;       // [B, H] h_{t-1}
+  const S* h;            // [B, P] h_t
+  const S* h_prev;       // [B, P] h_{t-1}
   const S* c_prev;       // LSTM c_{t-1} from the cache (row b at c_prev[b * cache_stride]), or null at step 0
   const C* c0;           // [B, H] LSTM c0, read for c_{t-1} at step 0
   const S* P;                   // [3, H] LSTM peephole weights, or null
   cells::LstmOptions<C> lstm;   // LSTM options, coupled included (relu is a template constant)
-  const C* product_mask;  // [B, H] recurrent dropout: the mask the product's h went through (m_{t+1}), or null
-  const C* step_mask;     // [B, H] recurrent dropout: m_t (GRU reset_before's r gradient), or null
-  C* dh_carry;  // [B, H] in: what reaches h_t other than through R and dy; out: the same for h_{t-1}
+  const C* product_mask;  // [B, P] recurrent dropout: the mask the product's h went through (m_{t+1}), or null
+  const C* step_mask;     // [B, P] recurrent dropout: m_t (GRU reset_before's r gradient), or null
+  C* dh_carry;  // [B, P] in: what reaches h_t other than through R and dy; out: the same for h_{t-1}
   C* dc;        // [B, H] LSTM: dc_t in, dc_{t-1} out
   C* dax;       // [B, G*H] step t's pre-activation gradients (input path), out
   C* dar_n;     // [B, H] GRU reset_after: the gradient of R_n h_{t-1} + bR_n, out
-  S* dh0;       // [B, H] initial_state: out
+  S* dh0;       // [B, P] initial_state: out
+  C* dh_total;  // [B, P] projection: out (dW_hr pairs it with m_t)
+  // [B, H] LSTM with a projection: (dy_t + dh_t) W_hr, the gradient reaching m_t = o * act(c_t). The LSTM
+  // epilogue then takes it as its whole dh: no product, and dy_t and dh_carry went into dh_total. Else null.
+  const C* d_cell_output;
 };
+
+// The units an epilogue runs over: h's for the gradients of h itself, else the cell's.
+template <BackwardEpilogue kEpilogue, typename S>
+__host__ __device__ int64_t epilogue_units(const BackwardStep<S>& p) {
+  return over_hidden_state(kEpilogue) ? p.output_size : p.hidden;
+}
 
 template <typename S, BackwardEpilogue kEpilogue, bool kRelu>
 __device__ __forceinline__ void backward_epilogue(const BackwardStep<S>& p, int64_t b, int64_t j,
                                                   Compute<S> product) {
   using C = Compute<S>;
-  const int64_t H = p.hidden, unit = b * H + j;
+  const int64_t H = p.hidden, unit = b * epilogue_units<kEpilogue>(p) + j;
   // The mask covers the product's rows only: a row past them (its last step is t) has no product.
   if (p.product_mask != nullptr && b < p.product_batch) product *= p.product_mask[unit];
   if constexpr (kEpilogue == BackwardEpilogue::initial_state) {
     p.dh0[unit] = convert<S>(product + p.dh_carry[unit]);
+    return;
+  } else if constexpr (kEpilogue == BackwardEpilogue::projection) {
+    p.dh_total[unit] = product + p.dh_carry[unit] + convert<C>(p.dy[unit]);
+    p.dh_carry[unit] = C(0);
     return;
   } else if constexpr (kEpilogue == BackwardEpilogue::gru_reset_before_reset) {
     const C r = convert<C>(p.cache[b * p.cache_stride + j]);
@@ -210,7 +242,8 @@ __device__ __forceinline__ void backward_epilogue(const BackwardStep<S>& p, int6
     p.dh_carry[unit] += product * r * m;
     return;
   } else {
-    const C dh = product + p.dh_carry[unit] + convert<C>(p.dy[unit]);
+    const bool projected = kEpilogue == BackwardEpilogue::lstm && p.d_cell_output != nullptr;
+    const C dh = projected ? p.d_cell_output[unit] : product + p.dh_carry[unit] + convert<C>(p.dy[unit]);
     const S* saved = p.cache + b * p.cache_stride;
     C* dax = p.dax + b * p.gate_stride;
     if constexpr (kEpilogue == BackwardEpilogue::lstm) {
@@ -229,7 +262,7 @@ __device__ __forceinline__ void backward_epilogue(const BackwardStep<S>& p, int6
       dax[blocks.g * H + j] = d.da_g;
       dax[blocks.o * H + j] = d.da_o;
       p.dc[unit] = d.dc_prev;
-      p.dh_carry[unit] = C(0);
+      if (!projected) p.dh_carry[unit] = C(0);  // with a projection, dh_carry is P wide and spent already
     } else if constexpr (kEpilogue == BackwardEpilogue::gru_reset_after) {
       const auto d = cells::gru_backward_reset_after(kRelu, convert<C>(saved[j]), convert<C>(saved[H + j]),
                                                      convert<C>(saved[2 * H + j]), convert<C>(saved[3 * H + j]),
@@ -285,12 +318,12 @@ struct StepRows {
   }
 };
 
-// m_t in a window's recurrent dropout masks (a row per packed row of every step; [B, H], one for every step,
-// when variational), or null.
+// m_t in a window's recurrent dropout masks over h (a row of `units` per packed row of every step; [B, units],
+// one for every step, when variational), or null.
 template <typename C>
 __host__ __device__ inline const C* recurrent_mask_at(const C* masks, bool variational, const StepRows& rows,
-                                                      int64_t t, int64_t hidden) {
-  return masks != nullptr ? masks + (variational ? 0 : rows.first(t)) * hidden : nullptr;
+                                                      int64_t t, int64_t units) {
+  return masks != nullptr ? masks + (variational ? 0 : rows.first(t)) * units : nullptr;
 }
 
 // A forward window: `base` holds what every step shares; step(t) points the rest at step t.
@@ -300,24 +333,25 @@ struct ForwardWindow {
   ForwardStep<S> base;       // base.batch: B
   int64_t steps;
   StepRows rows;
-  const S* h0;               // [B, H]
-  S* y;                      // [T, B, H]
+  const S* h0;               // [B, P]
+  S* y;                      // [T, B, P]
   S* cache;                  // [T, B, cache_width * H] or null
   const C* ax;               // [T, B, G*H] x W^T
-  const C* masks;            // [T or 1, B, H] recurrent dropout masks, or null
+  const C* masks;            // [T or 1, B, P] recurrent dropout masks, or null
   bool variational;          // one mask for every step
+  const S* W_hr;             // [P, H] the LSTM's projection, or null (the per-step path's host code reads it)
 
   // Step t's arguments, for the product over h_{t-1} (for the GRU with reset_before, the r and z gates').
   __host__ __device__ ForwardStep<S> step(int64_t t) const {
     ForwardStep<S> p = base;
-    const int64_t H = base.hidden, first = rows.first(t);
+    const int64_t P = base.output_size, first = rows.first(t);
     p.batch = rows.count(t);
-    p.h_prev = t == 0 ? h0 : y + rows.first(t - 1) * H;
+    p.h_prev = t == 0 ? h0 : y + rows.first(t - 1) * P;
     p.h_in = p.h_prev;
-    p.mask = recurrent_mask_at(masks, variational, rows, t, H);
+    p.mask = recurrent_mask_at(masks, variational, rows, t, P);
     p.R_row0 = 0;
     p.ax = ax + first * base.gate_stride;
-    p.h = y + first * H;
+    p.h = y + first * P;
     p.cache = cache != nullptr ? cache + first * base.cache_stride : nullptr;
     return p;
   }
@@ -339,16 +373,21 @@ struct BackwardWindow {
   StepRows rows;
   C* dax;                    // [T, B, G*H] pre-activation gradients, written step by step
   C* dar_n;                  // [T, B, H] GRU reset_after: the gradient of R_n h_{t-1} + bR_n, or null
-  const C* masks;            // [T or 1, B, H] recurrent dropout masks, or null
+  const C* masks;            // [T or 1, B, P] recurrent dropout masks, or null
   bool variational;
   bool lstm, gru, reset_after;
-  const S* dy;               // [T, B, H]
+  const S* dy;               // [T, B, P]
   const S* cache;            // [T, B, cache_width * H]
-  const S* y;                // [T, B, H]
-  const S* h0;               // [B, H]
+  const S* y;                // [T, B, P]
+  const S* h0;               // [B, P]
+  // With the LSTM's projection (else null): W_hr [P, H], read by the per-step path's host code; every step's
+  // dh_total [T, B, P], for dW_hr; and one step's (dy_t + dh_t) W_hr [B, H].
+  const S* W_hr;
+  C* dh_totals;
+  C* d_cell_output;
 
   __host__ __device__ const C* mask(int64_t t) const {
-    return recurrent_mask_at(masks, variational, rows, t, base.hidden);
+    return recurrent_mask_at(masks, variational, rows, t, base.output_size);
   }
 
   // Points p's product at the pre-activation gradients of `step` (the recurrent path's, along R's rows).
@@ -368,7 +407,7 @@ struct BackwardWindow {
   // Step t's arguments (for the GRU with reset_before, the phase of every gradient but r's).
   __host__ __device__ BackwardStep<S> step(int64_t t) const {
     BackwardStep<S> p = base;
-    const int64_t H = base.hidden, first = rows.first(t);
+    const int64_t H = base.hidden, P = base.output_size, first = rows.first(t);
     p.batch = rows.count(t);
     p.step_mask = mask(t);
     if (t == steps - 1) {
@@ -378,10 +417,11 @@ struct BackwardWindow {
     } else {
       product_of_step(p, t + 1);
     }
-    p.dy = dy + first * H;
+    p.dy = dy + first * P;
     p.cache = cache != nullptr ? cache + first * base.cache_stride : nullptr;
-    p.h = y + first * H;
-    p.h_prev = t == 0 ? h0 : y + rows.first(t - 1) * H;
+    p.h = y + first * P;
+    p.h_prev = t == 0 ? h0 : y + rows.first(t - 1) * P;
+    p.dh_total = dh_totals != nullptr ? dh_totals + first * P : nullptr;
     if (lstm) p.c_prev = t == 0 ? nullptr : cache + rows.first(t - 1) * base.cache_stride + 4 * H;  // null: c0
     p.dax = dax + first * base.gate_stride;
     p.dar_n = gru && reset_after ? dar_n + first * H : nullptr;
@@ -396,6 +436,15 @@ struct BackwardWindow {
     p.K = p.K_first = p.hidden;
     p.product_batch = p.batch;  // step t's own rows
     p.product_mask = nullptr;  // d(r * m_t * h_{t-1}) itself
+  }
+
+  // With a projection, the LSTM's phase after dh_total and the projection's product: the cell's backward from
+  // d_cell_output alone, with no product (step t+1's went into dh_total).
+  __host__ __device__ void to_cell_phase(BackwardStep<S>& p) const {
+    p.K = 0;
+    p.product_batch = 0;
+    p.product_mask = nullptr;
+    p.d_cell_output = d_cell_output;
   }
 
   // The arguments of dh0 = (the product over step 0's gradients) + what dh_carry holds.

@@ -61,10 +61,19 @@ def test_lstm_options_on_the_gpu_match_the_reference(o, dtype, algorithm, rng):
         p = problem_clear_of_the_clip_bound(o, rng)
     expected, _ = reference_lstm(p, o)
     g = to_gpu(p, dtype)
-    y, h_T, c_T, saved = conveyor.lstm_forward(
-        g["x"], g["W"], g["R"], g["bW"], g["bR"], g["h0"], g["c0"], P=g["P"],
-        coupled_gates=o["coupled_gates"], forget_bias=o["forget_bias"], cell_clip=o["cell_clip"],
-        activation=o["activation"], algorithm=algorithm)
+
+    def forward():
+        return conveyor.lstm_forward(
+            g["x"], g["W"], g["R"], g["bW"], g["bR"], g["h0"], g["c0"], P=g["P"], W_hr=g["W_hr"],
+            coupled_gates=o["coupled_gates"], forget_bias=o["forget_bias"], cell_clip=o["cell_clip"],
+            activation=o["activation"], algorithm=algorithm)
+
+    if o["proj_size"] and algorithm == "persistent":  # the projection runs on the per-step kernels only
+        with pytest.raises(ValueError, match=r"'persistent' cannot run .*a projection \(W_hr\) runs on the "
+                                             r"per-step kernels"):
+            forward()
+        return
+    y, h_T, c_T, saved = forward()
     grads = conveyor.lstm_backward(saved, g["dy"], g["dh_T"], g["dc_T"])._asdict()
     got = {"y": y, "h_T": h_T, "c_T": c_T, **grads}
     for name, value in expected.items():

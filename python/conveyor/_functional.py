@@ -353,7 +353,8 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, W_hr=None, couple
     ``algorithm`` (every forward; the backward of a window takes the same): how the CUDA backend runs the
     recurrence. ``"persistent"``: one cooperative launch for the window, each block keeping its slice of R
     on chip; ``"per_step"``: one launch per step; ``"auto"``: persistent where it fits on the device and
-    B <= 32 (where it measured faster), per_step elsewhere. Forcing ``"persistent"`` where it does not fit
+    B <= 32 (where it measured faster), per_step elsewhere. A projection (``W_hr``) runs on the per-step
+    kernels: ``"auto"`` takes them for it. Forcing ``"persistent"`` where it does not fit or with ``W_hr``
     raises ``ValueError`` saying why; arrays on the CPU take ``"auto"`` only. ``CONVEYOR_LOG_ALGORITHM=1``
     prints each CUDA window's choice.
     """

@@ -119,9 +119,10 @@ enum class Activation : int { tanh = 0, relu = 1 };
 // How the CUDA backend runs a window's recurrence. per_step: one launch per step (two for the GRU with
 // reset_after = false), for any size. persistent: one cooperative launch for the whole window, each block
 // keeping its slice of R on chip for all T steps and the grid synchronising once per step (twice for that
-// GRU); it needs the slices to fit in shared memory and the blocks to be co-resident on the device.
-// automatic: persistent wherever it fits and B <= 32 (where it was measured faster, on an H200), per_step
-// elsewhere. The CPU backend has one algorithm: it takes automatic and refuses the others.
+// GRU); it needs the slices to fit in shared memory and the blocks to be co-resident on the device, and runs
+// no projection (W_hr): a window with one runs per_step. automatic: persistent wherever it can run and B <= 32
+// (where it was measured faster, on an H200), per_step elsewhere. The CPU backend has one algorithm: it takes
+// automatic and refuses the others.
 enum class Algorithm : int { automatic = 0, per_step = 1, persistent = 2 };
 
 // What a window computes: the cell, its activation and its options (each documented below).
