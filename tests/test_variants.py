@@ -56,7 +56,7 @@ def reference_lstm(p, o, mask=None):
         p["x"], p["W"], p["R"], p["bW"], p["bR"], p["h0"], p["c0"], o["activation"], peephole=p["P"],
         coupled_gates=o["coupled_gates"], forget_bias=o["forget_bias"], cell_clip=o["cell_clip"],
         recurrent_mask=mask, projection=p["W_hr"])
-    names = ("dx", "dh0", "dc0", "dW", "dR", "dbW", "dbR", "dP", "dW_hr")
+    names = ("dx", "dh0", "dc0", "dW", "dR", "dbW", "dbR", "dP", "dW_hr", "dlayer_norm")
     grads = dict(zip(names, ref.lstm_backward(cache, p["dy"], p["dh_T"], p["dc_T"])))
     return {"y": y, "h_T": h_T, "c_T": c_T, **grads}, cache
 

@@ -216,9 +216,12 @@ def _options(activation, training, allow_tf32, dropout=(0.0, True, 0, 0), algori
 def window_options(cell, *, activation="tanh", training=True, allow_tf32=False, recurrent_dropout=0.0,
                    variational=True, seed=0, mask_stream=0, algorithm="auto", coupled_gates=False,
                    peephole=False, forget_bias=0.0, cell_clip=None, reset_after=True, weight_dropout=0.0,
-                   zoneout=0.0, zoneout_cell=0.0, layer_norm=False) -> tuple[dict, bool]:
+                   zoneout=0.0, zoneout_cell=0.0, layer_norm=False,
+                   _zoneout_sample=None) -> tuple[dict, bool]:
     """The core's options of one window of ``cell`` as its forward function builds them from its keyword
-    arguments (checked), and ``training``: what a backward needs to run the window's backward again."""
+    arguments (checked), and ``training``: what a backward needs to run the window's backward again.
+    (``_zoneout_sample``, the drop-in's: whether zoneout samples its masks, when that differs from
+    ``training``, which there means saving for a backward, in evaluation mode too.)"""
     dropout = (recurrent_dropout, variational, seed, mask_stream)
     if cell == "rnn" and zoneout:
         raise ValueError(f"zoneout: an option of the LSTM and the GRU, got {zoneout!r} for an rnn")
@@ -238,6 +241,8 @@ def window_options(cell, *, activation="tanh", training=True, allow_tf32=False, 
         options, training = _options(activation, training, allow_tf32, dropout, algorithm, regularisers)
     if layer_norm:
         options["layer_norm"] = True
+    if _zoneout_sample is not None and "zoneout_sample" in options:
+        options["zoneout_sample"] = bool(_zoneout_sample)
     return options, training
 
 
@@ -309,7 +314,7 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, W_hr=None, couple
                  forget_bias=0.0, cell_clip=None, activation="tanh", recurrent_dropout=0.0, variational=True,
                  seed=0, mask_stream=0, training=True, allow_tf32=False, algorithm="auto", lengths=None,
                  weight_dropout=0.0, zoneout=0.0, zoneout_cell=0.0, layer_norm=None, stream=None,
-                 _packed=False):
+                 _packed=False, _zoneout_sample=None):
     """Runs an LSTM over the window ``x`` ``[T, B, input_size]``.
 
     ``bW``/``bR`` may be None (no bias); ``h0``/``c0`` ``[B, hidden_size]`` default to zeros. ``c0`` and the
@@ -363,7 +368,7 @@ def lstm_forward(x, W, R, bW, bR, h0=None, c0=None, *, P=None, W_hr=None, couple
         recurrent_dropout=recurrent_dropout, variational=variational, seed=seed, mask_stream=mask_stream,
         algorithm=algorithm, coupled_gates=coupled_gates, peephole=P is not None, forget_bias=forget_bias,
         cell_clip=cell_clip, weight_dropout=weight_dropout, zoneout=zoneout, zoneout_cell=zoneout_cell,
-        layer_norm=layer_norm is not None)
+        layer_norm=layer_norm is not None, _zoneout_sample=_zoneout_sample)
     return _forward("lstm", options, x, W, R, bW, bR, h0, c0, P, W_hr, lengths, training, stream, _packed,
                     _layer_norm_gains("lstm", layer_norm))
 
@@ -378,7 +383,8 @@ def lstm_backward(saved, dy, dh_T=None, dc_T=None, *, stream=None, _keep=False) 
 
 def gru_forward(x, W, R, bW, bR, h0=None, *, reset_after=True, activation="tanh", recurrent_dropout=0.0,
                 variational=True, seed=0, mask_stream=0, training=True, allow_tf32=False, algorithm="auto",
-                lengths=None, weight_dropout=0.0, zoneout=0.0, layer_norm=None, stream=None, _packed=False):
+                lengths=None, weight_dropout=0.0, zoneout=0.0, layer_norm=None, stream=None, _packed=False,
+                _zoneout_sample=None):
     """Runs a GRU over the window ``x``. ``reset_after=True`` applies the reset gate after the recurrent
     product (cuDNN, PyTorch); False before it (Cho et al. 2014). Recurrent dropout as in :func:`lstm_forward`
     (the output mix uses the unmasked h_{t-1}); ``lengths``, ``weight_dropout``, ``zoneout`` and
@@ -388,7 +394,7 @@ def gru_forward(x, W, R, bW, bR, h0=None, *, reset_after=True, activation="tanh"
         "gru", activation=activation, training=training, allow_tf32=allow_tf32,
         recurrent_dropout=recurrent_dropout, variational=variational, seed=seed, mask_stream=mask_stream,
         algorithm=algorithm, reset_after=reset_after, weight_dropout=weight_dropout, zoneout=zoneout,
-        layer_norm=layer_norm is not None)
+        layer_norm=layer_norm is not None, _zoneout_sample=_zoneout_sample)
     y, h_T, _, saved = _forward("gru", options, x, W, R, bW, bR, h0, None, None, None, lengths, training,
                                 stream, _packed, _layer_norm_gains("gru", layer_norm))
     return y, h_T, saved

@@ -123,7 +123,9 @@ def info(_args) -> int:
 # flag -> Config field, for the options that go into the configuration
 _FIELDS = {"task": "task", "data": "data", "cell": "cell", "layers": "layers", "hidden": "hidden",
            "embedding": "embedding", "level": "level", "tie": "tie", "dropout": "dropout",
-           "variational": "variational", "batch": "batch", "bptt": "k1", "bptt2": "k2",
+           "variational": "variational", "layer_norm": "layer_norm", "weight_dropout": "weight_dropout",
+           "zoneout": "zoneout", "zoneout_cell": "zoneout_cell", "batch": "batch", "bptt": "k1",
+           "bptt2": "k2",
            "reset_at": "reset_at",
            "max_length": "max_length", "vocabulary": "vocabulary", "optimizer": "optimizer", "lr": "lr",
            "lr_decay": "lr_decay", "decay_after": "decay_after", "clip": "clip", "epochs": "epochs",
@@ -290,6 +292,14 @@ def _train_parser(commands, common):
                                                        "output (Zaremba et al. 2014); default 0")
     t.add_argument("--variational", action="store_true",
                    help="one dropout mask per window (Gal & Ghahramani 2016)")
+    t.add_argument("--layer-norm", action="store_true",
+                   help="layer-normalised LSTM/GRU (Ba et al. 2016): LN of W x, R h and (LSTM) the cell")
+    t.add_argument("--weight-dropout", type=probability,
+                   help="DropConnect on the recurrent weights, one mask per window (AWD-LSTM's weight drop, "
+                        "Merity et al. 2017); default 0")
+    t.add_argument("--zoneout", type=probability,
+                   help="zoneout of h (Krueger et al. 2017), lstm and gru; default 0")
+    t.add_argument("--zoneout-cell", type=probability, help="zoneout of the LSTM's c; default 0")
     t.add_argument("--batch", type=positive_int, help="lm: parallel streams (default 32); music: pieces "
                                                       "(default 8); classify: texts (default 32)")
     t.add_argument("--bptt", type=positive_int, help="lm: TBPTT k1, steps per window (default 64)")

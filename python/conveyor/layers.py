@@ -7,7 +7,9 @@ PyTorch does (uniform in +-1/sqrt(hidden_size)), so a ``torch.nn.LSTM/GRU/RNN`` 
 PyTorch has not, are ``weight_peephole_l{k}`` ``[3, hidden_size]`` (p_i, p_f, p_o). States are
 ``[num_layers * directions, B, hidden_size]``, as PyTorch's. An LSTM with ``proj_size > 0`` (LSTMP) has
 PyTorch's ``weight_hr_l{k}`` ``[proj_size, hidden_size]`` too; its h states and outputs then have proj_size
-units.
+units. With ``layer_norm=True`` the LSTM and the GRU have the gains ``layernorm_x_l{k}`` and
+``layernorm_h_l{k}`` ``[G*hidden_size]`` (initialised to 1), and the LSTM ``layernorm_c_weight_l{k}`` and
+``layernorm_c_bias_l{k}`` ``[hidden_size]`` (1 and 0).
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class _Recurrent:
 
     def __init__(self, input_size, hidden_size, *, num_layers=1, bias=True, bidirectional=False, dropout=0.0,
                  variational=False, recurrent_dropout=0.0, activation="tanh", dtype=np.float32, seed=None,
-                 cell_options=None, peephole=False, proj_size=0):
+                 cell_options=None, peephole=False, proj_size=0, layer_norm=False, weight_dropout=0.0,
+                 zoneout=0.0, zoneout_cell=0.0):
         self.input_size = _positive_int("input_size", input_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.proj_size = _proj_size(proj_size, self.hidden_size)
@@ -73,7 +76,13 @@ class _Recurrent:
         self.recurrent_dropout = _functional.check_probability("recurrent_dropout", recurrent_dropout)
         self.activation = _functional._check_activation(activation)
         self.peephole = _functional._check_flag("peephole", peephole)
+        self.layer_norm = _functional._check_flag("layer_norm", layer_norm)
         self._cell_options = dict(cell_options or {})
+        # The regularisers (docs/math.md, "Regularisers"): window options, each left out when off.
+        for name, value in (("weight_dropout", weight_dropout), ("zoneout", zoneout),
+                            ("zoneout_cell", zoneout_cell)):
+            if _functional.check_probability(name, value) > 0:
+                self._cell_options[name] = float(value)
         try:
             dtype = np.dtype(dtype)
         except TypeError as error:
@@ -102,6 +111,12 @@ class _Recurrent:
                     shapes[f"weight_peephole_l{layer}{suffix}"] = (3, self.hidden_size)
                 if self.proj_size:
                     shapes[f"weight_hr_l{layer}{suffix}"] = (self.proj_size, self.hidden_size)
+                if self.layer_norm:
+                    shapes[f"layernorm_x_l{layer}{suffix}"] = (gh,)
+                    shapes[f"layernorm_h_l{layer}{suffix}"] = (gh,)
+                    if self._cell == "lstm":
+                        shapes[f"layernorm_c_weight_l{layer}{suffix}"] = (self.hidden_size,)
+                        shapes[f"layernorm_c_bias_l{layer}{suffix}"] = (self.hidden_size,)
         self._shapes = shapes
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
@@ -123,11 +138,17 @@ class _Recurrent:
                 for suffix in ("", "_reverse")[:self.directions]]
 
     def reset_parameters(self, seed=None) -> None:
-        """Draws every parameter from U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)), as PyTorch does."""
+        """Draws every weight from U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)), as PyTorch does; layer-norm
+        gains start at 1 and biases at 0 (Ba et al. 2016)."""
         rng = np.random.default_rng(seed)
         bound = 1.0 / math.sqrt(self.hidden_size)
-        self.params = {name: rng.uniform(-bound, bound, shape).astype(self.dtype)
-                       for name, shape in self._shapes.items()}
+        self.params = {}
+        for name, shape in self._shapes.items():
+            if name.startswith("layernorm_"):
+                value = np.full(shape, 0.0 if name.startswith("layernorm_c_bias") else 1.0)
+            else:
+                value = rng.uniform(-bound, bound, shape)
+            self.params[name] = value.astype(self.dtype)
         self.grads = {}
 
     # -- state dicts --------------------------------------------------------------------------------------
@@ -173,8 +194,13 @@ class _Recurrent:
                      p.get(f"bias_hh_{name}"))
             if self._cell == "lstm":
                 entry += (p.get(f"weight_peephole_{name}"), p.get(f"weight_hr_{name}"))
+            if self.layer_norm:
+                entry += tuple(p[f"layernorm_{gain}_{name}"] for gain in self._gain_names())
             weights.append(entry)
         return weights
+
+    def _gain_names(self):
+        return ("x", "h", "c_weight", "c_bias") if self._cell == "lstm" else ("x", "h")
 
     def _check_input(self, x) -> None:
         """Blames x, not the weights, when x does not fit the layer."""
@@ -211,6 +237,9 @@ class _Recurrent:
                 grads[f"weight_peephole_{name}"] = g.dP
             if self.proj_size:
                 grads[f"weight_hr_{name}"] = g.dW_hr
+            if self.layer_norm:
+                for gain, d in zip(self._gain_names(), g.dlayer_norm):
+                    grads[f"layernorm_{gain}_{name}"] = d
         return grads
 
     def _backward(self, dy, dh_n, dc_n):
@@ -246,7 +275,7 @@ class _Recurrent:
         options = [f"bias={self.bias}", f"dtype={self.dtype}"]
         if self.num_layers != 1:
             options.append(f"num_layers={self.num_layers}")
-        for name in ("bidirectional", "peephole", "variational"):
+        for name in ("bidirectional", "peephole", "variational", "layer_norm"):
             if getattr(self, name):
                 options.append(f"{name}=True")
         for name in ("dropout", "recurrent_dropout", "proj_size"):
@@ -271,15 +300,16 @@ class LSTM(_Recurrent):
     inside the recurrent product), ``peephole``, ``coupled_gates``, ``forget_bias``, ``cell_clip``,
     ``activation``, ``proj_size`` (LSTMP as PyTorch's: ``0 < proj_size < hidden_size`` projects each h_t to
     that many units with ``weight_hr_l{k}``; y and the h states then have proj_size units, c keeps
-    hidden_size).
+    hidden_size); the regularisers ``layer_norm``, ``weight_dropout`` (DropConnect on R, AWD-LSTM's weight
+    drop), ``zoneout`` and ``zoneout_cell`` (docs/math.md, "Regularisers").
     """
 
     _cell = "lstm"
 
     def __init__(self, input_size, hidden_size, *, num_layers=1, bias=True, bidirectional=False,
                  dropout=0.0, variational=False, recurrent_dropout=0.0, peephole=False, coupled_gates=False,
-                 forget_bias=0.0, cell_clip=None, activation="tanh", proj_size=0, dtype=np.float32,
-                 seed=None):
+                 forget_bias=0.0, cell_clip=None, activation="tanh", proj_size=0, layer_norm=False,
+                 weight_dropout=0.0, zoneout=0.0, zoneout_cell=0.0, dtype=np.float32, seed=None):
         options = {"coupled_gates": _functional._check_flag("coupled_gates", coupled_gates)}
         if forget_bias != 0.0:
             options["forget_bias"] = _functional._check_number("forget_bias", forget_bias)
@@ -288,7 +318,8 @@ class LSTM(_Recurrent):
         super().__init__(input_size, hidden_size, num_layers=num_layers, bias=bias,
                          bidirectional=bidirectional, dropout=dropout, variational=variational,
                          recurrent_dropout=recurrent_dropout, activation=activation, dtype=dtype, seed=seed,
-                         cell_options=options, peephole=peephole, proj_size=proj_size)
+                         cell_options=options, peephole=peephole, proj_size=proj_size, layer_norm=layer_norm,
+                         weight_dropout=weight_dropout, zoneout=zoneout, zoneout_cell=zoneout_cell)
         if not coupled_gates:
             del self._cell_options["coupled_gates"]
 
@@ -304,19 +335,23 @@ class GRU(_Recurrent):
     """A GRU stack; ``reset_after=True`` is PyTorch's and cuDNN's variant, False Cho et al.'s (2014).
 
     ``forward(x, h0=None, lengths=None) -> (y, h_n)``; ``backward(dy, dh_n=None) -> (dx, dh0)``. Options
-    and ``lengths`` as the LSTM's but for the LSTM-only ones.
+    and ``lengths`` as the LSTM's but for the LSTM-only ones (``layer_norm`` with reset_after only).
     """
 
     _cell = "gru"
 
     def __init__(self, input_size, hidden_size, *, num_layers=1, bias=True, bidirectional=False,
                  dropout=0.0, variational=False, recurrent_dropout=0.0, reset_after=True, activation="tanh",
-                 dtype=np.float32, seed=None):
+                 layer_norm=False, weight_dropout=0.0, zoneout=0.0, dtype=np.float32, seed=None):
         self.reset_after = _functional._check_flag("reset_after", reset_after)
+        if layer_norm and not self.reset_after:
+            raise ValueError("layer_norm: the GRU with reset_after=False has no layer-normalised form (as in "
+                             "Haste)")
         super().__init__(input_size, hidden_size, num_layers=num_layers, bias=bias,
                          bidirectional=bidirectional, dropout=dropout, variational=variational,
                          recurrent_dropout=recurrent_dropout, activation=activation, dtype=dtype, seed=seed,
-                         cell_options={"reset_after": self.reset_after})
+                         cell_options={"reset_after": self.reset_after}, layer_norm=layer_norm,
+                         weight_dropout=weight_dropout, zoneout=zoneout)
 
     def forward(self, x, h0=None, lengths=None):
         y, h_n, _ = self._forward(x, h0, None, lengths)
@@ -331,17 +366,19 @@ class RNN(_Recurrent):
     """A plain RNN stack, ``h_t = act(W x_t + bW + R h_{t-1} + bR)``, with ``activation`` (PyTorch's
     ``nonlinearity``) ``"tanh"`` or ``"relu"``.
 
-    ``forward(x, h0=None, lengths=None) -> (y, h_n)``; ``backward(dy, dh_n=None) -> (dx, dh0)``.
+    ``forward(x, h0=None, lengths=None) -> (y, h_n)``; ``backward(dy, dh_n=None) -> (dx, dh0)``; option
+    ``weight_dropout`` as the LSTM's.
     """
 
     _cell = "rnn"
 
     def __init__(self, input_size, hidden_size, *, num_layers=1, bias=True, bidirectional=False,
-                 dropout=0.0, variational=False, recurrent_dropout=0.0, activation="tanh", dtype=np.float32,
-                 seed=None):
+                 dropout=0.0, variational=False, recurrent_dropout=0.0, activation="tanh", weight_dropout=0.0,
+                 dtype=np.float32, seed=None):
         super().__init__(input_size, hidden_size, num_layers=num_layers, bias=bias,
                          bidirectional=bidirectional, dropout=dropout, variational=variational,
-                         recurrent_dropout=recurrent_dropout, activation=activation, dtype=dtype, seed=seed)
+                         recurrent_dropout=recurrent_dropout, activation=activation, dtype=dtype, seed=seed,
+                         weight_dropout=weight_dropout)
 
     def forward(self, x, h0=None, lengths=None):
         y, h_n, _ = self._forward(x, h0, None, lengths)

@@ -153,13 +153,17 @@ def _(x, h0, c0, weights, seed, lengths, spec):
     hidden = weights[1].shape[-1]  # the units of h: proj_size with a projection
     projection = weights[5] if cell == "lstm" else None  # weight_hr_l0, empty without a projection
     cell_units = projection.shape[-1] if projection is not None and projection.numel() > 0 else hidden
+    gains = weights[layout[0] - (4 if cell == "lstm" else 2)] if cell != "rnn" else None  # layernorm_x_l0
+    layer_norm = gains is not None and gains.numel() > 0
 
     def per_step(width):
         return x.new_empty(tuple(x.shape[:-1]) + (width,))
 
     reserve = []
     if training:  # as _stack.saved_arrays lists them
-        cache = {"lstm": 5, "gru": 4, "rnn": 0}[cell] * cell_units
+        gates = weights[0].shape[0] // cell_units
+        columns = {"lstm": 6 if kwargs.get("zoneout_cell") else 5, "gru": 4, "rnn": 0}[cell]
+        cache = (columns + (2 * gates if layer_norm else 0)) * cell_units  # cache_width (conveyor.h)
         for k in range(layers * directions):
             last = directions == 1 and k // directions == layers - 1
             reserve += [x.new_empty(0) if last else per_step(hidden),
@@ -192,7 +196,11 @@ def _stack_grads(cell, layout, saved, convert, dy, dh_n, dc_n, c0, weights, keep
                                   convert(dc_n.contiguous()) if lstm else None, _keep=keep)
     flat = []
     for g, count in zip(grads.weights, layout):
-        parts = [g.dW, g.dR, g.dbW, g.dbR] + ([g.dP, g.dW_hr] if lstm else [])
+        parts = [g.dW, g.dR, g.dbW, g.dbR]
+        if lstm:
+            parts += [g.dP, g.dW_hr, *(g.dlayer_norm or (None,) * 4)]
+        elif cell == "gru":
+            parts += list(g.dlayer_norm or (None,) * 2)
         flat += parts[:count]
     flat = [torch.zeros_like(w) if g is None else _as_tensor(g) for g, w in zip(flat, weights)]
     dc0 = _as_tensor(grads.dc0) if lstm else torch.zeros_like(c0)
@@ -309,7 +317,8 @@ class _ConveyorRNNBase(torch.nn.Module):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, device=None, dtype=None, *, activation="tanh", variational=False,
-                 recurrent_dropout=0.0, cell_options=None, peephole=False, algorithm="auto", proj_size=0):
+                 recurrent_dropout=0.0, cell_options=None, peephole=False, algorithm="auto", proj_size=0,
+                 layer_norm=False):
         super().__init__()
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                             ("num_layers", num_layers)):
@@ -328,6 +337,7 @@ class _ConveyorRNNBase(torch.nn.Module):
         self.activation = activation
         self.variational, self.recurrent_dropout = bool(variational), float(recurrent_dropout)
         self.peephole = bool(peephole)
+        self.layer_norm = bool(layer_norm)
         self._cell_options = dict(cell_options or {})
         if _functional.check_algorithm(algorithm) != "auto":
             self._cell_options["algorithm"] = algorithm
@@ -360,14 +370,27 @@ class _ConveyorRNNBase(torch.nn.Module):
                     self.register_parameter(name, torch.nn.Parameter(torch.empty(proj_size, hidden_size,
                                                                                  **factory))
                                             if proj_size else None)
+                if self._cell != "rnn":  # the layer-norm gains (docs/math.md, "Regularisers"), Haste's names
+                    sizes = {"x": gates * hidden_size, "h": gates * hidden_size}
+                    if self._cell == "lstm":
+                        sizes.update(c_weight=hidden_size, c_bias=hidden_size)
+                    for gain, size in sizes.items():
+                        name = f"layernorm_{gain}_l{layer}{suffix}"
+                        names.append(name)
+                        self.register_parameter(name, torch.nn.Parameter(torch.empty(size, **factory))
+                                                if self.layer_norm else None)
                 self._layout.append(names)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) for every parameter, as PyTorch's RNNs."""
+        """U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) for every weight, as PyTorch's RNNs; layer-norm gains
+        1 and biases 0."""
         bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for p in self.parameters():
-            torch.nn.init.uniform_(p, -bound, bound)
+        for name, p in self.named_parameters():
+            if name.startswith("layernorm_"):
+                torch.nn.init.constant_(p, 0.0 if name.startswith("layernorm_c_bias") else 1.0)
+            else:
+                torch.nn.init.uniform_(p, -bound, bound)
 
     def _options(self):
         return {"activation": self.activation, **self._cell_options}
@@ -463,6 +486,10 @@ class _ConveyorRNNBase(torch.nn.Module):
         kwargs = dict(num_layers=self.num_layers, bidirectional=self.bidirectional,
                       dropout=self.dropout if training else 0.0, variational=self.variational,
                       recurrent_dropout=self.recurrent_dropout if training else 0.0, **self._options())
+        if not training:
+            kwargs.pop("weight_dropout", None)
+        if "zoneout" in kwargs or "zoneout_cell" in kwargs:
+            kwargs["_zoneout_sample"] = training  # the kernels may save for a backward in evaluation too
         flat, layout = [], []
         for names in self._layout:
             for name in names:
@@ -477,7 +504,8 @@ class _ConveyorRNNBase(torch.nn.Module):
         # with dropout (its masks are drawn in training mode only); otherwise the kernels save nothing.
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or h0.requires_grad or c0.requires_grad
                                                   or any(p.requires_grad for p in flat))
-        dropping = training and (self.dropout > 0 or self.recurrent_dropout > 0)
+        dropping = training and (self.dropout > 0 or self.recurrent_dropout > 0 or
+                                 any(key in kwargs for key in ("weight_dropout", "zoneout", "zoneout_cell")))
         seed = torch.randint(0, 2**62, (1,)) if dropping else torch.zeros(1, dtype=torch.int64)
         # torch.jit.trace checks a trace by a second run without gradients: a trace follows the module's mode.
         saving = (training if torch.jit.is_tracing() else needs_grad) or dropping
@@ -506,7 +534,8 @@ class _ConveyorRNNBase(torch.nn.Module):
         if self.num_layers != 1:
             text += f", num_layers={self.num_layers}"
         defaults = (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False),
-                    ("variational", False), ("recurrent_dropout", 0.0), ("peephole", False))
+                    ("variational", False), ("recurrent_dropout", 0.0), ("peephole", False),
+                    ("layer_norm", False))
         for name, default in defaults:
             if getattr(self, name) != default:
                 text += f", {name}={getattr(self, name)}"
@@ -520,15 +549,19 @@ class _ConveyorRNNBase(torch.nn.Module):
 
 class LSTM(_ConveyorRNNBase):
     """``torch.nn.LSTM`` with Conveyor's kernels; extra options ``peephole``, ``coupled_gates``,
-    ``forget_bias``, ``cell_clip``, ``activation``, ``variational``, ``recurrent_dropout``, ``algorithm``."""
+    ``forget_bias``, ``cell_clip``, ``activation``, ``variational``, ``recurrent_dropout``, ``algorithm``, and
+    the regularisers ``layer_norm`` (parameters ``layernorm_x_l{k}``, ``layernorm_h_l{k}``,
+    ``layernorm_c_weight_l{k}``, ``layernorm_c_bias_l{k}``), ``weight_dropout``, ``zoneout``,
+    ``zoneout_cell``."""
 
     _cell, _gates = "lstm", 4
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, proj_size=0, device=None, dtype=None, *, peephole=False,
                  coupled_gates=False, forget_bias=0.0, cell_clip=None, activation="tanh", variational=False,
-                 recurrent_dropout=0.0, algorithm="auto"):
-        options = {}
+                 recurrent_dropout=0.0, algorithm="auto", layer_norm=False, weight_dropout=0.0, zoneout=0.0,
+                 zoneout_cell=0.0):
+        options = _regularisers(weight_dropout=weight_dropout, zoneout=zoneout, zoneout_cell=zoneout_cell)
         if coupled_gates:
             options["coupled_gates"] = True
         if forget_bias:
@@ -538,34 +571,48 @@ class LSTM(_ConveyorRNNBase):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device, dtype, activation=activation, variational=variational,
                          recurrent_dropout=recurrent_dropout, cell_options=options, peephole=peephole,
-                         algorithm=algorithm, proj_size=proj_size)
+                         algorithm=algorithm, proj_size=proj_size, layer_norm=layer_norm)
 
 
 class GRU(_ConveyorRNNBase):
     """``torch.nn.GRU`` with Conveyor's kernels; extra options ``reset_after`` (False: Cho et al. 2014),
-    ``activation``, ``variational``, ``recurrent_dropout``, ``algorithm``."""
+    ``activation``, ``variational``, ``recurrent_dropout``, ``algorithm``, ``layer_norm`` (reset_after only;
+    ``layernorm_x_l{k}``, ``layernorm_h_l{k}``), ``weight_dropout``, ``zoneout``."""
 
     _cell, _gates = "gru", 3
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, device=None, dtype=None, *, reset_after=True, activation="tanh",
-                 variational=False, recurrent_dropout=0.0, algorithm="auto"):
+                 variational=False, recurrent_dropout=0.0, algorithm="auto", layer_norm=False,
+                 weight_dropout=0.0, zoneout=0.0):
+        if layer_norm and not reset_after:
+            raise ValueError("layer_norm: the GRU with reset_after=False has no layer-normalised form (as in "
+                             "Haste)")
+        options = {"reset_after": bool(reset_after),
+                   **_regularisers(weight_dropout=weight_dropout, zoneout=zoneout)}
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device, dtype, activation=activation, variational=variational,
-                         recurrent_dropout=recurrent_dropout, cell_options={"reset_after": bool(reset_after)},
-                         algorithm=algorithm)
+                         recurrent_dropout=recurrent_dropout, cell_options=options, algorithm=algorithm,
+                         layer_norm=layer_norm)
 
 
 class RNN(_ConveyorRNNBase):
     """``torch.nn.RNN`` with Conveyor's kernels (``nonlinearity`` "tanh" or "relu"); extra options
-    ``variational``, ``recurrent_dropout``, ``algorithm``."""
+    ``variational``, ``recurrent_dropout``, ``algorithm``, ``weight_dropout``."""
 
     _cell, _gates = "rnn", 1
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, *,
-                 variational=False, recurrent_dropout=0.0, algorithm="auto"):
+                 variational=False, recurrent_dropout=0.0, algorithm="auto", weight_dropout=0.0):
         self.nonlinearity = _functional._check_choice("nonlinearity", nonlinearity, _functional._ACTIVATIONS)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device, dtype, activation=nonlinearity, variational=variational,
-                         recurrent_dropout=recurrent_dropout, algorithm=algorithm)
+                         recurrent_dropout=recurrent_dropout, algorithm=algorithm,
+                         cell_options=_regularisers(weight_dropout=weight_dropout))
+
+
+def _regularisers(**probabilities) -> dict:
+    """The regularisers' options that are on (checked probabilities), as the layer's cell options."""
+    return {name: p for name, p in ((name, _functional.check_probability(name, value))
+                                    for name, value in probabilities.items()) if p > 0}

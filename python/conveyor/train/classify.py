@@ -23,7 +23,7 @@ from .config import Config
 from .errors import UsageError
 from .language import read_text
 from .loop import Task, sha256_of
-from .model import CELLS, HeadAndLayer, dropout_mask, scatter_add, xp_for
+from .model import CELLS, HeadAndLayer, dropout_mask, regularisers, scatter_add, xp_for
 
 UNKNOWN = "<unk>"
 FEATURES_STREAM = 0xFFFF << 16 | 2  # dropout on the concatenated last states
@@ -125,7 +125,7 @@ class ClassifyTask(HeadAndLayer, Task):
         self.xp = xp = xp_for(cfg.device)
         dtype = np.dtype(cfg.dtype)
         self.rnn = CELLS[cfg.cell](cfg.embedding, cfg.hidden, num_layers=cfg.layers, bidirectional=True,
-                                   dtype=dtype, seed=cfg.seed)
+                                   dtype=dtype, seed=cfg.seed, **regularisers(cfg))
         rng = np.random.default_rng([cfg.seed, 1])
         bound = 1.0 / math.sqrt(2 * cfg.hidden)
         self.head = {"embedding": rng.uniform(-0.1, 0.1, (len(vocab), cfg.embedding)).astype(dtype),

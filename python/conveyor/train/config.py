@@ -19,6 +19,10 @@ class Config:
     tie: bool = False                # lm
     dropout: float = 0.0
     variational: bool = False
+    layer_norm: bool = False         # the recurrent layers' regularisers (docs/math.md, "Regularisers")
+    weight_dropout: float = 0.0
+    zoneout: float = 0.0
+    zoneout_cell: float = 0.0
     batch: int | None = None
     k1: int = 64                     # lm: TBPTT k1 (--bptt) and k2 (--bptt2)
     k2: int | None = None

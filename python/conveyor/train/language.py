@@ -27,7 +27,7 @@ from ..tbptt import TBPTT
 from .config import Config
 from .errors import UsageError
 from .loop import Task, perplexity, sha256_of
-from .model import CELLS, dropout_mask, scatter_add, to_numpy, xp_for
+from .model import CELLS, dropout_mask, regularisers, scatter_add, to_numpy, xp_for
 
 # Dropout mask streams of the non-recurrent parts (the stack's own use layer << 16 | ...).
 EMBEDDING_STREAM = mask_stream(0xFFFF, 0, 0)
@@ -164,7 +164,8 @@ class LanguageModel:
         self.xp = xp_for(cfg.device)
         dtype = np.dtype(cfg.dtype)
         self.rnn = CELLS[cfg.cell](cfg.embedding, cfg.hidden, num_layers=cfg.layers, dropout=cfg.dropout,
-                                   variational=cfg.variational, dtype=dtype, seed=cfg.seed)
+                                   variational=cfg.variational, dtype=dtype, seed=cfg.seed,
+                                   **regularisers(cfg))
         rng = np.random.default_rng([cfg.seed, 1])
         params = {"embedding": rng.uniform(-0.1, 0.1, (vocab_size, cfg.embedding)).astype(dtype)}
         if not cfg.tie:

@@ -11,6 +11,20 @@ from .errors import UsageError
 CELLS = {"lstm": layers.LSTM, "gru": layers.GRU, "rnn": layers.RNN}
 
 
+def regularisers(cfg) -> dict:
+    """The recurrent layer's regularisers from --layer-norm, --weight-dropout, --zoneout and --zoneout-cell,
+    as its keyword arguments; the options a cell lacks are refused by flag."""
+    if cfg.cell == "rnn" and (cfg.layer_norm or cfg.zoneout):
+        flag = "--layer-norm" if cfg.layer_norm else "--zoneout"
+        raise UsageError(f"{flag}: an option of --cell lstm and gru, not rnn")
+    if cfg.cell != "lstm" and cfg.zoneout_cell:
+        raise UsageError(f"--zoneout-cell: an option of --cell lstm, not {cfg.cell}")
+    options = {"layer_norm": True} if cfg.layer_norm else {}
+    options.update({name: getattr(cfg, name) for name in ("weight_dropout", "zoneout", "zoneout_cell")
+                    if getattr(cfg, name)})
+    return options
+
+
 class HeadAndLayer:
     """The parameters of a task's model made of a recurrent layer ``rnn`` and the arrays of ``head`` (a
     dict): ``params()`` by name (the layer's prefixed with ``rnn.``), ``set_params()`` to replace them."""

@@ -21,7 +21,7 @@ import numpy as np
 from .config import Config
 from .errors import UsageError
 from .loop import Task, sha256_of
-from .model import CELLS, HeadAndLayer, xp_for
+from .model import CELLS, HeadAndLayer, regularisers, xp_for
 
 KEYS = 88
 LOWEST_NOTE = 21  # MIDI number of key 0 (A0)
@@ -116,7 +116,8 @@ class MusicTask(HeadAndLayer, Task):
         self.xp = xp_for(cfg.device)
         dtype = np.dtype(cfg.dtype)
         self.rnn = CELLS[cfg.cell](KEYS, cfg.hidden, num_layers=cfg.layers, dropout=cfg.dropout,
-                                   variational=cfg.variational, dtype=dtype, seed=cfg.seed)
+                                   variational=cfg.variational, dtype=dtype, seed=cfg.seed,
+                                   **regularisers(cfg))
         rng = np.random.default_rng([cfg.seed, 1])
         bound = 1.0 / math.sqrt(cfg.hidden)
         self.head = {"output_weight": rng.uniform(-bound, bound, (KEYS, cfg.hidden)).astype(dtype),
