@@ -3,13 +3,13 @@
 Haste's ``LSTM``/``LayerNormLSTM`` and ``GRU``/``LayerNormGRU`` (one layer, one direction) keep ``kernel``
 ``[I, G*H]`` and ``recurrent_kernel`` ``[H, G*H]`` (the transposes of Conveyor's ``weight_ih_l0`` and
 ``weight_hh_l0``), gate blocks in their own order (LSTM ``i, g, f, o``; GRU ``z, r, h``, where Conveyor has
-``i, f, g, o`` and ``r, z, n``), one ``bias`` (the LSTM) or ``bias`` and ``recurrent_bias`` (the GRU), and with
-layer normalisation ``gamma`` ``[2, G*H]`` (the gains of the input and of the recurrent product) and the LSTM's
-``gamma_h``, ``beta_h`` ``[H]`` (the cell's gain and bias). The equations agree (docs/math.md, "Regularisers"):
-Conveyor's ``layer_norm=True`` with these weights gives Haste's outputs, and Haste's ``zoneout`` is Conveyor's
-``zoneout`` of h. :func:`from_haste` returns Conveyor's names for ``conveyor.LSTM/GRU`` and
-``conveyor.torch.LSTM/GRU``; :func:`to_haste` goes back (the LSTM's two biases summed into Haste's one).
-Arrays stay of their library (NumPy or PyTorch).
+``i, f, g, o`` and ``r, z, n``), one ``bias`` (the LSTM) or ``bias`` and ``recurrent_bias`` (the GRU), and
+with layer normalisation ``gamma`` ``[2, G*H]`` (the gains of the input and of the recurrent product) and the
+LSTM's ``gamma_h``, ``beta_h`` ``[H]`` (the cell's gain and bias). The equations agree (docs/math.md,
+"Regularisers"): Conveyor's ``layer_norm=True`` with these weights gives Haste's outputs, and Haste's
+``zoneout`` is Conveyor's ``zoneout`` of h. :func:`from_haste` returns Conveyor's names for
+``conveyor.LSTM/GRU`` and ``conveyor.torch.LSTM/GRU``; :func:`to_haste` goes back (the LSTM's two biases
+summed into Haste's one). Arrays stay of their library (NumPy or PyTorch).
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def from_haste(state, cell="lstm") -> dict:
 
 
 def to_haste(state, cell="lstm") -> dict:
-    """A Haste layer's state dict from Conveyor's (one layer, one direction; layer norm if it has the gains)."""
+    """A Haste layer's state dict from Conveyor's (one layer, one direction; with layer norm if it has the
+    gains)."""
     _check(state, cell, ["weight_ih_l0", "weight_hh_l0"])
     order = _ORDER[cell]
     out = {"kernel": _blocks(state["weight_ih_l0"], order).T,
