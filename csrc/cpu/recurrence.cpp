@@ -238,42 +238,65 @@ struct RowStatistics {
   double mean, rstd;
 };
 
+// Sums over a row in double, in kLanes independent partial sums, so that the loop vectorises without
+// reassociating a single sum (the build does not allow the compiler to).
+constexpr int kLanes = 8;
+
+template <typename T, typename Term>
+double row_sum(int64_t n, const Term& term) {
+  double lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += double(term(i + l));
+  }
+  double sum = 0;
+  for (; i < n; ++i) sum += double(term(i));
+  for (double lane : lanes) sum += lane;
+  return sum;
+}
+
 template <typename T>
 RowStatistics row_statistics(int64_t n, const T* v) {
-  double mean = 0, var = 0;
-  for (int64_t i = 0; i < n; ++i) mean += v[i];
-  mean /= double(n);
-  for (int64_t i = 0; i < n; ++i) var += (v[i] - mean) * (v[i] - mean);
-  return {mean, 1.0 / std::sqrt(var / double(n) + kLayerNormEpsilon)};
+  const double mean = row_sum<T>(n, [&](int64_t i) { return double(v[i]); }) / double(n);
+  const double var = row_sum<T>(n, [&](int64_t i) { return (v[i] - mean) * (v[i] - mean); }) / double(n);
+  return {mean, 1.0 / std::sqrt(var + kLayerNormEpsilon)};
 }
 
 template <typename T>
 void layer_norm_row(int64_t n, const T* v, const T* gamma, const T* beta, T* out) {
   const RowStatistics s = row_statistics(n, v);
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = gamma[i] * static_cast<T>((v[i] - s.mean) * s.rstd) + (beta != nullptr ? beta[i] : T(0));
-  }
+  const T mean = static_cast<T>(s.mean), rstd = static_cast<T>(s.rstd);
+  for (int64_t i = 0; i < n; ++i) out[i] = gamma[i] * ((v[i] - mean) * rstd) + (beta != nullptr ? beta[i] : T(0));
 }
 
-// Its backward for one row, from the raw v: dv (=) the gradient of v given d_out, the gradient of out; and the
-// row's part of dgamma, d_out * v_hat, into d_gamma.
+// Its backward for one row, from the raw v: dv (=) the gradient of v given d_out, the gradient of out (dv may
+// be d_out); and the row's part of dgamma, d_out * v_hat, into d_gamma.
 template <typename T>
-void layer_norm_backward_row(int64_t n, const T* v, const T* gamma, const T* d_out, T* __restrict dv,
-                             T* __restrict d_gamma) {
+void layer_norm_backward_row(int64_t n, const T* v, const T* gamma, const T* d_out, T* dv, T* __restrict d_gamma) {
   const RowStatistics s = row_statistics(n, v);
-  double mean_d = 0, mean_dv = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double d_hat = double(d_out[i]) * gamma[i];
-    mean_d += d_hat;
-    mean_dv += d_hat * (v[i] - s.mean) * s.rstd;
+  const T mean = static_cast<T>(s.mean), rstd = static_cast<T>(s.rstd);
+  // One pass for d_gamma = d_out * v_hat and the sums of d_hat = d_out * gamma and of d_hat * v_hat.
+  double sum_d[kLanes] = {}, sum_dv[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      d_gamma[i + l] = d_out[i + l] * ((v[i + l] - mean) * rstd);
+      sum_d[l] += double(d_out[i + l] * gamma[i + l]);
+      sum_dv[l] += double(d_gamma[i + l] * gamma[i + l]);
+    }
   }
-  mean_d /= double(n);
-  mean_dv /= double(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const double v_hat = (v[i] - s.mean) * s.rstd;
-    d_gamma[i] = static_cast<T>(d_out[i] * v_hat);
-    dv[i] = static_cast<T>(s.rstd * (double(d_out[i]) * gamma[i] - mean_d - v_hat * mean_dv));
+  double total_d = 0, total_dv = 0;
+  for (; i < n; ++i) {
+    d_gamma[i] = d_out[i] * ((v[i] - mean) * rstd);
+    total_d += double(d_out[i] * gamma[i]);
+    total_dv += double(d_gamma[i] * gamma[i]);
   }
+  for (int l = 0; l < kLanes; ++l) {
+    total_d += sum_d[l];
+    total_dv += sum_dv[l];
+  }
+  const T mean_d = static_cast<T>(total_d / double(n)), mean_dv = static_cast<T>(total_dv / double(n));
+  for (i = 0; i < n; ++i) dv[i] = rstd * (d_out[i] * gamma[i] - mean_d - ((v[i] - mean) * rstd) * mean_dv);
 }
 
 // The layer-normalised LSTM's output of one row, o * act(LN(c_t; gamma_c, beta_c)), from the cache's o and c_t.
@@ -282,8 +305,9 @@ void lstm_layer_norm_output_row(int64_t H, const T* saved, const T* gamma_c, con
   const T* o = saved + 3 * H;
   const T* c = saved + 4 * H;
   const RowStatistics s = row_statistics(H, c);
+  const T mean = static_cast<T>(s.mean), rstd = static_cast<T>(s.rstd);
   for (int64_t j = 0; j < H; ++j) {
-    out[j] = o[j] * cells::activate(kRelu, gamma_c[j] * static_cast<T>((c[j] - s.mean) * s.rstd) + beta_c[j]);
+    out[j] = o[j] * cells::activate(kRelu, gamma_c[j] * ((c[j] - mean) * rstd) + beta_c[j]);
   }
 }
 
@@ -458,24 +482,23 @@ void lstm_layer_norm_backward_row(int64_t H, cells::LstmOptions<T> opt, const T*
   const T* o = saved + 3 * H;
   const T* c = saved + 4 * H;
   const RowStatistics s = row_statistics(H, c);
-  // d_beta_c holds the gradient reaching LN(c_t), then d_gamma_c its product with the normalised c_t.
-  double mean_d = 0, mean_dv = 0;
+  const T mean = static_cast<T>(s.mean), rstd = static_cast<T>(s.rstd);
+  // d_beta_c holds the gradient reaching LN(c_t), then d_gamma_c its product with the normalised c_t; da's
+  // first H entries keep act(LN(c_t)) until the second pass overwrites each with its own gradient.
+  T* act = da;
   for (int64_t j = 0; j < H; ++j) {
-    const T c_hat = static_cast<T>((c[j] - s.mean) * s.rstd);
-    const T act = cells::activate(kRelu, gamma_c[j] * c_hat + beta_c[j]);
-    d_beta_c[j] = (dh[j] + dy[j]) * o[j] * cells::activation_grad_from_output(kRelu, act);
+    const T c_hat = (c[j] - mean) * rstd;
+    act[j] = cells::activate(kRelu, gamma_c[j] * c_hat + beta_c[j]);
+    d_beta_c[j] = (dh[j] + dy[j]) * o[j] * cells::activation_grad_from_output(kRelu, act[j]);
     d_gamma_c[j] = d_beta_c[j] * c_hat;
-    mean_d += double(d_beta_c[j]) * gamma_c[j];
-    mean_dv += double(d_beta_c[j]) * gamma_c[j] * c_hat;
   }
-  mean_d /= double(H);
-  mean_dv /= double(H);
+  const T mean_d = static_cast<T>(row_sum<T>(H, [&](int64_t j) { return d_beta_c[j] * gamma_c[j]; }) / double(H));
+  const T mean_dv = static_cast<T>(row_sum<T>(H, [&](int64_t j) { return d_gamma_c[j] * gamma_c[j]; }) / double(H));
   for (int64_t j = 0; j < H; ++j) {
-    const T c_hat = static_cast<T>((c[j] - s.mean) * s.rstd);
-    const T act = cells::activate(kRelu, gamma_c[j] * c_hat + beta_c[j]);
-    const T dc_output = static_cast<T>(s.rstd * (double(d_beta_c[j]) * gamma_c[j] - mean_d - c_hat * mean_dv));
+    const T c_hat = (c[j] - mean) * rstd;
+    const T dc_output = rstd * (d_beta_c[j] * gamma_c[j] - mean_d - c_hat * mean_dv);
     const auto d = cells::lstm_backward_from_output(opt, saved[j], saved[H + j], saved[2 * H + j], o[j], c[j],
-                                                    c_prev[j], (dh[j] + dy[j]) * act, dc_output, dc[j],
+                                                    c_prev[j], (dh[j] + dy[j]) * act[j], dc_output, dc[j],
                                                     cells::Peephole<T>{P[j], P[H + j], P[2 * H + j]});
     if (!kCoupled) da[j] = d.da_i;
     da[K::f * H + j] = d.da_f;
@@ -569,14 +592,16 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   const int64_t raw_x = cw - 2 * GH, raw_h = cw - GH;
 
   // ax = x W^T + bW for every step at once (LN(x W^T) + bW with layer normalisation).
+  // With layer normalisation and a cache, the product goes straight into the cache's raw columns.
   Scratch<T> ax(N * GH);
+  const bool raw_in_cache = layer_norm && cache != nullptr;
   gemm<T>(N, GH, w.input_size, T(1), MatrixRef<T>::rows(x.get(), w.input_size),
-          MatrixRef<T>::transposed(W, w.input_size), T(0), ax.data(), GH);
+          MatrixRef<T>::transposed(W, w.input_size), T(0), raw_in_cache ? cache + raw_x : ax.data(),
+          raw_in_cache ? cw : GH);
   if (layer_norm) {
     for_each_row(N, kElementCost * GH, [&](int64_t r) {
-      T* row = ax.data() + r * GH;
-      if (cache != nullptr) std::memcpy(cache + r * cw + raw_x, row, sizeof(T) * GH);
-      layer_norm_row(GH, row, gamma_x, static_cast<const T*>(nullptr), row);
+      const T* raw = raw_in_cache ? cache + r * cw + raw_x : ax.data() + r * GH;
+      layer_norm_row(GH, raw, gamma_x, static_cast<const T*>(nullptr), ax.data() + r * GH);
     });
   }
   if (bW != nullptr) {
@@ -646,12 +671,12 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
       continue;
     }
 
-    gemm<T>(Bt, T(1), MatrixRef<T>::rows(h_product, O), recurrent, T(0), ar.data(), GH);
+    gemm<T>(Bt, T(1), MatrixRef<T>::rows(h_product, O), recurrent, T(0), raw_in_cache ? cache_t + raw_h : ar.data(),
+            raw_in_cache ? cw : GH);
     if (layer_norm) {
       for_each_row(Bt, kElementCost * GH, [&](int64_t b) {
-        T* row = ar.data() + b * GH;
-        if (cache != nullptr) std::memcpy(cache_t + b * cw + raw_h, row, sizeof(T) * GH);
-        layer_norm_row(GH, row, gamma_h, static_cast<const T*>(nullptr), row);
+        const T* raw = raw_in_cache ? cache_t + b * cw + raw_h : ar.data() + b * GH;
+        layer_norm_row(GH, raw, gamma_h, static_cast<const T*>(nullptr), ar.data() + b * GH);
       });
     }
     if (options.zoneout_cell > 0) std::memcpy(c_prev.data(), cell_state.data(), sizeof(T) * Bt * H);
@@ -784,8 +809,11 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   const T* beta_c = data_or_null<T>(args.beta_c);
   const int64_t raw_x = cw - 2 * GH, raw_h = cw - GH;
   const bool lstm_layer_norm = layer_norm && options.cell == CellType::lstm;
-  Scratch<T> dar_raw(layer_norm ? N * GH : 0), d_gamma_h(layer_norm ? N * GH : 0);
-  Scratch<T> d_gamma_c(lstm_layer_norm ? N * H : 0), d_beta_c(lstm_layer_norm ? N * H : 0);
+  Scratch<T> dar_raw(layer_norm ? N * GH : 0);
+  // The gains' gradients: sums over the rows, formed a step (or B rows) at a time from each row's parts.
+  std::vector<T> d_gains[4];  // gamma_x, gamma_h, gamma_c, beta_c
+  for (int k = 0; k < 4; ++k) d_gains[k].assign(layer_norm && (k < 2 || lstm_layer_norm) ? (k < 2 ? GH : H) : 0, T(0));
+  Scratch<T> gain_rows(layer_norm ? B * GH : 0), bias_rows(lstm_layer_norm ? B * H : 0);
   Scratch<T> d_recurrent(reset_after_gru && layer_norm ? B * GH : 0);  // [da_r, da_z, dar_n] of a step
   const PackedMatrix<T> recurrent_all(reset_after_gru && layer_norm ? GH : 0, O, MatrixRef<T>::rows(R, O));
   // The gradients of a step's R h before its layer norm from those after it (`da`, leading dimension lda).
@@ -793,8 +821,9 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
     const int64_t first = rows.offsets[t];
     for_each_row(Bt, kElementCost * GH, [&](int64_t b) {
       layer_norm_backward_row(GH, cache + (first + b) * cw + raw_h, gamma_h, da + b * lda,
-                              dar_raw.data() + (first + b) * GH, d_gamma_h.data() + (first + b) * GH);
+                              dar_raw.data() + (first + b) * GH, gain_rows.data() + b * GH);
     });
+    column_sums(Bt, GH, gain_rows.data(), GH, true, d_gains[1].data());
     return dar_raw.data() + first * GH;
   };
 
@@ -839,8 +868,7 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
             if (lstm_layer_norm) {
               lstm_layer_norm_backward_row<T, kRelu, kCoupled, kPeephole, kClip>(
                   H, lstm, peephole, cache_t + b * cw, c_prev, d_output + b * H, d_later + b * H, gamma_c, beta_c,
-                  dc.data() + b * H, dax_t + b * GH, d_gamma_c.data() + (first + b) * H,
-                  d_beta_c.data() + (first + b) * H);
+                  dc.data() + b * H, dax_t + b * GH, gain_rows.data() + b * H, bias_rows.data() + b * H);
             } else {
               lstm_backward_row<T, kRelu, kCoupled, kPeephole, kClip>(H, lstm, peephole, cache_t + b * cw, c_prev,
                                                                       d_output + b * H, d_later + b * H,
@@ -848,6 +876,10 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
             }
           });
         });
+        if (lstm_layer_norm) {
+          column_sums(Bt, H, gain_rows.data(), H, true, d_gains[2].data());
+          column_sums(Bt, H, bias_rows.data(), H, true, d_gains[3].data());
+        }
         const T* d_product = layer_norm ? recurrent_layer_norm_backward(t, Bt, dax_t, GH) : dax_t;
         gemm<T>(Bt, T(1), MatrixRef<T>::rows(d_product, GH), recurrent, T(0), product.data(), O);
         fold_product(t, Bt, false);
@@ -907,15 +939,31 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   if (args.dc0.present()) rows_from_packed(rows, H, dc.data(), static_cast<T*>(args.dc0.data));
 
   const T beta = args.accumulate ? T(1) : T(0);
-  // With layer normalisation dx and dW take the gradients of x W^T before it.
-  Scratch<T> dax_raw(layer_norm ? N * GH : 0), d_gamma_x(layer_norm ? N * GH : 0);
-  if (layer_norm) {
-    for_each_row(N, kElementCost * GH, [&](int64_t r) {
-      layer_norm_backward_row(GH, cache + r * cw + raw_x, gamma_x, dax.data() + r * GH, dax_raw.data() + r * GH,
-                              d_gamma_x.data() + r * GH);
-    });
+  // The bias and peephole gradients read the pre-activations' gradients, which layer normalisation then turns
+  // in place into those of x W^T before it, for dx and dW.
+  if (args.dbW.present()) column_sums(N, GH, dax.data(), GH, args.accumulate, static_cast<T*>(args.dbW.data));
+  if (args.dP.present()) {
+    peephole_grads(options, rows, H, dax.data(), GH, cache, c0.data(), args.accumulate,
+                   static_cast<T*>(args.dP.data));
   }
-  const T* d_input = layer_norm ? dax_raw.data() : dax.data();
+  if (args.dbR.present()) {
+    T* dbR = static_cast<T*>(args.dbR.data);
+    if (reset_after_gru) {
+      column_sums(N, 2 * H, dax.data(), GH, args.accumulate, dbR);
+      column_sums(N, H, dar_n.data(), H, args.accumulate, dbR + 2 * H);
+    } else {
+      column_sums(N, GH, dax.data(), GH, args.accumulate, dbR);
+    }
+  }
+  for (int64_t r0 = 0; layer_norm && r0 < N; r0 += B) {
+    const int64_t count = std::min(B, N - r0);
+    for_each_row(count, kElementCost * GH, [&](int64_t b) {
+      T* row = dax.data() + (r0 + b) * GH;
+      layer_norm_backward_row(GH, cache + (r0 + b) * cw + raw_x, gamma_x, row, row, gain_rows.data() + b * GH);
+    });
+    column_sums(count, GH, gain_rows.data(), GH, true, d_gains[0].data());
+  }
+  const T* d_input = dax.data();
   if (args.dx.present()) {
     Scratch<T> dx_packed(rows.in_place ? 0 : N * I);
     T* dx = rows.in_place ? static_cast<T*>(args.dx.data) : dx_packed.data();
@@ -925,11 +973,6 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   if (args.dW.present()) {
     gemm<T>(GH, I, N, T(1), MatrixRef<T>::transposed(d_input, GH), MatrixRef<T>::rows(x.get(), I), beta,
             static_cast<T*>(args.dW.data), I);
-  }
-  if (args.dbW.present()) column_sums(N, GH, dax.data(), GH, args.accumulate, static_cast<T*>(args.dbW.data));
-  if (args.dP.present()) {
-    peephole_grads(options, rows, H, dax.data(), GH, cache, c0.data(), args.accumulate,
-                   static_cast<T*>(args.dP.data));
   }
 
   if (args.dW_hr.present()) {
@@ -996,23 +1039,11 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
       }
     });
   }
-  const std::pair<const TensorView*, const T*> gain_grads[] = {{&args.dgamma_x, d_gamma_x.data()},
-                                                               {&args.dgamma_h, d_gamma_h.data()},
-                                                               {&args.dgamma_c, d_gamma_c.data()},
-                                                               {&args.dbeta_c, d_beta_c.data()}};
+  const TensorView* gain_grads[] = {&args.dgamma_x, &args.dgamma_h, &args.dgamma_c, &args.dbeta_c};
   for (int k = 0; k < 4; ++k) {
-    if (!gain_grads[k].first->present()) continue;
-    const int64_t width = k < 2 ? GH : H;
-    column_sums(N, width, gain_grads[k].second, width, args.accumulate, static_cast<T*>(gain_grads[k].first->data));
-  }
-  if (args.dbR.present()) {
-    T* dbR = static_cast<T*>(args.dbR.data);
-    if (reset_after_gru) {
-      column_sums(N, 2 * H, dax.data(), GH, args.accumulate, dbR);
-      column_sums(N, H, dar_n.data(), H, args.accumulate, dbR + 2 * H);
-    } else {
-      column_sums(N, GH, dax.data(), GH, args.accumulate, dbR);
-    }
+    if (!gain_grads[k]->present()) continue;
+    T* out = static_cast<T*>(gain_grads[k]->data);
+    for (size_t j = 0; j < d_gains[k].size(); ++j) out[j] = args.accumulate ? out[j] + d_gains[k][j] : d_gains[k][j];
   }
 }
 

@@ -1,0 +1,157 @@
+"""The regularisers (layer normalisation, zoneout, DropConnect): what they cost and what they buy.
+
+    python bench/regularisers.py cost [--repeats 9] [--threads 1] [--device cpu] --out FILE
+    python bench/regularisers.py ptb --data DIR [--epochs 4] --out DIR
+
+``cost``: forward + backward of one window through the functional API with each option against the plain cell
+(LSTM and GRU, T=64, B=32, I=H=256 and H=512), repetitions interleaved so that the machine's drift falls on
+every variant alike; medians, and the ratio to the plain cell beside the prediction (what the option adds to a
+window that costs its GEMMs: layer norm about 10 elementwise passes over G*H per token and step, zoneout one
+counter draw per unit and step, DropConnect one per entry of R per window). Targets (issue): 1.3 for layer
+norm, 1.1 for zoneout and DropConnect.
+
+``ptb``: the small word-level model of "Deep Learning from Scratch 2" (chapter 6: one LSTM layer of 100 units,
+embedding 100, T=35, batch 20, SGD lr 20, clip 0.25) trained with ``conveyor train`` for the same number of
+epochs with and without variational dropout + weight drop (AWD-LSTM's pair), validation and test perplexity
+side by side. Each run's output goes to DIR/<name>.txt and the table to DIR/table.md as the runs finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import conveyor
+
+# (name, functional keyword arguments, the prediction's extra work relative to the window's GEMMs)
+OPTIONS = [
+    ("plain", {}, "1.00"),
+    ("layer_norm", {"layer_norm": True}, "1.02-1.10"),
+    ("zoneout", {"zoneout": 0.1, "zoneout_cell": 0.1}, "1.02-1.05"),
+    ("weight_dropout", {"weight_dropout": 0.5}, "1.00-1.01"),
+    ("all three", {"layer_norm": True, "zoneout": 0.1, "zoneout_cell": 0.1, "weight_dropout": 0.5},
+     "1.05-1.15"),
+]
+POINTS = [("lstm", 64, 32, 256, 256), ("lstm", 64, 32, 512, 512), ("gru", 64, 32, 256, 256)]
+
+
+def window(cell, T, B, I, H, options, rng):
+    """A closure running forward + backward of one window with `options`."""
+    G = {"lstm": 4, "gru": 3}[cell]
+    w = 1 / np.sqrt(H)
+    x = rng.uniform(-1, 1, (T, B, I)).astype(np.float32)
+    W, R = (rng.uniform(-w, w, s).astype(np.float32) for s in ((G * H, I), (G * H, H)))
+    bW, bR = (rng.uniform(-w, w, G * H).astype(np.float32) for _ in range(2))
+    dy = rng.uniform(-1, 1, (T, B, H)).astype(np.float32)
+    options = dict(options)
+    if options.pop("layer_norm", False):
+        gains = (np.ones(G * H, np.float32), np.ones(G * H, np.float32))
+        options["layer_norm"] = gains + ((np.ones(H, np.float32), np.zeros(H, np.float32)) if cell == "lstm"
+                                         else ())
+    if cell == "gru":
+        options.pop("zoneout_cell", None)
+    forward, backward = getattr(conveyor, f"{cell}_forward"), getattr(conveyor, f"{cell}_backward")
+
+    def run():
+        saved = forward(x, W, R, bW, bR, seed=1, **options)[-1]
+        backward(saved, dy)
+
+    return run
+
+
+def cost(args) -> int:
+    conveyor.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    lines = [f"# Regularisers' cost: forward + backward of one window, {args.device}",
+             "", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"{args.threads} thread(s); float32; medians of {args.repeats} interleaved repetitions.",
+             "Command: `python bench/regularisers.py cost "
+             f"--repeats {args.repeats} --threads {args.threads}`",
+             "", "| cell T B I H | option | ms | ratio to plain | predicted | target |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for cell, T, B, I, H in POINTS:
+        runs = {name: window(cell, T, B, I, H, options, rng) for name, options, _ in OPTIONS}
+        for run in runs.values():
+            run()  # warm up
+        times = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+        plain = statistics.median(times["plain"])
+        for name, _, predicted in OPTIONS:
+            median = statistics.median(times[name])
+            target = {"layer_norm": "1.3", "zoneout": "1.1", "weight_dropout": "1.1"}.get(name, "")
+            lines.append(f"| {cell} {T} {B} {I} {H} | {name} | {median * 1e3:.1f} | {median / plain:.2f} | "
+                         f"{predicted} | {target} |")
+            print(lines[-1], flush=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return 0
+
+
+PTB = ["--level", "word", "--layers", "1", "--hidden", "100", "--embedding", "100", "--bptt", "35",
+       "--batch", "20", "--optimizer", "sgd", "--lr", "20", "--clip", "0.25", "--print-every", "500",
+       "--sample", "0"]
+RUNS = [("plain", []),
+        ("variational dropout 0.3 + weight drop 0.3",
+         ["--dropout", "0.3", "--variational", "--weight-dropout", "0.3"])]
+
+
+def ptb(args) -> int:
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for name, flags in RUNS:
+        command = ["conveyor", "train", "--data", args.data, *PTB, "--epochs", str(args.epochs), *flags]
+        start = time.time()
+        out = subprocess.run(command, capture_output=True, text=True)
+        shown = " ".join(["conveyor", "train", "--data", "ptb", *command[4:]])
+        text = f"$ {shown}\n{out.stdout}{out.stderr}"
+        slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+        with open(os.path.join(args.out, f"{slug}.txt"), "w") as f:
+            f.write(text)
+        if out.returncode != 0:
+            print(text, file=sys.stderr)
+            return 1
+        valid = re.findall(r"validation [0-9.]+ \(perplexity ([0-9.]+)\)", out.stdout)[-1]
+        test = re.search(r"^test [0-9.]+ \(perplexity ([0-9.]+)\)", out.stdout, re.M).group(1)
+        rows.append(f"| {name} | `{' '.join(flags) or '-'}` | {valid} | **{test}** | "
+                    f"{time.time() - start:.0f} s |")
+        print(rows[-1], flush=True)
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write("\n".join([
+                f"# PTB word level, the small model of DLFS2 chapter 6, {args.epochs} epochs, CPU",
+                "", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores. Common "
+                f"flags: `{' '.join(PTB)} --epochs {args.epochs}`; the whole outputs are beside this file.",
+                "", "| run | flags | validation perplexity (last) | test perplexity | time |",
+                "| --- | --- | --- | --- | --- |", *rows, ""]))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("cost")
+    c.add_argument("--repeats", type=int, default=9)
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--device", default="cpu", choices=["cpu"])
+    c.add_argument("--out", required=True)
+    p = sub.add_parser("ptb")
+    p.add_argument("--data", required=True)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--out", required=True)
+    args = parser.parse_args()
+    return cost(args) if args.what == "cost" else ptb(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
