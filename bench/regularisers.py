@@ -101,7 +101,7 @@ def cost(args) -> int:
 
 PTB = ["--level", "word", "--layers", "1", "--hidden", "100", "--embedding", "100", "--bptt", "35",
        "--batch", "20", "--optimizer", "sgd", "--lr", "20", "--clip", "0.25", "--print-every", "500",
-       "--sample", "0"]
+       "--sample", "0", "--max-steps", "1000000"]  # the epochs bound the run, not the lm task's default 300 steps
 RUNS = [("plain", []),
         ("variational dropout 0.3 + weight drop 0.3",
          ["--dropout", "0.3", "--variational", "--weight-dropout", "0.3"])]
@@ -111,10 +111,11 @@ def ptb(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for name, flags in RUNS:
-        command = ["conveyor", "train", "--data", args.data, *PTB, "--epochs", str(args.epochs), *flags]
+        command = [sys.executable, "-m", "conveyor", "train", "--data", args.data, *PTB, "--epochs",
+                   str(args.epochs), *flags]
         start = time.time()
         out = subprocess.run(command, capture_output=True, text=True)
-        shown = " ".join(["conveyor", "train", "--data", "ptb", *command[4:]])
+        shown = " ".join(["conveyor", "train", "--data", "ptb", *command[6:]])
         text = f"$ {shown}\n{out.stdout}{out.stderr}"
         slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
         with open(os.path.join(args.out, f"{slug}.txt"), "w") as f:

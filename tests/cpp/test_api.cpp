@@ -7,8 +7,10 @@
 //   - every output is poisoned with NaN before each call, so an element the call forgets to write shows up;
 //   - forward with h0 / c0 absent equals forward from zero states; h_T equals y[T-1]; dh_T / dc_T absent
 //     equal zeros; accumulate = true adds the fresh gradient to what the parameter gradients held.
-// Then: bad arguments throw ArgumentError / DTypeError naming the argument; the backend queries; the thread
-// pool size (set_num_threads(0) throws; one and two threads give bitwise identical results).
+// Then: an LSTM with a projection, and with every regulariser at once (layer norm, zoneout, DropConnect), the
+// same finite-difference checks of every gradient including dW_hr and the layer-norm gains'; bad arguments
+// throw ArgumentError / DTypeError naming the argument; the backend queries; the thread pool size
+// (set_num_threads(0) throws; one and two threads give bitwise identical results).
 #include <conveyor/conveyor.h>
 
 #include <algorithm>
@@ -632,13 +634,16 @@ void check_packed(Problem p) {
                "lengths: packed arrays need lengths >= 1 in non-increasing order");
 }
 
-// A projection (W_hr [P, H], LSTMP): every gradient, dW_hr included, against central differences of the
-// loss; outputs poisoned; h and y of P units, c of H; and the refusals that name W_hr.
-void check_projection() {
-  const int64_t T = 3, B = 2, I = 3, H = 4, P = 2, GH = 4 * H;
-  CellOptions options;
+// An LSTM with peepholes and a projection (W_hr [P, H], LSTMP), and with `options`' regularisers (layer norm:
+// the gains among the inputs; zoneout and DropConnect sampled from the seed, the same in every call): every
+// gradient, dW_hr and the gains' included, against central differences of the loss; outputs poisoned; h and y
+// of P units, c of H. Returns the forward's arguments and a backward's, for the refusals.
+std::pair<ForwardArgs, BackwardArgs> check_lstm_gradients(const std::string& name, CellOptions options,
+                                                           uint32_t seed) {
+  static const int64_t T = 3, B = 2, I = 3, H = 4, P = 2, GH = 4 * H;
+  const int64_t C = cache_width(options) * H;
   options.peephole = true;
-  std::mt19937 rng(500);
+  std::mt19937 rng(seed);
   std::uniform_real_distribution<double> uniform(-1.0, 1.0);
   auto draw = [&](int64_t n, double scale) {
     Vec v(static_cast<size_t>(n));
@@ -646,10 +651,17 @@ void check_projection() {
     return v;
   };
   struct Inputs {
-    Vec x, W, R, bW, bR, h0, c0, peephole, W_hr;
-  } in{draw(T * B * I, 1.0), draw(GH * I, 0.6), draw(GH * P, 0.6), draw(GH, 0.3), draw(GH, 0.3),
-       draw(B * P, 0.8), draw(B * H, 0.8), draw(3 * H, 0.5), draw(P * H, 0.7)};
-  const Vec dy = draw(T * B * P, 1.0), dh_T = draw(B * P, 1.0), dc_T = draw(B * H, 1.0);
+    Vec x, W, R, bW, bR, h0, c0, peephole, W_hr, gamma_x, gamma_h, gamma_c, beta_c;
+  };
+  static Inputs in;  // kept alive for the views returned
+  in = {draw(T * B * I, 1.0), draw(GH * I, 0.6), draw(GH * P, 0.6), draw(GH, 0.3), draw(GH, 0.3),
+        draw(B * P, 0.8), draw(B * H, 0.8), draw(3 * H, 0.5), draw(P * H, 0.7), draw(GH, 0.3), draw(GH, 0.3),
+        draw(H, 0.3), draw(H, 0.3)};
+  for (Vec* gain : {&in.gamma_x, &in.gamma_h, &in.gamma_c}) {
+    for (double& e : *gain) e += 1.0;  // around their initial value 1
+  }
+  static Vec dy, dh_T, dc_T;
+  dy = draw(T * B * P, 1.0), dh_T = draw(B * P, 1.0), dc_T = draw(B * H, 1.0);
   auto forward_args = [&](const Inputs& v, Vec& y, Vec& h_T, Vec& c_T, Vec* cache) {
     y.assign(static_cast<size_t>(T * B * P), kNaN);
     h_T.assign(static_cast<size_t>(B * P), kNaN);
@@ -664,12 +676,18 @@ void check_projection() {
     a.c0 = view(v.c0, {B, H});
     a.P = view(v.peephole, {3, H});
     a.W_hr = view(v.W_hr, {P, H});
+    if (options.layer_norm) {
+      a.gamma_x = view(v.gamma_x, {GH});
+      a.gamma_h = view(v.gamma_h, {GH});
+      a.gamma_c = view(v.gamma_c, {H});
+      a.beta_c = view(v.beta_c, {H});
+    }
     a.y = view(y, {T, B, P});
     a.h_T = view(h_T, {B, P});
     a.c_T = view(c_T, {B, H});
     if (cache != nullptr) {
-      cache->assign(static_cast<size_t>(T * B * 5 * H), kNaN);
-      a.cache = view(*cache, {T, B, 5 * H});
+      cache->assign(static_cast<size_t>(T * B * C), kNaN);
+      a.cache = view(*cache, {T, B, C});
     }
     return a;
   };
@@ -683,18 +701,22 @@ void check_projection() {
     return L;
   };
 
-  Vec y, h_T, c_T, cache;
+  static Vec y, h_T, c_T, cache;
   const ForwardArgs f = forward_args(in, y, h_T, c_T, &cache);
   forward(options, f);
   CHECK_MSG(all_finite(y) && all_finite(h_T) && all_finite(c_T) && all_finite(cache),
-            "projection: forward left NaN in an output");
-  CHECK_MSG(bitwise_equal(h_T, Vec(y.end() - B * P, y.end())), "projection: h_T differs from y[T-1]");
+            name + ": forward left NaN in an output");
+  CHECK_MSG(bitwise_equal(h_T, Vec(y.end() - B * P, y.end())), name + ": h_T differs from y[T-1]");
   BackwardArgs b = backward_args_for(f);
-  CHECK(b.W_hr.data == f.W_hr.data);
-  Vec dx(static_cast<size_t>(T * B * I), kNaN), dh0(static_cast<size_t>(B * P), kNaN);
-  Vec dc0(static_cast<size_t>(B * H), kNaN), dW(static_cast<size_t>(GH * I), kNaN);
-  Vec dR(static_cast<size_t>(GH * P), kNaN), dbW(static_cast<size_t>(GH), kNaN), dbR(static_cast<size_t>(GH), kNaN);
-  Vec dP(static_cast<size_t>(3 * H), kNaN), dW_hr(static_cast<size_t>(P * H), kNaN);
+  CHECK(b.W_hr.data == f.W_hr.data && b.gamma_x.data == f.gamma_x.data && b.beta_c.data == f.beta_c.data);
+  static Vec dx, dh0, dc0, dW, dR, dbW, dbR, dP, dW_hr, dgamma_x, dgamma_h, dgamma_c, dbeta_c;
+  dx.assign(static_cast<size_t>(T * B * I), kNaN), dh0.assign(static_cast<size_t>(B * P), kNaN);
+  dc0.assign(static_cast<size_t>(B * H), kNaN), dW.assign(static_cast<size_t>(GH * I), kNaN);
+  dR.assign(static_cast<size_t>(GH * P), kNaN), dbW.assign(static_cast<size_t>(GH), kNaN);
+  dbR.assign(static_cast<size_t>(GH), kNaN), dP.assign(static_cast<size_t>(3 * H), kNaN);
+  dW_hr.assign(static_cast<size_t>(P * H), kNaN), dgamma_x.assign(static_cast<size_t>(GH), kNaN);
+  dgamma_h.assign(static_cast<size_t>(GH), kNaN), dgamma_c.assign(static_cast<size_t>(H), kNaN);
+  dbeta_c.assign(static_cast<size_t>(H), kNaN);
   b.dy = view(dy, {T, B, P});
   b.dh_T = view(dh_T, {B, P});
   b.dc_T = view(dc_T, {B, H});
@@ -707,16 +729,29 @@ void check_projection() {
   b.dbR = view(dbR, {GH});
   b.dP = view(dP, {3, H});
   b.dW_hr = view(dW_hr, {P, H});
+  if (options.layer_norm) {
+    b.dgamma_x = view(dgamma_x, {GH});
+    b.dgamma_h = view(dgamma_h, {GH});
+    b.dgamma_c = view(dgamma_c, {H});
+    b.dbeta_c = view(dbeta_c, {H});
+  }
   backward(options, b);
 
   const double eps = 1e-6;
-  const struct {
+  struct Gradient {
     const char* name;
     Vec Inputs::*input;
-    const Vec& analytic;
-  } grads[] = {{"dx", &Inputs::x, dx},   {"dh0", &Inputs::h0, dh0}, {"dc0", &Inputs::c0, dc0},
-               {"dW", &Inputs::W, dW},   {"dR", &Inputs::R, dR},    {"dbW", &Inputs::bW, dbW},
-               {"dbR", &Inputs::bR, dbR}, {"dP", &Inputs::peephole, dP}, {"dW_hr", &Inputs::W_hr, dW_hr}};
+    const Vec* analytic;
+  };
+  std::vector<Gradient> grads = {{"dx", &Inputs::x, &dx},     {"dh0", &Inputs::h0, &dh0},
+                                 {"dc0", &Inputs::c0, &dc0},   {"dW", &Inputs::W, &dW},
+                                 {"dR", &Inputs::R, &dR},      {"dbW", &Inputs::bW, &dbW},
+                                 {"dbR", &Inputs::bR, &dbR},   {"dP", &Inputs::peephole, &dP},
+                                 {"dW_hr", &Inputs::W_hr, &dW_hr}};
+  if (options.layer_norm) {
+    grads.insert(grads.end(), {{"dgamma_x", &Inputs::gamma_x, &dgamma_x}, {"dgamma_h", &Inputs::gamma_h, &dgamma_h},
+                               {"dgamma_c", &Inputs::gamma_c, &dgamma_c}, {"dbeta_c", &Inputs::beta_c, &dbeta_c}});
+  }
   for (const auto& g : grads) {
     Inputs q = in;
     Vec& v = q.*g.input;
@@ -728,12 +763,22 @@ void check_projection() {
       v[i] = saved - eps;
       const double minus = loss(q);
       v[i] = saved;
-      if (!conveyor_test::near(g.analytic[i], (plus - minus) / (2 * eps), 1e-7, 1e-5)) ++bad;
+      if (!conveyor_test::near((*g.analytic)[i], (plus - minus) / (2 * eps), 1e-7, 1e-5)) ++bad;
     }
-    CHECK_MSG(bad == 0, std::string("projection: ") + g.name + " vs finite differences: " + std::to_string(bad) +
-                            " of " + std::to_string(v.size()) + " elements off");
+    CHECK_MSG(bad == 0, name + ": " + g.name + " vs finite differences: " + std::to_string(bad) + " of " +
+                            std::to_string(v.size()) + " elements off");
   }
+  return {f, b};
+}
 
+void check_projection() {
+  auto [f, b] = check_lstm_gradients("projection", CellOptions{}, 500);
+  const int64_t T = 3, B = 2, H = 4, GH = 16;
+  const CellOptions options = [] {
+    CellOptions o;
+    o.peephole = true;
+    return o;
+  }();
   // The refusals name W_hr (a GRU has no projection) and dW_hr (no projection to differentiate).
   CellOptions gru;
   gru.cell = CellType::gru;
@@ -758,6 +803,45 @@ void check_projection() {
                "dW_hr: a projection gradient was asked for, but the window has no projection (W_hr)");
 }
 
+// Layer norm, zoneout of h and c and DropConnect, all at once with a projection and peepholes; their
+// refusals.
+void check_regularisers() {
+  CellOptions options;
+  options.peephole = true;
+  options.layer_norm = true;
+  options.zoneout = 0.3;
+  options.zoneout_cell = 0.4;
+  options.weight_dropout = 0.3;
+  options.dropout_seed = 77;
+  options.zoneout_stream = 3;
+  options.zoneout_cell_stream = 4;
+  options.weight_dropout_stream = 2;
+  auto [f, b] = check_lstm_gradients("regularisers", options, 600);
+  CHECK(cache_width(options) == 5 + 1 + 2 * 4);
+  CellOptions rnn;
+  rnn.cell = CellType::rnn;
+  rnn.zoneout = 0.1;
+  CHECK_THROWS(forward(rnn, ForwardArgs{}), ArgumentError,
+               "zoneout: an option of the LSTM and the GRU, but the cell is rnn");
+  CellOptions gru;
+  gru.cell = CellType::gru;
+  gru.reset_after = false;
+  gru.layer_norm = true;
+  CHECK_THROWS(forward(gru, ForwardArgs{}), ArgumentError,
+               "layer_norm: the GRU with reset_after = false has no layer-normalised form");
+  ForwardArgs missing = f;
+  missing.gamma_c = TensorView{};
+  CHECK_THROWS(forward(options, missing), ArgumentError, "gamma_c: expected an array of shape (4,)");
+  CellOptions plain = options;
+  plain.layer_norm = false;
+  CHECK_THROWS(forward(plain, f), ArgumentError, "gamma_x: a layer-norm gain given, but layer_norm is off");
+  BackwardArgs gradient_without_gain = b;
+  gradient_without_gain.gamma_c = TensorView{};
+  CHECK_THROWS(backward(options, gradient_without_gain), ArgumentError, "gamma_c: expected an array of shape (4,)");
+  options.weight_dropout = 1.0;
+  CHECK_THROWS(forward(options, f), ArgumentError, "weight_dropout: expected a probability in [0, 1), got 1");
+}
+
 }  // namespace
 
 int main() {
@@ -768,6 +852,7 @@ int main() {
     for (const Problem& p : all_cells(300, 4, 3, 3, 4)) check_lengths(p);
     for (const Problem& p : all_cells(400, 4, 3, 3, 4)) check_packed(p);
     check_projection();
+    check_regularisers();
     check_errors();
     check_backends();
     check_threads();
