@@ -491,11 +491,12 @@ class _ConveyorRNNBase(torch.nn.Module):
         if "zoneout" in kwargs or "zoneout_cell" in kwargs:
             kwargs["_zoneout_sample"] = training  # the kernels may save for a backward in evaluation too
         flat, layout = [], []
+        absent = x.new_empty(0)  # one empty tensor for every option that is off (a tensor costs microseconds)
         for names in self._layout:
             for name in names:
                 p = getattr(self, name)
                 if p is None:
-                    p = x.new_empty(0)
+                    p = absent
                 elif autocast:
                     p = p.to(x.dtype)
                 flat.append(p)
