@@ -43,19 +43,30 @@ OPTIONS = [
 POINTS = [("lstm", 64, 32, 256, 256), ("lstm", 64, 32, 512, 512), ("gru", 64, 32, 256, 256)]
 
 
-def window(cell, T, B, I, H, options, rng):
-    """A closure running forward + backward of one window with `options`."""
+def window(cell, T, B, I, H, options, rng, device="cpu"):
+    """A closure running forward + backward of one window with `options` (NumPy arrays on the CPU; PyTorch
+    CUDA tensors on a GPU, the closure waiting for the device)."""
     G = {"lstm": 4, "gru": 3}[cell]
     w = 1 / np.sqrt(H)
-    x = rng.uniform(-1, 1, (T, B, I)).astype(np.float32)
-    W, R = (rng.uniform(-w, w, s).astype(np.float32) for s in ((G * H, I), (G * H, H)))
-    bW, bR = (rng.uniform(-w, w, G * H).astype(np.float32) for _ in range(2))
-    dy = rng.uniform(-1, 1, (T, B, H)).astype(np.float32)
+    on = np.asarray
+    wait = None
+    if device == "cuda":
+        import torch
+
+        def on(a):
+            return torch.as_tensor(a, device="cuda")
+
+        wait = torch.cuda.synchronize
+    x = on(rng.uniform(-1, 1, (T, B, I)).astype(np.float32))
+    W, R = (on(rng.uniform(-w, w, s).astype(np.float32)) for s in ((G * H, I), (G * H, H)))
+    bW, bR = (on(rng.uniform(-w, w, G * H).astype(np.float32)) for _ in range(2))
+    dy = on(rng.uniform(-1, 1, (T, B, H)).astype(np.float32))
     options = dict(options)
     if options.pop("layer_norm", False):
-        gains = (np.ones(G * H, np.float32), np.ones(G * H, np.float32))
-        options["layer_norm"] = gains + ((np.ones(H, np.float32), np.zeros(H, np.float32)) if cell == "lstm"
-                                         else ())
+        gains = [np.ones(G * H, np.float32), np.ones(G * H, np.float32)]
+        if cell == "lstm":
+            gains += [np.ones(H, np.float32), np.zeros(H, np.float32)]
+        options["layer_norm"] = tuple(on(g) for g in gains)
     if cell == "gru":
         options.pop("zoneout_cell", None)
     forward, backward = getattr(conveyor, f"{cell}_forward"), getattr(conveyor, f"{cell}_backward")
@@ -63,6 +74,8 @@ def window(cell, T, B, I, H, options, rng):
     def run():
         saved = forward(x, W, R, bW, bR, seed=1, **options)[-1]
         backward(saved, dy)
+        if wait is not None:
+            wait()
 
     return run
 
@@ -70,15 +83,20 @@ def window(cell, T, B, I, H, options, rng):
 def cost(args) -> int:
     conveyor.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
+    cpu = platform.processor() or platform.machine()
+    machine = f"{cpu}, {os.cpu_count()} cores, {args.threads} thread(s)"
+    if args.device == "cuda":
+        import torch
+
+        machine = f"{torch.cuda.get_device_name()} (the functional API on PyTorch CUDA tensors)"
     lines = [f"# Regularisers' cost: forward + backward of one window, {args.device}",
-             "", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-             f"{args.threads} thread(s); float32; medians of {args.repeats} interleaved repetitions.",
+             "", f"Machine: {machine}; float32; medians of {args.repeats} interleaved repetitions.",
              "Command: `python bench/regularisers.py cost "
-             f"--repeats {args.repeats} --threads {args.threads}`",
+             f"--repeats {args.repeats} --threads {args.threads} --device {args.device}`",
              "", "| cell T B I H | option | ms | ratio to plain | predicted | target |",
              "| --- | --- | --- | --- | --- | --- |"]
     for cell, T, B, I, H in POINTS:
-        runs = {name: window(cell, T, B, I, H, options, rng) for name, options, _ in OPTIONS}
+        runs = {name: window(cell, T, B, I, H, options, rng, args.device) for name, options, _ in OPTIONS}
         for run in runs.values():
             run()  # warm up
         times = {name: [] for name in runs}
@@ -99,9 +117,10 @@ def cost(args) -> int:
     return 0
 
 
+# The epochs bound a run (--max-steps lifts the lm task's default of 300 steps).
 PTB = ["--level", "word", "--layers", "1", "--hidden", "100", "--embedding", "100", "--bptt", "35",
        "--batch", "20", "--optimizer", "sgd", "--lr", "20", "--clip", "0.25", "--print-every", "500",
-       "--sample", "0", "--max-steps", "1000000"]  # the epochs bound the run, not the lm task's default 300 steps
+       "--sample", "0", "--max-steps", "1000000"]
 RUNS = [("plain", []),
         ("variational dropout 0.3 + weight drop 0.3",
          ["--dropout", "0.3", "--variational", "--weight-dropout", "0.3"])]
@@ -144,7 +163,7 @@ def main() -> int:
     c = sub.add_parser("cost")
     c.add_argument("--repeats", type=int, default=9)
     c.add_argument("--threads", type=int, default=1)
-    c.add_argument("--device", default="cpu", choices=["cpu"])
+    c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     c.add_argument("--out", required=True)
     p = sub.add_parser("ptb")
     p.add_argument("--data", required=True)
