@@ -120,7 +120,8 @@ enum class Activation : int { tanh = 0, relu = 1 };
 // reset_after = false), for any size. persistent: one cooperative launch for the whole window, each block
 // keeping its slice of R on chip for all T steps and the grid synchronising once per step (twice for that
 // GRU); it needs the slices to fit in shared memory and the blocks to be co-resident on the device, and runs
-// no projection (W_hr): a window with one runs per_step. automatic: persistent wherever it can run and B <= 32
+// no projection (W_hr) and no layer normalisation (layer_norm): a window with either runs per_step (DropConnect and
+// zoneout run on both). automatic: persistent wherever it can run and B <= 32
 // (where it was measured faster, on an H200), per_step elsewhere. The CPU backend has one algorithm: it takes
 // automatic and refuses the others.
 enum class Algorithm : int { automatic = 0, per_step = 1, persistent = 2 };
