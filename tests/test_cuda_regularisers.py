@@ -175,7 +175,8 @@ def test_with_a_projection_matches_the_cpu(options, regularisers, P, algorithm, 
     assert_same(got, expected, np.float64)
 
 
-def test_packed_arrays_match_the_cpu(rng):
+@pytest.mark.parametrize("algorithm", ["per_step", "auto"])
+def test_packed_arrays_match_the_cpu(algorithm, rng):
     """ForwardArgs::packed (x, y, dy, dx as a PackedSequence's data), every regulariser, a projection."""
     T, B, P = 6, 7, 4
     a = problem("lstm", T, B, 5, 9, rng, S=P, peephole=True)
@@ -184,7 +185,7 @@ def test_packed_arrays_match_the_cpu(rng):
     regularisers = dict(REGULARISERS[-1], variational=False)
     expected = run("lstm", a, lengths=lengths, _packed=True, **regularisers)
     assert expected["y"].shape == (lengths.sum(), P)
-    got = run("lstm", a, "float64", lengths=lengths, _packed=True, algorithm="per_step", **regularisers)
+    got = run("lstm", a, "float64", lengths=lengths, _packed=True, algorithm=algorithm, **regularisers)
     assert_same(got, expected, np.float64)
 
 
@@ -217,16 +218,17 @@ def test_float32_matches_the_reference(cell, options, regularisers, shape, algor
     assert_same(got, expected, np.float32)
 
 
+@pytest.mark.parametrize("algorithm", ["per_step", "auto"])
 @pytest.mark.parametrize("P", [3, 9], ids=["P<H", "P>H"])
 @pytest.mark.parametrize("regularisers", REGULARISERS,
                          ids=lambda r: "-".join(f"{k}={v}" for k, v in r.items()))
-def test_float32_with_a_projection_matches_the_reference(regularisers, P, rng):
+def test_float32_with_a_projection_matches_the_reference(regularisers, P, algorithm, rng):
     T, B, I, H = 5, 4, 6, 7
     a = problem("lstm", T, B, I, H, rng, S=P, peephole=True)
     layer_norm = regularisers.get("layer_norm", False)
     mask_options = {k: v for k, v in regularisers.items() if k != "layer_norm"}
     expected = run_reference("lstm", a, masks("lstm", T, B, 4, H, P, **mask_options), layer_norm=layer_norm)
-    assert_same(run("lstm", a, "float32", algorithm="per_step", **regularisers), expected, np.float32)
+    assert_same(run("lstm", a, "float32", algorithm=algorithm, **regularisers), expected, np.float32)
 
 
 def test_persistent_refuses_layer_norm_and_auto_runs_it_per_step(rng):
