@@ -170,7 +170,7 @@ struct CellOptions {
   // a = LN(W x_t; gamma_x) + bW + LN(R h_{t-1}; gamma_h) + bR, LN(v; gamma, beta) = gamma * (v - mean(v)) /
   // sqrt(var(v) + 1e-5) + beta over the G*H entries of a row; the LSTM's output is o * act(LN(c_t; gamma_c,
   // beta_c)) (its peepholes and c_T see the raw c_t). The gains are ForwardArgs' gamma_x, gamma_h (and the
-  // LSTM's gamma_c, beta_c).
+  // LSTM's gamma_c, beta_c). The CUDA backend runs it on its per_step algorithm only (see Algorithm).
   bool layer_norm = false;
   bool zoneout_sample = true;
   uint64_t zoneout_stream = 0;
