@@ -383,16 +383,23 @@ PersistentPlan plan_for(const void* kernel, int64_t hidden, size_t bytes_per_uni
   return plan;
 }
 
-// The plan of a window the kernels cannot run whatever the device: a projection (persistent.cuh).
-PersistentPlan projection_plan() {
+// Why the kernels cannot run a window whatever the device (persistent.cuh), or null when they can: a projection,
+// or layer normalisation, whose row statistics span every block's units.
+const char* per_step_only(const CellOptions& options, bool projection) {
+  if (projection) return "a projection (W_hr) runs on the per-step kernels";
+  if (options.layer_norm) return "layer normalisation (layer_norm) runs on the per-step kernels";
+  return nullptr;
+}
+
+PersistentPlan refused_plan(const char* why) {
   PersistentPlan plan;
-  plan.why = "a projection (W_hr) runs on the per-step kernels";
+  plan.why = why;
   return plan;
 }
 
 template <typename S, bool kRelu>
 PersistentPlan persistent_forward_plan(const CellOptions& options, int64_t hidden, bool projection) {
-  if (projection) return projection_plan();
+  if (const char* why = per_step_only(options, projection)) return refused_plan(why);
   const void* kernel = reinterpret_cast<const void*>(forward_persistent_kernel_for<S, kRelu>(options));
   const size_t ld = size_t(forward_slice_ld<S>(hidden));
   const size_t h_stage = kTensorCoreForward<S> ? sizeof(S) * kPersistentRows * ld : 0;
@@ -401,7 +408,7 @@ PersistentPlan persistent_forward_plan(const CellOptions& options, int64_t hidde
 
 template <typename S, bool kRelu>
 PersistentPlan persistent_backward_plan(const CellOptions& options, int64_t hidden, bool projection) {
-  if (projection) return projection_plan();
+  if (const char* why = per_step_only(options, projection)) return refused_plan(why);
   const void* kernel = reinterpret_cast<const void*>(backward_persistent_kernel_for<S, kRelu>(options));
   const size_t ld = size_t(backward_slice_ld<S>(int64_t(gate_count(options)) * hidden));
   return plan_for<Compute<S>>(kernel, hidden, sizeof(S) * ld, 0);

@@ -14,7 +14,9 @@ namespace conveyor::cuda {
 
 // How the persistent kernel would run a window's recurrence on the current device, or why it cannot. The LSTM's
 // projection (W_hr) it cannot: its h_t = W_hr m_t needs every block's m_t, one more grid barrier a step, and its
-// backward splits R's columns by P, not H. A window with one runs on the per-step kernels.
+// backward splits R's columns by P, not H. Nor layer normalisation (CellOptions::layer_norm), whose statistics
+// over each row's G*H pre-activations span every block. A window with either runs on the per-step kernels.
+// DropConnect (the window's R is R * M) and zoneout (in the epilogues, step.cuh) it runs.
 struct PersistentPlan {
   bool fits = false;
   int units = 0;            // hidden units per block

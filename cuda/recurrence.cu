@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cells/dropout.h"
@@ -31,6 +32,7 @@
 #include "device.cuh"
 #include "gemm.cuh"
 #include "persistent.cuh"
+#include "regularisers.cuh"
 #include "step.cuh"
 
 namespace conveyor::cuda {
@@ -47,7 +49,8 @@ static_assert(kStepThreads == kStepUnits * kStepRows / 2, "two rows per thread")
 // Forward step (its arguments and cell math: step.cuh)
 
 // For the block's tile of (batch row, hidden unit), every gate's recurrent product
-// sum_{k < P} h_in[b, k] R[R_row0 + g*H + j, k], then the cell math.
+// sum_{k < P} h_in[b, k] R[R_row0 + g*H + j, k] (with layer normalisation, read from p.recurrent instead), then
+// the cell math.
 template <typename S, ForwardEpilogue kEpilogue, bool kRelu, bool kComputeInput>
 __global__ void __launch_bounds__(kStepThreads) forward_step_kernel(ForwardStep<S> p) {
   using C = Compute<S>;
@@ -56,7 +59,7 @@ __global__ void __launch_bounds__(kStepThreads) forward_step_kernel(ForwardStep<
   CONVEYOR_SHARED(C, h_tile, [kStepRows][kStepK + 1]);
   CONVEYOR_SHARED(C, r_tile, [G * kStepUnits][kStepK + 1]);
   const int tid = threadIdx.x, tx = tid % kStepUnits, ty = tid / kStepUnits;
-  const int64_t B = p.batch, H = p.hidden, K = p.output_size;
+  const int64_t B = p.batch, H = p.hidden, K = p.recurrent != nullptr ? 0 : p.output_size;
   const int64_t b0 = int64_t(blockIdx.y) * kStepRows, j0 = int64_t(blockIdx.x) * kStepUnits;
   const Input* h_in = static_cast<const Input*>(p.h_in);
   C acc[2][G] = {};
@@ -92,7 +95,12 @@ __global__ void __launch_bounds__(kStepThreads) forward_step_kernel(ForwardStep<
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int64_t b = b0 + ty + 8 * i;
-    if (b < B && j < H) forward_epilogue<S, kEpilogue, kRelu>(p, b, j, acc[i]);
+    if (b >= B || j >= H) continue;
+    if (p.recurrent != nullptr) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) acc[i][g] = p.recurrent[b * p.gate_stride + p.R_row0 + g * H + j];
+    }
+    forward_epilogue<S, kEpilogue, kRelu>(p, b, j, acc[i]);
   }
 }
 
@@ -197,13 +205,15 @@ __global__ void previous_states_kernel(int64_t steps, StepRows rows, int64_t tok
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// The projection's gradient: dW_hr pairs every step's dh_total with m_t = o * act(c_t), which the cache does
-// not hold; this recomputes it from the cached o and c_t (as the CPU backend does), for every packed row.
+// The projection's gradient: dW_hr pairs every step's dh_total with m_t = o * act(c_t) (act(LN(c_t)) with layer
+// normalisation), which the cache does not hold; this recomputes it from the cached o and c_t (as the CPU
+// backend does), for every packed row.
 
 template <typename S, bool kRelu>
-__global__ void cell_outputs_kernel(int64_t tokens, int64_t hidden, const S* cache, Compute<S>* out) {
+__global__ void cell_outputs_kernel(int64_t tokens, int64_t hidden, const S* cache, int64_t cache_stride,
+                                    Compute<S>* out) {
   using C = Compute<S>;
-  const int64_t H = hidden, cw = 5 * H, count = tokens * H;
+  const int64_t H = hidden, cw = cache_stride, count = tokens * H;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = e / H, j = e % H;
     const S* saved = cache + row * cw;
@@ -211,17 +221,24 @@ __global__ void cell_outputs_kernel(int64_t tokens, int64_t hidden, const S* cac
   }
 }
 
-// dW_hr (=, or += when `accumulate`) = sum over packed rows of dh_total^T m, m recomputed from the cache.
+// dW_hr (=, or += when `accumulate`) = sum over packed rows of dh_total^T m, m recomputed from the cache (rows of
+// cache_stride); with layer normalisation's gamma_c and beta_c (else null), from LN(c_t).
 template <typename S, bool kRelu>
 void projection_grad(int64_t tokens, int64_t hidden, int64_t output_size, const Compute<S>* dh_totals,
-                     const S* cache, bool accumulate, bool allow_tf32, S* dW_hr, cudaStream_t stream) {
+                     const S* cache, int64_t cache_stride, const S* gamma_c, const S* beta_c, bool accumulate,
+                     bool allow_tf32, S* dW_hr, cudaStream_t stream) {
   using C = Compute<S>;
   const NvtxRange range("conveyor::projection_grad");
   Workspace<C> cell_outputs(tokens * hidden, stream);
   const int64_t count = tokens * hidden;
   const unsigned blocks = count / 256 + 1 < 4096 ? unsigned(count / 256 + 1) : 4096u;
-  launch("cell_outputs_kernel", cell_outputs_kernel<S, kRelu>, blocks, 256, 0, stream, tokens, hidden, cache,
-         cell_outputs.get());
+  if (gamma_c != nullptr) {
+    lstm_norm_outputs_from_cache<S, kRelu>(tokens, hidden, cache, cache_stride, gamma_c, beta_c, cell_outputs.get(),
+                                           stream);
+  } else {
+    launch("cell_outputs_kernel", cell_outputs_kernel<S, kRelu>, blocks, 256, 0, stream, tokens, hidden, cache,
+           cache_stride, cell_outputs.get());
+  }
   gemm<C, C, S>(output_size, hidden, tokens, transpose_of<C>(dh_totals, output_size),
                 rows_of<C>(cell_outputs.get(), hidden), accumulate, dW_hr, hidden, allow_tf32, stream);
 }
@@ -229,19 +246,20 @@ void projection_grad(int64_t tokens, int64_t hidden, int64_t output_size, const 
 // ---------------------------------------------------------------------------------------------------------
 // Peephole gradients: products[r, :] = (da_i c_{t-1}, da_f c_{t-1}, da_o c_t) per packed row r of step t,
 // summed over the rows afterwards by column_sums (dp_i stays 0 with coupled gates). c_t comes from the cache
-// (S), and c_{t-1} at step 0 from c0 (Compute<S>), as in the backward's steps.
+// (S, rows of cache_stride), c_{t-1} from its column `carried` (c_t, or after zoneout), and at step 0 from c0
+// (Compute<S>), as in the backward's steps.
 
 template <typename S>
 __global__ void peephole_products_kernel(int64_t steps, StepRows rows, int64_t tokens, int64_t hidden, bool coupled,
-                                         const Compute<S>* da, int64_t da_ld, const S* cache,
-                                         const Compute<S>* c0, Compute<S>* products) {
+                                         const Compute<S>* da, int64_t da_ld, const S* cache, int64_t cache_stride,
+                                         int64_t carried, const Compute<S>* c0, Compute<S>* products) {
   using C = Compute<S>;
-  const int64_t H = hidden, cw = 5 * H, count = tokens * H;
+  const int64_t H = hidden, cw = cache_stride, count = tokens * H;
   const int64_t f = coupled ? 0 : 1, o = coupled ? 2 : 3;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = e / H, j = e % H, t = rows.step_of(row, steps), b = row - rows.first(t);
     const C c = convert<C>(cache[row * cw + 4 * H + j]);
-    const C c_prev = t == 0 ? c0[b * H + j] : convert<C>(cache[(rows.first(t - 1) + b) * cw + 4 * H + j]);
+    const C c_prev = t == 0 ? c0[b * H + j] : convert<C>(cache[(rows.first(t - 1) + b) * cw + carried + j]);
     const C* d = da + row * da_ld;
     C* out = products + row * 3 * H;
     out[j] = coupled ? C(0) : d[j] * c_prev;
@@ -252,13 +270,14 @@ __global__ void peephole_products_kernel(int64_t steps, StepRows rows, int64_t t
 
 template <typename S>
 void peephole_grads(int64_t steps, StepRows rows, int64_t tokens, int64_t hidden, bool coupled, const Compute<S>* da,
-                    int64_t da_ld, const S* cache, const Compute<S>* c0, bool accumulate, S* dP, cudaStream_t stream) {
+                    int64_t da_ld, const S* cache, int64_t cache_stride, int64_t carried, const Compute<S>* c0,
+                    bool accumulate, S* dP, cudaStream_t stream) {
   const NvtxRange range("conveyor::peephole_grads");
   Workspace<Compute<S>> products(tokens * 3 * hidden, stream);
   const int64_t count = tokens * hidden;
   const unsigned blocks = count / 256 + 1 < 4096 ? unsigned(count / 256 + 1) : 4096u;
   launch("peephole_products_kernel", peephole_products_kernel<S>, blocks, 256, 0, stream, steps, rows, tokens, hidden,
-         coupled, da, da_ld, cache, c0, products.get());
+         coupled, da, da_ld, cache, cache_stride, carried, c0, products.get());
   column_sums(tokens, 3 * hidden, products.get(), 3 * hidden, accumulate, dP, stream);
 }
 
@@ -445,6 +464,38 @@ class RecurrentMasks {
   Workspace<C> packed_;
 };
 
+// R * M under DropConnect (CellOptions::weight_dropout; regularisers.cuh), formed once for the window, or R
+// itself without it ([rows, cols]).
+template <typename S>
+class DroppedWeights {
+ public:
+  DroppedWeights(const CellOptions& options, int64_t rows, int64_t cols, const S* R, cudaStream_t stream)
+      : copy_(options.weight_dropout > 0 ? rows * cols : 0, stream) {
+    data_ = R;
+    if (copy_.get() == nullptr) return;
+    dropped_weights(options, rows, cols, R, copy_.get(), stream);
+    data_ = copy_.get();
+  }
+  const S* get() const { return data_; }
+
+ private:
+  Workspace<S> copy_;
+  const S* data_;
+};
+
+// The window's zoneout draws (step.cuh): packed row k draws as the batch's row order[k].
+Zoneout zoneout_of(const CellOptions& options, const DeviceRows& rows) {
+  Zoneout z;
+  z.h = options.zoneout;
+  z.c = options.zoneout_cell;
+  z.sample = options.zoneout_sample;
+  z.seed = options.dropout_seed;
+  z.h_stream = options.zoneout_stream;
+  z.c_stream = options.zoneout_cell_stream;
+  z.order = rows.packed() ? rows.order() : nullptr;
+  return z;
+}
+
 // The largest batch for which algorithm=auto takes the persistent kernels. Measured on an H200 (bench/results/
 // h200-2026-11-28, run 2, every cell and dtype at H = 256, 768, 1024): at B <= 16 they take 0.4-0.6x the
 // per-step path's time for forward + backward, at B = 64 1.6-1.9x, at B = 256 3-4.7x.
@@ -452,9 +503,9 @@ constexpr int64_t kAutoPersistentMaxBatch = 32;
 
 // The persistent kernel's plan when the window runs on it (fits), else a plan that does not fit: per_step
 // asked for, auto at a batch the per-step kernels win, or auto where the persistent kernel cannot run the window
-// (its slices do not fit on the device, or a projection; persistent asked for there throws an ArgumentError
-// saying why). The device is asked only when the persistent kernel is a candidate. CONVEYOR_LOG_ALGORITHM=1
-// prints the choice and why.
+// (its slices do not fit on the device, a projection, or layer normalisation; persistent asked for there throws
+// an ArgumentError saying why). The device is asked only when the persistent kernel is a candidate.
+// CONVEYOR_LOG_ALGORITHM=1 prints the choice and why.
 template <typename S, bool kRelu>
 PersistentPlan persistent_plan_to_run(const CellOptions& options, int64_t batch, int64_t hidden, bool projection,
                                       bool forward) {
@@ -488,12 +539,39 @@ PersistentPlan persistent_plan_to_run(const CellOptions& options, int64_t batch,
   return plan;
 }
 
+// Layer normalisation's recurrent pre-activations of a forward step, before its step kernel: every gate's
+// R h_{t-1} (R (m_t * h_{t-1}) under recurrent dropout) into w.recurrent, saved in the cache's last G*H columns,
+// then normalised in place with gamma_h. The product stays in the compute type, as the step kernels' does.
+template <typename S>
+void recurrent_layer_norm(const ForwardWindow<S>& w, const ForwardStep<S>& p, cudaStream_t stream) {
+  using C = Compute<S>;
+  const int64_t B = p.batch, P = p.output_size, GH = p.gate_stride;
+  if (p.mask != nullptr) {
+    masked_hidden<S>(B * P, p.mask, p.h_prev, w.masked_hidden, stream);
+    const C* R = nullptr;
+    if constexpr (std::is_same_v<S, C>) {
+      R = p.R;
+    } else {
+      R = w.R_compute;
+    }
+    gemm<C, C, C>(B, GH, P, rows_of<C>(w.masked_hidden, P), transpose_of(R, P), false, w.recurrent, GH, false,
+                  stream);
+  } else {
+    gemm<S, S, C>(B, GH, P, rows_of(p.h_prev, P), transpose_of(p.R, P), false, w.recurrent, GH, false, stream);
+  }
+  S* raw = p.cache != nullptr ? p.cache + p.cache_stride - GH : nullptr;
+  layer_norm<S>(B, GH, w.gamma_h, w.recurrent, GH, raw, p.cache_stride, stream);
+}
+
 // Step t of a forward window on the per-step path: one kernel (two for the GRU with reset_before); with the
-// LSTM's projection, the kernel writes m_t = o * act(c_t) and a product forms h_t = m_t W_hr^T from it.
+// LSTM's projection, the kernel writes m_t = o * act(c_t) and a product forms h_t = m_t W_hr^T from it (then
+// zoneout of h_t, when on). With layer normalisation, the recurrent pre-activations are formed and normalised
+// first, and the LSTM's output o * act(LN(c_t)) after the kernel, by row kernels (regularisers.cuh).
 template <typename S, bool kRelu>
 void forward_steps(const CellOptions& options, const ForwardWindow<S>& w, int64_t t, cudaStream_t stream) {
   using C = Compute<S>;
   ForwardStep<S> p = w.step(t);
+  if (w.recurrent != nullptr) recurrent_layer_norm(w, p, stream);
   switch (options.cell) {
     case CellType::lstm:
       if (options.coupled_gates) {
@@ -501,7 +579,12 @@ void forward_steps(const CellOptions& options, const ForwardWindow<S>& w, int64_
       } else {
         forward_step<ForwardEpilogue::lstm, kRelu>(p, stream);
       }
-      if (w.W_hr != nullptr) {
+      if (p.norm_inputs != nullptr) lstm_norm_output<S, kRelu>(p, w.gamma_c, w.beta_c, stream);
+      if (w.W_hr != nullptr && w.projected != nullptr) {  // h~_t = m_t W_hr^T, then zoneout
+        gemm<C, S, C>(p.batch, p.output_size, p.hidden, rows_of<C>(p.cell_output, p.hidden),
+                      transpose_of(w.W_hr, p.hidden), false, w.projected, p.output_size, options.allow_tf32, stream);
+        hidden_zoneout(p, w.projected, stream);
+      } else if (w.W_hr != nullptr) {
         gemm<C, S, S>(p.batch, p.output_size, p.hidden, rows_of<C>(p.cell_output, p.hidden),
                       transpose_of(w.W_hr, p.hidden), false, p.h, p.output_size, options.allow_tf32, stream);
       }
@@ -516,15 +599,50 @@ void forward_steps(const CellOptions& options, const ForwardWindow<S>& w, int64_
   }
 }
 
+// Layer normalisation's backward through LN(R h_{t-1}) of a backward step, after its cell's: the gradients of
+// R h_{t-1} before the norm into w.d_recurrent (and the rows' parts of gamma_h's gradient), from those after it,
+// d_first's first `split` columns and then d_second's (H wide).
+template <typename S>
+void recurrent_layer_norm_backward(const BackwardWindow<S>& w, const BackwardStep<S>& p, int64_t t,
+                                   const Compute<S>* d_first, int64_t split, const Compute<S>* d_second,
+                                   cudaStream_t stream) {
+  const int64_t GH = p.gate_stride, first = w.rows.first(t);
+  layer_norm_backward<S>(p.batch, GH, p.cache + p.cache_stride - GH, p.cache_stride, w.gamma_h, d_first, GH, split,
+                         d_second, p.hidden, w.d_recurrent + first * GH,
+                         w.d_gamma_h != nullptr ? w.d_gamma_h + first * GH : nullptr, stream);
+}
+
+// A backward step of the layer-normalised LSTM: dh_total, the gradient reaching h_t (the projection's epilogue:
+// the product with R, dh_carry, dy_t, zoneout); with a projection its product with W_hr; the cell's backward
+// through LN(c_t) (a row kernel); LN(R h_{t-1})'s backward.
+template <typename S, bool kRelu>
+void lstm_layer_norm_backward_steps(const CellOptions& options, const BackwardWindow<S>& w, BackwardStep<S> p,
+                                    int64_t t, cudaStream_t stream) {
+  using C = Compute<S>;
+  backward_step<BackwardEpilogue::projection, kRelu>(p, stream);
+  const C* d_output = p.dh_total;
+  if (w.W_hr != nullptr) {
+    gemm<C, S, C>(p.batch, p.hidden, p.output_size, rows_of<C>(p.dh_total, p.output_size), rows_of(w.W_hr, p.hidden),
+                  false, w.d_cell_output, p.hidden, options.allow_tf32, stream);
+    d_output = w.d_cell_output;
+  }
+  const int64_t rows = w.rows.first(t) * p.hidden;
+  lstm_norm_backward<S, kRelu>(p, d_output, w.gamma_c, w.beta_c,
+                               w.d_gamma_c != nullptr ? w.d_gamma_c + rows : nullptr,
+                               w.d_beta_c != nullptr ? w.d_beta_c + rows : nullptr, stream);
+  recurrent_layer_norm_backward(w, p, t, p.dax, p.gate_stride, static_cast<const C*>(nullptr), stream);
+}
+
 // Step t of a backward window on the per-step path. With the LSTM's projection, three launches: dh_total
 // (the gradient reaching h_t, over the product with R), its product with W_hr (the gradient reaching m_t),
-// and the cell's backward from that.
+// and the cell's backward from that. With layer normalisation, row kernels between (regularisers.cuh).
 template <typename S, bool kRelu>
 void backward_steps(const CellOptions& options, const BackwardWindow<S>& w, int64_t t, cudaStream_t stream) {
   using C = Compute<S>;
   BackwardStep<S> p = w.step(t);
   switch (options.cell) {
     case CellType::lstm:
+      if (w.d_recurrent != nullptr) return lstm_layer_norm_backward_steps<S, kRelu>(options, w, p, t, stream);
       if (w.W_hr != nullptr) {
         backward_step<BackwardEpilogue::projection, kRelu>(p, stream);
         gemm<C, S, C>(p.batch, p.hidden, p.output_size, rows_of<C>(p.dh_total, p.output_size),
@@ -535,7 +653,12 @@ void backward_steps(const CellOptions& options, const BackwardWindow<S>& w, int6
     case CellType::rnn:
       return backward_step<BackwardEpilogue::rnn, kRelu>(p, stream);
     case CellType::gru:
-      if (options.reset_after) return backward_step<BackwardEpilogue::gru_reset_after, kRelu>(p, stream);
+      if (options.reset_after) {
+        backward_step<BackwardEpilogue::gru_reset_after, kRelu>(p, stream);
+        // One layer norm over the three blocks of R h: its backward sees [da_r, da_z, dar_n] together.
+        if (w.d_recurrent != nullptr) recurrent_layer_norm_backward(w, p, t, p.dax, 2 * p.hidden, p.dar_n, stream);
+        return;
+      }
       backward_step<BackwardEpilogue::gru_reset_before_update, kRelu>(p, stream);
       BackwardWindow<S>::to_reset_phase(p);
       return backward_step<BackwardEpilogue::gru_reset_before_reset, kRelu>(p, stream);
@@ -555,7 +678,8 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   const DeviceRows rows(batch, stream);
   const int64_t N = batch.tokens(), B = z.B, H = z.H, P = z.P;
   const S* W = static_cast<const S*>(args.W.data);
-  const S* R = static_cast<const S*>(args.R.data);
+  const DroppedWeights<S> dropped(options, z.GH, P, static_cast<const S*>(args.R.data), stream);
+  const S* R = dropped.get();
   const S* W_hr = data_or_null<S>(args.W_hr);
   S* cache = args.cache.present() ? static_cast<S*>(args.cache.data) : nullptr;
   const bool lstm = options.cell == CellType::lstm;
@@ -570,6 +694,10 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
     gemm<S, S, C>(N, z.GH, z.I, rows_of(x.get(), z.I), transpose_of(W, z.I), false, ax.get(), z.GH,
                   options.allow_tf32, stream);
   }
+  if (options.layer_norm) {  // LN(x W^T; gamma_x), the raw product saved in the cache's G*H columns before R h's
+    layer_norm<S>(N, z.GH, data_or_null<S>(args.gamma_x), ax.get(), z.GH,
+                  cache != nullptr ? cache + z.cw - 2 * z.GH : nullptr, z.cw, stream);
+  }
   const StateOrZeros<S> h0_given(args.h0, B * P, stream);
   Workspace<S> h0_packed(rows.packed() ? B * P : 0, stream);
   if (rows.packed()) copy_rows(B, P, rows.order(), nullptr, h0_given.get(), h0_packed.get(), stream);
@@ -582,6 +710,14 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   Workspace<C> reset_hidden(reset_before ? B * H : 0, stream);
   Workspace<C> update_gate(reset_before ? B * H : 0, stream);
   Workspace<C> cell_output(W_hr != nullptr ? B * H : 0, stream);
+  // Layer normalisation's and zoneout's scratch of one step (ForwardWindow).
+  const bool masked_product = options.layer_norm && options.recurrent_dropout > 0;
+  Workspace<C> recurrent(options.layer_norm ? B * z.GH : 0, stream);
+  Workspace<C> masked_hidden(masked_product ? B * P : 0, stream);
+  Workspace<C> R_compute(masked_product && !std::is_same_v<S, C> ? z.GH * P : 0, stream);
+  if (R_compute.get() != nullptr) convert_copy(z.GH * P, R, R_compute.get(), stream);
+  Workspace<C> norm_inputs(options.layer_norm && lstm ? B * 2 * H : 0, stream);
+  Workspace<C> projected(W_hr != nullptr && options.zoneout > 0 ? B * P : 0, stream);
 
   const RecurrentMasks<C> masks(options, z.T, B, P, rows, N, stream);
   NvtxRange range("conveyor::recurrence");
@@ -601,6 +737,9 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   p.update_gate = update_gate.get();
   p.cell_output = cell_output.get();
   p.cache_stride = z.cw;
+  p.zoneout = zoneout_of(options, rows);
+  p.recurrent = recurrent.get();
+  p.norm_inputs = norm_inputs.get();
   w.steps = batch.steps;
   w.rows = rows.on_device();
   w.h0 = rows.packed() ? h0_packed.get() : h0_given.get();
@@ -610,6 +749,13 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   w.masks = masks.all();
   w.variational = options.variational;
   w.W_hr = W_hr;
+  w.gamma_h = data_or_null<S>(args.gamma_h);
+  w.gamma_c = data_or_null<S>(args.gamma_c);
+  w.beta_c = data_or_null<S>(args.beta_c);
+  w.recurrent = recurrent.get();
+  w.masked_hidden = masked_hidden.get();
+  w.R_compute = R_compute.get();
+  w.projected = projected.get();
   const PersistentPlan plan = persistent_plan_to_run<S, kRelu>(options, B, H, W_hr != nullptr, true);
   if (plan.fits) {
     forward_persistent<S, kRelu>(options, plan, w, stream);
@@ -658,12 +804,15 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   const DeviceRows rows(batch, stream);
   const int64_t B = z.B, H = z.H, P = z.P, GH = z.GH, N = batch.tokens();
   const S* W = static_cast<const S*>(args.W.data);
-  const S* R = static_cast<const S*>(args.R.data);
+  const DroppedWeights<S> dropped(options, GH, P, static_cast<const S*>(args.R.data), stream);
+  const S* R = dropped.get();
   const S* W_hr = data_or_null<S>(args.W_hr);
   const S* cache = data_or_null<S>(args.cache);
   const bool lstm = options.cell == CellType::lstm;
   const bool gru = options.cell == CellType::gru;
   const bool reset_after_gru = gru && options.reset_after;
+  const bool layer_norm = options.layer_norm;
+  const bool lstm_layer_norm = layer_norm && lstm;
   const PackedInput<S> y(rows, N, P, static_cast<const S*>(args.y.data), stream);
   const PackedInput<S> dy(rows, N, P, static_cast<const S*>(args.dy.data), stream);
 
@@ -681,9 +830,16 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   const S* h0 = rows.packed() ? h0_packed.get() : h0_given.get();
   Workspace<C> c0(lstm ? B * H : 0, stream);
   if (lstm) packed_state_into<C, C>(rows, B, H, args.c0, c0.get(), stream);
-  // The projection's gradients: every step's dh_total (for dW_hr) and one step's d_cell_output (step.cuh).
-  Workspace<C> dh_totals(W_hr != nullptr ? N * P : 0, stream);
+  // The projection's gradients: every step's dh_total (for dW_hr; the layer-normalised LSTM's cell backward
+  // starts from it too) and one step's d_cell_output (step.cuh).
+  Workspace<C> dh_totals(W_hr != nullptr || lstm_layer_norm ? N * P : 0, stream);
   Workspace<C> d_cell_output(W_hr != nullptr ? B * H : 0, stream);
+  // Layer normalisation: every step's gradient of R h_{t-1} before its norm, and the rows' parts of the gains'
+  // gradients that were asked for (BackwardWindow).
+  Workspace<C> d_recurrent(layer_norm ? N * GH : 0, stream);
+  Workspace<C> d_gamma_h(args.dgamma_h.present() ? N * GH : 0, stream);
+  Workspace<C> d_gamma_c(args.dgamma_c.present() ? N * H : 0, stream);
+  Workspace<C> d_beta_c(args.dbeta_c.present() ? N * H : 0, stream);
 
   const RecurrentMasks<C> masks(options, z.T, B, P, rows, N, stream);
   BackwardWindow<S> w{};
@@ -699,6 +855,7 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   p.P = data_or_null<S>(args.P);
   p.lstm = detail::lstm_options<C>(options);
   p.c0 = c0.get();
+  p.zoneout = zoneout_of(options, rows);
   w.steps = batch.steps;
   w.rows = rows.on_device();
   w.dax = dax.get();
@@ -715,6 +872,13 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   w.W_hr = W_hr;
   w.dh_totals = dh_totals.get();
   w.d_cell_output = d_cell_output.get();
+  w.gamma_h = data_or_null<S>(args.gamma_h);
+  w.gamma_c = data_or_null<S>(args.gamma_c);
+  w.beta_c = data_or_null<S>(args.beta_c);
+  w.d_recurrent = d_recurrent.get();
+  w.d_gamma_h = d_gamma_h.get();
+  w.d_gamma_c = d_gamma_c.get();
+  w.d_beta_c = d_beta_c.get();
   Workspace<S> dh0_packed(rows.packed() && args.dh0.present() ? B * P : 0, stream);
   S* dh0 = dh0_packed.get() != nullptr ? dh0_packed.get() : args.dh0.present() ? static_cast<S*>(args.dh0.data)
                                                                                 : nullptr;
@@ -746,24 +910,34 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   NvtxRange range("conveyor::weight_gradients");
   const bool acc = args.accumulate;
   const bool tf32 = options.allow_tf32;
+  // With layer normalisation dx and dW take the gradients of x W^T before its norm.
+  Workspace<C> dax_raw(layer_norm ? N * GH : 0, stream);
+  Workspace<C> d_gamma_x(args.dgamma_x.present() ? N * GH : 0, stream);
+  if (layer_norm) {
+    layer_norm_backward<S>(N, GH, cache + z.cw - 2 * GH, z.cw, data_or_null<S>(args.gamma_x), dax.get(), GH, GH,
+                           static_cast<const C*>(nullptr), 0, dax_raw.get(), d_gamma_x.get(), stream);
+  }
+  const C* d_input = layer_norm ? dax_raw.get() : dax.get();
   if (args.dx.present()) {
     Workspace<S> dx_packed(rows.in_place() ? 0 : N * z.I, stream);
     S* dx = rows.in_place() ? static_cast<S*>(args.dx.data) : dx_packed.get();
-    gemm<C, S, S>(N, z.I, GH, rows_of<C>(dax.get(), GH), rows_of(W, z.I), false, dx, z.I, tf32, stream);
+    gemm<C, S, S>(N, z.I, GH, rows_of<C>(d_input, GH), rows_of(W, z.I), false, dx, z.I, tf32, stream);
     if (!rows.in_place()) unpack_rows(rows, N, z.T * B, z.I, dx, static_cast<S*>(args.dx.data), stream);
   }
   if (args.dW.present()) {
     const PackedInput<S> x(rows, N, z.I, static_cast<const S*>(args.x.data), stream);
-    gemm<C, S, S>(GH, z.I, N, transpose_of<C>(dax.get(), GH), rows_of(x.get(), z.I), acc,
+    gemm<C, S, S>(GH, z.I, N, transpose_of<C>(d_input, GH), rows_of(x.get(), z.I), acc,
                   static_cast<S*>(args.dW.data), z.I, tf32, stream);
   }
   if (args.dbW.present()) column_sums(N, GH, dax.get(), GH, acc, static_cast<S*>(args.dbW.data), stream);
   if (args.dP.present()) {
-    peephole_grads(batch.steps, rows.on_device(), N, H, options.coupled_gates, dax.get(), GH, cache, c0.get(), acc,
-                   static_cast<S*>(args.dP.data), stream);
+    const int64_t carried = (options.zoneout_cell > 0 ? 5 : 4) * H;  // c_{t-1} as the step received it
+    peephole_grads(batch.steps, rows.on_device(), N, H, options.coupled_gates, dax.get(), GH, cache, z.cw, carried,
+                   c0.get(), acc, static_cast<S*>(args.dP.data), stream);
   }
   if (args.dW_hr.present()) {
-    projection_grad<S, kRelu>(N, H, P, dh_totals.get(), cache, acc, tf32, static_cast<S*>(args.dW_hr.data), stream);
+    projection_grad<S, kRelu>(N, H, P, dh_totals.get(), cache, z.cw, data_or_null<S>(args.gamma_c),
+                              data_or_null<S>(args.beta_c), acc, tf32, static_cast<S*>(args.dW_hr.data), stream);
   }
 
   // dR[row0 : row0 + count] = sum over steps of da_t^T h_{t-1}, where da (leading dimension lda) holds the
@@ -776,30 +950,48 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
     launch("previous_states_kernel", previous_states_kernel<S>, blocks, 256, 0, stream, batch.steps, rows.on_device(),
            N, P, options.variational, masks.all(), h0, y.get(), h_products.get());
   }
-  auto recurrent_weight_grad = [&](int64_t row0, int64_t count, const C* da, int64_t lda) {
-    S* out = static_cast<S*>(args.dR.data) + row0 * P;
+  // Into dR_out (S, or under DropConnect the gradient of R * M in C, which M then turns into dR), added to when
+  // `add`.
+  auto recurrent_weight_grad = [&](auto* dR_out, bool add, int64_t row0, int64_t count, const C* da, int64_t lda) {
+    auto* out = dR_out + row0 * P;
     if (gather_products) {
-      gemm<C, C, S>(count, P, N, transpose_of(da, lda), rows_of<C>(h_products.get(), P), acc, out, P, tf32, stream);
+      gemm(count, P, N, transpose_of(da, lda), rows_of<C>(h_products.get(), P), add, out, P, tf32, stream);
       return;
     }
-    gemm<C, S, S>(count, P, N - B, transpose_of(da + B * lda, lda), rows_of(y.get(), P), acc, out, P, tf32, stream);
-    if (args.h0.present()) {
-      gemm<C, S, S>(count, P, B, transpose_of(da, lda), rows_of(h0, P), true, out, P, tf32, stream);
-    }
+    gemm(count, P, N - B, transpose_of(da + B * lda, lda), rows_of(y.get(), P), add, out, P, tf32, stream);
+    if (args.h0.present()) gemm(count, P, B, transpose_of(da, lda), rows_of(h0, P), true, out, P, tf32, stream);
   };
-  if (args.dR.present()) {
-    if (!gru) {
-      recurrent_weight_grad(0, GH, dax.get(), GH);
+  auto recurrent_weight_grads = [&](auto* dR_out, bool add) {
+    if (layer_norm) {  // every block's product took the gradients of R h before its layer norm
+      recurrent_weight_grad(dR_out, add, 0, GH, d_recurrent.get(), GH);
+    } else if (!gru) {
+      recurrent_weight_grad(dR_out, add, 0, GH, dax.get(), GH);
     } else {
-      recurrent_weight_grad(0, 2 * H, dax.get(), GH);
+      recurrent_weight_grad(dR_out, add, 0, 2 * H, dax.get(), GH);
       if (options.reset_after) {
-        recurrent_weight_grad(2 * H, H, dar_n.get(), H);
+        recurrent_weight_grad(dR_out, add, 2 * H, H, dar_n.get(), H);
       } else {
         // The n block's product read r * h_{t-1}, saved in the cache's fourth column block.
-        gemm<C, S, S>(H, H, N, transpose_of<C>(dax.get() + 2 * H, GH), rows_of(cache + 3 * H, z.cw), acc,
-                      static_cast<S*>(args.dR.data) + 2 * H * H, H, tf32, stream);
+        gemm(H, H, N, transpose_of<C>(dax.get() + 2 * H, GH), rows_of(cache + 3 * H, z.cw), add, dR_out + 2 * H * H,
+             H, tf32, stream);
       }
     }
+  };
+  if (args.dR.present() && options.weight_dropout > 0) {  // DropConnect: the products used R * M
+    Workspace<C> dR_dropped(GH * P, stream);
+    recurrent_weight_grads(dR_dropped.get(), false);
+    dropped_weight_grads<S>(options, GH, P, dR_dropped.get(), acc, static_cast<S*>(args.dR.data), stream);
+  } else if (args.dR.present()) {
+    recurrent_weight_grads(static_cast<S*>(args.dR.data), acc);
+  }
+  const std::pair<const TensorView*, const C*> gain_grads[] = {{&args.dgamma_x, d_gamma_x.get()},
+                                                               {&args.dgamma_h, d_gamma_h.get()},
+                                                               {&args.dgamma_c, d_gamma_c.get()},
+                                                               {&args.dbeta_c, d_beta_c.get()}};
+  for (int k = 0; k < 4; ++k) {  // the gains' gradients: sums over the rows' parts
+    if (!gain_grads[k].first->present()) continue;
+    const int64_t width = k < 2 ? GH : H;
+    column_sums(N, width, gain_grads[k].second, width, acc, static_cast<S*>(gain_grads[k].first->data), stream);
   }
   if (args.dbR.present()) {
     S* dbR = static_cast<S*>(args.dbR.data);

@@ -7,6 +7,12 @@
 // dy, the masks, dh_carry, dh0) and R's rows are P wide, and the cell's arrays H wide. The projection's own
 // products (h_t = m_t W_hr^T, and (dy_t + dh_t) W_hr back) run between the step's kernels (recurrence.cu);
 // without one P = H.
+//
+// Zoneout (h_t = d h_{t-1} + (1 - d) h~_t, the LSTM's c likewise) is part of the epilogues, on both paths; where
+// h~_t is formed after the step's kernel (a projection, layer normalisation's output), the kernel that forms it
+// (regularisers.cu) applies it. Layer normalisation runs on the per-step path only: its row statistics span
+// every unit of a row, so row kernels (regularisers.cu) run between the step's kernels, and the forward's step
+// kernel then takes the normalised recurrent pre-activations instead of forming the product (`recurrent`).
 #pragma once
 
 #include "cells/dropout.h"
@@ -16,6 +22,32 @@
 #include "device.cuh"
 
 namespace conveyor::cuda {
+
+// ---------------------------------------------------------------------------------------------------------
+// Zoneout
+
+// Zoneout's draws (CellOptions::zoneout, zoneout_cell; cells::zoneout_keep): the keep factor d of unit `unit` of
+// packed row b at `step`, drawn as the batch's row order[b]. z = 0: no zoneout of that state.
+struct Zoneout {
+  double h = 0, c = 0;  // z of h and of the LSTM's c
+  bool sample = true;   // training: d is 0 or 1, drawn; evaluation: d = z
+  uint64_t seed = 0, h_stream = 0, c_stream = 0;
+  const int64_t* order = nullptr;  // [B] in device memory, or null: packed row b is row b
+  int64_t step = 0;                // counted in the order the window runs
+
+  __host__ __device__ double keep(double z, uint64_t stream, int64_t b, int64_t unit) const {
+    return cells::zoneout_keep<double>(z, sample, seed, stream, uint64_t(order != nullptr ? order[b] : b),
+                                       uint64_t(unit), uint64_t(step));
+  }
+  __host__ __device__ double keep_h(int64_t b, int64_t unit) const { return keep(h, h_stream, b, unit); }
+  __host__ __device__ double keep_c(int64_t b, int64_t unit) const { return keep(c, c_stream, b, unit); }
+};
+
+// d previous + (1 - d) state: a state after zoneout.
+template <typename C>
+__host__ __device__ __forceinline__ C zone_out(C keep, C previous, C state) {
+  return keep * previous + (C(1) - keep) * state;
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Forward step
@@ -62,7 +94,23 @@ struct ForwardStep {
   C* cell_output;  // [B, H] LSTM with a projection: o * act(c_t), written instead of h_t for W_hr; else null
   S* cache;                            // [B, cache_width * H] or null (inference)
   int64_t cache_stride;                // cache_width * H
+  Zoneout zoneout;                     // of h_t (over P) and the LSTM's c_t
+  // [B, G*H] layer normalisation: every gate's LN(R h_{t-1}; gamma_h), formed before the kernel, which then forms
+  // no product and reads these instead; else null.
+  const C* recurrent;
+  // [B, 2H] the LSTM with layer normalisation: o and the cell's own c_t of each row, written instead of h_t (or
+  // cell_output) for the row kernel that forms o * act(LN(c_t)); else null.
+  C* norm_inputs;
 };
+
+// h~_t after zoneout, for unit j (of P) of row b: d h_{t-1} + (1 - d) h~_t, or h~_t without zoneout.
+template <typename S>
+__device__ __forceinline__ Compute<S> hidden_after_zoneout(const ForwardStep<S>& p, int64_t b, int64_t j,
+                                                           Compute<S> h) {
+  using C = Compute<S>;
+  if (p.zoneout.h == 0) return h;
+  return zone_out(C(p.zoneout.keep_h(b, j)), convert<C>(p.h_prev[b * p.output_size + j]), h);
+}
 
 // c_t rounded to S for the cache, on the same side of the clip bound as c_t itself. The backward
 // (cells::lstm_backward) stops the gradient where the cached |c_t| >= cell_clip; rounded to nearest, a c_t
@@ -110,14 +158,20 @@ __device__ __forceinline__ void forward_epilogue(const ForwardStep<S>& p, int64_
     const cells::Peephole<C> peephole =
         p.P != nullptr ? cells::Peephole<C>{convert<C>(p.P[j]), convert<C>(p.P[H + j]), convert<C>(p.P[2 * H + j])}
                        : cells::Peephole<C>{C(0), C(0), C(0)};
+    const C c_prev = p.cell_state[unit];
     const auto s = cells::lstm_forward(opt, a_i, input(kF) + (product[kF] + recurrent_bias(kF)),
                                        input(kG) + (product[kG] + recurrent_bias(kG)),
-                                       input(kO) + (product[kO] + recurrent_bias(kO)), p.cell_state[unit], peephole);
-    p.cell_state[unit] = s.c;
-    if (p.cell_output != nullptr) {
+                                       input(kO) + (product[kO] + recurrent_bias(kO)), c_prev, peephole);
+    // The state handed on: c_t, or with zoneout_cell d c_{t-1} + (1 - d) c_t.
+    const C c_carried = p.zoneout.c > 0 ? zone_out(C(p.zoneout.keep_c(b, j)), c_prev, s.c) : s.c;
+    p.cell_state[unit] = c_carried;
+    if (p.norm_inputs != nullptr) {
+      p.norm_inputs[b * 2 * H + j] = s.o;
+      p.norm_inputs[b * 2 * H + H + j] = s.c;
+    } else if (p.cell_output != nullptr) {
       p.cell_output[unit] = s.h;  // kept in C: the projection's product rounds once, to h_t
     } else {
-      p.h[unit] = convert<S>(s.h);
+      p.h[unit] = convert<S>(hidden_after_zoneout(p, b, j, s.h));
     }
     if (cache != nullptr) {
       cache[j] = convert<S>(s.i);
@@ -125,13 +179,14 @@ __device__ __forceinline__ void forward_epilogue(const ForwardStep<S>& p, int64_
       cache[2 * H + j] = convert<S>(s.g);
       cache[3 * H + j] = convert<S>(s.o);
       cache[4 * H + j] = cell_state_for_cache<S>(s.c, opt.cell_clip);
+      if (p.zoneout.c > 0) cache[5 * H + j] = convert<S>(c_carried);
     }
   } else if constexpr (kEpilogue == ForwardEpilogue::gru_reset_after) {
     const C r = cells::sigmoid(input(0) + (product[0] + recurrent_bias(0)));
     const C z = cells::sigmoid(input(1) + (product[1] + recurrent_bias(1)));
     const C ar_n = product[2] + recurrent_bias(2);
     const C n = cells::gru_candidate_reset_after(kRelu, input(2), r, ar_n);
-    p.h[unit] = convert<S>(cells::gru_output(z, n, convert<C>(p.h_prev[unit])));
+    p.h[unit] = convert<S>(hidden_after_zoneout(p, b, j, cells::gru_output(z, n, convert<C>(p.h_prev[unit]))));
     if (cache != nullptr) {
       cache[j] = convert<S>(r);
       cache[H + j] = convert<S>(z);
@@ -152,7 +207,8 @@ __device__ __forceinline__ void forward_epilogue(const ForwardStep<S>& p, int64_
     }
   } else if constexpr (kEpilogue == ForwardEpilogue::gru_reset_before_output) {
     const C n = cells::gru_candidate_reset_before(kRelu, input(2), product[0] + recurrent_bias(2));
-    p.h[unit] = convert<S>(cells::gru_output(p.update_gate[unit], n, convert<C>(p.h_prev[unit])));
+    p.h[unit] = convert<S>(
+        hidden_after_zoneout(p, b, j, cells::gru_output(p.update_gate[unit], n, convert<C>(p.h_prev[unit]))));
     if (cache != nullptr) cache[2 * H + j] = convert<S>(n);
   } else {
     p.h[unit] = convert<S>(cells::rnn_forward(kRelu, input(0) + (product[0] + recurrent_bias(0))));
@@ -212,6 +268,9 @@ struct BackwardStep {
   // [B, H] LSTM with a projection: (dy_t + dh_t) W_hr, the gradient reaching m_t = o * act(c_t). The LSTM
   // epilogue then takes it as its whole dh: no product, and dy_t and dh_carry went into dh_total. Else null.
   const C* d_cell_output;
+  // Zoneout: of the gradient reaching h_t (c_t), the part d * (.) goes straight on to h_{t-1} (c_{t-1}) in dh_carry
+  // (dc), and the cell's backward (or the projection's) takes (1 - d) * (.).
+  Zoneout zoneout;
 };
 
 // The units an epilogue runs over: h's for the gradients of h itself, else the cell's.
@@ -231,8 +290,15 @@ __device__ __forceinline__ void backward_epilogue(const BackwardStep<S>& p, int6
     p.dh0[unit] = convert<S>(product + p.dh_carry[unit]);
     return;
   } else if constexpr (kEpilogue == BackwardEpilogue::projection) {
-    p.dh_total[unit] = product + p.dh_carry[unit] + convert<C>(p.dy[unit]);
-    p.dh_carry[unit] = C(0);
+    const C total = product + p.dh_carry[unit] + convert<C>(p.dy[unit]);
+    if (p.zoneout.h > 0) {
+      const C keep = C(p.zoneout.keep_h(b, j));
+      p.dh_total[unit] = (C(1) - keep) * total;
+      p.dh_carry[unit] = keep * total;
+    } else {
+      p.dh_total[unit] = total;
+      p.dh_carry[unit] = C(0);
+    }
     return;
   } else if constexpr (kEpilogue == BackwardEpilogue::gru_reset_before_reset) {
     const C r = convert<C>(p.cache[b * p.cache_stride + j]);
@@ -243,7 +309,13 @@ __device__ __forceinline__ void backward_epilogue(const BackwardStep<S>& p, int6
     return;
   } else {
     const bool projected = kEpilogue == BackwardEpilogue::lstm && p.d_cell_output != nullptr;
-    const C dh = projected ? p.d_cell_output[unit] : product + p.dh_carry[unit] + convert<C>(p.dy[unit]);
+    C dh = projected ? p.d_cell_output[unit] : product + p.dh_carry[unit] + convert<C>(p.dy[unit]);
+    C dh_kept = C(0);  // zoneout's part of dh, for dh_{t-1}
+    if (!projected && p.zoneout.h > 0) {
+      const C keep = C(p.zoneout.keep_h(b, j));
+      dh_kept = keep * dh;
+      dh = (C(1) - keep) * dh;
+    }
     const S* saved = p.cache + b * p.cache_stride;
     C* dax = p.dax + b * p.gate_stride;
     if constexpr (kEpilogue == BackwardEpilogue::lstm) {
@@ -253,16 +325,22 @@ __device__ __forceinline__ void backward_epilogue(const BackwardStep<S>& p, int6
           p.P != nullptr ? cells::Peephole<C>{convert<C>(p.P[j]), convert<C>(p.P[H + j]), convert<C>(p.P[2 * H + j])}
                          : cells::Peephole<C>{C(0), C(0), C(0)};
       const C c_prev = p.c_prev != nullptr ? convert<C>(p.c_prev[b * p.cache_stride + j]) : p.c0[unit];
+      C dc = p.dc[unit], dc_kept = C(0);
+      if (p.zoneout.c > 0) {
+        const C keep = C(p.zoneout.keep_c(b, j));
+        dc_kept = keep * dc;
+        dc = (C(1) - keep) * dc;
+      }
       const auto d = cells::lstm_backward(opt, convert<C>(saved[j]), convert<C>(saved[H + j]),
                                           convert<C>(saved[2 * H + j]), convert<C>(saved[3 * H + j]),
-                                          convert<C>(saved[4 * H + j]), c_prev, dh, p.dc[unit], peephole);
+                                          convert<C>(saved[4 * H + j]), c_prev, dh, dc, peephole);
       const cells::LstmBlocks blocks = cells::lstm_blocks(opt.coupled);
       if (!opt.coupled) dax[j] = d.da_i;
       dax[blocks.f * H + j] = d.da_f;
       dax[blocks.g * H + j] = d.da_g;
       dax[blocks.o * H + j] = d.da_o;
-      p.dc[unit] = d.dc_prev;
-      if (!projected) p.dh_carry[unit] = C(0);  // with a projection, dh_carry is P wide and spent already
+      p.dc[unit] = p.zoneout.c > 0 ? d.dc_prev + dc_kept : d.dc_prev;
+      if (!projected) p.dh_carry[unit] = dh_kept;  // with a projection, dh_carry is P wide and spent already
     } else if constexpr (kEpilogue == BackwardEpilogue::gru_reset_after) {
       const auto d = cells::gru_backward_reset_after(kRelu, convert<C>(saved[j]), convert<C>(saved[H + j]),
                                                      convert<C>(saved[2 * H + j]), convert<C>(saved[3 * H + j]),
@@ -271,13 +349,13 @@ __device__ __forceinline__ void backward_epilogue(const BackwardStep<S>& p, int6
       dax[H + j] = d.da_z;
       dax[2 * H + j] = d.dax_n;
       p.dar_n[unit] = d.dar_n;
-      p.dh_carry[unit] = d.dh_prev;
+      p.dh_carry[unit] = p.zoneout.h > 0 ? d.dh_prev + dh_kept : d.dh_prev;
     } else if constexpr (kEpilogue == BackwardEpilogue::gru_reset_before_update) {
       const auto d = cells::gru_backward_reset_before(kRelu, convert<C>(saved[H + j]), convert<C>(saved[2 * H + j]),
                                                       convert<C>(p.h_prev[unit]), dh);
       dax[H + j] = d.da_z;
       dax[2 * H + j] = d.dax_n;
-      p.dh_carry[unit] = d.dh_prev;
+      p.dh_carry[unit] = p.zoneout.h > 0 ? d.dh_prev + dh_kept : d.dh_prev;
     } else {
       dax[j] = cells::rnn_backward(kRelu, convert<C>(p.h[unit]), dh);
       p.dh_carry[unit] = C(0);
@@ -340,12 +418,27 @@ struct ForwardWindow {
   const C* masks;            // [T or 1, B, P] recurrent dropout masks, or null
   bool variational;          // one mask for every step
   const S* W_hr;             // [P, H] the LSTM's projection, or null (the per-step path's host code reads it)
+  // Layer normalisation, on the per-step path (else null): the gains the row kernels take (gamma_x's norm ran
+  // before the steps), and one step's scratch: every gate's R h_{t-1} [B, G*H], normalised in place
+  // (base.recurrent points at it), and under recurrent dropout m_t * h_{t-1} [B, P], the product's input.
+  const S* gamma_h;
+  const S* gamma_c;
+  const S* beta_c;
+  C* recurrent;
+  C* masked_hidden;
+  // R in the compute type, for that product under recurrent dropout when S is a 16-bit type (its product with a
+  // float m_t * h_{t-1} then runs in float, as the step kernels' does; gemm.cuh would round m_t * h_{t-1} to 16
+  // bits or TF32 for a 16-bit R); else null.
+  const C* R_compute;
+  // Zoneout with a projection (else null): one step's m_t W_hr^T [B, P], which zoneout then mixes with h_{t-1}.
+  C* projected;
 
   // Step t's arguments, for the product over h_{t-1} (for the GRU with reset_before, the r and z gates').
   __host__ __device__ ForwardStep<S> step(int64_t t) const {
     ForwardStep<S> p = base;
     const int64_t P = base.output_size, first = rows.first(t);
     p.batch = rows.count(t);
+    p.zoneout.step = t;
     p.h_prev = t == 0 ? h0 : y + rows.first(t - 1) * P;
     p.h_in = p.h_prev;
     p.mask = recurrent_mask_at(masks, variational, rows, t, P);
@@ -385,6 +478,16 @@ struct BackwardWindow {
   const S* W_hr;
   C* dh_totals;
   C* d_cell_output;
+  // Layer normalisation, on the per-step path (else null): the gains; every step's gradient of R h_{t-1} before its
+  // norm [T, B, G*H], which the products with R (and dR) take; and each row's parts of the gains' gradients, of
+  // gamma_h [T, B, G*H], gamma_c and beta_c [T, B, H] (null where not wanted).
+  const S* gamma_h;
+  const S* gamma_c;
+  const S* beta_c;
+  C* d_recurrent;
+  C* d_gamma_h;
+  C* d_gamma_c;
+  C* d_beta_c;
 
   __host__ __device__ const C* mask(int64_t t) const {
     return recurrent_mask_at(masks, variational, rows, t, base.output_size);
@@ -402,6 +505,11 @@ struct BackwardWindow {
     p.a_second_ld = H;
     p.K_first = gru ? 2 * H : GH;
     p.K = gru && !reset_after ? 2 * H : GH;
+    if (d_recurrent != nullptr) {  // layer normalisation: every gate's gradient before the norm
+      p.a_first = d_recurrent + first * GH;
+      p.a_second = nullptr;
+      p.K_first = p.K = GH;
+    }
   }
 
   // Step t's arguments (for the GRU with reset_before, the phase of every gradient but r's).
@@ -409,6 +517,7 @@ struct BackwardWindow {
     BackwardStep<S> p = base;
     const int64_t H = base.hidden, P = base.output_size, first = rows.first(t);
     p.batch = rows.count(t);
+    p.zoneout.step = t;
     p.step_mask = mask(t);
     if (t == steps - 1) {
       p.K = 0;
@@ -422,7 +531,9 @@ struct BackwardWindow {
     p.h = y + first * P;
     p.h_prev = t == 0 ? h0 : y + rows.first(t - 1) * P;
     p.dh_total = dh_totals != nullptr ? dh_totals + first * P : nullptr;
-    if (lstm) p.c_prev = t == 0 ? nullptr : cache + rows.first(t - 1) * base.cache_stride + 4 * H;  // null: c0
+    // c_{t-1} as step t - 1 handed it on: c_t, or after zoneout (the cache's sixth column); null: c0.
+    const int64_t carried = (base.zoneout.c > 0 ? 5 : 4) * H;
+    if (lstm) p.c_prev = t == 0 ? nullptr : cache + rows.first(t - 1) * base.cache_stride + carried;
     p.dax = dax + first * base.gate_stride;
     p.dar_n = gru && reset_after ? dar_n + first * H : nullptr;
     return p;

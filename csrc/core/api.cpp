@@ -276,13 +276,6 @@ void check_dtype_supported(const TensorView& x) {
 }
 
 void check_device_supported(const TensorView& x, const CellOptions& options) {
-  if (x.device.kind == DeviceKind::cuda && (options.weight_dropout > 0 || options.zoneout > 0 ||
-                                            options.zoneout_cell > 0 || options.layer_norm)) {
-    throw ArgumentError(std::string(options.weight_dropout > 0 ? "weight_dropout"
-                                    : options.layer_norm       ? "layer_norm"
-                                                               : "zoneout") +
-                        ": not in the CUDA backend yet (run the window on the CPU)");
-  }
   if (x.device.kind == DeviceKind::cpu && options.algorithm != Algorithm::automatic) {
     throw ArgumentError(std::string("algorithm: '") + algorithm_name(options.algorithm) +
                         "' is an algorithm of the CUDA backend, but x is on the CPU (expected 'auto')");

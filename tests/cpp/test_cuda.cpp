@@ -1,6 +1,7 @@
 // Checks the CUDA backend through the public C++ API: device pointers and a cudaStream_t in, results equal
 // (float64, within the reference tolerance) to the CPU backend's, for every cell, with outputs poisoned with
-// NaN before each call and accumulate = true adding to what the parameter gradients held. Built only with the
+// NaN before each call and accumulate = true adding to what the parameter gradients held; and with DropConnect
+// and zoneout, whose dR (M times the gradient of R * M) is added to what dR held. Built only with the
 // CUDA backend. Without a CUDA device the device-independent checks still run (mixed devices are refused
 // before anything touches a GPU) and the rest is skipped (exit code 77, which ctest reports as skipped).
 #include <conveyor/conveyor.h>
@@ -62,14 +63,14 @@ void compare_backends(const char* what, CellOptions options, Algorithm algorithm
   const Vec x = random(T * B * I, gen, 1), W = random(GH * I, gen, w), R = random(GH * H, gen, w);
   const Vec bW = random(GH, gen, w), bR = random(GH, gen, w), h0 = random(B * H, gen, 0.5);
   const Vec c0 = random(B * H, gen, 0.5), dy = random(T * B * H, gen, 1), dh_T = random(B * H, gen, 1);
-  const Vec dc_T = random(B * H, gen, 1), dW_before = random(GH * I, gen, 1);
+  const Vec dc_T = random(B * H, gen, 1), dW_before = random(GH * I, gen, 1), dR_before = random(GH * H, gen, 1);
 
   // Host and device copies of everything, outputs poisoned.
   struct Arrays {
     Vec y, h_T, c_T, cache, dx, dh0, dc0, dW, dR, dbW, dbR;
   };
   Arrays cpu{poisoned(T * B * H), poisoned(B * H), poisoned(B * H), poisoned(T * B * cw), poisoned(T * B * I),
-             poisoned(B * H),     poisoned(B * H), dW_before,       poisoned(GH * H),     poisoned(GH),
+             poisoned(B * H),     poisoned(B * H), dW_before,       dR_before,            poisoned(GH),
              poisoned(GH)};
   const Device host{}, gpu{DeviceKind::cuda, 0};
   DeviceArray dx_(x), dW_(W), dR_(R), dbW_(bW), dbR_(bR), dh0_(h0), dc0_(c0), ddy(dy), ddh_T(dh_T), ddc_T(dc_T);
@@ -111,13 +112,12 @@ void compare_backends(const char* what, CellOptions options, Algorithm algorithm
     b.dbW = on(out(cpu.dbW, gdbW), {GH}, d);
     b.dbR = on(out(cpu.dbR, gdbR), {GH}, d);
     b.accumulate = true;
-    // accumulate adds to dW (which starts as dW_before on both backends); the others must be written first.
+    // accumulate adds to dW and dR (which start as dW_before and dR_before on both backends); the others must
+    // be written first.
     if (!on_gpu) {
-      cpu.dR.assign(GH * H, 0.0);
       cpu.dbW.assign(GH, 0.0);
       cpu.dbR.assign(GH, 0.0);
     } else {
-      cuda_ok(cudaMemset(gdR.get(), 0, sizeof(double) * GH * H), "cudaMemset");
       cuda_ok(cudaMemset(gdbW.get(), 0, sizeof(double) * GH), "cudaMemset");
       cuda_ok(cudaMemset(gdbR.get(), 0, sizeof(double) * GH), "cudaMemset");
     }
@@ -133,7 +133,7 @@ void compare_backends(const char* what, CellOptions options, Algorithm algorithm
   check_close(what, "dh0", gdh0.to_host(), cpu.dh0);
   if (lstm) check_close(what, "dc0", gdc0.to_host(), cpu.dc0);
   check_close(what, "dW (accumulated)", gdW.to_host(), cpu.dW);
-  check_close(what, "dR", gdR.to_host(), cpu.dR);
+  check_close(what, "dR (accumulated)", gdR.to_host(), cpu.dR);
   check_close(what, "dbW", gdbW.to_host(), cpu.dbW);
   check_close(what, "dbR", gdbR.to_host(), cpu.dbR);
 }
@@ -169,8 +169,22 @@ int main() {
     const char* name;
     CellOptions options;
   };
+  // DropConnect and zoneout (sampled), on the options of a case.
+  auto regularised = [](CellOptions options) {
+    options.weight_dropout = 0.3;
+    options.weight_dropout_stream = 5;
+    options.dropout_seed = 11;
+    if (options.cell != CellType::rnn) options.zoneout = 0.2;
+    if (options.cell == CellType::lstm) options.zoneout_cell = 0.25;
+    options.zoneout_stream = 6;
+    options.zoneout_cell_stream = 7;
+    return options;
+  };
   const Case cases[] = {
       {"lstm", {CellType::lstm, Activation::tanh, true}},
+      {"lstm dropconnect zoneout", regularised({CellType::lstm, Activation::tanh, true})},
+      {"gru reset_before dropconnect zoneout", regularised({CellType::gru, Activation::tanh, false})},
+      {"rnn dropconnect", regularised({CellType::rnn, Activation::relu, true})},
       {"lstm relu", {CellType::lstm, Activation::relu, true}},
       {"gru reset_after", {CellType::gru, Activation::tanh, true}},
       {"gru reset_before", {CellType::gru, Activation::tanh, false}},

@@ -120,7 +120,8 @@ enum class Activation : int { tanh = 0, relu = 1 };
 // reset_after = false), for any size. persistent: one cooperative launch for the whole window, each block
 // keeping its slice of R on chip for all T steps and the grid synchronising once per step (twice for that
 // GRU); it needs the slices to fit in shared memory and the blocks to be co-resident on the device, and runs
-// no projection (W_hr): a window with one runs per_step. automatic: persistent wherever it can run and B <= 32
+// no projection (W_hr) and no layer normalisation (layer_norm): a window with either runs per_step (DropConnect and
+// zoneout run on both). automatic: persistent wherever it can run and B <= 32
 // (where it was measured faster, on an H200), per_step elsewhere. The CPU backend has one algorithm: it takes
 // automatic and refuses the others.
 enum class Algorithm : int { automatic = 0, per_step = 1, persistent = 2 };
@@ -169,7 +170,7 @@ struct CellOptions {
   // a = LN(W x_t; gamma_x) + bW + LN(R h_{t-1}; gamma_h) + bR, LN(v; gamma, beta) = gamma * (v - mean(v)) /
   // sqrt(var(v) + 1e-5) + beta over the G*H entries of a row; the LSTM's output is o * act(LN(c_t; gamma_c,
   // beta_c)) (its peepholes and c_T see the raw c_t). The gains are ForwardArgs' gamma_x, gamma_h (and the
-  // LSTM's gamma_c, beta_c).
+  // LSTM's gamma_c, beta_c). The CUDA backend runs it on its per_step algorithm only (see Algorithm).
   bool layer_norm = false;
   bool zoneout_sample = true;
   uint64_t zoneout_stream = 0;
