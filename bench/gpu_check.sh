@@ -2,8 +2,8 @@
 # Everything a lent GPU machine has to check for the CUDA backend, as one prepared command. Run from the
 # repository root on the GPU machine (16 cores, an H100 or H200, no network: the build uses the installed
 # pybind11, scikit-build-core and CMake). Results go to OUT_DIR (the second argument, else $OUT): at most
-# five files, summary.txt, bench.md, ncu.txt, ncu.ncu-rep and logs.tar.gz (every log; the speed stage adds
-# speed.md and speed.png). The last lines printed are the summary; the exit code is 0 only when every stage
+# six files, summary.txt, bench.md, regularisers.md, ncu.txt, ncu.ncu-rep and logs.tar.gz (every log; the
+# speed stage adds speed.md and speed.png). The last lines printed are the summary; the exit code is 0 only when every stage
 # that should have run ran and passed.
 #
 #   bash bench/gpu_check.sh all OUT_DIR   about 7-8 minutes on an H100, at most CONVEYOR_GPU_CHECK_SECONDS
@@ -27,6 +27,8 @@
 #              bench.md as they are measured, so a timeout keeps them
 #   e ncu      Nsight Compute (--set full) on one forward_persistent_kernel and one backward_persistent_kernel
 #              (LSTM, H=768, B=16, T=64, float32): the report and its details page as text
+#   f regularisers  bench/regularisers.py cost --device cuda: layer norm, zoneout and DropConnect against the
+#              plain cell, forward + backward (with what time is left, last)
 #   speed      bench/speed.py, the full grid of issue 7 (not part of all: it takes far longer)
 #
 # CONVEYOR_GPU_CHECK_EMULATED=1 rehearses the script on a CPU machine: no GPU or nvidia-smi is needed, the
@@ -107,10 +109,10 @@ skip_rest() {
   local why=$1 rest=()
   shift
   case "$stage" in
-    all) rest=(b-test c-sanitize d-bench e-ncu) ;;
+    all) rest=(b-test c-sanitize d-bench e-ncu f-regularisers) ;;
     test) rest=(b-test) ;;
     sanitize) rest=(c-sanitize) ;;
-    bench) rest=(d-bench) ;;
+    bench) rest=(d-bench f-regularisers) ;;
     ncu) rest=(e-ncu) ;;
     speed) rest=(speed) ;;
   esac
@@ -313,6 +315,11 @@ ncu_profile() {
   fi
 }
 
+regularisers_cost() {
+  run f-regularisers 45 'needs|Error|error|^\| (lstm|gru) ' env PYTHONUNBUFFERED=1 "$python" bench/regularisers.py \
+    cost --device cuda --repeats 5 --out "$out/regularisers.md"
+}
+
 speed() {
   run speed 540 'Note|FlashRNN' env PYTHONUNBUFFERED=1 "$python" bench/speed.py --algorithm per_step,persistent \
     --out "$out/speed.md" --plot "$out/speed.png"
@@ -330,10 +337,14 @@ case "$stage" in
     correctness
     bench
     ncu_profile
+    regularisers_cost
     ;;
   test) correctness ;;
   sanitize) sanitize_only ;;
-  bench) bench ;;
+  bench)
+    bench
+    regularisers_cost
+    ;;
   ncu) ncu_profile ;;
   speed) speed ;;
 esac

@@ -2,6 +2,7 @@
 
     python bench/regularisers.py cost [--repeats 9] [--threads 1] [--device cpu] --out FILE
     python bench/regularisers.py ptb --data DIR [--epochs 4] --out DIR
+    python bench/regularisers.py ptb --data DIR --train-fraction 0.1 --hidden 256 --epochs 12 --out DIR
 
 ``cost``: forward + backward of one window through the functional API with each option against the plain cell
 (LSTM and GRU, T=64, B=32, I=H=256 and H=512), repetitions interleaved so that the machine's drift falls on
@@ -12,8 +13,11 @@ norm, 1.1 for zoneout and DropConnect.
 
 ``ptb``: the small word-level model of "Deep Learning from Scratch 2" (chapter 6: one LSTM layer of 100 units,
 embedding 100, T=35, batch 20, SGD lr 20, clip 0.25) trained with ``conveyor train`` for the same number of
-epochs with and without variational dropout + weight drop (AWD-LSTM's pair), validation and test perplexity
-side by side. Each run's output goes to DIR/<name>.txt and the table to DIR/table.md as the runs finish.
+epochs with and without variational dropout + weight drop (AWD-LSTM's pair), and with layer norm and zoneout
+beside them, validation and test perplexity side by side. ``--train-fraction`` trains on the first part of
+the training text only (the same validation and test text), where a wider model overfits within a few epochs
+and the regularisers have something to do. Each run's output goes to DIR/<name>.txt and the table to
+DIR/table.md as the runs finish.
 """
 
 from __future__ import annotations
@@ -88,6 +92,11 @@ def cost(args) -> int:
     if args.device == "cuda":
         import torch
 
+        from conveyor import _conveyor
+
+        if not torch.cuda.is_available() or not conveyor.cuda_built() or _conveyor.cuda_emulated():
+            sys.exit("bench/regularisers.py cost --device cuda needs a GPU, PyTorch with CUDA and Conveyor's "
+                     "CUDA backend built for it (not emulated)")
         machine = f"{torch.cuda.get_device_name()} (the functional API on PyTorch CUDA tensors)"
     lines = [f"# Regularisers' cost: forward + backward of one window, {args.device}",
              "", f"Machine: {machine}; float32; medians of {args.repeats} interleaved repetitions.",
@@ -118,23 +127,53 @@ def cost(args) -> int:
 
 
 # The epochs bound a run (--max-steps lifts the lm task's default of 300 steps).
-PTB = ["--level", "word", "--layers", "1", "--hidden", "100", "--embedding", "100", "--bptt", "35",
-       "--batch", "20", "--optimizer", "sgd", "--lr", "20", "--clip", "0.25", "--print-every", "500",
-       "--sample", "0", "--max-steps", "1000000"]
-RUNS = [("plain", []),
-        ("variational dropout 0.3 + weight drop 0.3",
-         ["--dropout", "0.3", "--variational", "--weight-dropout", "0.3"])]
+PTB = ["--level", "word", "--layers", "1", "--bptt", "35", "--batch", "20", "--optimizer", "sgd", "--lr",
+       "20", "--clip", "0.25", "--print-every", "500", "--sample", "0", "--max-steps", "1000000"]
+
+
+def runs(p):
+    awd = ["--dropout", str(p), "--variational", "--weight-dropout", str(p)]
+    return [("plain", []),
+            (f"variational dropout {p} + weight drop {p}", awd),
+            ("the same + layer norm + zoneout 0.1",
+             awd + ["--layer-norm", "--zoneout", "0.1", "--zoneout-cell", "0.1"])]
+
+
+def training_subset(data, fraction, folder) -> str:
+    """A PTB folder whose training text is the first `fraction` of the lines of DIR's (validation and test
+    whole), for the overfitting runs; written under `folder`, outside the repository."""
+    import gzip
+    import shutil
+
+    os.makedirs(folder, exist_ok=True)
+    train = os.path.join(data, "ptb.train.txt")
+    opener = (lambda: gzip.open(train + ".gz", "rt")) if not os.path.exists(train) else (lambda: open(train))
+    with opener() as f:
+        lines = f.readlines()
+    with open(os.path.join(folder, "ptb.train.txt"), "w") as f:
+        f.writelines(lines[:int(len(lines) * fraction)])
+    for split in ("valid", "test"):
+        shutil.copy(os.path.join(data, f"ptb.{split}.txt"), folder)
+    return folder
 
 
 def ptb(args) -> int:
     os.makedirs(args.out, exist_ok=True)
+    data = args.data
+    if args.train_fraction < 1:
+        import tempfile
+
+        data = training_subset(args.data, args.train_fraction, tempfile.mkdtemp(prefix="conveyor-ptb-"))
+    model = ["--hidden", str(args.hidden), "--embedding", str(args.hidden)]
     rows = []
-    for name, flags in RUNS:
-        command = [sys.executable, "-m", "conveyor", "train", "--data", args.data, *PTB, "--epochs",
+    for name, flags in runs(args.dropout):
+        command = [sys.executable, "-m", "conveyor", "train", "--data", data, *PTB, *model, "--epochs",
                    str(args.epochs), *flags]
         start = time.time()
         out = subprocess.run(command, capture_output=True, text=True)
         shown = " ".join(["conveyor", "train", "--data", "ptb", *command[6:]])
+        if args.train_fraction < 1:
+            shown += f"  # training text: the first {args.train_fraction:.0%} of ptb.train.txt's lines"
         text = f"$ {shown}\n{out.stdout}{out.stderr}"
         slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
         with open(os.path.join(args.out, f"{slug}.txt"), "w") as f:
@@ -149,9 +188,12 @@ def ptb(args) -> int:
         print(rows[-1], flush=True)
         with open(os.path.join(args.out, "table.md"), "w") as f:
             f.write("\n".join([
-                f"# PTB word level, the small model of DLFS2 chapter 6, {args.epochs} epochs, CPU",
+                f"# PTB word level, one LSTM layer of {args.hidden} units, {args.epochs} epochs, CPU"
+                + ("" if args.train_fraction == 1 else
+                   f", trained on the first {args.train_fraction:.0%} of the training text"),
                 "", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores. Common "
-                f"flags: `{' '.join(PTB)} --epochs {args.epochs}`; the whole outputs are beside this file.",
+                f"flags: `{' '.join(PTB + model)} --epochs {args.epochs}`; the whole outputs are beside this "
+                "file.",
                 "", "| run | flags | validation perplexity (last) | test perplexity | time |",
                 "| --- | --- | --- | --- | --- |", *rows, ""]))
     return 0
@@ -168,6 +210,9 @@ def main() -> int:
     p = sub.add_parser("ptb")
     p.add_argument("--data", required=True)
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=100, help="units (and embedding size); default 100 (DLFS2)")
+    p.add_argument("--dropout", type=float, default=0.3, help="of the regularised runs (both kinds)")
+    p.add_argument("--train-fraction", type=float, default=1.0)
     p.add_argument("--out", required=True)
     args = parser.parse_args()
     return cost(args) if args.what == "cost" else ptb(args)
