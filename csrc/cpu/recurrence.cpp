@@ -369,16 +369,23 @@ void lstm_switch(const cells::LstmOptions<T>& opt, bool coupled, const Fn& fn) {
   });
 }
 
+// The options with lstm_switch's compile-time constants in them, for the row loops below.
+template <bool kRelu, bool kCoupled, bool kPeephole, bool kClip, typename T>
+cells::LstmOptions<T> fixed_options(cells::LstmOptions<T> opt) {
+  opt.relu = kRelu;
+  opt.coupled = kCoupled;
+  opt.peephole = kPeephole;
+  if (!kClip) opt.cell_clip = T(0);
+  return opt;
+}
+
 // P: [3, H] peephole weights (zeros without peephole).
 template <typename T, bool kRelu, bool kCoupled, bool kPeephole, bool kClip>
 void lstm_forward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict P, const T* __restrict ax,
                       const T* __restrict ar, const T* __restrict bR, T* __restrict c, T* __restrict h,
                       T* __restrict saved) {
   using K = Blocks<kCoupled>;
-  opt.relu = kRelu;
-  opt.coupled = kCoupled;
-  opt.peephole = kPeephole;
-  if (!kClip) opt.cell_clip = T(0);
+  opt = fixed_options<kRelu, kCoupled, kPeephole, kClip>(opt);
   for (int64_t j = 0; j < H; ++j) {
     const T a_i = kCoupled ? T(0) : ax[j] + ar[j] + bR[j];
     const auto s = cells::lstm_forward(opt, a_i, ax[K::f * H + j] + ar[K::f * H + j] + bR[K::f * H + j],
@@ -450,10 +457,7 @@ void lstm_backward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict
                        const T* __restrict c_prev, const T* __restrict dy, const T* __restrict dh, T* __restrict dc,
                        T* __restrict da) {
   using K = Blocks<kCoupled>;
-  opt.relu = kRelu;
-  opt.coupled = kCoupled;
-  opt.peephole = kPeephole;
-  if (!kClip) opt.cell_clip = T(0);
+  opt = fixed_options<kRelu, kCoupled, kPeephole, kClip>(opt);
   for (int64_t j = 0; j < H; ++j) {
     const auto d = cells::lstm_backward(opt, saved[j], saved[H + j], saved[2 * H + j], saved[3 * H + j],
                                         saved[4 * H + j], c_prev[j], dh[j] + dy[j], dc[j],
@@ -475,10 +479,7 @@ void lstm_layer_norm_backward_row(int64_t H, cells::LstmOptions<T> opt, const T*
                                   T* __restrict dc, T* __restrict da, T* __restrict d_gamma_c,
                                   T* __restrict d_beta_c) {
   using K = Blocks<kCoupled>;
-  opt.relu = kRelu;
-  opt.coupled = kCoupled;
-  opt.peephole = kPeephole;
-  if (!kClip) opt.cell_clip = T(0);
+  opt = fixed_options<kRelu, kCoupled, kPeephole, kClip>(opt);
   const T* o = saved + 3 * H;
   const T* c = saved + 4 * H;
   const RowStatistics s = row_statistics(H, c);
