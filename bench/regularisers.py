@@ -139,6 +139,23 @@ def runs(p):
              awd + ["--layer-norm", "--zoneout", "0.1", "--zoneout-cell", "0.1"])]
 
 
+TABLE_HEAD = ("| run | flags | validation perplexity, best (step) | validation perplexity, last | "
+              "test perplexity (last) | time |")
+
+
+def table_row(name, flags, output, seconds) -> str:
+    """A run's row from its output: the best validation seen (the step where early stopping would keep the
+    model), the last one, and the test perplexity of the last model."""
+    valid = [(float(p), int(step)) for step, p in re.findall(r"step (\d+): validation [0-9.]+ \(perplexity "
+                                                              r"([0-9.]+)\)", output)]
+    last = re.findall(r"validation [0-9.]+ \(perplexity ([0-9.]+)\)", output)[-1]
+    best = min(valid + [(float(last), 0)])
+    test = re.search(r"^test [0-9.]+ \(perplexity ([0-9.]+)\)", output, re.M).group(1)
+    step = f"step {best[1]}" if best[1] else "end"
+    return (f"| {name} | `{' '.join(flags) or '-'}` | {best[0]:.2f} ({step}) | {last} | **{test}** | "
+            f"{seconds:.0f} s |")
+
+
 def training_subset(data, fraction, folder) -> str:
     """A PTB folder whose training text is the first `fraction` of the lines of DIR's (validation and test
     whole), for the overfitting runs; written under `folder`, outside the repository."""
@@ -181,10 +198,7 @@ def ptb(args) -> int:
         if out.returncode != 0:
             print(text, file=sys.stderr)
             return 1
-        valid = re.findall(r"validation [0-9.]+ \(perplexity ([0-9.]+)\)", out.stdout)[-1]
-        test = re.search(r"^test [0-9.]+ \(perplexity ([0-9.]+)\)", out.stdout, re.M).group(1)
-        rows.append(f"| {name} | `{' '.join(flags) or '-'}` | {valid} | **{test}** | "
-                    f"{time.time() - start:.0f} s |")
+        rows.append(table_row(name, flags, out.stdout, time.time() - start))
         print(rows[-1], flush=True)
         with open(os.path.join(args.out, "table.md"), "w") as f:
             f.write("\n".join([
@@ -194,8 +208,7 @@ def ptb(args) -> int:
                 "", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores. Common "
                 f"flags: `{' '.join(PTB + model)} --epochs {args.epochs}`; the whole outputs are beside this "
                 "file.",
-                "", "| run | flags | validation perplexity (last) | test perplexity | time |",
-                "| --- | --- | --- | --- | --- |", *rows, ""]))
+                "", TABLE_HEAD, "| --- | --- | --- | --- | --- | --- |", *rows, ""]))
     return 0
 
 
