@@ -45,7 +45,9 @@ void launch(const char* kernel_name, void (*kernel)(Params...), dim3 grid, dim3 
             cudaStream_t stream, Args&&... args) {
 #ifdef CONVEYOR_EMULATE_CUDA
   emulator::launch(reinterpret_cast<const void*>(kernel), kernel_name, grid, block, shared_bytes, stream, false,
-                   [kernel, values = std::tuple<Params...>(std::forward<Args>(args)...)] { std::apply(kernel, values); });
+                   [kernel, values = std::tuple<Params...>(std::forward<Args>(args)...)] {
+                     std::apply(kernel, values);
+                   });
 #else
   kernel<<<grid, block, shared_bytes, stream>>>(std::forward<Args>(args)...);
 #endif

@@ -52,7 +52,8 @@ __host__ __device__ inline int64_t backward_slice_ld(int64_t rows) {
 
 template <typename C>
 constexpr size_t persistent_static_shared_bytes() {
-  return sizeof(C) * (kPersistentRows * (kPersistentK + 1) + kPersistentThreads + kPersistentRows * kPersistentMaxColumns);
+  return sizeof(C) *
+         (kPersistentRows * (kPersistentK + 1) + kPersistentThreads + kPersistentRows * kPersistentMaxColumns);
 }
 
 // The block's shared work areas.

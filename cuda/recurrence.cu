@@ -186,8 +186,8 @@ void dropout_mask(int64_t steps, int64_t rows, int64_t units, double p, bool var
   const NvtxRange range("conveyor::dropout_mask");
   const int64_t count = steps * rows * units;
   const unsigned blocks = count / 256 + 1 < 4096 ? unsigned(count / 256 + 1) : 4096u;
-  launch("dropout_mask_kernel", dropout_mask_kernel<T>, blocks, 256, 0, stream, steps, rows, units, p, variational, seed,
-         mask_stream, out);
+  launch("dropout_mask_kernel", dropout_mask_kernel<T>, blocks, 256, 0, stream, steps, rows, units, p, variational,
+         seed, mask_stream, out);
 }
 
 // The inputs of every step's recurrent product, for dR: h_products[r] = m * h_{t-1} for packed row r of step

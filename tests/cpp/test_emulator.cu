@@ -640,7 +640,9 @@ void dynamic_shared_above_48k() {
   for (int b = 0; b < blocks; ++b) {
     for (int t = 0; t < threads; ++t) {
       float sum = 0;
-      for (int k = threads - 1 - t; k < threads * per_thread; k += threads) sum += x[size_t(b) * threads * per_thread + k];
+      for (int k = threads - 1 - t; k < threads * per_thread; k += threads) {
+        sum += x[size_t(b) * threads * per_thread + k];
+      }
       expected[size_t(b) * threads + t] = sum;
     }
   }
@@ -668,8 +670,8 @@ void cooperative_grid_syncs() {
 
   // One block more than the device holds at once is refused, on a GPU as here.
   int per_multiprocessor = 0, multiprocessors = 0;
-  OK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, reinterpret_cast<const void*>(grid_phases_kernel),
-                                                   256, 0));
+  OK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor,
+                                                   reinterpret_cast<const void*>(grid_phases_kernel), 256, 0));
   OK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, 0));
   const unsigned too_many = unsigned(per_multiprocessor * multiprocessors + 1);
   CHECK(per_multiprocessor > 0);

@@ -120,10 +120,10 @@ enum class Activation : int { tanh = 0, relu = 1 };
 // reset_after = false), for any size. persistent: one cooperative launch for the whole window, each block
 // keeping its slice of R on chip for all T steps and the grid synchronising once per step (twice for that
 // GRU); it needs the slices to fit in shared memory and the blocks to be co-resident on the device, and runs
-// no projection (W_hr) and no layer normalisation (layer_norm): a window with either runs per_step (DropConnect and
-// zoneout run on both). automatic: persistent wherever it can run and B <= 32
-// (where it was measured faster, on an H200), per_step elsewhere. The CPU backend has one algorithm: it takes
-// automatic and refuses the others.
+// no projection (W_hr) and no layer normalisation (layer_norm): a window with either runs per_step
+// (DropConnect and zoneout run on both). automatic: persistent wherever it can run and B <= 32 (where it was
+// measured faster, on an H200), per_step elsewhere. The CPU backend has one algorithm: it takes automatic and
+// refuses the others.
 enum class Algorithm : int { automatic = 0, per_step = 1, persistent = 2 };
 
 // What a window computes: the cell, its activation and its options (each documented below).
@@ -166,15 +166,15 @@ struct CellOptions {
   // The step counts the order the window runs.
   double zoneout = 0;
   double zoneout_cell = 0;
+  bool zoneout_sample = true;
+  uint64_t zoneout_stream = 0;
+  uint64_t zoneout_cell_stream = 0;
   // Layer normalisation (Ba et al. 2016, as Haste's LayerNormLSTM/GRU), LSTM and GRU with reset_after:
   // a = LN(W x_t; gamma_x) + bW + LN(R h_{t-1}; gamma_h) + bR, LN(v; gamma, beta) = gamma * (v - mean(v)) /
   // sqrt(var(v) + 1e-5) + beta over the G*H entries of a row; the LSTM's output is o * act(LN(c_t; gamma_c,
   // beta_c)) (its peepholes and c_T see the raw c_t). The gains are ForwardArgs' gamma_x, gamma_h (and the
   // LSTM's gamma_c, beta_c). The CUDA backend runs it on its per_step algorithm only (see Algorithm).
   bool layer_norm = false;
-  bool zoneout_sample = true;
-  uint64_t zoneout_stream = 0;
-  uint64_t zoneout_cell_stream = 0;
   // CUDA float32 only: the time-parallel products (input projection, dx, dW, dR) may run on tensor cores in
   // TF32 (inputs rounded to 10 mantissa bits, float32 accumulation). The recurrence itself stays float32.
   // Ignored by the CPU backend and by other dtypes.
