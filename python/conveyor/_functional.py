@@ -129,13 +129,22 @@ def _check_activation(activation) -> str:
     return _check_choice("activation", activation, _ACTIVATIONS)
 
 
+# The checks below take the common case (a Python float, int or bool in range) first: the abstract-class
+# checks of numbers.Real and numbers.Integral cost about a microsecond each, and a window checks a dozen
+# options.
+
+
 def _check_flag(name: str, value) -> bool:
+    if value is True or value is False:
+        return value
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected True or False, got {value!r} of type {type(value).__name__}")
     return bool(value)
 
 
 def _check_number(name: str, value, *, positive=False) -> float:
+    if type(value) is float and math.isfinite(value) and (value > 0 or not positive):
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a number, got {value!r} of type {type(value).__name__}")
     value = float(value)
@@ -146,6 +155,8 @@ def _check_number(name: str, value, *, positive=False) -> float:
 
 def check_probability(name: str, value) -> float:
     """A dropout probability: a number in [0, 1)."""
+    if type(value) is float and 0.0 <= value < 1.0:
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a probability in [0, 1), got {value!r} of type "
                         f"{type(value).__name__}")
@@ -157,6 +168,8 @@ def check_probability(name: str, value) -> float:
 
 def check_seed(name: str, value) -> int:
     """A seed or mask stream: an integer in [0, 2**64)."""
+    if type(value) is int and 0 <= value < 2**64:
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an integer in [0, 2**64), got {value!r} of type "
                         f"{type(value).__name__}")
