@@ -452,21 +452,27 @@ void rnn_forward_row(int64_t H, const T* __restrict ax, const T* __restrict ar, 
 // Backward rows. dh: the gradient reaching h_t from step t+1, replaced by the part of dh_{t-1} that does not
 // go through R; dy: this step's output gradient; da: the pre-activation gradients (input path).
 
+// Unit j's gradients into da's gate blocks (no i block with coupled gates) and dc.
+template <bool kCoupled, typename T>
+void store_lstm_grads(int64_t H, int64_t j, const cells::LstmGrads<T>& d, T* __restrict da, T* __restrict dc) {
+  using K = Blocks<kCoupled>;
+  if (!kCoupled) da[j] = d.da_i;
+  da[K::f * H + j] = d.da_f;
+  da[K::g * H + j] = d.da_g;
+  da[K::o * H + j] = d.da_o;
+  dc[j] = d.dc_prev;
+}
+
 template <typename T, bool kRelu, bool kCoupled, bool kPeephole, bool kClip>
 void lstm_backward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict P, const T* __restrict saved,
                        const T* __restrict c_prev, const T* __restrict dy, const T* __restrict dh, T* __restrict dc,
                        T* __restrict da) {
-  using K = Blocks<kCoupled>;
   opt = fixed_options<kRelu, kCoupled, kPeephole, kClip>(opt);
   for (int64_t j = 0; j < H; ++j) {
     const auto d = cells::lstm_backward(opt, saved[j], saved[H + j], saved[2 * H + j], saved[3 * H + j],
                                         saved[4 * H + j], c_prev[j], dh[j] + dy[j], dc[j],
                                         cells::Peephole<T>{P[j], P[H + j], P[2 * H + j]});
-    if (!kCoupled) da[j] = d.da_i;
-    da[K::f * H + j] = d.da_f;
-    da[K::g * H + j] = d.da_g;
-    da[K::o * H + j] = d.da_o;
-    dc[j] = d.dc_prev;
+    store_lstm_grads<kCoupled>(H, j, d, da, dc);
   }
 }
 
@@ -478,7 +484,6 @@ void lstm_layer_norm_backward_row(int64_t H, cells::LstmOptions<T> opt, const T*
                                   const T* __restrict dh, const T* __restrict gamma_c, const T* __restrict beta_c,
                                   T* __restrict dc, T* __restrict da, T* __restrict d_gamma_c,
                                   T* __restrict d_beta_c) {
-  using K = Blocks<kCoupled>;
   opt = fixed_options<kRelu, kCoupled, kPeephole, kClip>(opt);
   const T* o = saved + 3 * H;
   const T* c = saved + 4 * H;
@@ -501,11 +506,7 @@ void lstm_layer_norm_backward_row(int64_t H, cells::LstmOptions<T> opt, const T*
     const auto d = cells::lstm_backward_from_output(opt, saved[j], saved[H + j], saved[2 * H + j], o[j], c[j],
                                                     c_prev[j], (dh[j] + dy[j]) * act[j], dc_output, dc[j],
                                                     cells::Peephole<T>{P[j], P[H + j], P[2 * H + j]});
-    if (!kCoupled) da[j] = d.da_i;
-    da[K::f * H + j] = d.da_f;
-    da[K::g * H + j] = d.da_g;
-    da[K::o * H + j] = d.da_o;
-    dc[j] = d.dc_prev;
+    store_lstm_grads<kCoupled>(H, j, d, da, dc);
   }
 }
 
