@@ -1,15 +1,18 @@
 // The persistent kernels: a window's recurrence in one cooperative launch (contract: persistent.cuh).
 //
 // Block b owns hidden units [b U, (b + 1) U). Forward, it loads once the G U rows of R that produce them
-// (every gate of each unit) into shared memory; at each step it forms, for 16 batch rows at a time, the
-// recurrent products of its units from h_{t-1} (read from global memory, where every block wrote its units
-// of it the step before), applies the cell math of step.cuh to them (the very epilogue of the per-step
-// kernels), writes its units of h_t, and waits at the grid barrier. Backward mirrors it over R's columns: the
-// block keeps column j of every row for its units, and each step forms da_{t+1} R for them.
+// (every gate of each unit) into shared memory; at each step it stages h_{t-1} for 16 batch rows at a time
+// (read from global memory, where every block wrote its units of it the step before), forms its units'
+// recurrent products, applies the cell math of step.cuh to them (the very epilogue of the per-step kernels),
+// writes its units of h_t, and waits at the grid barrier. Backward mirrors it over R's columns: the block keeps
+// column j of every row for its units, and each step forms da_{t+1} R for them, staging da_{t+1} in slices.
 //
-// The products run in the compute type with FMAs: threads split the outputs of a tile, and where a tile has
-// fewer outputs than threads, the K dimension too, summing the parts in a fixed order (results never depend on
-// the schedule: two runs agree bit for bit). Kernels end in _kernel; the launchers follow them.
+// The products (but the 16-bit forward's, on tensor cores) run in the compute type with FMAs, register-blocked:
+// a warp owns an 8-row x 4-column tile of outputs, each lane sums a share of K for all 32 of them (a 16-byte
+// chunk of each operand row per k step, so that 12 vector shared loads feed 32 V FMAs), and the lanes' sums
+// meet in a butterfly of shuffles that leaves each lane one output. Where a product has fewer tiles than the
+// block has warps, warps split K as well and add their parts in a fixed order: results never depend on the
+// schedule, and two runs agree bit for bit. Kernels end in _kernel; the launchers follow them.
 #include "persistent.cuh"
 
 #include <cooperative_groups.h>
@@ -24,97 +27,183 @@
 namespace conveyor::cuda {
 
 constexpr int kPersistentThreads = 256;
+constexpr int kPersistentWarps = kPersistentThreads / 32;
 constexpr int kPersistentRows = 16;        // batch rows per pass
-constexpr int kPersistentK = 32;           // K slice of a pass's input tile
 constexpr int kPersistentMaxColumns = 64;  // gates x units of one pass: at most 4 x 16
 constexpr int kPersistentUnitChoices[] = {4, 8, 16};
+constexpr int kTileRows = 8, kTileColumns = 4, kTileOutputs = kTileRows * kTileColumns;  // a warp's tile
+constexpr size_t kBackwardStageBytes = 32 * 1024;  // the backward's slice of da_{t+1}: 16 rows
+
+// Elements of the compute type C in one 16-byte shared load: a lane's share of K per step of its loop.
+template <typename C>
+constexpr int kChunk = int(16 / sizeof(C));
 
 // float16 and bfloat16 forward products run on tensor cores (mma.sync m16n8k16, float accumulation): h_{t-1}
 // is stored in that type already, so its operand loses nothing; the rest run in FMAs of the compute type.
 template <typename S>
 constexpr bool kTensorCoreForward = std::is_same_v<S, __half> || std::is_same_v<S, bfloat16>;
 
-// The slices' row lengths. Forward: H rounded up to the MMA's K of 16 (zeros past H), so that an MMA's K step
-// never leaves a row, plus a pad that staggers the rows across the 32 shared-memory banks: the threads (or
-// MMA lanes) of a warp read the same k of different rows at once, and rows a multiple of 128 bytes apart would
-// all fall in one bank (measured on an H200: float32 at H = 768 ran 16 ways serialised). An odd number of
-// words for 4- and 8-byte types; for 16-bit ones 4 words past a multiple of 32 (even, for the 32-bit pairs
-// the MMA reads), which puts the 8 rows of a B fragment in distinct banks. Backward: the G H rows of R plus
-// one word's worth, for the same reason.
+// K padded to 16: the products' operand rows (h_{t-1}, and each gate block of da_{t+1} and of R's columns)
+// hold zeros from H on, so that the vector loads and MMA K steps never leave them and every row starts
+// 16-byte aligned.
+__host__ __device__ inline int padded_hidden(int64_t hidden) { return int((hidden + 15) / 16 * 16); }
+
+// The forward slice's row length. For 16-bit types, whose products run on tensor cores, 4 words past the
+// padded length, a stagger across the 32 shared-memory banks: the 8 lanes of an MMA B fragment read the same
+// k of 8 rows, and rows a multiple of 128 bytes apart would fall in one bank (measured on an H200: float32 at
+// H = 768 ran 16 ways serialised in an earlier version that read it so). The FMA products read one row per
+// warp-wide load and need no stagger.
 template <typename S>
-__host__ __device__ inline int64_t forward_slice_ld(int64_t hidden) {
-  return (hidden + 15) / 16 * 16 + (sizeof(S) == 2 ? 8 : 1);
+__host__ __device__ inline int forward_slice_ld(int64_t hidden) {
+  return padded_hidden(hidden) + (sizeof(S) == 2 ? 8 : 0);
 }
-template <typename S>
-__host__ __device__ inline int64_t backward_slice_ld(int64_t rows) {
-  return rows + (sizeof(S) == 2 ? 2 : 1);
+
+// Columns of the backward's stage of da_{t+1}: a slice of at most kBackwardStageBytes, or all of the padded
+// gate blocks when they take less.
+template <typename C>
+__host__ __device__ inline int backward_stage_width(int gates, int64_t hidden) {
+  const int most = int(kBackwardStageBytes / (kPersistentRows * sizeof(C)));
+  const int all = gates * padded_hidden(hidden);
+  return all < most ? all : most;
 }
 
 template <typename C>
 constexpr size_t persistent_static_shared_bytes() {
-  return sizeof(C) *
-         (kPersistentRows * (kPersistentK + 1) + kPersistentThreads + kPersistentRows * kPersistentMaxColumns);
+  return sizeof(C) * (kPersistentThreads + kPersistentRows * kPersistentMaxColumns);
 }
 
-// The block's shared work areas.
+// The block's shared work areas besides the slice of R: the warps' parts of a split product, and the product.
 template <typename C>
 struct PassTiles {
-  C (&a)[kPersistentRows][kPersistentK + 1];
   C (&partial)[kPersistentThreads];
   C (&product)[kPersistentRows][kPersistentMaxColumns];
 };
 
-// product[r][c] = sum over k < K of a(r, k) weights[c * weights_ld + k], for r < 16 and c < columns, where
-// load_a(r, k) reads a (zero for rows past the batch). Every thread of the block calls it.
-template <typename C, typename W, typename LoadA>
-__device__ void tile_product(int columns, int64_t K, const LoadA& load_a, const W* weights, int64_t weights_ld,
-                             const PassTiles<C>& tiles) {
-  const int tid = threadIdx.x;
-  const int outputs = kPersistentRows * columns;
-  const int groups = outputs >= kPersistentThreads ? 1 : kPersistentThreads / outputs;
-  const int group = groups > 1 ? tid / outputs : 0;
-  C acc[kPersistentRows * kPersistentMaxColumns / kPersistentThreads] = {};
-  for (int64_t k0 = 0; k0 < K; k0 += kPersistentK) {
-    for (int e = tid; e < kPersistentRows * kPersistentK; e += kPersistentThreads) {
-      const int r = e / kPersistentK, kk = e % kPersistentK;
-      tiles.a[r][kk] = k0 + kk < K ? load_a(r, k0 + kk) : C(0);
-    }
-    __syncthreads();
-    const int k_end = int(K - k0 < kPersistentK ? K - k0 : kPersistentK);
-    if (groups > 1) {
-      if (group < groups) {
-        const int o = tid % outputs, r = o / columns, c = o % columns;
-        const W* w = weights + c * weights_ld + k0;
-        for (int kk = group; kk < k_end; kk += groups) acc[0] += tiles.a[r][kk] * convert<C>(w[kk]);
+// V consecutive elements at `at` (16-byte aligned for 4-byte types and wider, 8-byte for 16-bit ones), as C.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Chunk {
+  T v[V];
+};
+template <typename C, typename T>
+__device__ __forceinline__ void load_chunk(const T* at, C (&out)[kChunk<C>]) {
+  const Chunk<T, kChunk<C>> chunk = *reinterpret_cast<const Chunk<T, kChunk<C>>*>(at);
+#pragma unroll
+  for (int i = 0; i < kChunk<C>; ++i) out[i] = convert<C>(chunk.v[i]);
+}
+
+// acc = 0. (Written out: `= {}` on the array compiled to a loop of stores, which put it in local memory.)
+template <typename C>
+__device__ __forceinline__ void clear_tile(C (&acc)[kTileOutputs]) {
+#pragma unroll
+  for (int i = 0; i < kTileOutputs; ++i) acc[i] = C(0);
+}
+
+// acc[r * 4 + c] += sum over the chunks first, first + stride, ... < chunks of a[r * a_ld + k] w[c * w_ld + k]
+// (k over the chunk's V elements), for the tile's 8 rows of a and 4 rows of w.
+template <typename C, typename W>
+__device__ __forceinline__ void accumulate_tile(C (&acc)[kTileOutputs], const C* a, int a_ld, const W* w, int w_ld,
+                                                int first, int stride, int chunks) {
+  constexpr int V = kChunk<C>;
+  for (int chunk = first; chunk < chunks; chunk += stride) {
+    C x[kTileRows][V], y[kTileColumns][V];
+#pragma unroll
+    for (int r = 0; r < kTileRows; ++r) load_chunk(a + r * a_ld + chunk * V, x[r]);
+#pragma unroll
+    for (int c = 0; c < kTileColumns; ++c) load_chunk(w + c * w_ld + chunk * V, y[c]);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+#pragma unroll
+      for (int r = 0; r < kTileRows; ++r) {
+#pragma unroll
+        for (int c = 0; c < kTileColumns; ++c) acc[r * kTileColumns + c] += x[r][v] * y[c][v];
       }
-    } else {
-      for (int i = 0; i * kPersistentThreads + tid < outputs; ++i) {
-        const int o = i * kPersistentThreads + tid, r = o / columns, c = o % columns;
-        const W* w = weights + c * weights_ld + k0;
-        for (int kk = 0; kk < k_end; ++kk) acc[i] += tiles.a[r][kk] * convert<C>(w[kk]);
-      }
     }
-    __syncthreads();
   }
-  if (groups > 1) {
-    tiles.partial[tid] = group < groups ? acc[0] : C(0);
-    __syncthreads();
-    if (tid < outputs) {
-      C sum = tiles.partial[tid];
-      for (int g = 1; g < groups; ++g) sum += tiles.partial[g * outputs + tid];
-      tiles.product[tid / columns][tid % columns] = sum;
-    }
+}
+
+// The sums of acc over the warp's 32 lanes, one to a lane: lane L returns output L's (recursive halving: at
+// each round, kHalf, a lane keeps the half of its values its side of the pair owns and adds the partner's copy).
+// The rounds recurse rather than loop: nvcc would not unroll a loop over them, and acc went to local memory.
+template <int kHalf, typename C>
+__device__ __forceinline__ C reduce_tile(C (&acc)[kTileOutputs]) {
+  const bool upper = (threadIdx.x & kHalf) != 0;
+#pragma unroll
+  for (int i = 0; i < kHalf; ++i) {
+    const C send = upper ? acc[i] : acc[i + kHalf];
+    const C keep = upper ? acc[i + kHalf] : acc[i];
+    acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, kHalf);
+  }
+  if constexpr (kHalf > 1) {
+    return reduce_tile<kHalf / 2>(acc);
   } else {
-    for (int i = 0; i * kPersistentThreads + tid < outputs; ++i) {
-      const int o = i * kPersistentThreads + tid;
-      tiles.product[o / columns][o % columns] = acc[i];
-    }
+    return acc[0];
+  }
+}
+
+// How a product of 16 rows x `columns` outputs spreads over the warps: tile i covers rows 8 (i % 2) + [0, 8)
+// and columns 4 (i / 2) + [0, 4); with fewer tiles than warps, `parts` warps share each tile's K.
+struct TileWork {
+  int tiles, parts;
+  __device__ explicit TileWork(int columns)
+      : tiles(kPersistentRows / kTileRows * (columns / kTileColumns)),
+        parts(tiles >= kPersistentWarps ? 1 : kPersistentWarps / tiles) {}
+  __device__ static int row(int tile) { return tile % (kPersistentRows / kTileRows) * kTileRows; }
+  __device__ static int column(int tile) { return tile / (kPersistentRows / kTileRows) * kTileColumns; }
+};
+
+// Where a warp's reduced tile goes: straight into the product, or into its part's place for combine_parts.
+template <typename C>
+__device__ __forceinline__ void store_tile(const TileWork& work, int tile, int part, C sum, const PassTiles<C>& tiles) {
+  const int lane = threadIdx.x % 32;
+  if (work.parts == 1) {
+    tiles.product[TileWork::row(tile) + lane / kTileColumns][TileWork::column(tile) + lane % kTileColumns] = sum;
+  } else {
+    tiles.partial[(part * work.tiles + tile) * 32 + lane] = sum;
+  }
+}
+
+// With split K: each output is its parts' sum, in the order of the parts. Every thread of the block calls it,
+// after a barrier that follows the stores; it ends with one.
+template <typename C>
+__device__ __forceinline__ void combine_parts(const TileWork& work, const PassTiles<C>& tiles) {
+  if (work.parts == 1) return;
+  const int tid = threadIdx.x;
+  if (tid < work.tiles * 32) {
+    C sum = tiles.partial[tid];
+    for (int part = 1; part < work.parts; ++part) sum += tiles.partial[part * work.tiles * 32 + tid];
+    const int tile = tid / 32, lane = tid % 32;
+    tiles.product[TileWork::row(tile) + lane / kTileColumns][TileWork::column(tile) + lane % kTileColumns] = sum;
   }
   __syncthreads();
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Forward
+
+// Stages rows b0 + [0, 16) of the product's input (zeros past the batch and past H) into `stage` [16][ld], in
+// type T, masked by p.mask when there is one: consecutive threads take consecutive k, each for all 16 rows.
+template <typename T, typename S, typename Input>
+__device__ void stage_hidden(const ForwardStep<S>& p, int64_t b0, T* stage, int ld) {
+  using C = Compute<S>;
+  const int64_t B = p.batch, H = p.hidden;
+  const Input* h_in = static_cast<const Input*>(p.h_in);
+  for (int k = threadIdx.x; k < ld; k += kPersistentThreads) {
+    const bool inside = k < H;
+#pragma unroll
+    for (int r = 0; r < kPersistentRows; ++r) {
+      const int64_t b = b0 + r;
+      T v = convert<T>(0.0f);
+      if (inside && b < B) {
+        if (p.mask != nullptr) {
+          v = convert<T>(convert<C>(h_in[b * H + k]) * p.mask[b * H + k]);
+        } else {
+          v = convert<T>(h_in[b * H + k]);
+        }
+      }
+      stage[r * ld + k] = v;
+    }
+  }
+}
 
 // One product and epilogue over every batch row for the block's units: the product of gate blocks
 // [gate_first, gate_first + gates) over p.h_in (of type Input, masked by p.mask), then kEpilogue.
@@ -123,34 +212,25 @@ __device__ void tile_product(int columns, int64_t K, const LoadA& load_a, const 
 // takes the n8 tile w % n_tiles of the gate-unit columns and every (8 / n_tiles)-th K step of 16; the warps'
 // partial tiles meet in tiles.product, and each unit's thread adds them in a fixed order.
 template <typename S, ForwardEpilogue kEpilogue, bool kRelu>
-__device__ void forward_pass_tensor_cores(const ForwardStep<S>& p, int units, int64_t j0, const S* r_slice, int64_t ld,
+__device__ void forward_pass_tensor_cores(const ForwardStep<S>& p, int units, int64_t j0, const S* r_slice, int ld,
                                           S* h_stage, int gate_first, int gates, const PassTiles<float>& tiles) {
   const int64_t B = p.batch, H = p.hidden;
-  const S* h_in = static_cast<const S*>(p.h_in);
   const int columns = gates * units, n_tiles = (columns + 7) / 8;
-  const int warps_per_tile = 8 / n_tiles, k_steps = int(ld / 16);
+  const int warps_per_tile = kPersistentWarps / n_tiles, k_steps = ld / 16;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const S* weights = r_slice + int64_t(gate_first) * units * ld;
-  const S zero = convert<S>(0.0f);
+  const S* weights = r_slice + gate_first * units * ld;
   // A 32-bit register of two consecutive 16-bit elements (their pairs start at even, 4-byte aligned offsets).
   auto pair = [](const S* at) { return *reinterpret_cast<const uint32_t*>(at); };
   for (int64_t b0 = 0; b0 < B; b0 += kPersistentRows) {
-    for (int64_t e = tid; e < kPersistentRows * ld; e += kPersistentThreads) {
-      const int64_t r = e / ld, k = e % ld, b = b0 + r;
-      S v = zero;
-      if (b < B && k < H) {
-        v = p.mask != nullptr ? convert<S>(convert<float>(h_in[b * H + k]) * p.mask[b * H + k]) : h_in[b * H + k];
-      }
-      h_stage[e] = v;
-    }
+    stage_hidden<S, S, S>(p, b0, h_stage, ld);
     __syncthreads();
     if (warp < n_tiles * warps_per_tile) {
       const int n_tile = warp % n_tiles, part = warp / n_tiles;
       const int column = n_tile * 8 + g;  // the B fragment's n of this lane
-      const S* w = weights + int64_t(column < columns ? column : 0) * ld;
+      const S* w = weights + (column < columns ? column : 0) * ld;
       float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       for (int step = part; step < k_steps; step += warps_per_tile) {
-        const int64_t k0 = int64_t(step) * 16;
+        const int k0 = step * 16;
         const uint32_t a[4] = {pair(h_stage + g * ld + k0 + 2 * t), pair(h_stage + (g + 8) * ld + k0 + 2 * t),
                                pair(h_stage + g * ld + k0 + 8 + 2 * t), pair(h_stage + (g + 8) * ld + k0 + 8 + 2 * t)};
         const uint32_t b[2] = {column < columns ? pair(w + k0 + 2 * t) : 0u,
@@ -185,23 +265,34 @@ __device__ void forward_pass_tensor_cores(const ForwardStep<S>& p, int units, in
   }
 }
 
+// The FMA product: 16 rows of the input staged in the compute type (a_stage [16][padded H]), times the slice's
+// gate-unit rows.
 template <typename S, ForwardEpilogue kEpilogue, bool kRelu, typename Input>
-__device__ void forward_pass(const ForwardStep<S>& p, int units, int64_t j0, const S* r_slice, int64_t ld,
-                             S* h_stage, int gate_first, int gates, const PassTiles<Compute<S>>& tiles) {
+__device__ void forward_pass(const ForwardStep<S>& p, int units, int64_t j0, const S* r_slice, int ld, S* h_stage,
+                             Compute<S>* a_stage, int gate_first, int gates, const PassTiles<Compute<S>>& tiles) {
   using C = Compute<S>;
   if constexpr (kTensorCoreForward<S> && std::is_same_v<Input, S>) {
     return forward_pass_tensor_cores<S, kEpilogue, kRelu>(p, units, j0, r_slice, ld, h_stage, gate_first, gates,
                                                           tiles);
   }
   const int64_t B = p.batch, H = p.hidden;
-  const Input* h_in = static_cast<const Input*>(p.h_in);
+  const int a_ld = padded_hidden(H), chunks = a_ld / kChunk<C>;
+  const int columns = gates * units, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const S* weights = r_slice + gate_first * units * ld;
+  const TileWork work(columns);
   for (int64_t b0 = 0; b0 < B; b0 += kPersistentRows) {
-    auto load_h = [&](int r, int64_t k) {
-      const int64_t b = b0 + r;
-      if (b >= B) return C(0);
-      return convert<C>(h_in[b * H + k]) * (p.mask != nullptr ? p.mask[b * H + k] : C(1));
-    };
-    tile_product(gates * units, H, load_h, r_slice + int64_t(gate_first) * units * ld, ld, tiles);
+    stage_hidden<C, S, Input>(p, b0, a_stage, a_ld);
+    __syncthreads();
+    for (int slot = warp; slot < work.tiles * work.parts; slot += kPersistentWarps) {
+      const int tile = slot % work.tiles, part = slot / work.tiles;
+      C acc[kTileOutputs];
+      clear_tile(acc);
+      accumulate_tile(acc, a_stage + TileWork::row(tile) * a_ld, a_ld, weights + TileWork::column(tile) * ld, ld,
+                      part * 32 + lane, work.parts * 32, chunks);
+      store_tile(work, tile, part, reduce_tile<kTileOutputs / 2>(acc), tiles);
+    }
+    __syncthreads();
+    combine_parts(work, tiles);
     if (int(threadIdx.x) < kPersistentRows * units) {
       const int r = threadIdx.x / units, u = threadIdx.x % units;
       const int64_t b = b0 + r, j = j0 + u;
@@ -215,20 +306,32 @@ __device__ void forward_pass(const ForwardStep<S>& p, int units, int64_t j0, con
   }
 }
 
+// Whether the forward kernel runs FMA products (and needs their stage): every product but the 16-bit types'
+// over h_{t-1}, which run on tensor cores; the GRU with reset_before has one over r * h_{t-1} in float.
+template <typename S>
+__host__ __device__ constexpr bool forward_fma_products(bool reset_before) {
+  return !kTensorCoreForward<S> || reset_before;
+}
+
 template <typename S, ForwardEpilogue kEpilogue, bool kRelu>
-__global__ void __launch_bounds__(kPersistentThreads) forward_persistent_kernel(ForwardWindow<S> w, int units) {
+__global__ void __launch_bounds__(kPersistentThreads, sizeof(Compute<S>) == 4 ? 2 : 1)
+    forward_persistent_kernel(ForwardWindow<S> w, int units) {
   using C = Compute<S>;
   constexpr bool kResetBefore = kEpilogue == ForwardEpilogue::gru_reset_before_gates;
   constexpr int kGates = kResetBefore ? 3 : product_gates(kEpilogue);
-  CONVEYOR_SHARED(C, a_tile, [kPersistentRows][kPersistentK + 1]);
   CONVEYOR_SHARED(C, partial, [kPersistentThreads]);
   CONVEYOR_SHARED(C, product, [kPersistentRows][kPersistentMaxColumns]);
-  CONVEYOR_DYNAMIC_SHARED(S, r_slice);  // (gate g, unit u, k) at (g * units + u) * ld + k; then h_stage
-  const PassTiles<C> tiles{a_tile, partial, product};
-  const int64_t H = w.base.hidden, ld = forward_slice_ld<S>(H), j0 = int64_t(blockIdx.x) * units;
-  S* h_stage = r_slice + kGates * units * ld;  // [16][ld], tensor-core passes only
-  for (int64_t e = threadIdx.x; e < kGates * units * ld; e += kPersistentThreads) {
-    const int64_t k = e % ld, u = e / ld % units, g = e / (ld * units), j = j0 + u;
+  // (gate g, unit u, k) at (g * units + u) * ld + k; then h_stage [16][ld] for tensor-core products, and
+  // a_stage [16][padded H] for FMA ones.
+  CONVEYOR_DYNAMIC_SHARED(S, r_slice);
+  const PassTiles<C> tiles{partial, product};
+  const int64_t H = w.base.hidden, j0 = int64_t(blockIdx.x) * units;
+  const int ld = forward_slice_ld<S>(H);
+  S* h_stage = r_slice + kGates * units * ld;
+  C* a_stage = reinterpret_cast<C*>(h_stage + (kTensorCoreForward<S> ? kPersistentRows * ld : 0));
+  for (int e = threadIdx.x; e < kGates * units * ld; e += kPersistentThreads) {
+    const int k = e % ld, u = e / ld % units, g = e / (ld * units);
+    const int64_t j = j0 + u;
     r_slice[e] = j < H && k < H ? w.base.R[(g * H + j) * H + k] : convert<S>(0.0f);
   }
   __syncthreads();
@@ -236,14 +339,14 @@ __global__ void __launch_bounds__(kPersistentThreads) forward_persistent_kernel(
   for (int64_t t = 0; t < w.steps; ++t) {
     ForwardStep<S> p = w.step(t);
     if constexpr (kResetBefore) {
-      forward_pass<S, ForwardEpilogue::gru_reset_before_gates, kRelu, S>(p, units, j0, r_slice, ld, h_stage, 0, 2,
-                                                                         tiles);
+      forward_pass<S, ForwardEpilogue::gru_reset_before_gates, kRelu, S>(p, units, j0, r_slice, ld, h_stage, a_stage,
+                                                                         0, 2, tiles);
       grid.sync();  // every unit's r * h_{t-1} before the n block's product reads them
       ForwardWindow<S>::to_output_phase(p);
-      forward_pass<S, ForwardEpilogue::gru_reset_before_output, kRelu, C>(p, units, j0, r_slice, ld, h_stage, 2, 1,
-                                                                          tiles);
+      forward_pass<S, ForwardEpilogue::gru_reset_before_output, kRelu, C>(p, units, j0, r_slice, ld, h_stage,
+                                                                          a_stage, 2, 1, tiles);
     } else {
-      forward_pass<S, kEpilogue, kRelu, S>(p, units, j0, r_slice, ld, h_stage, 0, kGates, tiles);
+      forward_pass<S, kEpilogue, kRelu, S>(p, units, j0, r_slice, ld, h_stage, a_stage, 0, kGates, tiles);
     }
     grid.sync();  // every unit of h_t before the next step reads it
   }
@@ -271,19 +374,47 @@ ForwardPersistentKernel<S, kRelu> forward_persistent_kernel_for(const CellOption
 // Backward
 
 // The product P[b, j] = sum_{k < K} A(b, k) R[R_row0 + k, j] (BackwardStep) over every batch row for the
-// block's units, then kEpilogue.
+// block's units, then kEpilogue. K and R_row0 are whole gate blocks of H; the block's columns of R hold each
+// gate block padded to 16 (r_columns: unit u's gate block g at u * ld + g * padded H), and the product stages
+// A the same way, `width` padded columns at a time, in a_stage [16][width].
 template <typename S, BackwardEpilogue kEpilogue, bool kRelu>
-__device__ void backward_pass(const BackwardStep<S>& p, int units, int64_t j0, const S* r_columns,
-                              const PassTiles<Compute<S>>& tiles) {
+__device__ void backward_pass(const BackwardStep<S>& p, int units, int64_t j0, const S* r_columns, int ld,
+                              Compute<S>* a_stage, int width, const PassTiles<Compute<S>>& tiles) {
   using C = Compute<S>;
   const int64_t B = p.batch, H = p.hidden;
+  const int Hp = padded_hidden(H), K = int(p.K / H) * Hp, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const S* weights = r_columns + int(p.R_row0 / H) * Hp;
+  const TileWork work(units);
   for (int64_t b0 = 0; b0 < B; b0 += kPersistentRows) {
-    auto load_a = [&](int r, int64_t k) {
-      const int64_t b = b0 + r;
-      if (b >= p.product_batch) return C(0);
-      return k < p.K_first ? p.a_first[b * p.a_first_ld + k] : p.a_second[b * p.a_second_ld + (k - p.K_first)];
-    };
-    tile_product(units, p.K, load_a, r_columns + p.R_row0, backward_slice_ld<S>(p.gate_stride), tiles);
+    const int tile = warp % work.tiles, part = warp / work.tiles;  // at most one tile a warp: units <= 16
+    const bool working = warp < work.tiles * work.parts;
+    C acc[kTileOutputs];
+    clear_tile(acc);
+    for (int k0 = 0; k0 < K; k0 += width) {
+      const int columns = K - k0 < width ? K - k0 : width;
+      for (int kk = threadIdx.x; kk < columns; kk += kPersistentThreads) {
+        const int gate = (k0 + kk) / Hp, within = k0 + kk - gate * Hp;
+        const int64_t k = int64_t(gate) * H + within;  // A's column
+        const bool first = k < p.K_first;
+        const C* source = first ? p.a_first + k : p.a_second + (k - p.K_first);
+        const int64_t source_ld = first ? p.a_first_ld : p.a_second_ld;
+#pragma unroll
+        for (int r = 0; r < kPersistentRows; ++r) {
+          const int64_t b = b0 + r;
+          a_stage[r * width + kk] = within < H && b < p.product_batch ? source[b * source_ld] : C(0);
+        }
+      }
+      __syncthreads();
+      if (working) {
+        accumulate_tile(acc, a_stage + TileWork::row(tile) * width, width,
+                        weights + TileWork::column(tile) * ld + k0, ld, part * 32 + lane, work.parts * 32,
+                        columns / kChunk<C>);
+      }
+      __syncthreads();
+    }
+    if (working) store_tile(work, tile, part, reduce_tile<kTileOutputs / 2>(acc), tiles);
+    __syncthreads();
+    combine_parts(work, tiles);
     if (int(threadIdx.x) < kPersistentRows * units) {
       const int r = threadIdx.x / units, u = threadIdx.x % units;
       const int64_t b = b0 + r, j = j0 + u;
@@ -294,35 +425,39 @@ __device__ void backward_pass(const BackwardStep<S>& p, int units, int64_t j0, c
 }
 
 template <typename S, BackwardEpilogue kEpilogue, bool kRelu>
-__global__ void __launch_bounds__(kPersistentThreads)
+__global__ void __launch_bounds__(kPersistentThreads, sizeof(Compute<S>) == 4 ? 2 : 1)
     backward_persistent_kernel(BackwardWindow<S> w, int units, S* dh0) {
   using C = Compute<S>;
   constexpr bool kResetBefore = kEpilogue == BackwardEpilogue::gru_reset_before_update;
-  CONVEYOR_SHARED(C, a_tile, [kPersistentRows][kPersistentK + 1]);
   CONVEYOR_SHARED(C, partial, [kPersistentThreads]);
   CONVEYOR_SHARED(C, product, [kPersistentRows][kPersistentMaxColumns]);
-  CONVEYOR_DYNAMIC_SHARED(S, r_columns);  // (unit u, row k of R) at u * ld + k
-  const PassTiles<C> tiles{a_tile, partial, product};
-  const int64_t H = w.base.hidden, rows = w.base.gate_stride, ld = backward_slice_ld<S>(rows);
-  const int64_t j0 = int64_t(blockIdx.x) * units;
-  for (int64_t e = threadIdx.x; e < units * ld; e += kPersistentThreads) {
-    const int64_t k = e % ld, u = e / ld, j = j0 + u;
-    r_columns[e] = j < H && k < rows ? w.base.R[k * H + j] : convert<S>(0.0f);
+  CONVEYOR_DYNAMIC_SHARED(S, r_columns);  // (unit u, gate g, k) at u * ld + g * padded H + k; then a_stage
+  const PassTiles<C> tiles{partial, product};
+  const int64_t H = w.base.hidden, j0 = int64_t(blockIdx.x) * units;
+  const int gates = int(w.base.gate_stride / H), Hp = padded_hidden(H), ld = gates * Hp;
+  const int width = backward_stage_width<C>(gates, H);
+  C* a_stage = reinterpret_cast<C*>(r_columns + units * ld);
+  for (int e = threadIdx.x; e < units * ld; e += kPersistentThreads) {
+    const int u = e / ld, gate = e % ld / Hp, k = e % ld % Hp;
+    const int64_t j = j0 + u;
+    r_columns[e] = j < H && k < H ? w.base.R[(gate * H + k) * H + j] : convert<S>(0.0f);
   }
   __syncthreads();
   const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   for (int64_t t = w.steps - 1; t >= 0; --t) {
     BackwardStep<S> p = w.step(t);
-    backward_pass<S, kEpilogue, kRelu>(p, units, j0, r_columns, tiles);
+    backward_pass<S, kEpilogue, kRelu>(p, units, j0, r_columns, ld, a_stage, width, tiles);
     if constexpr (kResetBefore) {
       grid.sync();  // every unit's dax_n of step t before d(r * h_{t-1}) = dax_n R_n reads them
       BackwardWindow<S>::to_reset_phase(p);
-      backward_pass<S, BackwardEpilogue::gru_reset_before_reset, kRelu>(p, units, j0, r_columns, tiles);
+      backward_pass<S, BackwardEpilogue::gru_reset_before_reset, kRelu>(p, units, j0, r_columns, ld, a_stage, width,
+                                                                        tiles);
     }
     grid.sync();  // step t's gradients before step t - 1's product reads them
   }
   if (dh0 != nullptr) {
-    backward_pass<S, BackwardEpilogue::initial_state, kRelu>(w.initial_state(dh0), units, j0, r_columns, tiles);
+    backward_pass<S, BackwardEpilogue::initial_state, kRelu>(w.initial_state(dh0), units, j0, r_columns, ld, a_stage,
+                                                             width, tiles);
   }
 }
 
@@ -403,16 +538,21 @@ PersistentPlan persistent_forward_plan(const CellOptions& options, int64_t hidde
   if (const char* why = per_step_only(options, projection)) return refused_plan(why);
   const void* kernel = reinterpret_cast<const void*>(forward_persistent_kernel_for<S, kRelu>(options));
   const size_t ld = size_t(forward_slice_ld<S>(hidden));
+  const bool reset_before = options.cell == CellType::gru && !options.reset_after;
   const size_t h_stage = kTensorCoreForward<S> ? sizeof(S) * kPersistentRows * ld : 0;
-  return plan_for<Compute<S>>(kernel, hidden, sizeof(S) * size_t(gate_count(options)) * ld, h_stage);
+  const size_t a_stage =
+      forward_fma_products<S>(reset_before) ? sizeof(Compute<S>) * kPersistentRows * size_t(padded_hidden(hidden)) : 0;
+  return plan_for<Compute<S>>(kernel, hidden, sizeof(S) * size_t(gate_count(options)) * ld, h_stage + a_stage);
 }
 
 template <typename S, bool kRelu>
 PersistentPlan persistent_backward_plan(const CellOptions& options, int64_t hidden, bool projection) {
   if (const char* why = per_step_only(options, projection)) return refused_plan(why);
   const void* kernel = reinterpret_cast<const void*>(backward_persistent_kernel_for<S, kRelu>(options));
-  const size_t ld = size_t(backward_slice_ld<S>(int64_t(gate_count(options)) * hidden));
-  return plan_for<Compute<S>>(kernel, hidden, sizeof(S) * ld, 0);
+  const int gates = gate_count(options);
+  const size_t ld = size_t(gates) * size_t(padded_hidden(hidden));
+  const size_t a_stage = sizeof(Compute<S>) * kPersistentRows * size_t(backward_stage_width<Compute<S>>(gates, hidden));
+  return plan_for<Compute<S>>(kernel, hidden, sizeof(S) * ld, a_stage);
 }
 
 template <typename S, bool kRelu>
