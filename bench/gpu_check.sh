@@ -26,7 +26,8 @@
 #              float32 and bfloat16, per_step and persistent, with the persistent floor; rows flushed to
 #              bench.md as they are measured, so a timeout keeps them
 #   e ncu      Nsight Compute (--set full) on one forward_persistent_kernel and one backward_persistent_kernel
-#              (LSTM, H=768, B=16, T=64, float32): the report and its details page as text
+#              (LSTM, H=768, B=16, T=64, float32), then one forward_step_kernel of the per-step path at the
+#              same size: the report and the details pages as text
 #   f regularisers  bench/regularisers.py cost --device cuda: layer norm, zoneout and DropConnect against the
 #              plain cell, forward + backward (with what time is left, last)
 #   speed      bench/speed.py, the full grid of issue 7 (not part of all: it takes far longer)
@@ -312,6 +313,15 @@ ncu_profile() {
     else
       verdict e-ncu-kernels FAIL "$profiled of 2 kernels in ncu.txt"
     fi
+  fi
+  # The per-step forward too, at the same size: it ran 10-20x its prediction on the H200, and the notes ask
+  # for its profile before it changes. Appended to ncu.txt; its report stays in the logs.
+  local per_step=("${target[@]}")
+  per_step[-3]=per_step
+  if run e-ncu-per-step 45 'PROF|Error|error|ms per window' ncu --set full --import-source yes \
+    -k regex:forward_step_kernel -s 8 -c 1 -f -o "$logs/ncu-per-step" "${per_step[@]}" \
+    && [[ -f "$logs/ncu-per-step.ncu-rep" ]]; then
+    ncu --import "$logs/ncu-per-step.ncu-rep" --page details >> "$out/ncu.txt" 2>&1
   fi
 }
 
