@@ -159,19 +159,23 @@ def conveyor_times(problem, algorithm, tf32, timing):
 
 
 def floor_times(problem, timing):
-    """(forward floor ms, backward floor ms) of the window, or (None, None) and why."""
+    """(forward floor ms, backward floor ms) of the window and the persistent plans' blocks, or (None, None)
+    and why."""
     torch, T, B, H = problem.torch, problem.T, problem.B, problem.H
     stream = torch.cuda.current_stream().cuda_stream
-    times = []
+    times, plans = [], []
     for direction in ("forward", "backward"):
         def floor(_x, direction=direction):
-            _conveyor._persistent_floor(T, B, H, problem.dtype, stream, cell=problem.cell,
-                                        direction=direction)
+            plans.append(_conveyor._persistent_floor(T, B, H, problem.dtype, stream, cell=problem.cell,
+                                                     direction=direction))
         try:
             times.append(timing(floor, [None]))
         except ValueError as error:
             return (None, None), f"{direction}: {error}"
-    return tuple(times), None
+    forward, backward = plans[0], plans[-1]
+    blocks = (f"persistent: {forward['blocks']} x {forward['units']} units forward, "
+              f"{backward['blocks']} x {backward['units']} backward")
+    return tuple(times), blocks
 
 
 def ms(value):
@@ -284,9 +288,8 @@ def main(argv=None):
         floor_ms = (None, None)
         if not args.no_floor:
             try:
-                floor_ms, floor_why = floor_times(problem, timing)
-                if floor_why:
-                    notes.append(f"no floor: {floor_why}")
+                floor_ms, floor_note = floor_times(problem, timing)
+                notes.append(floor_note if floor_ms[0] is not None else f"no floor: {floor_note}")
             except Exception as error:
                 failures += 1
                 notes.append(f"floor error: {describe(error)}")

@@ -72,15 +72,16 @@ detail::PersistentFloorLaunch persistent_floor(const CellOptions& options, int64
     throw ArgumentError("hidden: the persistent " + std::string(backward ? "backward" : "forward") +
                         " kernel cannot run H=" + std::to_string(hidden) + " on this device: " + plan.why);
   }
-  int device = 0;
+  int device = 0, multiprocessors = 0;
   CONVEYOR_CUDA_CHECK(cudaGetDevice(&device));
+  CONVEYOR_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
   keep_pool_memory_between_calls(device);
   if (backward) {  // the backward kernel reads every gate's gradients, in the compute type
     launch_floor<Compute<S>>(plan, steps, batch, hidden, gate_count(options), stream);
   } else {  // the forward kernel reads h_{t-1}, in the storage type
     launch_floor<S>(plan, steps, batch, hidden, 1, stream);
   }
-  return {plan.blocks, plan.units, plan.shared_bytes};
+  return {plan.blocks, plan.units, plan.shared_bytes, multiprocessors};
 }
 
 }  // namespace

@@ -19,6 +19,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 
@@ -481,8 +483,22 @@ BackwardPersistentKernel<S, kRelu> backward_persistent_kernel_for(const CellOpti
 // ---------------------------------------------------------------------------------------------------------
 // Plans and launchers
 
-// The fewest units per block (the most blocks) whose slices fit in a block's shared memory and whose blocks
-// the device holds at once; a slice is `bytes_per_unit` for each unit.
+// CONVEYOR_PERSISTENT_UNITS=4, 8 or 16 asks for that many units per block, where they fit (tests run every
+// tiling at small H with it; benchmarks compare them); 0 when unset.
+int units_asked_for() {
+  const char* value = std::getenv("CONVEYOR_PERSISTENT_UNITS");
+  if (value == nullptr || *value == '\0') return 0;
+  for (const int units : kPersistentUnitChoices) {
+    if (std::to_string(units) == value) return units;
+  }
+  throw std::invalid_argument(std::string("CONVEYOR_PERSISTENT_UNITS: expected 4, 8 or 16, got '") + value + "'");
+}
+
+// Units per block: the fewest whose blocks fit one to a multiprocessor, else the fewest that fit at all. Every
+// block reads the whole of the step's input from L2, so the blocks set the broadcast's traffic; a
+// multiprocessor's share of the products is the same either way (two blocks of 4 units or one of 8), so the
+// fewer blocks cost nothing there. A choice fits when its slices fit in a block's shared memory (a slice is
+// `bytes_per_unit` for each unit, plus `bytes_per_block`) and the device holds all its blocks at once.
 template <typename C>
 PersistentPlan plan_for(const void* kernel, int64_t hidden, size_t bytes_per_unit, size_t bytes_per_block) {
   int device = 0, multiprocessors = 0, shared_optin = 0;
@@ -490,8 +506,10 @@ PersistentPlan plan_for(const void* kernel, int64_t hidden, size_t bytes_per_uni
   CONVEYOR_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
   CONVEYOR_CUDA_CHECK(cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const size_t static_bytes = persistent_static_shared_bytes<C>();
-  PersistentPlan plan;
+  const int asked = units_asked_for();
+  PersistentPlan plan, fallback;
   for (const int units : kPersistentUnitChoices) {
+    if (asked != 0 && units != asked) continue;
     const size_t bytes = bytes_per_unit * size_t(units) + bytes_per_block;
     const unsigned blocks = blocks_for(hidden, units);
     if (bytes + static_bytes > size_t(shared_optin)) {
@@ -505,18 +523,21 @@ PersistentPlan plan_for(const void* kernel, int64_t hidden, size_t bytes_per_uni
     CONVEYOR_CUDA_CHECK(
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, kPersistentThreads, bytes));
     const int64_t resident = int64_t(per_multiprocessor) * multiprocessors;
-    if (int64_t(blocks) <= resident) {
-      plan.fits = true;
-      plan.units = units;
-      plan.blocks = blocks;
-      plan.shared_bytes = bytes;
-      plan.why.clear();
-      return plan;
+    if (int64_t(blocks) > resident) {
+      plan.why = std::to_string(blocks) + " blocks of " + std::to_string(units) + " units must be resident at once, " +
+                 "and the device holds " + std::to_string(resident);
+      continue;
     }
-    plan.why = std::to_string(blocks) + " blocks of " + std::to_string(units) + " units must be resident at once, " +
-               "and the device holds " + std::to_string(resident);
+    plan.fits = true;
+    plan.units = units;
+    plan.blocks = blocks;
+    plan.shared_bytes = bytes;
+    plan.why.clear();
+    if (int64_t(blocks) <= multiprocessors) return plan;
+    if (!fallback.fits) fallback = plan;
+    plan = PersistentPlan();
   }
-  return plan;
+  return fallback.fits ? fallback : plan;
 }
 
 // Why the kernels cannot run a window whatever the device (persistent.cuh), or null when they can: a projection,

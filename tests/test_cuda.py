@@ -305,8 +305,11 @@ def clear_of_the_relu_kink(p: Problem, rng) -> Problem:
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_half_precision_within_twice_the_naive_error(config, dtype, device, rng):
     p = clear_of_the_relu_kink(make_problem(*config, 6, 5, 24, 40, rng), rng)
+    assert_within_twice_the_naive_error(p, run_on_gpu(p, device, dtype), dtype)
+
+
+def assert_within_twice_the_naive_error(p: Problem, got: dict, dtype: str):
     expected = reference_results(p)
-    got = run_on_gpu(p, device, dtype)
     naive = naive_torch(p, dtype)
     unit_roundoff = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}[dtype]
     for name, exact in expected.items():
@@ -317,6 +320,22 @@ def test_half_precision_within_twice_the_naive_error(config, dtype, device, rng)
         bound = 2 * np.max(np.abs(naive[name] - exact)) + unit_roundoff * np.max(np.abs(exact))
         assert ours <= bound, (f"{name}: max error {ours:.3g} > bound {bound:.3g} "
                                f"(twice the naive {dtype} error)")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("units", [4, 8, 16])
+def test_persistent_kernels_at_every_units_per_block(units, config, dtype, monkeypatch, rng):
+    """CONVEYOR_PERSISTENT_UNITS asks for the block's units: at H = 37 every tiling of the products runs (4
+    units: 4 to 16 gate-unit columns, the warps splitting K; 16 units: up to 64 columns, a warp taking several
+    tiles), with the last block's units partly past H and B = 17 in two passes of 16 rows."""
+    monkeypatch.setenv("CONVEYOR_PERSISTENT_UNITS", str(units))
+    p = clear_of_the_relu_kink(make_problem(*config, 4, 17, 5, 37, rng), rng)
+    got = run_on_gpu(p, with_algorithm(DeviceArrays(), "persistent"), dtype)
+    if dtype == "bfloat16":
+        assert_within_twice_the_naive_error(p, got, dtype)
+    else:
+        assert_all_close(got, reference_results(p), np.dtype(dtype))
 
 
 @pytest.mark.parametrize("config", CONFIGS[:3], ids=config_id)

@@ -60,3 +60,37 @@ def test_a_bad_argument_raises_naming_it(name, kwargs):
 def test_hidden_too_large_for_the_persistent_kernel_raises_saying_why():
     with pytest.raises(ValueError, match=r"^hidden: the persistent forward kernel cannot run H=1000000"):
         _conveyor._persistent_floor(1, 1, 1_000_000, "float32", 0)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_the_plan_takes_the_fewest_units_whose_blocks_fit_one_to_a_multiprocessor(direction):
+    """Every block reads the whole step's input, so the plan takes more units per block (fewer blocks) where
+    4 units a block would put two blocks on a multiprocessor: 4 units up to 4 x SMs, 8 up to 8 x SMs, then 16
+    (bfloat16, where 16 units still fit)."""
+    def units(hidden):
+        launched = _conveyor._persistent_floor(1, 1, hidden, "bfloat16", 0, direction=direction)
+        _conveyor._synchronize(0)
+        return launched["units"], launched["multiprocessors"]
+
+    _, multiprocessors = units(8)
+    assert multiprocessors > 0
+    for hidden, expected in [(4 * multiprocessors, 4), (4 * multiprocessors + 1, 8),
+                             (8 * multiprocessors, 8), (8 * multiprocessors + 1, 16)]:
+        assert units(hidden) == (expected, multiprocessors), f"H={hidden}"
+
+
+@pytest.mark.parametrize("units", [4, 8, 16])
+def test_units_asked_for_in_the_environment(units, monkeypatch):
+    monkeypatch.setenv("CONVEYOR_PERSISTENT_UNITS", str(units))
+    launched = _conveyor._persistent_floor(2, 3, 70, "float32", 0, direction="backward")
+    _conveyor._synchronize(0)
+    assert (launched["units"], launched["blocks"]) == (units, math.ceil(70 / units))
+
+
+def test_units_asked_for_that_do_not_fit_or_make_no_sense_raise(monkeypatch):
+    monkeypatch.setenv("CONVEYOR_PERSISTENT_UNITS", "16")
+    with pytest.raises(ValueError, match=r"^hidden: .* cannot run H=2048 .*16 units takes \d+ bytes"):
+        _conveyor._persistent_floor(1, 1, 2048, "float64", 0)
+    monkeypatch.setenv("CONVEYOR_PERSISTENT_UNITS", "5")
+    with pytest.raises(ValueError, match=r"^CONVEYOR_PERSISTENT_UNITS: expected 4, 8 or 16, got '5'$"):
+        _conveyor._persistent_floor(1, 1, 64, "float32", 0)

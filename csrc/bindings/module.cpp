@@ -626,6 +626,7 @@ PYBIND11_MODULE(_conveyor, m) {
     out["blocks"] = launched.blocks;
     out["units"] = launched.units;
     out["shared_bytes"] = launched.shared_bytes;
+    out["multiprocessors"] = launched.multiprocessors;
     return out;
   }, py::arg("steps"), py::arg("batch"), py::arg("hidden"), py::arg("dtype_name"), py::arg("stream"),
         py::arg("cell") = "lstm", py::arg("direction") = "forward");

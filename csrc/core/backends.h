@@ -36,6 +36,7 @@ struct PersistentFloorLaunch {
   unsigned blocks = 0;
   int units = 0;            // hidden units per block
   size_t shared_bytes = 0;  // dynamic shared memory per block, as the kernel's slice of R takes
+  int multiprocessors = 0;  // the device's, which the plan's choice of units depends on
 };
 PersistentFloorLaunch cuda_persistent_floor(const CellOptions& options, int64_t steps, int64_t batch, int64_t hidden,
                                             const std::string& dtype_name, bool backward, void* stream);
