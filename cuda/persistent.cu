@@ -16,6 +16,7 @@
 #include "persistent.cuh"
 
 #include <cooperative_groups.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -40,24 +41,31 @@ constexpr size_t kBackwardStageBytes = 32 * 1024;  // the backward's slice of da
 template <typename C>
 constexpr int kChunk = int(16 / sizeof(C));
 
-// float16 and bfloat16 forward products run on tensor cores (mma.sync m16n8k16, float accumulation): h_{t-1}
-// is stored in that type already, so its operand loses nothing; the rest run in FMAs of the compute type.
+// Whether the forward's products over h_{t-1} run on tensor cores, with float accumulation: for float16 and
+// bfloat16 (mma.sync m16n8k16; h_{t-1} is stored in that type already, so its operand loses nothing), and for
+// float32 with allow_tf32 (m16n8k8, both operands rounded to TF32). The rest run in FMAs of the compute type.
 template <typename S>
-constexpr bool kTensorCoreForward = std::is_same_v<S, __half> || std::is_same_v<S, bfloat16>;
+__host__ __device__ constexpr bool tensor_core_forward(bool tf32) {
+  return std::is_same_v<S, __half> || std::is_same_v<S, bfloat16> || (tf32 && std::is_same_v<S, float>);
+}
+
+// K of one tensor-core product: 16 for the 16-bit types, 8 in TF32.
+template <typename S>
+constexpr int kMmaK = sizeof(S) == 2 ? 16 : 8;
 
 // K padded to 16: the products' operand rows (h_{t-1}, and each gate block of da_{t+1} and of R's columns)
 // hold zeros from H on, so that the vector loads and MMA K steps never leave them and every row starts
 // 16-byte aligned.
 __host__ __device__ inline int padded_hidden(int64_t hidden) { return int((hidden + 15) / 16 * 16); }
 
-// The forward slice's row length. For 16-bit types, whose products run on tensor cores, 4 words past the
-// padded length, a stagger across the 32 shared-memory banks: the 8 lanes of an MMA B fragment read the same
-// k of 8 rows, and rows a multiple of 128 bytes apart would fall in one bank (measured on an H200: float32 at
-// H = 768 ran 16 ways serialised in an earlier version that read it so). The FMA products read one row per
-// warp-wide load and need no stagger.
+// The forward slice's row length. For the types whose products may run on tensor cores, 4 words past the
+// padded length, a stagger across the 32 shared-memory banks: the 8 lanes of an MMA fragment that share a
+// column read the same k of 8 rows, and rows a multiple of 128 bytes apart would fall in one bank (measured
+// on an H200: float32 at H = 768 ran 16 ways serialised in an earlier version that read it so). The FMA
+// products read one row per warp-wide load and need no stagger.
 template <typename S>
 __host__ __device__ inline int forward_slice_ld(int64_t hidden) {
-  return padded_hidden(hidden) + (sizeof(S) == 2 ? 8 : 0);
+  return padded_hidden(hidden) + (sizeof(S) == 8 ? 0 : 16 / int(sizeof(S)));
 }
 
 // Columns of the backward's stage of da_{t+1}: a slice of at most kBackwardStageBytes, or all of the padded
@@ -209,20 +217,22 @@ __device__ void stage_hidden(const ForwardStep<S>& p, int64_t b0, T* stage, int 
 
 // One product and epilogue over every batch row for the block's units: the product of gate blocks
 // [gate_first, gate_first + gates) over p.h_in (of type Input, masked by p.mask), then kEpilogue.
-// The same on tensor cores, for 16-bit S and an input of type S: the block stages 16 rows of h_{t-1} (masked,
-// rounded to S as the per-step kernels' inputs are not: they multiply the mask in float) in h_stage; warp w
-// takes the n8 tile w % n_tiles of the gate-unit columns and every (8 / n_tiles)-th K step of 16; the warps'
-// partial tiles meet in tiles.product, and each unit's thread adds them in a fixed order.
+// The same on tensor cores (tensor_core_forward) for an input of type S: the block stages 16 rows of h_{t-1}
+// (masked, rounded to S as the per-step kernels' inputs are not: they multiply the mask in float) in h_stage;
+// warp w takes the n8 tile w % n_tiles of the gate-unit columns and every (8 / n_tiles)-th K step of kMmaK;
+// the warps' partial tiles meet in tiles.product, and each unit's thread adds them in a fixed order.
 template <typename S, ForwardEpilogue kEpilogue, bool kRelu>
 __device__ void forward_pass_tensor_cores(const ForwardStep<S>& p, int units, int64_t j0, const S* r_slice, int ld,
                                           S* h_stage, int gate_first, int gates, const PassTiles<float>& tiles) {
   const int64_t B = p.batch, H = p.hidden;
   const int columns = gates * units, n_tiles = (columns + 7) / 8;
-  const int warps_per_tile = kPersistentWarps / n_tiles, k_steps = ld / 16;
+  const int warps_per_tile = kPersistentWarps / n_tiles, k_steps = ld / kMmaK<S>;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const S* weights = r_slice + gate_first * units * ld;
   // A 32-bit register of two consecutive 16-bit elements (their pairs start at even, 4-byte aligned offsets).
   auto pair = [](const S* at) { return *reinterpret_cast<const uint32_t*>(at); };
+  // A float32 operand rounded to TF32 to nearest, as the time-parallel products' TF32 operands are.
+  auto tf32 = [](S value) { return nvcuda::wmma::__float_to_tf32(float(value)); };
   for (int64_t b0 = 0; b0 < B; b0 += kPersistentRows) {
     stage_hidden<S, S, S>(p, b0, h_stage, ld);
     __syncthreads();
@@ -232,12 +242,22 @@ __device__ void forward_pass_tensor_cores(const ForwardStep<S>& p, int units, in
       const S* w = weights + (column < columns ? column : 0) * ld;
       float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       for (int step = part; step < k_steps; step += warps_per_tile) {
-        const int k0 = step * 16;
-        const uint32_t a[4] = {pair(h_stage + g * ld + k0 + 2 * t), pair(h_stage + (g + 8) * ld + k0 + 2 * t),
-                               pair(h_stage + g * ld + k0 + 8 + 2 * t), pair(h_stage + (g + 8) * ld + k0 + 8 + 2 * t)};
-        const uint32_t b[2] = {column < columns ? pair(w + k0 + 2 * t) : 0u,
-                               column < columns ? pair(w + k0 + 8 + 2 * t) : 0u};
-        ptx::mma_m16n8k16<S>(d, a, b, d);
+        const int k0 = step * kMmaK<S>;
+        if constexpr (sizeof(S) == 2) {
+          const uint32_t a[4] = {pair(h_stage + g * ld + k0 + 2 * t), pair(h_stage + (g + 8) * ld + k0 + 2 * t),
+                                 pair(h_stage + g * ld + k0 + 8 + 2 * t),
+                                 pair(h_stage + (g + 8) * ld + k0 + 8 + 2 * t)};
+          const uint32_t b[2] = {column < columns ? pair(w + k0 + 2 * t) : 0u,
+                                 column < columns ? pair(w + k0 + 8 + 2 * t) : 0u};
+          ptx::mma_m16n8k16<S>(d, a, b, d);
+        } else {
+          // a0..a3: (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4); b0, b1: (t, g), (t + 4, g).
+          const float a[4] = {tf32(h_stage[g * ld + k0 + t]), tf32(h_stage[(g + 8) * ld + k0 + t]),
+                              tf32(h_stage[g * ld + k0 + t + 4]), tf32(h_stage[(g + 8) * ld + k0 + t + 4])};
+          const float b[2] = {column < columns ? tf32(w[k0 + t]) : 0.0f,
+                              column < columns ? tf32(w[k0 + t + 4]) : 0.0f};
+          ptx::mma_m16n8k8_tf32(d, a, b, d);
+        }
       }
       // d0, d1: (row g, columns 2t, 2t + 1) of the tile; d2, d3: row g + 8.
       float* out = &tiles.product[0][0] + (part * n_tiles + n_tile) * 128;
@@ -269,11 +289,11 @@ __device__ void forward_pass_tensor_cores(const ForwardStep<S>& p, int units, in
 
 // The FMA product: 16 rows of the input staged in the compute type (a_stage [16][padded H]), times the slice's
 // gate-unit rows.
-template <typename S, ForwardEpilogue kEpilogue, bool kRelu, typename Input>
+template <typename S, ForwardEpilogue kEpilogue, bool kRelu, typename Input, bool kTensorCores>
 __device__ void forward_pass(const ForwardStep<S>& p, int units, int64_t j0, const S* r_slice, int ld, S* h_stage,
                              Compute<S>* a_stage, int gate_first, int gates, const PassTiles<Compute<S>>& tiles) {
   using C = Compute<S>;
-  if constexpr (kTensorCoreForward<S> && std::is_same_v<Input, S>) {
+  if constexpr (kTensorCores && std::is_same_v<Input, S>) {
     return forward_pass_tensor_cores<S, kEpilogue, kRelu>(p, units, j0, r_slice, ld, h_stage, gate_first, gates,
                                                           tiles);
   }
@@ -308,17 +328,19 @@ __device__ void forward_pass(const ForwardStep<S>& p, int units, int64_t j0, con
   }
 }
 
-// Whether the forward kernel runs FMA products (and needs their stage): every product but the 16-bit types'
-// over h_{t-1}, which run on tensor cores; the GRU with reset_before has one over r * h_{t-1} in float.
+// Whether the forward kernel runs FMA products (and needs their stage): all of them where its products over
+// h_{t-1} do not run on tensor cores; with the 16-bit types, the GRU with reset_before's over r * h_{t-1},
+// which is in float.
 template <typename S>
-__host__ __device__ constexpr bool forward_fma_products(bool reset_before) {
-  return !kTensorCoreForward<S> || reset_before;
+__host__ __device__ constexpr bool forward_fma_products(bool tensor_cores, bool reset_before) {
+  return !tensor_cores || (reset_before && !std::is_same_v<S, Compute<S>>);
 }
 
-template <typename S, ForwardEpilogue kEpilogue, bool kRelu>
+template <typename S, ForwardEpilogue kEpilogue, bool kRelu, bool kTf32>
 __global__ void __launch_bounds__(kPersistentThreads, sizeof(Compute<S>) == 4 ? 2 : 1)
     forward_persistent_kernel(ForwardWindow<S> w, int units) {
   using C = Compute<S>;
+  constexpr bool kTensorCores = tensor_core_forward<S>(kTf32);
   constexpr bool kResetBefore = kEpilogue == ForwardEpilogue::gru_reset_before_gates;
   constexpr int kGates = kResetBefore ? 3 : product_gates(kEpilogue);
   CONVEYOR_SHARED(C, partial, [kPersistentThreads]);
@@ -330,7 +352,7 @@ __global__ void __launch_bounds__(kPersistentThreads, sizeof(Compute<S>) == 4 ? 
   const int64_t H = w.base.hidden, j0 = int64_t(blockIdx.x) * units;
   const int ld = forward_slice_ld<S>(H);
   S* h_stage = r_slice + kGates * units * ld;
-  C* a_stage = reinterpret_cast<C*>(h_stage + (kTensorCoreForward<S> ? kPersistentRows * ld : 0));
+  C* a_stage = reinterpret_cast<C*>(h_stage + (kTensorCores ? kPersistentRows * ld : 0));
   for (int e = threadIdx.x; e < kGates * units * ld; e += kPersistentThreads) {
     const int k = e % ld, u = e / ld % units, g = e / (ld * units);
     const int64_t j = j0 + u;
@@ -341,14 +363,15 @@ __global__ void __launch_bounds__(kPersistentThreads, sizeof(Compute<S>) == 4 ? 
   for (int64_t t = 0; t < w.steps; ++t) {
     ForwardStep<S> p = w.step(t);
     if constexpr (kResetBefore) {
-      forward_pass<S, ForwardEpilogue::gru_reset_before_gates, kRelu, S>(p, units, j0, r_slice, ld, h_stage, a_stage,
-                                                                         0, 2, tiles);
+      forward_pass<S, ForwardEpilogue::gru_reset_before_gates, kRelu, S, kTensorCores>(p, units, j0, r_slice, ld,
+                                                                                       h_stage, a_stage, 0, 2, tiles);
       grid.sync();  // every unit's r * h_{t-1} before the n block's product reads them
       ForwardWindow<S>::to_output_phase(p);
-      forward_pass<S, ForwardEpilogue::gru_reset_before_output, kRelu, C>(p, units, j0, r_slice, ld, h_stage,
-                                                                          a_stage, 2, 1, tiles);
+      forward_pass<S, ForwardEpilogue::gru_reset_before_output, kRelu, C, kTensorCores>(p, units, j0, r_slice, ld,
+                                                                                        h_stage, a_stage, 2, 1, tiles);
     } else {
-      forward_pass<S, kEpilogue, kRelu, S>(p, units, j0, r_slice, ld, h_stage, a_stage, 0, kGates, tiles);
+      forward_pass<S, kEpilogue, kRelu, S, kTensorCores>(p, units, j0, r_slice, ld, h_stage, a_stage, 0, kGates,
+                                                         tiles);
     }
     grid.sync();  // every unit of h_t before the next step reads it
   }
@@ -357,19 +380,27 @@ __global__ void __launch_bounds__(kPersistentThreads, sizeof(Compute<S>) == 4 ? 
 template <typename S, bool kRelu>
 using ForwardPersistentKernel = void (*)(ForwardWindow<S>, int);
 
-template <typename S, bool kRelu>
-ForwardPersistentKernel<S, kRelu> forward_persistent_kernel_for(const CellOptions& options) {
+template <typename S, bool kRelu, bool kTf32>
+ForwardPersistentKernel<S, kRelu> forward_persistent_kernel_of(const CellOptions& options) {
   switch (options.cell) {
     case CellType::lstm:
-      if (options.coupled_gates) return forward_persistent_kernel<S, ForwardEpilogue::lstm_coupled, kRelu>;
-      return forward_persistent_kernel<S, ForwardEpilogue::lstm, kRelu>;
+      if (options.coupled_gates) return forward_persistent_kernel<S, ForwardEpilogue::lstm_coupled, kRelu, kTf32>;
+      return forward_persistent_kernel<S, ForwardEpilogue::lstm, kRelu, kTf32>;
     case CellType::gru:
-      if (options.reset_after) return forward_persistent_kernel<S, ForwardEpilogue::gru_reset_after, kRelu>;
-      return forward_persistent_kernel<S, ForwardEpilogue::gru_reset_before_gates, kRelu>;
+      if (options.reset_after) return forward_persistent_kernel<S, ForwardEpilogue::gru_reset_after, kRelu, kTf32>;
+      return forward_persistent_kernel<S, ForwardEpilogue::gru_reset_before_gates, kRelu, kTf32>;
     case CellType::rnn:
       break;
   }
-  return forward_persistent_kernel<S, ForwardEpilogue::rnn, kRelu>;
+  return forward_persistent_kernel<S, ForwardEpilogue::rnn, kRelu, kTf32>;
+}
+
+template <typename S, bool kRelu>
+ForwardPersistentKernel<S, kRelu> forward_persistent_kernel_for(const CellOptions& options) {
+  if constexpr (std::is_same_v<S, float>) {
+    if (options.allow_tf32) return forward_persistent_kernel_of<S, kRelu, true>(options);
+  }
+  return forward_persistent_kernel_of<S, kRelu, false>(options);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -560,9 +591,11 @@ PersistentPlan persistent_forward_plan(const CellOptions& options, int64_t hidde
   const void* kernel = reinterpret_cast<const void*>(forward_persistent_kernel_for<S, kRelu>(options));
   const size_t ld = size_t(forward_slice_ld<S>(hidden));
   const bool reset_before = options.cell == CellType::gru && !options.reset_after;
-  const size_t h_stage = kTensorCoreForward<S> ? sizeof(S) * kPersistentRows * ld : 0;
-  const size_t a_stage =
-      forward_fma_products<S>(reset_before) ? sizeof(Compute<S>) * kPersistentRows * size_t(padded_hidden(hidden)) : 0;
+  const bool tensor_cores = tensor_core_forward<S>(options.allow_tf32);
+  const size_t h_stage = tensor_cores ? sizeof(S) * kPersistentRows * ld : 0;
+  const size_t a_stage = forward_fma_products<S>(tensor_cores, reset_before)
+                             ? sizeof(Compute<S>) * kPersistentRows * size_t(padded_hidden(hidden))
+                             : 0;
   return plan_for<Compute<S>>(kernel, hidden, sizeof(S) * size_t(gate_count(options)) * ld, h_stage + a_stage);
 }
 
