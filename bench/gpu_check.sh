@@ -25,7 +25,8 @@
 #   d bench    bench/cuda_rnn.py: LSTM and GRU against cuDNN, H 768, 256, 1024, B 16, 64, 1, 256, T=256,
 #              float32 and bfloat16, per_step and persistent, with the persistent floor; rows flushed to
 #              bench.md as they are measured, so a timeout keeps them; then the LSTM's persistent rows at
-#              4 units per block and in TF32 (bench/NOTES.md, version 3), appended
+#              4 units per block and in TF32 (bench/NOTES.md, version 3) and bench/gemm.py's time-parallel
+#              products against cuBLAS, appended
 #   e ncu      Nsight Compute (--set full) on one forward_persistent_kernel and one backward_persistent_kernel
 #              (LSTM, H=768, B=16, T=64, float32), then one forward_step_kernel of the per-step path at the
 #              same size: the report and the details pages as text
@@ -292,11 +293,16 @@ bench() {
     --hidden 768 --batch 16,64 --out "$logs/units-4.md"
   run d-bench-tf32 30 'failed|^\| ' "${persistent[@]}" --tf32 --dtype float32 --hidden 768,1024 --batch 16,64 \
     --out "$logs/tf32.md"
+  # The time-parallel products against cuBLAS and the measured dense peak (the speed issue's 60% target).
+  run d-bench-gemm 40 'failed|^\| ' env PYTHONUNBUFFERED=1 "$python" bench/gemm.py --dtype float32,bfloat16 \
+    --tf32 --out "$logs/gemm.md"
   {
     printf '\n## The same rows with CONVEYOR_PERSISTENT_UNITS=4 (the plan before version 3)\n\n'
     cat "$logs/units-4.md" 2> /dev/null
     printf '\n## float32 with --tf32 (the persistent forward on TF32 tensor cores; cuDNN in TF32)\n\n'
     cat "$logs/tf32.md" 2> /dev/null
+    printf '\n'
+    cat "$logs/gemm.md" 2> /dev/null
   } >> "$out/bench.md"
 }
 

@@ -1,12 +1,16 @@
 // The time-parallel matrix products: a tiled SIMT kernel for any operand type, and a tensor-core kernel
 // (WMMA: float16, bfloat16, TF32) for GPUs of compute capability 8.0 and up. Both stage their tiles through
 // shared memory, converting to the multiply type on the way, so operands may be of any layout and type and
-// the sizes need not divide the tiles. Then the column sum and the converting copy.
+// the sizes need not divide the tiles. Then the column sum, the converting copy, and the entry point of the
+// products' tests and benchmark (core/backends.h, cuda_test_gemm).
 //
 // Contract: see gemm.cuh. Out-of-range tile elements load as zero; C is read only when accumulating, so
 // an uninitialised (or NaN-poisoned) output is never read.
 #include <mma.h>
 
+#include <string>
+
+#include "core/backends.h"
 #include "device.cuh"
 #include "gemm.cuh"
 
@@ -302,3 +306,45 @@ CONVEYOR_INSTANTIATE_MIXED(__half)
 CONVEYOR_INSTANTIATE_MIXED(bfloat16)
 
 }  // namespace conveyor::cuda
+
+namespace conveyor::detail {
+namespace {
+
+template <typename S>
+void test_gemm(const std::string& kind, int64_t M, int64_t N, int64_t K, uintptr_t a, bool a_transposed,
+               uintptr_t b, bool b_transposed, uintptr_t c, bool accumulate, bool allow_tf32, cudaStream_t stream) {
+  using C = cuda::Compute<S>;
+  auto operand = [](auto* data, bool transposed, int64_t rows, int64_t cols) {
+    return transposed ? cuda::transpose_of(data, rows) : cuda::rows_of(data, cols);
+  };
+  const auto B = operand(reinterpret_cast<const S*>(b), b_transposed, K, N);
+  if (kind == "projection") {
+    cuda::gemm(M, N, K, operand(reinterpret_cast<const S*>(a), a_transposed, M, K), B, accumulate,
+               reinterpret_cast<C*>(c), N, allow_tf32, stream);
+  } else {
+    cuda::gemm(M, N, K, operand(reinterpret_cast<const C*>(a), a_transposed, M, K), B, accumulate,
+               reinterpret_cast<S*>(c), N, allow_tf32, stream);
+  }
+}
+
+}  // namespace
+
+void cuda_test_gemm(const std::string& kind, const std::string& dtype_name, int64_t M, int64_t N, int64_t K,
+                    uintptr_t a, bool a_transposed, uintptr_t b, bool b_transposed, uintptr_t c, bool accumulate,
+                    bool allow_tf32, uintptr_t stream) {
+  if (kind != "projection" && kind != "gradient") {
+    throw ArgumentError("kind: expected 'projection' or 'gradient', got '" + kind + "'");
+  }
+  for (const auto& [name, value] : {std::pair{"M", M}, std::pair{"N", N}, std::pair{"K", K}}) {
+    if (value < 0) throw ArgumentError(std::string(name) + ": expected at least 0, got " + std::to_string(value));
+  }
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  const auto args = std::tuple{kind, M, N, K, a, a_transposed, b, b_transposed, c, accumulate, allow_tf32, s};
+  if (dtype_name == "float32") return std::apply(test_gemm<float>, args);
+  if (dtype_name == "float64") return std::apply(test_gemm<double>, args);
+  if (dtype_name == "float16") return std::apply(test_gemm<__half>, args);
+  if (dtype_name == "bfloat16") return std::apply(test_gemm<cuda::bfloat16>, args);
+  throw ArgumentError("dtype_name: expected float32, float64, float16 or bfloat16, got '" + dtype_name + "'");
+}
+
+}  // namespace conveyor::detail

@@ -609,6 +609,16 @@ PYBIND11_MODULE(_conveyor, m) {
   m.def("_stream_destroy", &detail::cuda_test_stream_destroy, py::arg("device"), py::arg("stream"));
   m.def("_synchronize", &detail::cuda_test_synchronize, py::arg("device"), py::arg("stream") = 0);
   m.def("_pool_release_threshold", &detail::cuda_test_pool_release_threshold, py::arg("device"));
+  // The time-parallel products on device addresses (core/backends.h), for tests and bench/gemm.py.
+  m.def("_gemm", [](const std::string& kind, const std::string& dtype_name, int64_t M, int64_t N, int64_t K,
+                    uintptr_t a, uintptr_t b, uintptr_t c, bool a_transposed, bool b_transposed, bool accumulate,
+                    bool allow_tf32, uintptr_t stream) {
+    py::gil_scoped_release release;
+    detail::cuda_test_gemm(kind, dtype_name, M, N, K, a, a_transposed, b, b_transposed, c, accumulate, allow_tf32,
+                           stream);
+  }, py::arg("kind"), py::arg("dtype_name"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("a"), py::arg("b"),
+        py::arg("c"), py::kw_only(), py::arg("a_transposed") = false, py::arg("b_transposed") = false,
+        py::arg("accumulate") = false, py::arg("allow_tf32") = false, py::arg("stream") = 0);
   // The persistent kernels' floor for the benchmarks (core/backends.h); queued on `stream`, timed by the caller.
   m.def("_persistent_floor", [](int64_t steps, int64_t batch, int64_t hidden, const std::string& dtype_name,
                                 int64_t stream, const std::string& cell, const std::string& direction) {

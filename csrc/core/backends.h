@@ -55,6 +55,15 @@ void cuda_test_stream_destroy(int device, uintptr_t stream);
 void cuda_test_synchronize(int device, uintptr_t stream);
 // The release threshold of the device's default stream-ordered memory pool (cudaMallocAsync's), in bytes.
 uint64_t cuda_test_pool_release_threshold(int device);
+// The time-parallel products (cuda/gemm.cuh) on device arrays, for their tests and bench/gemm.py: C[M, N] =
+// A B (+= with `accumulate`), as the backend forms them for the storage type `dtype_name` with its compute
+// type: kind "projection" (x W^T) takes A and B in the storage type and writes C in the compute type;
+// "gradient" (dx, dW, dR) takes A in the compute type, B in the storage type, and writes C in the storage
+// type. A is [M, K] row-major, or with `a_transposed` its transpose stored [K, M]; B [K, N], or stored [N, K];
+// C [M, N]. Queued on `stream`.
+void cuda_test_gemm(const std::string& kind, const std::string& dtype_name, int64_t M, int64_t N, int64_t K,
+                    uintptr_t a, bool a_transposed, uintptr_t b, bool b_transposed, uintptr_t c, bool accumulate,
+                    bool allow_tf32, uintptr_t stream);
 
 // The LSTM options of `options` in the form the cell math takes (csrc/cells/lstm.h), in compute type T.
 template <typename T>

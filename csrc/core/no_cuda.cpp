@@ -32,6 +32,10 @@ PersistentFloorLaunch cuda_persistent_floor(const CellOptions&, int64_t, int64_t
 }
 
 uintptr_t cuda_test_malloc(int, size_t) { no_backend(); }
+void cuda_test_gemm(const std::string&, const std::string&, int64_t, int64_t, int64_t, uintptr_t, bool, uintptr_t,
+                    bool, uintptr_t, bool, bool, uintptr_t) {
+  no_backend();
+}
 void cuda_test_free(int, uintptr_t) { no_backend(); }
 void cuda_test_copy(int, uintptr_t, uintptr_t, size_t, bool) { no_backend(); }
 uintptr_t cuda_test_stream_create(int) { no_backend(); }
