@@ -7,7 +7,8 @@
 // writes its units of h_t, and waits at the grid barrier. Backward mirrors it over R's columns: the block keeps
 // column j of every row for its units, and each step forms da_{t+1} R for them, staging da_{t+1} in slices.
 //
-// The products (but the 16-bit forward's, on tensor cores) run in the compute type with FMAs, register-blocked:
+// The products run on tensor cores (mma.sync, float accumulation) for the 16-bit types and for float32 with
+// allow_tf32 (tensor_core_forward, tensor_core_backward), else in the compute type with FMAs, register-blocked:
 // a warp owns an 8-row x 4-column tile of outputs, each lane sums a share of K for all 32 of them (a 16-byte
 // chunk of each operand row per k step, so that 12 vector shared loads feed 32 V FMAs), and the lanes' sums
 // meet in a butterfly of shuffles that leaves each lane one output. Where a product has fewer tiles than the
@@ -75,6 +76,26 @@ __host__ __device__ inline int backward_stage_width(int gates, int64_t hidden) {
   const int most = int(kBackwardStageBytes / (kPersistentRows * sizeof(C)));
   const int all = gates * padded_hidden(hidden);
   return all < most ? all : most;
+}
+
+// Whether the backward's products run on tensor cores, m16n8k8 in TF32 with float accumulation: for float16
+// and bfloat16, whose R every TF32 value holds exactly (da_{t+1}, in float, rounds to TF32: finer than the
+// storage type), and for float32 with allow_tf32. The rest run in FMAs of the compute type.
+template <typename S>
+__host__ __device__ constexpr bool tensor_core_backward(bool tf32) {
+  return sizeof(S) == 2 || (tf32 && std::is_same_v<S, float>);
+}
+
+// Row lengths of the backward's stage of da_{t+1} (in the compute type C) and of the block's columns of R (in
+// S): 16 bytes past the data for the types whose products may run on tensor cores, a stagger across the
+// shared-memory banks for the MMA fragments, which read the same k of 8 rows at once (forward_slice_ld).
+template <typename C>
+__host__ __device__ inline int backward_stage_ld(int width) {
+  return width + (sizeof(C) == 4 ? 4 : 0);
+}
+template <typename S>
+__host__ __device__ inline int backward_columns_ld(int gates, int64_t hidden) {
+  return gates * padded_hidden(hidden) + (sizeof(S) == 8 ? 0 : 16 / int(sizeof(S)));
 }
 
 template <typename C>
@@ -409,20 +430,31 @@ ForwardPersistentKernel<S, kRelu> forward_persistent_kernel_for(const CellOption
 // The product P[b, j] = sum_{k < K} A(b, k) R[R_row0 + k, j] (BackwardStep) over every batch row for the
 // block's units, then kEpilogue. K and R_row0 are whole gate blocks of H; the block's columns of R hold each
 // gate block padded to 16 (r_columns: unit u's gate block g at u * ld + g * padded H), and the product stages
-// A the same way, `width` padded columns at a time, in a_stage [16][width].
-template <typename S, BackwardEpilogue kEpilogue, bool kRelu>
+// A the same way, `width` padded columns at a time, in a_stage [16][backward_stage_ld(width)].
+// On tensor cores the 16 staged rows are the MMA's M and the block's units its N, 8 to an n8 tile (those past
+// `units` zero): warp w takes tile w % n_tiles and every (8 / n_tiles)-th K step of 8 of each slice, and the
+// warps' partial tiles meet in tiles.product, where each unit's thread adds them in a fixed order.
+template <typename S, BackwardEpilogue kEpilogue, bool kRelu, bool kTensorCores>
 __device__ void backward_pass(const BackwardStep<S>& p, int units, int64_t j0, const S* r_columns, int ld,
                               Compute<S>* a_stage, int width, const PassTiles<Compute<S>>& tiles) {
   using C = Compute<S>;
   const int64_t B = p.batch, H = p.hidden;
   const int Hp = padded_hidden(H), K = int(p.K / H) * Hp, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int a_ld = backward_stage_ld<C>(width);
   const S* weights = r_columns + int(p.R_row0 / H) * Hp;
   const TileWork work(units);
+  // The tensor-core product's share of the warp: (g, t) place the lane's fragment elements.
+  const int n_tiles = (units + 7) / 8, warps_per_tile = kPersistentWarps / n_tiles;
+  const int n_tile = warp % n_tiles, mma_part = warp / n_tiles, g = lane / 4, t = lane % 4;
+  const int column = n_tile * 8 + g;
+  const S* w_column = weights + (column < units ? column : 0) * ld;
+  auto tf32 = [](auto value) { return nvcuda::wmma::__float_to_tf32(convert<float>(value)); };
   for (int64_t b0 = 0; b0 < B; b0 += kPersistentRows) {
     const int tile = warp % work.tiles, part = warp / work.tiles;  // at most one tile a warp: units <= 16
     const bool working = warp < work.tiles * work.parts;
     C acc[kTileOutputs];
     clear_tile(acc);
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int k0 = 0; k0 < K; k0 += width) {
       const int columns = K - k0 < width ? K - k0 : width;
       for (int kk = threadIdx.x; kk < columns; kk += kPersistentThreads) {
@@ -434,81 +466,118 @@ __device__ void backward_pass(const BackwardStep<S>& p, int units, int64_t j0, c
 #pragma unroll
         for (int r = 0; r < kPersistentRows; ++r) {
           const int64_t b = b0 + r;
-          a_stage[r * width + kk] = within < H && b < p.product_batch ? source[b * source_ld] : C(0);
+          a_stage[r * a_ld + kk] = within < H && b < p.product_batch ? source[b * source_ld] : C(0);
         }
       }
       __syncthreads();
-      if (working) {
-        accumulate_tile(acc, a_stage + TileWork::row(tile) * width, width,
-                        weights + TileWork::column(tile) * ld + k0, ld, part * 32 + lane, work.parts * 32,
-                        columns / kChunk<C>);
+      if constexpr (kTensorCores) {
+        for (int step = mma_part; step < columns / 8; step += warps_per_tile) {
+          const int k = step * 8;
+          // a0..a3: (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4); b0, b1: (t, g), (t + 4, g).
+          const float a[4] = {tf32(a_stage[g * a_ld + k + t]), tf32(a_stage[(g + 8) * a_ld + k + t]),
+                              tf32(a_stage[g * a_ld + k + t + 4]), tf32(a_stage[(g + 8) * a_ld + k + t + 4])};
+          const float b[2] = {column < units ? tf32(w_column[k0 + k + t]) : 0.0f,
+                              column < units ? tf32(w_column[k0 + k + t + 4]) : 0.0f};
+          ptx::mma_m16n8k8_tf32(d, a, b, d);
+        }
+      } else if (working) {
+        accumulate_tile(acc, a_stage + TileWork::row(tile) * a_ld, a_ld, weights + TileWork::column(tile) * ld + k0,
+                        ld, part * 32 + lane, work.parts * 32, columns / kChunk<C>);
       }
       __syncthreads();
     }
-    if (working) store_tile(work, tile, part, reduce_tile<kTileOutputs / 2>(acc), tiles);
-    __syncthreads();
-    combine_parts(work, tiles);
-    if (int(threadIdx.x) < kPersistentRows * units) {
-      const int r = threadIdx.x / units, u = threadIdx.x % units;
-      const int64_t b = b0 + r, j = j0 + u;
-      if (b < B && j < H) backward_epilogue<S, kEpilogue, kRelu>(p, b, j, tiles.product[r][u]);
+    if constexpr (kTensorCores) {
+      // d0, d1: (row g, columns 2t, 2t + 1) of the tile; d2, d3: row g + 8.
+      float* out = &tiles.product[0][0] + (mma_part * n_tiles + n_tile) * 128;
+      out[g * 8 + 2 * t] = d[0];
+      out[g * 8 + 2 * t + 1] = d[1];
+      out[(g + 8) * 8 + 2 * t] = d[2];
+      out[(g + 8) * 8 + 2 * t + 1] = d[3];
+      __syncthreads();
+      if (int(threadIdx.x) < kPersistentRows * units) {
+        const int r = threadIdx.x / units, u = threadIdx.x % units;
+        const int64_t b = b0 + r, j = j0 + u;
+        float sum = 0.0f;
+        for (int part_k = 0; part_k < warps_per_tile; ++part_k) {
+          sum += (&tiles.product[0][0])[(part_k * n_tiles + u / 8) * 128 + r * 8 + u % 8];
+        }
+        if (b < B && j < H) backward_epilogue<S, kEpilogue, kRelu>(p, b, j, sum);
+      }
+    } else {
+      if (working) store_tile(work, tile, part, reduce_tile<kTileOutputs / 2>(acc), tiles);
+      __syncthreads();
+      combine_parts(work, tiles);
+      if (int(threadIdx.x) < kPersistentRows * units) {
+        const int r = threadIdx.x / units, u = threadIdx.x % units;
+        const int64_t b = b0 + r, j = j0 + u;
+        if (b < B && j < H) backward_epilogue<S, kEpilogue, kRelu>(p, b, j, tiles.product[r][u]);
+      }
     }
     __syncthreads();
   }
 }
 
-template <typename S, BackwardEpilogue kEpilogue, bool kRelu>
+template <typename S, BackwardEpilogue kEpilogue, bool kRelu, bool kTf32>
 __global__ void __launch_bounds__(kPersistentThreads, sizeof(Compute<S>) == 4 ? 2 : 1)
     backward_persistent_kernel(BackwardWindow<S> w, int units, S* dh0) {
   using C = Compute<S>;
+  constexpr bool kTensorCores = tensor_core_backward<S>(kTf32);
   constexpr bool kResetBefore = kEpilogue == BackwardEpilogue::gru_reset_before_update;
   CONVEYOR_SHARED(C, partial, [kPersistentThreads]);
   CONVEYOR_SHARED(C, product, [kPersistentRows][kPersistentMaxColumns]);
   CONVEYOR_DYNAMIC_SHARED(S, r_columns);  // (unit u, gate g, k) at u * ld + g * padded H + k; then a_stage
   const PassTiles<C> tiles{partial, product};
   const int64_t H = w.base.hidden, j0 = int64_t(blockIdx.x) * units;
-  const int gates = int(w.base.gate_stride / H), Hp = padded_hidden(H), ld = gates * Hp;
+  const int gates = int(w.base.gate_stride / H), Hp = padded_hidden(H), ld = backward_columns_ld<S>(gates, H);
   const int width = backward_stage_width<C>(gates, H);
   C* a_stage = reinterpret_cast<C*>(r_columns + units * ld);
   for (int e = threadIdx.x; e < units * ld; e += kPersistentThreads) {
     const int u = e / ld, gate = e % ld / Hp, k = e % ld % Hp;
     const int64_t j = j0 + u;
-    r_columns[e] = j < H && k < H ? w.base.R[(gate * H + k) * H + j] : convert<S>(0.0f);
+    r_columns[e] = j < H && gate < gates && k < H ? w.base.R[(gate * H + k) * H + j] : convert<S>(0.0f);
   }
   __syncthreads();
   const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   for (int64_t t = w.steps - 1; t >= 0; --t) {
     BackwardStep<S> p = w.step(t);
-    backward_pass<S, kEpilogue, kRelu>(p, units, j0, r_columns, ld, a_stage, width, tiles);
+    backward_pass<S, kEpilogue, kRelu, kTensorCores>(p, units, j0, r_columns, ld, a_stage, width, tiles);
     if constexpr (kResetBefore) {
       grid.sync();  // every unit's dax_n of step t before d(r * h_{t-1}) = dax_n R_n reads them
       BackwardWindow<S>::to_reset_phase(p);
-      backward_pass<S, BackwardEpilogue::gru_reset_before_reset, kRelu>(p, units, j0, r_columns, ld, a_stage, width,
-                                                                        tiles);
+      backward_pass<S, BackwardEpilogue::gru_reset_before_reset, kRelu, kTensorCores>(p, units, j0, r_columns, ld,
+                                                                                      a_stage, width, tiles);
     }
     grid.sync();  // step t's gradients before step t - 1's product reads them
   }
   if (dh0 != nullptr) {
-    backward_pass<S, BackwardEpilogue::initial_state, kRelu>(w.initial_state(dh0), units, j0, r_columns, ld, a_stage,
-                                                             width, tiles);
+    backward_pass<S, BackwardEpilogue::initial_state, kRelu, kTensorCores>(w.initial_state(dh0), units, j0,
+                                                                           r_columns, ld, a_stage, width, tiles);
   }
 }
 
 template <typename S, bool kRelu>
 using BackwardPersistentKernel = void (*)(BackwardWindow<S>, int, S*);
 
-template <typename S, bool kRelu>
-BackwardPersistentKernel<S, kRelu> backward_persistent_kernel_for(const CellOptions& options) {
+template <typename S, bool kRelu, bool kTf32>
+BackwardPersistentKernel<S, kRelu> backward_persistent_kernel_of(const CellOptions& options) {
   switch (options.cell) {
     case CellType::lstm:
-      return backward_persistent_kernel<S, BackwardEpilogue::lstm, kRelu>;
+      return backward_persistent_kernel<S, BackwardEpilogue::lstm, kRelu, kTf32>;
     case CellType::gru:
-      if (options.reset_after) return backward_persistent_kernel<S, BackwardEpilogue::gru_reset_after, kRelu>;
-      return backward_persistent_kernel<S, BackwardEpilogue::gru_reset_before_update, kRelu>;
+      if (options.reset_after) return backward_persistent_kernel<S, BackwardEpilogue::gru_reset_after, kRelu, kTf32>;
+      return backward_persistent_kernel<S, BackwardEpilogue::gru_reset_before_update, kRelu, kTf32>;
     case CellType::rnn:
       break;
   }
-  return backward_persistent_kernel<S, BackwardEpilogue::rnn, kRelu>;
+  return backward_persistent_kernel<S, BackwardEpilogue::rnn, kRelu, kTf32>;
+}
+
+template <typename S, bool kRelu>
+BackwardPersistentKernel<S, kRelu> backward_persistent_kernel_for(const CellOptions& options) {
+  if constexpr (std::is_same_v<S, float>) {
+    if (options.allow_tf32) return backward_persistent_kernel_of<S, kRelu, true>(options);
+  }
+  return backward_persistent_kernel_of<S, kRelu, false>(options);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -603,10 +672,12 @@ template <typename S, bool kRelu>
 PersistentPlan persistent_backward_plan(const CellOptions& options, int64_t hidden, bool projection) {
   if (const char* why = per_step_only(options, projection)) return refused_plan(why);
   const void* kernel = reinterpret_cast<const void*>(backward_persistent_kernel_for<S, kRelu>(options));
+  using C = Compute<S>;
   const int gates = gate_count(options);
-  const size_t ld = size_t(gates) * size_t(padded_hidden(hidden));
-  const size_t a_stage = sizeof(Compute<S>) * kPersistentRows * size_t(backward_stage_width<Compute<S>>(gates, hidden));
-  return plan_for<Compute<S>>(kernel, hidden, sizeof(S) * ld, a_stage);
+  const size_t ld = size_t(backward_columns_ld<S>(gates, hidden));
+  const int stage_ld = backward_stage_ld<C>(backward_stage_width<C>(gates, hidden));
+  const size_t a_stage = sizeof(C) * kPersistentRows * size_t(stage_ld);
+  return plan_for<C>(kernel, hidden, sizeof(S) * ld, a_stage);
 }
 
 template <typename S, bool kRelu>

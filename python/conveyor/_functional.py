@@ -13,7 +13,7 @@ PyTorch and JAX, on the CPU (float32, float64) or a CUDA GPU (float32, float64, 
 are read and written in place, without copies, and the outputs are arrays of x's library on x's device. GPU
 work runs on ``stream`` when given (an int ``cudaStream_t``, or a CuPy or PyTorch stream), else on the
 current stream of x's library. ``allow_tf32=True`` lets float32 work on a GPU multiply its time-parallel
-products, and the persistent forward's recurrent products, on tensor cores in TF32.
+products, and the persistent kernels' recurrent products, on tensor cores in TF32.
 """
 
 from __future__ import annotations
