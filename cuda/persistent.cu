@@ -208,6 +208,25 @@ __device__ __forceinline__ void combine_parts(const TileWork& work, const PassTi
   __syncthreads();
 }
 
+// The tensor-core products' partial tiles: warp `part` of those that split a tile's K stores its m16n8
+// accumulator fragment (d0, d1: row g, columns 2t and 2t + 1; d2, d3: row g + 8) in slot part * n_tiles +
+// n_tile of tiles.product, 128 floats a slot, row-major; after a barrier, element (r, c) of the product is the
+// sum of its slots in the order of the parts.
+__device__ __forceinline__ void store_mma_tile(const float (&d)[4], int slot, const PassTiles<float>& tiles) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  float* out = &tiles.product[0][0] + slot * 128;
+  out[g * 8 + 2 * t] = d[0];
+  out[g * 8 + 2 * t + 1] = d[1];
+  out[(g + 8) * 8 + 2 * t] = d[2];
+  out[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+__device__ __forceinline__ float sum_mma_parts(const PassTiles<float>& tiles, int parts, int n_tiles, int r, int c) {
+  const float* slots = &tiles.product[0][0] + c / 8 * 128 + r * 8 + c % 8;
+  float sum = 0.0f;
+  for (int part = 0; part < parts; ++part) sum += slots[part * n_tiles * 128];
+  return sum;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Forward
 
@@ -280,12 +299,7 @@ __device__ void forward_pass_tensor_cores(const ForwardStep<S>& p, int units, in
           ptx::mma_m16n8k8_tf32(d, a, b, d);
         }
       }
-      // d0, d1: (row g, columns 2t, 2t + 1) of the tile; d2, d3: row g + 8.
-      float* out = &tiles.product[0][0] + (part * n_tiles + n_tile) * 128;
-      out[g * 8 + 2 * t] = d[0];
-      out[g * 8 + 2 * t + 1] = d[1];
-      out[(g + 8) * 8 + 2 * t] = d[2];
-      out[(g + 8) * 8 + 2 * t + 1] = d[3];
+      store_mma_tile(d, part * n_tiles + n_tile, tiles);
     }
     __syncthreads();
     if (tid < kPersistentRows * units) {
@@ -294,12 +308,7 @@ __device__ void forward_pass_tensor_cores(const ForwardStep<S>& p, int units, in
       if (b < B && j < H) {
         float product[4];
         for (int gate = 0; gate < gates; ++gate) {
-          const int c = gate * units + u;
-          float sum = 0.0f;
-          for (int part = 0; part < warps_per_tile; ++part) {
-            sum += (&tiles.product[0][0])[(part * n_tiles + c / 8) * 128 + r * 8 + c % 8];
-          }
-          product[gate] = sum;
+          product[gate] = sum_mma_parts(tiles, warps_per_tile, n_tiles, r, gate * units + u);
         }
         forward_epilogue<S, kEpilogue, kRelu>(p, b, j, product);
       }
@@ -416,12 +425,21 @@ ForwardPersistentKernel<S, kRelu> forward_persistent_kernel_of(const CellOptions
   return forward_persistent_kernel<S, ForwardEpilogue::rnn, kRelu, kTf32>;
 }
 
+// kernel_of(std::bool_constant<kTf32>) with kTf32 = options.allow_tf32 for float32, the one type it concerns,
+// and false for the others (which instantiate no TF32 kernels).
+template <typename S, typename KernelOf>
+auto with_tf32(const CellOptions& options, const KernelOf& kernel_of) {
+  if constexpr (std::is_same_v<S, float>) {
+    if (options.allow_tf32) return kernel_of(std::true_type{});
+  }
+  return kernel_of(std::false_type{});
+}
+
 template <typename S, bool kRelu>
 ForwardPersistentKernel<S, kRelu> forward_persistent_kernel_for(const CellOptions& options) {
-  if constexpr (std::is_same_v<S, float>) {
-    if (options.allow_tf32) return forward_persistent_kernel_of<S, kRelu, true>(options);
-  }
-  return forward_persistent_kernel_of<S, kRelu, false>(options);
+  return with_tf32<S>(options, [&](auto tf32) {
+    return forward_persistent_kernel_of<S, kRelu, decltype(tf32)::value>(options);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -487,20 +505,12 @@ __device__ void backward_pass(const BackwardStep<S>& p, int units, int64_t j0, c
       __syncthreads();
     }
     if constexpr (kTensorCores) {
-      // d0, d1: (row g, columns 2t, 2t + 1) of the tile; d2, d3: row g + 8.
-      float* out = &tiles.product[0][0] + (mma_part * n_tiles + n_tile) * 128;
-      out[g * 8 + 2 * t] = d[0];
-      out[g * 8 + 2 * t + 1] = d[1];
-      out[(g + 8) * 8 + 2 * t] = d[2];
-      out[(g + 8) * 8 + 2 * t + 1] = d[3];
+      store_mma_tile(d, mma_part * n_tiles + n_tile, tiles);
       __syncthreads();
       if (int(threadIdx.x) < kPersistentRows * units) {
         const int r = threadIdx.x / units, u = threadIdx.x % units;
         const int64_t b = b0 + r, j = j0 + u;
-        float sum = 0.0f;
-        for (int part_k = 0; part_k < warps_per_tile; ++part_k) {
-          sum += (&tiles.product[0][0])[(part_k * n_tiles + u / 8) * 128 + r * 8 + u % 8];
-        }
+        const float sum = sum_mma_parts(tiles, warps_per_tile, n_tiles, r, u);
         if (b < B && j < H) backward_epilogue<S, kEpilogue, kRelu>(p, b, j, sum);
       }
     } else {
@@ -574,10 +584,9 @@ BackwardPersistentKernel<S, kRelu> backward_persistent_kernel_of(const CellOptio
 
 template <typename S, bool kRelu>
 BackwardPersistentKernel<S, kRelu> backward_persistent_kernel_for(const CellOptions& options) {
-  if constexpr (std::is_same_v<S, float>) {
-    if (options.allow_tf32) return backward_persistent_kernel_of<S, kRelu, true>(options);
-  }
-  return backward_persistent_kernel_of<S, kRelu, false>(options);
+  return with_tf32<S>(options, [&](auto tf32) {
+    return backward_persistent_kernel_of<S, kRelu, decltype(tf32)::value>(options);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------
