@@ -59,14 +59,20 @@ constexpr int kMmaK = sizeof(S) == 2 ? 16 : 8;
 // 16-byte aligned.
 __host__ __device__ inline int padded_hidden(int64_t hidden) { return int((hidden + 15) / 16 * 16); }
 
-// The forward slice's row length. For the types whose products may run on tensor cores, 4 words past the
-// padded length, a stagger across the 32 shared-memory banks: the 8 lanes of an MMA fragment that share a
-// column read the same k of 8 rows, and rows a multiple of 128 bytes apart would fall in one bank (measured
-// on an H200: float32 at H = 768 ran 16 ways serialised in an earlier version that read it so). The FMA
-// products read one row per warp-wide load and need no stagger.
+// Elements of T that the rows of a shared operand add past their data: 16 bytes for the types whose products
+// may run on tensor cores, a stagger across the 32 shared-memory banks, since the 8 lanes of an MMA fragment
+// that share a column read the same k of 8 rows, and rows a multiple of 128 bytes apart would fall in one bank
+// (measured on an H200: float32 at H = 768 ran 16 ways serialised in an earlier version that read it so). The
+// FMA products read one row per warp-wide load and need none: float64 has no tensor-core path.
+template <typename T>
+__host__ __device__ constexpr int bank_stagger() {
+  return sizeof(T) == 8 ? 0 : 16 / int(sizeof(T));
+}
+
+// The forward slice's row length.
 template <typename S>
 __host__ __device__ inline int forward_slice_ld(int64_t hidden) {
-  return padded_hidden(hidden) + (sizeof(S) == 8 ? 0 : 16 / int(sizeof(S)));
+  return padded_hidden(hidden) + bank_stagger<S>();
 }
 
 // Columns of the backward's stage of da_{t+1}: a slice of at most kBackwardStageBytes, or all of the padded
@@ -87,15 +93,14 @@ __host__ __device__ constexpr bool tensor_core_backward(bool tf32) {
 }
 
 // Row lengths of the backward's stage of da_{t+1} (in the compute type C) and of the block's columns of R (in
-// S): 16 bytes past the data for the types whose products may run on tensor cores, a stagger across the
-// shared-memory banks for the MMA fragments, which read the same k of 8 rows at once (forward_slice_ld).
+// S).
 template <typename C>
 __host__ __device__ inline int backward_stage_ld(int width) {
-  return width + (sizeof(C) == 4 ? 4 : 0);
+  return width + bank_stagger<C>();
 }
 template <typename S>
 __host__ __device__ inline int backward_columns_ld(int gates, int64_t hidden) {
-  return gates * padded_hidden(hidden) + (sizeof(S) == 8 ? 0 : 16 / int(sizeof(S)));
+  return gates * padded_hidden(hidden) + bank_stagger<S>();
 }
 
 template <typename C>

@@ -371,18 +371,19 @@ def test_persistent_kernels_at_every_units_per_block(units, config, dtype, monke
 
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_tf32_option_stays_near_float32(config, device, rng):
-    p = make_problem(*config, 6, 8, 64, 48, rng)
+    p = clear_of_the_relu_kink(make_problem(*config, 6, 8, 64, 48, rng), rng)
     assert_near_float32_in_tf32(run_on_gpu(p, device, "float32", allow_tf32=True), reference_results(p))
 
 
 def assert_near_float32_in_tf32(got: dict, expected: dict):
-    """Within 1% of each array's largest element: TF32 keeps 11 bits, and where the persistent kernels'
-    recurrent products run in it too (allow_tf32), the errors of a ReLU cell's unbounded states grow over the
-    steps (an element-wise bound failed on a few small elements; a wrong product misses this by far)."""
+    """Within 0.3% of each array's largest element: TF32 keeps 11 bits. (Measured over 12 seeds, every cell,
+    both algorithms, 4, 8 and 16 units: at most 0.3 of this bound. An element-wise bound does not hold: a few
+    small elements of a window carry errors of the large ones' size. The ReLU cells' problems must be clear of
+    the kink, where a TF32 rounding flips a unit on or off.)"""
     for name, exact in expected.items():
         if exact is not None:
             error, scale = np.max(np.abs(got[name] - exact)), np.max(np.abs(exact))
-            assert error <= 1e-2 * scale + 1e-3, f"{name}: max error {error:.3g}, largest element {scale:.3g}"
+            assert error <= 3e-3 * scale + 3e-4, f"{name}: max error {error:.3g}, largest element {scale:.3g}"
 
 
 def to_tf32(a):
