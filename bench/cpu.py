@@ -75,6 +75,21 @@ def interleaved(functions, repeats):
     return [statistics.median(t) for t in times]
 
 
+def back_to_back(functions, repeats, calls=200):
+    """Median seconds per call of each function called `calls` times in a row (its caches warm, as in a loop
+    over a stream's steps), the functions taking turns repeat after repeat."""
+    for fn in functions:
+        fn()
+    times = [[] for _ in functions]
+    for _ in range(repeats):
+        for i, fn in enumerate(functions):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[i].append((time.perf_counter() - start) / calls)
+    return [statistics.median(t) for t in times]
+
+
 def modules(cell, I, H, layers):
     reference = getattr(torch.nn, cell.upper())(I, H, num_layers=layers)
     ours = getattr(ct, cell.upper())(I, H, num_layers=layers)
@@ -133,8 +148,9 @@ def call_overhead(repeats):
         return run
 
     runs = [functional, no_grad(ours), no_grad(reference), with_grad(ours), with_grad(reference)]
-    times = interleaved(runs, repeats * 20)
-    return [t * 1e6 for t in times]
+    alternating = interleaved(runs, repeats * 20)
+    in_a_row = back_to_back(runs, repeats)
+    return [t * 1e6 for t in alternating], [t * 1e6 for t in in_a_row]
 
 
 def main() -> int:
@@ -181,11 +197,12 @@ def main() -> int:
 
         emit(f"| geometric mean | | | | **{geomean(ratios_f):.2f}** | | **{geomean(ratios_fb):.2f}** |")
         emit()
-        functional, ours_f, torch_f, ours_fb, torch_fb = call_overhead(repeats)
-        emit(f"Call overhead, LSTM T=1, B=1, I=H=8 (µs): functional API {functional:.1f}; conveyor.torch "
-             f"{ours_f:.1f} forward (no_grad), {ours_fb:.1f} forward+backward; torch.nn {torch_f:.1f} and "
-             f"{torch_fb:.1f}")
-        emit()
+        for how, (functional, ours_f, torch_f, ours_fb, torch_fb) in zip(
+                ("each call after the others' (cold)", "200 calls in a row (warm)"), call_overhead(repeats)):
+            emit(f"Call overhead, LSTM T=1, B=1, I=H=8 (µs), {how}: functional API {functional:.1f}; "
+                 f"conveyor.torch {ours_f:.1f} forward (no_grad), {ours_fb:.1f} forward+backward; torch.nn "
+                 f"{torch_f:.1f} and {torch_fb:.1f}")
+            emit()
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

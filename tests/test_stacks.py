@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import conveyor
+from conveyor import _stack
 from conveyor._stack import OUTPUT_DROPOUT, mask_stream
 
 try:
@@ -187,6 +188,10 @@ def test_bad_stack_arguments_raise(rng):
         conveyor.GRU(3, 4, dropout=1.0)
     with pytest.raises(ValueError, match="weights: expected 4 entries"):
         conveyor.stack_forward("gru", x, layer._weights()[:3], num_layers=2, bidirectional=True)
+    with pytest.raises(TypeError, match="coupled_gates: not an option of a stack of gru layers"):
+        conveyor.stack_forward("gru", x, layer._weights(), num_layers=2, coupled_gates=True)
+    with pytest.raises(TypeError, match="seed: not an option"):
+        _stack.StackPlan("gru", layer._weights(), num_layers=2, seed=3)  # a per-call argument of run
     y, _ = layer(x)
     with pytest.raises(ValueError, match=r"dy: expected shape \(5, 2, 4\)"):
         layer.backward(rng.standard_normal((5, 2, 8)))

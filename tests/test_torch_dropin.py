@@ -330,9 +330,9 @@ def test_calls_without_gradients_take_the_inference_path(cell, monkeypatch):
     x = torch.randn(6, 2, 3, dtype=torch.float64)
     with_grad = flat_outputs(module(x.clone().requires_grad_(True)))
     trainings = []
-    real = _stack.stack_forward
-    monkeypatch.setattr(_stack, "stack_forward",
-                        lambda *a, **k: trainings.append(k["training"]) or real(*a, **k))
+    real = _stack.StackPlan.run
+    monkeypatch.setattr(_stack.StackPlan, "run",
+                        lambda plan, *a, **k: trainings.append(plan.training) or real(plan, *a, **k))
     with torch.no_grad():
         without = flat_outputs(module(x))
     for a, b in zip(with_grad, without):
@@ -363,6 +363,81 @@ def test_cpu_tensors_share_memory_with_conveyors_outputs():
     torch.testing.assert_close(h_n[0], y[-1], rtol=0, atol=0)
     (y.sum() + c_n.sum()).backward()
     assert x.grad is not None and module.weight_hh_l0.grad.shape == (16, 4)
+
+
+def test_a_layer_prepares_its_calls_once_and_follows_its_parameters_wherever_they_go(monkeypatch):
+    """CPU calls run a StackPlan made once per mode on views of the parameters: repeated calls make no new
+    one, and every way a parameter can change (in place, assigned anew, its .data replaced, .float(),
+    functional_call, a parametrisation, a deep copy) gives torch.nn's outputs for the parameters as they
+    are."""
+    from conveyor import _stack
+
+    made = []
+    real_init = _stack.StackPlan.__init__
+    monkeypatch.setattr(_stack.StackPlan, "__init__",
+                        lambda plan, *a, **k: made.append(k["training"]) or real_init(plan, *a, **k))
+    reference, module = pair("lstm", 3, 4, num_layers=2)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+
+    def same():
+        with torch.no_grad():
+            for a, b in zip(flat_outputs(module(x)), flat_outputs(reference(x))):
+                torch.testing.assert_close(a, b)
+
+    for _ in range(3):
+        same()
+        module(x)[0].sum().backward()
+    assert made == [False, True]  # one plan for inference, one for training, over six calls
+    with torch.no_grad():
+        for name in ("weight_hh_l0", "bias_ih_l1"):
+            getattr(module, name).mul_(-0.5)
+            getattr(reference, name).mul_(-0.5)
+    same()
+    fresh = torch.randn(16, 3, dtype=torch.float64)
+    module.weight_ih_l0 = torch.nn.Parameter(fresh.clone())
+    reference.weight_ih_l0 = torch.nn.Parameter(fresh.clone())
+    same()
+    fresh = torch.randn(16, 4, dtype=torch.float64)
+    module.weight_hh_l1.data = fresh.clone()
+    reference.weight_hh_l1.data = fresh.clone()
+    same()
+    other = {name: torch.randn_like(p) for name, p in module.named_parameters()}
+    with torch.no_grad():
+        got = torch.func.functional_call(module, other, (x,))[0]
+        torch.testing.assert_close(got, torch.func.functional_call(reference, other, (x,))[0])
+    same()
+    module.float(), reference.float()
+    x = x.float()
+    same()
+    class Doubled(torch.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    torch.nn.utils.parametrize.register_parametrization(module, "weight_hh_l0", Doubled())
+    with torch.no_grad():
+        reference.weight_hh_l0.mul_(2)
+    same()  # a parametrised weight is not in _parameters: the module's attribute is read, each call anew
+    module(x)[0].sum().backward()
+    assert module.parametrizations.weight_hh_l0.original.grad is not None
+    torch.nn.utils.parametrize.remove_parametrizations(module, "weight_hh_l0")
+    twin = copy.deepcopy(module)
+    assert "_plans" not in twin.__dict__
+    with torch.no_grad():
+        twin.weight_hh_l0.zero_()
+    same()  # the copy's weights are its own, its plans too
+    assert not torch.equal(twin(x)[0], module(x)[0])
+
+
+def test_each_training_call_draws_its_own_masks():
+    """A cached plan takes each call's seed: two training calls with dropout drop different units, and the
+    same torch seed gives the same masks again."""
+    module = ct.LSTM(3, 6, num_layers=2, dropout=0.5, recurrent_dropout=0.3, zoneout=0.2)
+    x = torch.randn(4, 2, 3)
+    torch.manual_seed(7)
+    first, second = module(x)[0], module(x)[0]
+    assert not torch.equal(first, second)
+    torch.manual_seed(7)
+    torch.testing.assert_close(module(x)[0], first, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("with_hx", [False, True], ids=["zero-state", "hx"])

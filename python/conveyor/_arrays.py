@@ -23,6 +23,15 @@ def is_foreign(a) -> bool:
     return a is not None and not isinstance(a, np.ndarray) and hasattr(a, "__dlpack__")
 
 
+def any_foreign(*arrays) -> bool:
+    """Whether any of ``arrays`` (None entries allowed) is foreign: a plain loop, as a small call asks it of a
+    dozen arrays per window."""
+    for a in arrays:
+        if a is not None and type(a) is not np.ndarray and is_foreign(a):
+            return True
+    return False
+
+
 def library_of(a) -> str:
     return type(a).__module__.split(".")[0]
 

@@ -277,7 +277,7 @@ def _forward(cell, options, x, W, R, bW, bR, h0, c0, P, W_hr, lengths, training,
     ForwardArgs::packed)."""
     inputs = (x, W, R, bW, bR, h0, c0, P, W_hr)
     lengths = _arrays.lengths_argument(lengths)
-    if any(_arrays.is_foreign(a) for a in (*inputs, *(layer_norm or ()), lengths)):
+    if _arrays.any_foreign(*inputs, *(layer_norm or ()), lengths):
         inputs = tuple(None if a is None else _arrays.for_export(a) for a in inputs)
         if layer_norm is not None:
             layer_norm = tuple(_arrays.for_export(a) for a in layer_norm)
@@ -303,7 +303,7 @@ def _backward(cell: str, saved, dy, dh_T, dc_T, stream, keep=False):
     before = (saved.x, saved.W, saved.R, saved.h0, saved.c0, saved.P, saved.W_hr)
     after = (saved.y, saved.cache, dy, dh_T, dc_T)
     layer_norm = saved.layer_norm
-    if any(_arrays.is_foreign(a) for a in (*before, *after, *(layer_norm or ()), saved.lengths)):
+    if _arrays.any_foreign(*before, *after, *(layer_norm or ()), saved.lengths):
         before = tuple(None if a is None else _arrays.for_export(a) for a in before)
         after = tuple(None if a is None else _arrays.for_export(a) for a in after)
         if layer_norm is not None:

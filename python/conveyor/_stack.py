@@ -15,13 +15,14 @@ step of the window. The arrays of any library go through: NumPy, CuPy, PyTorch a
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import numpy as np
 
 from . import _arrays, _functional
 
-__all__ = ["StackGrads", "StackSaved", "mask_stream", "stack_backward", "stack_forward"]
+__all__ = ["StackGrads", "StackPlan", "StackSaved", "mask_stream", "stack_backward", "stack_forward"]
 
 OUTPUT_DROPOUT, RECURRENT_DROPOUT = 0, 1
 
@@ -32,7 +33,17 @@ def mask_stream(layer: int, direction: int, kind: int) -> int:
 
 
 class _Ops:
-    """The few array operations a stack needs, for NumPy-like libraries (NumPy, CuPy, JAX) and PyTorch."""
+    """The few array operations a stack needs, for NumPy-like libraries (NumPy, CuPy, JAX) and PyTorch:
+    ``_Ops.of(array)``, one per array type."""
+
+    _by_type: dict = {}
+
+    @classmethod
+    def of(cls, like) -> _Ops:
+        ops = cls._by_type.get(type(like))
+        if ops is None:
+            ops = cls._by_type[type(like)] = cls(like)
+        return ops
 
     def __init__(self, like):
         library = _arrays.library_of(like) if _arrays.is_foreign(like) else "numpy"
@@ -212,6 +223,141 @@ def _state_sizes(cell, weights) -> tuple[int, int]:
     return hidden, hidden if W_hr is None else W_hr.shape[-1]
 
 
+# The keyword-only parameters of the one-window forwards that a stack's **options may not carry: the stack
+# sets them itself, per window or per call (the option weights come from each window's weight tuple).
+_SET_BY_THE_STACK = frozenset({"P", "W_hr", "layer_norm", "recurrent_dropout", "variational", "seed",
+                               "mask_stream", "training", "lengths", "stream", "_packed"})
+
+
+def _cell_options(cell) -> frozenset:
+    """The options a stack of ``cell`` passes on to each window: its forward's keyword-only parameters."""
+    parameters = inspect.signature(getattr(_functional, f"{cell}_forward")).parameters.values()
+    return frozenset(p.name for p in parameters if p.kind is p.KEYWORD_ONLY) - _SET_BY_THE_STACK
+
+
+_CELL_OPTIONS = {cell: _cell_options(cell) for cell in ("lstm", "gru", "rnn")}
+
+
+class StackPlan:
+    """A stack's configuration checked and each window's core options built, once: what
+    :func:`stack_forward` does before it runs a window, kept by callers that run the same layers with the same
+    weights call after call (the drop-in caches one per configuration, so that a small call costs little more
+    than its kernels). Arguments as :func:`stack_forward`'s; :meth:`run` takes the per-call ones. The weights
+    are held by reference: changes made to them in place show in the next call."""
+
+    __slots__ = ("cell", "num_layers", "directions", "dropout", "variational", "training", "weights",
+                 "windows", "hidden", "cell_size", "stream")
+
+    def __init__(self, cell, weights, *, num_layers=1, bidirectional=False, dropout=0.0, variational=False,
+                 recurrent_dropout=0.0, training=True, stream=None, **options):
+        if cell not in ("lstm", "gru", "rnn"):
+            raise ValueError(f"cell: expected 'lstm', 'gru' or 'rnn', got {cell!r}")
+        unknown = sorted(set(options) - _CELL_OPTIONS[cell])
+        if unknown:
+            raise TypeError(f"{unknown[0]}: not an option of a stack of {cell} layers (expected one of "
+                            f"{', '.join(sorted(n for n in _CELL_OPTIONS[cell] if not n.startswith('_')))})")
+        self.cell = cell
+        self.num_layers = _check_int("num_layers", num_layers, 1)
+        self.directions = 2 if _functional._check_flag("bidirectional", bidirectional) else 1
+        self.dropout = _functional.check_probability("dropout", dropout)
+        self.variational = _functional._check_flag("variational", variational)
+        self.training = _functional._check_flag("training", training)
+        self.stream = stream
+        self.weights = list(weights)
+        if len(self.weights) != self.num_layers * self.directions:
+            raise ValueError(f"weights: expected {self.num_layers * self.directions} entries (num_layers * "
+                             f"directions), got {len(self.weights)}")
+        if any(not isinstance(w, (tuple, list)) or len(w) < 4 for w in self.weights):
+            raise TypeError("weights: expected tuples (W, R, bW, bR, ...) for each layer and direction")
+        self.hidden, self.cell_size = _state_sizes(cell, self.weights)
+        self.windows = []  # per window: (its core options, W, R, bW, bR, P, W_hr, layer-norm gains)
+        for k, (W, R, bW, bR, *rest) in enumerate(self.weights):
+            extra = window_extras(cell, rest)
+            P, W_hr = extra.get("P"), extra.get("W_hr")
+            gains = _functional._layer_norm_gains(cell, extra.get("layer_norm"))
+            window_options, _ = _functional.window_options(
+                cell, training=self.training, recurrent_dropout=recurrent_dropout,
+                variational=self.variational,
+                mask_stream=mask_stream(k // self.directions, k % self.directions, RECURRENT_DROPOUT),
+                peephole=P is not None, layer_norm=gains is not None, **options)
+            self.windows.append((window_options, W, R, bW, bR, P, W_hr, gains))
+
+    def window(self, k, seed):
+        """Window k's core options for a call with this seed, and its weights ``(W, R, bW, bR, P, W_hr,
+        gains)``."""
+        options, *weights = self.windows[k]
+        if seed and "dropout_seed" in options:
+            options = {**options, "dropout_seed": seed}
+        return options, weights
+
+    def run(self, x, h0=None, c0=None, *, seed=0, lengths=None, _packed=False):
+        """One call of :func:`stack_forward` with this configuration: ``(y, h_n, c_n or None, saved)``."""
+        cell, num_layers, directions = self.cell, self.num_layers, self.directions
+        seed = _functional.check_seed("seed", seed)
+        hidden, cell_size, training = self.hidden, self.cell_size, self.training
+        if cell != "lstm" and c0 is not None:
+            raise ValueError(f"c0: only an LSTM has a cell state, but the cell is {cell}")
+        ops = _Ops.of(x)
+        if not hasattr(x, "shape") or len(x.shape) != (2 if _packed else 3):
+            # The first window's checks name x exactly; the states' shapes need B first.
+            getattr(_functional, f"{cell}_forward")(x, *self.weights[0][:4], training=False, lengths=lengths,
+                                                    _packed=_packed)
+        if lengths is not None:
+            lengths = _host_lengths(lengths)  # read once here, for the reversals and every window
+        if _packed:
+            steps, batch = int(lengths[0]), len(lengths)  # the core has checked them in the first window
+        else:
+            steps, batch = x.shape[0], x.shape[1]
+        h_meaning = "(num_layers * directions, B, proj_size)" if cell_size != hidden else \
+            "(num_layers * directions, B, hidden_size)"
+        _check_array("h0", h0, (num_layers * directions, batch, hidden), h_meaning, x)
+        _check_array("c0", c0, (num_layers * directions, batch, cell_size),
+                     "(num_layers * directions, B, hidden_size)", x, cell_state=True)
+        reversal, positions = None, None
+        if lengths is not None:
+            if (directions == 2 and lengths.dtype.kind == "i" and lengths.shape == (batch,)
+                    and 1 <= lengths.min() and lengths.max() <= steps):
+                reversal = ops.reversal(lengths, steps, x, packed=_packed)
+            if _packed:  # where each packed row lies in a padded [T*B] array: the rows of the output masks
+                present = lengths[None, :] > np.arange(steps)[:, None]
+                positions = ops.index(present.reshape(-1).nonzero()[0], like=x)
+        saved, masks, h_n, c_n = [], [], [], []
+        layer_input = x
+        for layer in range(num_layers):
+            outputs = []
+            for direction in range(directions):
+                k = layer * directions + direction
+                options, (W, R, bW, bR, P, W_hr, gains) = self.window(k, seed)
+                inp = layer_input if direction == 0 else ops.flip_time(layer_input, reversal)
+                y, h_T, c_T, window = _functional._forward(
+                    cell, options, inp, W, R, bW, bR, None if h0 is None else h0[k],
+                    None if c0 is None else c0[k], P, W_hr, lengths, training, self.stream, _packed, gains)
+                outputs.append(y if direction == 0 else ops.flip_time(y, reversal))
+                h_n.append(h_T)
+                if cell == "lstm":
+                    c_n.append(c_T)
+                saved.append(window)
+            y = ops.concat(outputs)
+            if layer < num_layers - 1 and self.dropout > 0 and training:
+                mask = ops.concat([
+                    _functional.dropout_mask(y, (steps, batch, hidden), self.dropout,
+                                             variational=self.variational, seed=seed,
+                                             mask_stream=mask_stream(layer, d, OUTPUT_DROPOUT))
+                    for d in range(directions)])
+                if positions is not None:
+                    mask = ops.contiguous(mask.reshape(steps * batch, -1)[positions])
+                masks.append(mask)
+                y = y * mask
+            else:
+                masks.append(None)
+            layer_input = y
+        state = None
+        if training:
+            state = StackSaved(cell, num_layers, directions, hidden, saved, masks, x, reversal,
+                               batch if _packed else None, cell_size)
+        return layer_input, ops.stack(h_n), ops.stack(c_n) if cell == "lstm" else None, state
+
+
 def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirectional=False, dropout=0.0,
                   variational=False, recurrent_dropout=0.0, seed=0, training=True, lengths=None,
                   _packed=False, **options):
@@ -232,90 +378,10 @@ def stack_forward(cell, x, weights, h0=None, c0=None, *, num_layers=1, bidirecti
     x and y are a PackedSequence's data ``[tokens, features]``, lengths non-increasing; ForwardArgs::packed.)
     Returns ``(y [T, B, D*H], h_n [L*D, B, H], c_n or None, saved)``.
     """
-    if cell not in ("lstm", "gru", "rnn"):
-        raise ValueError(f"cell: expected 'lstm', 'gru' or 'rnn', got {cell!r}")
-    num_layers = _check_int("num_layers", num_layers, 1)
-    bidirectional = _functional._check_flag("bidirectional", bidirectional)
-    dropout = _functional.check_probability("dropout", dropout)
-    variational = _functional._check_flag("variational", variational)
-    training = _functional._check_flag("training", training)
-    seed = _functional.check_seed("seed", seed)
-    directions = 2 if bidirectional else 1
-    weights = list(weights)
-    if len(weights) != num_layers * directions:
-        raise ValueError(f"weights: expected {num_layers * directions} entries (num_layers * directions), "
-                         f"got {len(weights)}")
-    if cell != "lstm" and c0 is not None:
-        raise ValueError(f"c0: only an LSTM has a cell state, but the cell is {cell}")
-    ops = _Ops(x)
-    hidden, cell_size = _state_sizes(cell, weights)
-    if not hasattr(x, "shape") or len(x.shape) != (2 if _packed else 3):
-        # The first window's checks name x exactly; the states' shapes need B first.
-        getattr(_functional, f"{cell}_forward")(x, *weights[0][:4], training=False, lengths=lengths,
-                                                _packed=_packed)
-    if lengths is not None:
-        lengths = _host_lengths(lengths)  # read once here, for the reversals and every window
-    if _packed:
-        steps, batch = int(lengths[0]), len(lengths)  # the core has checked them in the first window
-    else:
-        steps, batch = x.shape[0], x.shape[1]
-    h_meaning = "(num_layers * directions, B, proj_size)" if cell_size != hidden else \
-        "(num_layers * directions, B, hidden_size)"
-    _check_array("h0", h0, (num_layers * directions, batch, hidden), h_meaning, x)
-    _check_array("c0", c0, (num_layers * directions, batch, cell_size),
-                 "(num_layers * directions, B, hidden_size)", x, cell_state=True)
-
-    forward = getattr(_functional, f"{cell}_forward")
-    reversal, positions = None, None
-    if lengths is not None:
-        if (bidirectional and lengths.dtype.kind == "i" and lengths.shape == (batch,)
-                and 1 <= lengths.min() and lengths.max() <= steps):
-            reversal = ops.reversal(lengths, steps, x, packed=_packed)
-        if _packed:  # where each packed row lies in a padded [T*B] array: the rows of the output masks
-            present = lengths[None, :] > np.arange(steps)[:, None]
-            positions = ops.index(present.reshape(-1).nonzero()[0], like=x)
-        options["lengths"] = lengths
-        options["_packed"] = _packed
-    saved, masks, h_n, c_n = [], [], [], []
-    layer_input = x
-    for layer in range(num_layers):
-        outputs = []
-        for direction in range(directions):
-            k = layer * directions + direction
-            W, R, bW, bR, *rest = weights[k]
-            extra = window_extras(cell, rest)
-            inp = layer_input if direction == 0 else ops.flip_time(layer_input, reversal)
-            states = (None if h0 is None else h0[k],)
-            if cell == "lstm":
-                states += (None if c0 is None else c0[k],)
-            result = forward(inp, W, R, bW, bR, *states, recurrent_dropout=recurrent_dropout,
-                             variational=variational, seed=seed,
-                             mask_stream=mask_stream(layer, direction, RECURRENT_DROPOUT), training=training,
-                             **extra, **options)
-            y = result[0]
-            outputs.append(y if direction == 0 else ops.flip_time(y, reversal))
-            h_n.append(result[1])
-            if cell == "lstm":
-                c_n.append(result[2])
-            saved.append(result[-1])
-        y = ops.concat(outputs)
-        if layer < num_layers - 1 and dropout > 0 and training:
-            mask = ops.concat([
-                _functional.dropout_mask(y, (steps, batch, hidden), dropout, variational=variational,
-                                         seed=seed, mask_stream=mask_stream(layer, d, OUTPUT_DROPOUT))
-                for d in range(directions)])
-            if positions is not None:
-                mask = ops.contiguous(mask.reshape(steps * batch, -1)[positions])
-            masks.append(mask)
-            y = y * mask
-        else:
-            masks.append(None)
-        layer_input = y
-    state = None
-    if training:
-        state = StackSaved(cell, num_layers, directions, hidden, saved, masks, x, reversal,
-                           batch if _packed else None, cell_size)
-    return layer_input, ops.stack(h_n), ops.stack(c_n) if cell == "lstm" else None, state
+    plan = StackPlan(cell, weights, num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
+                     variational=variational, recurrent_dropout=recurrent_dropout, training=training,
+                     **options)
+    return plan.run(x, h0, c0, seed=seed, lengths=lengths, _packed=_packed)
 
 
 def stack_backward(saved, dy, dh_n=None, dc_n=None, *, stream=None, _keep=False) -> StackGrads:
@@ -344,7 +410,7 @@ def stack_backward(saved, dy, dh_n=None, dc_n=None, *, stream=None, _keep=False)
     if cell != "lstm" and dc_n is not None:
         raise ValueError(f"dc_n: only an LSTM has a cell state, but the cell is {cell}")
     backward = getattr(_functional, f"{cell}_backward")
-    ops = _Ops(dy)
+    ops = _Ops.of(dy)
     grads = [None] * (L * D)
     dh0, dc0 = [None] * (L * D), [None] * (L * D)
     d_output = dy
@@ -393,9 +459,11 @@ def saved_from_arrays(cell, x, weights, h0, c0, y, arrays, *, num_layers=1, bidi
     """The StackSaved of a training forward of :func:`stack_forward` with these arguments, from its inputs,
     its output y and :func:`saved_arrays`: each window's input is computed again from the layer below's
     outputs and mask (as the forward formed it), nothing else."""
-    ops = _Ops(x)
-    directions = 2 if bidirectional else 1
-    hidden, cell_size = _state_sizes(cell, weights)
+    plan = StackPlan(cell, weights, num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
+                     variational=variational, recurrent_dropout=recurrent_dropout, training=True,
+                     stream=stream, **options)
+    ops = _Ops.of(x)
+    directions, hidden, cell_size = plan.directions, plan.hidden, plan.cell_size
     reversal = batch = None
     if lengths is not None:
         lengths = _host_lengths(lengths)
@@ -408,19 +476,13 @@ def saved_from_arrays(cell, x, weights, h0, c0, y, arrays, *, num_layers=1, bidi
         outputs = []
         for direction in range(directions):
             k = layer * directions + direction
-            W, R, bW, bR, *rest = weights[k]
-            extra = window_extras(cell, rest)
-            P, W_hr, layer_norm = extra.get("P"), extra.get("W_hr"), extra.get("layer_norm")
+            window_options, (W, R, bW, bR, P, W_hr, gains) = plan.window(k, seed)
             window_y, cache = arrays[2 * k], arrays[2 * k + 1]
             window_y = y if window_y is None else window_y
-            window_options, _ = _functional.window_options(
-                cell, training=True, recurrent_dropout=recurrent_dropout, variational=variational, seed=seed,
-                mask_stream=mask_stream(layer, direction, RECURRENT_DROPOUT), peephole=P is not None,
-                layer_norm=layer_norm is not None, **options)
             inp = layer_input if direction == 0 else ops.flip_time(layer_input, reversal)
             saved.append(_functional.Saved(cell, window_options, inp, W, R, bW, bR,
                                            None if h0 is None else h0[k], None if c0 is None else c0[k], P,
-                                           W_hr, layer_norm, window_y, cache, lengths, _packed))
+                                           W_hr, gains, window_y, cache, lengths, _packed))
             outputs.append(window_y if direction == 0 else ops.flip_time(window_y, reversal))
         layer_input = ops.concat(outputs)
         if masks[layer] is not None:

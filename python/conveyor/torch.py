@@ -61,8 +61,15 @@ def _as_numpy(t):
 def _numpy_path(x, *others) -> bool:
     """Whether a call takes NumPy views: float32/float64 x with every tensor on the CPU (mixed devices go
     the DLPack way, whose checks name the tensor on the wrong device)."""
-    return (x.is_cpu and x.dtype in (torch.float32, torch.float64)
-            and all(t is None or t.is_cpu for t in others))
+    if not (x.is_cpu and x.dtype in (torch.float32, torch.float64)):
+        return False
+    for t in others:
+        if t is not None and not t.is_cpu:
+            return False
+    return True
+
+
+_SAMPLED_REGULARISERS = ("weight_dropout", "zoneout", "zoneout_cell")  # masks drawn in training mode
 
 
 def _as_tensor(a):
@@ -70,10 +77,11 @@ def _as_tensor(a):
 
 
 def _unflatten(layout, flat, convert):
-    """The per-(layer, direction) weight tuples of stack_forward from the flat tensors (empty: absent)."""
+    """The per-(layer, direction) weight tuples of stack_forward from the flat tensors (None or empty:
+    absent)."""
     weights, k = [], 0
     for count in layout:
-        weights.append(tuple(None if t.numel() == 0 else convert(t) for t in flat[k:k + count]))
+        weights.append(tuple(None if t is None or t.numel() == 0 else convert(t) for t in flat[k:k + count]))
         k += count
     return weights
 
@@ -190,7 +198,7 @@ def _backward_impl(dy, dh_n, dc_n, x, h0, c0, weights, seed, lengths, y, reserve
 
 def _stack_grads(cell, layout, saved, convert, dy, dh_n, dc_n, c0, weights, keep=False):
     """stack_backward on the tensors: (dx, dh0, dc0, the weights' gradients in their flat order; zeros
-    for absent ones)."""
+    for absent ones given as empty tensors, None for those given as None)."""
     lstm = cell == "lstm"
     grads = _stack.stack_backward(saved, convert(dy.contiguous()), convert(dh_n.contiguous()),
                                   convert(dc_n.contiguous()) if lstm else None, _keep=keep)
@@ -202,8 +210,9 @@ def _stack_grads(cell, layout, saved, convert, dy, dh_n, dc_n, c0, weights, keep
         elif cell == "gru":
             parts += list(g.dlayer_norm or (None,) * 2)
         flat += parts[:count]
-    flat = [torch.zeros_like(w) if g is None else _as_tensor(g) for g, w in zip(flat, weights)]
-    dc0 = _as_tensor(grads.dc0) if lstm else torch.zeros_like(c0)
+    flat = [_as_tensor(g) if g is not None else None if w is None else torch.zeros_like(w)
+            for g, w in zip(flat, weights)]
+    dc0 = _as_tensor(grads.dc0) if lstm else None if c0 is None else torch.zeros_like(c0)
     return _as_tensor(grads.dx), _as_tensor(grads.dh0), dc0, flat
 
 
@@ -267,7 +276,7 @@ class _RefuseDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *tensors):
-        return tuple(t.view_as(t) for t in tensors)
+        return tuple(None if t is None else t.view_as(t) for t in tensors)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -275,13 +284,20 @@ class _RefuseDoubleBackward(torch.autograd.Function):
 
 
 class _EagerStack(torch.autograd.Function):
+    """An eager training call: through a cached plan (`plan`, `layout`: CPU float32/float64, where h0, c0 and
+    the absent options' weights may be None) or, elsewhere, through `spec`."""
+
     @staticmethod
-    def forward(ctx, spec, seed, lengths, x, h0, c0, *weights):
-        cell, layout, kwargs, training = _decode(spec)
-        y, h_n, c_n, saved = _stack_forward((cell, layout, kwargs), x, h0, c0, weights, training,
-                                            **_extra(seed, lengths))
+    def forward(ctx, plan, layout, spec, seed, lengths, x, h0, c0, *weights):
+        if plan is not None:
+            y, h_n, c_n, saved = _run_plan(plan, x, h0, c0, seed, lengths)
+            cell = plan.cell
+        else:
+            cell, layout, kwargs, training = _decode(spec)
+            y, h_n, c_n, saved = _stack_forward((cell, layout, kwargs), x, h0, c0, weights, training,
+                                                **_extra(seed, lengths))
         ctx.cell, ctx.layout, ctx.saved_stack = cell, layout, saved
-        ctx.numpy = _numpy_path(x, h0, c0, *weights)
+        ctx.numpy = plan is not None or _numpy_path(x, h0, c0, *weights)
         ctx.save_for_backward(x, h0, c0, *weights)
         return y, h_n, c_n if c_n is not None else _empty_like(x)
 
@@ -293,11 +309,21 @@ class _EagerStack(torch.autograd.Function):
         with torch.no_grad():
             dx, dh0, dc0, d_weights = _stack_grads(ctx.cell, ctx.layout, ctx.saved_stack, convert, dy, dh_n,
                                                    dc_n, c0, weights, keep=True)
-        grads = (dx, dh0, dc0, *d_weights)
+        grads = (dx, None if h0 is None else dh0, None if c0 is None else dc0, *d_weights)
         if torch.is_grad_enabled():  # create_graph: a gradient of these would be wrong, so it is refused
-            anchor = next((t for t in (dy, x, h0, c0, *weights) if t.requires_grad), dy)  # joins the graph
+            inputs = (dy, x, h0, c0, *weights)
+            anchor = next((t for t in inputs if t is not None and t.requires_grad), dy)  # joins the graph
             grads = _RefuseDoubleBackward.apply(anchor, *grads)[1:]
-        return (None, None, None, *grads)
+        return (None, None, None, None, None, *grads)
+
+
+def _run_plan(plan, x, h0, c0, seed, lengths):
+    """A cached StackPlan on CPU tensors, through NumPy views: (y, h_n, c_n or None, saved)."""
+    packed = lengths is not None
+    x = (x.detach() if x.requires_grad else x).numpy()
+    y, h_n, c_n, saved = plan.run(x, _as_numpy(h0), _as_numpy(c0), seed=seed,
+                                  lengths=lengths.numpy() if packed else None, _packed=packed)
+    return torch.from_numpy(y), torch.from_numpy(h_n), _as_tensor(c_n), saved
 
 
 def _run_stack(x, h0, c0, flat, seed, lengths, spec):
@@ -306,7 +332,7 @@ def _run_stack(x, h0, c0, flat, seed, lengths, spec):
         y, h_n, c_n, _ = torch.ops.conveyor.stack_forward(x, h0, c0, flat, seed, lengths, spec)
         return y, h_n, c_n
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *flat)):
-        return _EagerStack.apply(spec, seed, lengths, x, h0, c0, *flat)
+        return _EagerStack.apply(None, None, spec, seed, lengths, x, h0, c0, *flat)
     y, h_n, c_n, _ = _forward_impl(x, h0, c0, flat, seed, lengths, spec)
     return y, h_n, c_n
 
@@ -417,6 +443,54 @@ class _ConveyorRNNBase(torch.nn.Module):
         """A no-op, kept for code written for torch.nn: Conveyor reads every parameter where it lies, so there
         is no flat weight buffer (cuDNN's) to rebuild after the parameters move."""
 
+    # -- a call ----------------------------------------------------------------------------------------------
+    def _stack_options(self, training) -> dict:
+        """The stack's keyword arguments for a call in this mode (the dropouts in training only)."""
+        kwargs = dict(num_layers=self.num_layers, bidirectional=self.bidirectional,
+                      dropout=self.dropout if training else 0.0, variational=self.variational,
+                      recurrent_dropout=self.recurrent_dropout if training else 0.0, **self._options())
+        if not training:
+            kwargs.pop("weight_dropout", None)
+        if "zoneout" in kwargs or "zoneout_cell" in kwargs:
+            kwargs["_zoneout_sample"] = training  # the kernels may save for a backward in evaluation too
+        return kwargs
+
+    @property
+    def _weight_counts(self) -> list:
+        """How many of the flat parameters (absent ones included) each layer and direction has."""
+        return [len(names) for names in self._layout]
+
+    def _plan(self, training, saving, flat) -> _stack.StackPlan | None:
+        """The StackPlan of a CPU call in this mode, on NumPy views of the parameters (None where one is not
+        on the CPU): made once, and kept while every parameter stays where it is, since the checks and option
+        building of a call cost more than the kernels of a small one. A view keeps its tensor's memory alive,
+        so a parameter at the same address is the same memory; when any address changes (.to(), .double(), a
+        parameter assigned anew) every plan is dropped, so that none keeps old weights alive."""
+        addresses = [0 if p is None else p.data_ptr() for p in flat]
+        cache = self.__dict__.get("_plans")
+        if cache is None or cache[0] != addresses:
+            self.__dict__.pop("_plans", None)
+            if not all(p is None or p.is_cpu for p in flat):
+                return None
+            cache = self.__dict__["_plans"] = (addresses, {})
+        key = (training, saving, self.num_layers, self.bidirectional, self.dropout, self.variational,
+               self.recurrent_dropout, self.activation, tuple(self._cell_options.items()))
+        plan = cache[1].get(key)
+        if plan is None:
+            weights = _unflatten(self._weight_counts, flat, _as_numpy)
+            plan = cache[1][key] = _stack.StackPlan(self._cell, weights, training=saving,
+                                                    **self._stack_options(training))
+        return plan
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_plans", None)  # the parameters move: the plans' views would keep the old memory
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):  # copies and pickles leave the plans (views of this module's memory) behind
+        state = super().__getstate__().copy()
+        state.pop("_plans", None)
+        return state
+
     def forward(self, input, hx=None):  # noqa: A002 (PyTorch's argument name)
         sequence, lengths = None, None
         if isinstance(input, torch.nn.utils.rnn.PackedSequence):
@@ -457,16 +531,14 @@ class _ConveyorRNNBase(torch.nn.Module):
         lstm = self._cell == "lstm"
         # Conveyor's cell state is float32 beside 16-bit x; torch.nn.LSTM's c_0 and c_n have x's dtype.
         cell_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        if hx is None:
-            h0 = x.new_zeros(state_shape)
-            c0 = x.new_zeros(cell_shape, dtype=cell_dtype) if lstm else x.new_empty(0)
-        else:
+        h0 = c0 = None  # zeros
+        if hx is not None:
             if lstm:
                 if not (isinstance(hx, tuple) and len(hx) == 2):
                     raise TypeError("hx: expected a tuple (h_0, c_0) for an LSTM")
                 h0, c0 = hx
             else:
-                h0, c0 = hx, x.new_empty(0)
+                h0 = hx
             if not batched:
                 h0 = h0.unsqueeze(1)
                 c0 = c0.unsqueeze(1) if lstm else c0
@@ -474,7 +546,7 @@ class _ConveyorRNNBase(torch.nn.Module):
             for name, state, shape in checks:
                 if tuple(state.shape) != shape:
                     raise ValueError(f"hx: expected {name} of shape {shape}, got {tuple(state.shape)}")
-            h0, c0 = h0.contiguous(), c0.contiguous()
+            h0, c0 = h0.contiguous(), c0.contiguous() if lstm else None
             if sequence is not None and sequence.sorted_indices is not None:
                 h0 = h0.index_select(1, sequence.sorted_indices)
                 c0 = c0.index_select(1, sequence.sorted_indices) if lstm else c0
@@ -483,35 +555,41 @@ class _ConveyorRNNBase(torch.nn.Module):
             if lstm and c0.dtype == x.dtype != cell_dtype:
                 c0 = c0.to(cell_dtype)  # a torch op: autograd converts dc_0 back to c_0's dtype
         training = self.training
-        kwargs = dict(num_layers=self.num_layers, bidirectional=self.bidirectional,
-                      dropout=self.dropout if training else 0.0, variational=self.variational,
-                      recurrent_dropout=self.recurrent_dropout if training else 0.0, **self._options())
-        if not training:
-            kwargs.pop("weight_dropout", None)
-        if "zoneout" in kwargs or "zoneout_cell" in kwargs:
-            kwargs["_zoneout_sample"] = training  # the kernels may save for a backward in evaluation too
-        flat, layout = [], []
-        absent = x.new_empty(0)  # one empty tensor for every option that is off (a tensor costs microseconds)
-        for names in self._layout:
-            for name in names:
-                p = getattr(self, name)
-                if p is None:
-                    p = absent
-                elif autocast:
-                    p = p.to(x.dtype)
-                flat.append(p)
-            layout.append(len(names))
+        # None: an option that is off. Where a name is not a registered parameter (torch.nn.utils.parametrize,
+        # weight_norm, AWD-LSTM's weight drop), the module's attribute is the weight: getattr finds it.
+        parameters = self._parameters
+        flat = [parameters[name] if name in parameters else getattr(self, name)
+                for names in self._layout for name in names]
         # Training-mode calls keep what the backward needs whenever a gradient may be asked for, and always
         # with dropout (its masks are drawn in training mode only); otherwise the kernels save nothing.
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or h0.requires_grad or c0.requires_grad
-                                                  or any(p.requires_grad for p in flat))
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                     for t in (x, h0, c0, *flat))
         dropping = training and (self.dropout > 0 or self.recurrent_dropout > 0 or
-                                 any(key in kwargs for key in ("weight_dropout", "zoneout", "zoneout_cell")))
-        seed = torch.randint(0, 2**62, (1,)) if dropping else torch.zeros(1, dtype=torch.int64)
+                                 not self._cell_options.keys().isdisjoint(_SAMPLED_REGULARISERS))
+        tracing = torch.jit.is_tracing()
         # torch.jit.trace checks a trace by a second run without gradients: a trace follows the module's mode.
-        saving = (training if torch.jit.is_tracing() else needs_grad) or dropping
-        spec = _spec(self._cell, layout, kwargs, saving)
-        y, h_n, c_n = _run_stack(x, h0, c0, flat, seed, lengths, spec)
+        saving = (training if tracing else needs_grad) or dropping
+        plan = None
+        if not (autocast or tracing or torch.compiler.is_compiling()) and _numpy_path(x, h0, c0):
+            plan = self._plan(training, saving, flat)  # None: a parameter not on the CPU
+        if plan is not None:
+            seed = int(torch.randint(0, 2**62, (1,))) if dropping else 0
+            if needs_grad:
+                y, h_n, c_n = _EagerStack.apply(plan, self._weight_counts, None, seed, lengths, x, h0, c0,
+                                                *flat)
+            else:
+                y, h_n, c_n, _ = _run_plan(plan, x, h0, c0, seed, lengths)
+        else:
+            if h0 is None:
+                h0 = x.new_zeros(state_shape)
+                c0 = x.new_zeros(cell_shape, dtype=cell_dtype) if lstm else None
+            if c0 is None:
+                c0 = x.new_empty(0)
+            absent = x.new_empty(0)  # one empty tensor for every option that is off
+            flat = [absent if p is None else p.to(x.dtype) if autocast else p for p in flat]
+            seed = torch.randint(0, 2**62, (1,)) if dropping else torch.zeros(1, dtype=torch.int64)
+            spec = _spec(self._cell, self._weight_counts, self._stack_options(training), saving)
+            y, h_n, c_n = _run_stack(x, h0, c0, flat, seed, lengths, spec)
         if lstm and c_n.dtype != x.dtype:
             c_n = c_n.to(x.dtype)  # torch.nn.LSTM's c_n dtype; autograd takes dc_n back to float32
         if sequence is not None:
