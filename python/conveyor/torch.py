@@ -565,7 +565,7 @@ class _ConveyorRNNBase(torch.nn.Module):
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                      for t in (x, h0, c0, *flat))
         dropping = training and (self.dropout > 0 or self.recurrent_dropout > 0 or
-                                 not self._cell_options.keys().isdisjoint(_SAMPLED_REGULARISERS))
+                                 any(key in self._cell_options for key in _SAMPLED_REGULARISERS))
         tracing = torch.jit.is_tracing()
         # torch.jit.trace checks a trace by a second run without gradients: a trace follows the module's mode.
         saving = (training if tracing else needs_grad) or dropping
