@@ -522,10 +522,14 @@ void store_lstm_grads(int64_t H, int64_t j, const cells::LstmGrads<T>& d, T* __r
   dc[j] = d.dc_prev;
 }
 
+// Not inlined, as lstm_layer_norm_backward_row: inlined into the row lambdas of backward_window, GCC 12 left
+// this loop scalar (in 30 of its 32 instantiations, with cell_tanh called out of line, a call per unit); compiled
+// on its own, with its __restrict arguments, it vectorises (24 of 32: all but those of double that call exp).
 template <typename T, bool kRelu, bool kCoupled, bool kPeephole, bool kClip>
-void lstm_backward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict P, const T* __restrict saved,
-                       const T* __restrict c_prev, const T* __restrict dy, const T* __restrict dh, T* __restrict dc,
-                       T* __restrict da) {
+__attribute__((noinline)) void lstm_backward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict P,
+                                                 const T* __restrict saved, const T* __restrict c_prev,
+                                                 const T* __restrict dy, const T* __restrict dh, T* __restrict dc,
+                                                 T* __restrict da) {
   opt = fixed_options<kRelu, kCoupled, kPeephole, kClip>(opt);
   for (int64_t j = 0; j < H; ++j) {
     const auto d = cells::lstm_backward(opt, saved[j], saved[H + j], saved[2 * H + j], saved[3 * H + j],
@@ -538,11 +542,13 @@ void lstm_backward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict
 // The layer-normalised LSTM (output o * act(LN(c_t))): as lstm_backward_row, with LN(c_t)'s backward between the
 // output and c_t; d_gamma_c, d_beta_c (=) the row's parts of the gain's and bias's gradients.
 template <typename T, bool kRelu, bool kCoupled, bool kPeephole, bool kClip>
-void lstm_layer_norm_backward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict P,
-                                  const T* __restrict saved, const T* __restrict c_prev, const T* __restrict dy,
-                                  const T* __restrict dh, const T* __restrict gamma_c, const T* __restrict beta_c,
-                                  T* __restrict dc, T* __restrict da, T* __restrict d_gamma_c,
-                                  T* __restrict d_beta_c) {
+__attribute__((noinline)) void lstm_layer_norm_backward_row(int64_t H, cells::LstmOptions<T> opt,
+                                                            const T* __restrict P, const T* __restrict saved,
+                                                            const T* __restrict c_prev, const T* __restrict dy,
+                                                            const T* __restrict dh, const T* __restrict gamma_c,
+                                                            const T* __restrict beta_c, T* __restrict dc,
+                                                            T* __restrict da, T* __restrict d_gamma_c,
+                                                            T* __restrict d_beta_c) {
   opt = fixed_options<kRelu, kCoupled, kPeephole, kClip>(opt);
   const T* o = saved + 3 * H;
   const T* c = saved + 4 * H;
