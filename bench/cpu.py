@@ -163,6 +163,11 @@ def main() -> int:
     points = POINTS[:3] if args.quick else POINTS
     repeats = 5 if args.quick else args.repeats
     machine = platform.processor() or platform.machine()
+    try:  # the model name says more than the architecture (results from two machines sit side by side)
+        with open("/proc/cpuinfo") as cpuinfo:
+            machine = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     lines = [f"Conveyor {conveyor.__version__} beside torch {torch.__version__} on {machine} "
              f"({os.cpu_count()} cores), float32; `python bench/cpu.py {' '.join(sys.argv[1:])}`", ""]
 
