@@ -61,25 +61,13 @@ def blas_peak(threads: int) -> float:
     return 2 * 1024**3 / min(times) * threads / (os.cpu_count() or 1)
 
 
-def interleaved(functions, repeats):
-    """Median seconds of each function, run in turn repeat after repeat (after two warm-up rounds)."""
+def interleaved(functions, repeats, calls=1):
+    """Median seconds per call of each function, run in turn repeat after repeat (after two warm-up rounds),
+    `calls` times in a row each turn: 1 measures a call after the others' (their work in the caches), more a
+    call in a loop of its own (its caches warm, as over a stream's steps)."""
     for _ in range(2):
         for fn in functions:
             fn()
-    times = [[] for _ in functions]
-    for _ in range(repeats):
-        for i, fn in enumerate(functions):
-            start = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
-
-
-def back_to_back(functions, repeats, calls=200):
-    """Median seconds per call of each function called `calls` times in a row (its caches warm, as in a loop
-    over a stream's steps), the functions taking turns repeat after repeat."""
-    for fn in functions:
-        fn()
     times = [[] for _ in functions]
     for _ in range(repeats):
         for i, fn in enumerate(functions):
@@ -149,7 +137,7 @@ def call_overhead(repeats):
 
     runs = [functional, no_grad(ours), no_grad(reference), with_grad(ours), with_grad(reference)]
     alternating = interleaved(runs, repeats * 20)
-    in_a_row = back_to_back(runs, repeats)
+    in_a_row = interleaved(runs, repeats, calls=200)
     return [t * 1e6 for t in alternating], [t * 1e6 for t in in_a_row]
 
 
