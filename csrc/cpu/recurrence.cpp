@@ -11,7 +11,6 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <type_traits>
@@ -81,7 +80,8 @@ void column_sums(int64_t rows, int64_t cols, const T* m, int64_t ld, bool accumu
 // Large scratch blocks released by one window, kept for the next. Fresh from the system, a block this large is
 // mapped anew by each call, and its page faults and the kernel's zeroing of the pages took 9% of a training
 // window (LSTM T=64, B=32, I=H=256: forward + backward 77 -> 70 ms once no block went back to the system). A
-// block serves a request of at least half its size, so that a small request does not take a large block.
+// block serves a request of at least half its size, so that a small request does not take a large block; past
+// kHeld bytes the oldest blocks go back first, so that blocks of sizes no longer asked for do not stay.
 class ScratchCache {
  public:
   static constexpr size_t kSmallest = size_t(1) << 16;  // below it, malloc's own free lists serve (no mmap)
@@ -92,15 +92,21 @@ class ScratchCache {
     return cache;
   }
 
-  // A block of at least `bytes` (its size into `capacity`): a kept one if one fits, else a new one.
+  // A block of at least `bytes` (its size into `capacity`): the smallest kept one that fits, else a new one.
   std::byte* take(size_t bytes, size_t& capacity) {
     if (bytes >= kSmallest) {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto found = blocks_.lower_bound(bytes);
-      if (found != blocks_.end() && found->first / 2 <= bytes) {
-        capacity = found->first;
-        std::byte* block = found->second.release();
-        blocks_.erase(found);
+      auto best = blocks_.end();
+      for (auto it = blocks_.begin(); it != blocks_.end(); ++it) {
+        if (it->capacity >= bytes && it->capacity / 2 <= bytes &&
+            (best == blocks_.end() || it->capacity < best->capacity)) {
+          best = it;
+        }
+      }
+      if (best != blocks_.end()) {
+        capacity = best->capacity;
+        std::byte* block = best->data.release();
+        blocks_.erase(best);
         held_ -= capacity;
         return block;
       }
@@ -109,19 +115,26 @@ class ScratchCache {
     return new std::byte[bytes];
   }
 
-  // Keeps the block while the cache holds under kHeld bytes with it, else frees it.
+  // Keeps the block (newest last), then frees the oldest while more than kHeld bytes are kept.
   void give(std::byte* block, size_t capacity) {
     std::unique_ptr<std::byte[]> owned(block);
     if (capacity < kSmallest) return;
     std::lock_guard<std::mutex> lock(mutex_);
-    if (held_ + capacity > kHeld) return;
+    blocks_.push_back({capacity, std::move(owned)});
     held_ += capacity;
-    blocks_.emplace(capacity, std::move(owned));
+    while (held_ > kHeld) {
+      held_ -= blocks_.front().capacity;
+      blocks_.erase(blocks_.begin());
+    }
   }
 
  private:
+  struct Block {
+    size_t capacity;
+    std::unique_ptr<std::byte[]> data;
+  };
   std::mutex mutex_;
-  std::multimap<size_t, std::unique_ptr<std::byte[]>> blocks_;
+  std::vector<Block> blocks_;  // oldest first; a window's handful of blocks, so a scan is cheap
   size_t held_ = 0;
 };
 
