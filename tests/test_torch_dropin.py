@@ -409,6 +409,7 @@ def test_a_layer_prepares_its_calls_once_and_follows_its_parameters_wherever_the
     module.float(), reference.float()
     x = x.float()
     same()
+
     class Doubled(torch.nn.Module):
         def forward(self, weight):
             return 2 * weight

@@ -245,8 +245,8 @@ class StackPlan:
     than its kernels). Arguments as :func:`stack_forward`'s; :meth:`run` takes the per-call ones. The weights
     are held by reference: changes made to them in place show in the next call."""
 
-    __slots__ = ("cell", "num_layers", "directions", "dropout", "variational", "training", "weights",
-                 "windows", "hidden", "cell_size", "stream")
+    __slots__ = ("cell", "num_layers", "directions", "dropout", "variational", "training", "windows",
+                 "hidden", "cell_size", "stream")
 
     def __init__(self, cell, weights, *, num_layers=1, bidirectional=False, dropout=0.0, variational=False,
                  recurrent_dropout=0.0, training=True, stream=None, **options):
@@ -263,15 +263,15 @@ class StackPlan:
         self.variational = _functional._check_flag("variational", variational)
         self.training = _functional._check_flag("training", training)
         self.stream = stream
-        self.weights = list(weights)
-        if len(self.weights) != self.num_layers * self.directions:
+        weights = list(weights)
+        if len(weights) != self.num_layers * self.directions:
             raise ValueError(f"weights: expected {self.num_layers * self.directions} entries (num_layers * "
-                             f"directions), got {len(self.weights)}")
-        if any(not isinstance(w, (tuple, list)) or len(w) < 4 for w in self.weights):
+                             f"directions), got {len(weights)}")
+        if any(not isinstance(w, (tuple, list)) or len(w) < 4 for w in weights):
             raise TypeError("weights: expected tuples (W, R, bW, bR, ...) for each layer and direction")
-        self.hidden, self.cell_size = _state_sizes(cell, self.weights)
+        self.hidden, self.cell_size = _state_sizes(cell, weights)
         self.windows = []  # per window: (its core options, W, R, bW, bR, P, W_hr, layer-norm gains)
-        for k, (W, R, bW, bR, *rest) in enumerate(self.weights):
+        for k, (W, R, bW, bR, *rest) in enumerate(weights):
             extra = window_extras(cell, rest)
             P, W_hr = extra.get("P"), extra.get("W_hr")
             gains = _functional._layer_norm_gains(cell, extra.get("layer_norm"))
@@ -300,7 +300,7 @@ class StackPlan:
         ops = _Ops.of(x)
         if not hasattr(x, "shape") or len(x.shape) != (2 if _packed else 3):
             # The first window's checks name x exactly; the states' shapes need B first.
-            getattr(_functional, f"{cell}_forward")(x, *self.weights[0][:4], training=False, lengths=lengths,
+            getattr(_functional, f"{cell}_forward")(x, *self.windows[0][1:5], training=False, lengths=lengths,
                                                     _packed=_packed)
         if lengths is not None:
             lengths = _host_lengths(lengths)  # read once here, for the reversals and every window
