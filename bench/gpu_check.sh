@@ -216,9 +216,11 @@ EOF
 # -- b, c: correctness -----------------------------------------------------------------------------------------
 
 # A few fast tests of both algorithms for the sanitizers: every cell at one odd shape in float32, the bfloat16
-# tests, and the floor.
-sanitizer_tests=(tests/test_cuda.py tests/test_floor.py -k
-  "(device and T5-B17-I40-H70 and float32 and test_matches_reference) or (bfloat16 and test_half_precision_within) or test_floor")
+# tests, the persistent kernels' layer normalisation (its blocks meet over each row's statistics), and the floor.
+sanitizer_filter="(device and T5-B17-I40-H70 and float32 and test_matches_reference) or test_floor"
+sanitizer_filter+=" or (bfloat16 and test_half_precision_within and not regularisers)"
+sanitizer_filter+=" or (test_persistent_layer_norm_at_every_units_per_block and 8)"
+sanitizer_tests=(tests/test_cuda.py tests/test_cuda_regularisers.py tests/test_floor.py -k "$sanitizer_filter")
 
 sanitize_with() {
   local tool=$1 extra=()

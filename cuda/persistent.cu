@@ -13,7 +13,9 @@
 // chunk of each operand row per k step, so that 12 vector shared loads feed 32 V FMAs), and the lanes' sums
 // meet in a butterfly of shuffles that leaves each lane one output. Where a product has fewer tiles than the
 // block has warps, warps split K as well and add their parts in a fixed order: results never depend on the
-// schedule, and two runs agree bit for bit. Kernels end in _kernel; the launchers follow them.
+// schedule, and two runs agree bit for bit. Layer normalisation adds passes and grid barriers to a step, the
+// blocks combining their parts of each row's statistics between them ("Layer normalisation" below). Kernels end
+// in _kernel; the launchers follow them.
 #include "persistent.cuh"
 
 #include <cooperative_groups.h>
@@ -26,6 +28,7 @@
 #include <string>
 #include <type_traits>
 
+#include "layer_norm.cuh"
 #include "ptx.cuh"
 
 namespace conveyor::cuda {
@@ -260,15 +263,142 @@ __device__ void stage_hidden(const ForwardStep<S>& p, int64_t b0, T* stage, int 
   }
 }
 
+// What a pass does with each unit's product, `finish(p, b, j, product)`: the cell's epilogue (CellEpilogue), or
+// under layer normalisation keeping the raw product (RawRecurrentProduct). A Finish with kFollowsRows also has
+// rows_done(p, b0), which every thread calls once the pass has finished its units of rows b0 + [0, 16): the block
+// sees what they wrote.
+template <typename S, ForwardEpilogue kEpilogue, bool kRelu>
+struct CellEpilogue {
+  static constexpr bool kFollowsRows = false;
+  __device__ void operator()(const ForwardStep<S>& p, int64_t b, int64_t j, const Compute<S>* product) const {
+    forward_epilogue<S, kEpilogue, kRelu>(p, b, j, product);
+  }
+};
+
+template <typename Step, typename Finish>
+__device__ __forceinline__ void finish_rows(const Step& p, int64_t b0, const Finish& finish) {
+  if constexpr (Finish::kFollowsRows) {
+    __syncthreads();
+    finish.rows_done(p, b0);
+  }
+}
+
+// The units of the block that starts at unit j0 (the last block's may stop short of `units`).
+__device__ __forceinline__ int units_of_block(int units, int64_t j0, int64_t hidden) {
+  return hidden - j0 < units ? int(hidden - j0) : units;
+}
+
+// Layer normalisation's statistics of a row whose units every block holds a part of: each block stores the
+// moments of its part (store_part_moments: the mean and the sum of squared deviations from it, in two passes
+// over the part), and after a grid barrier every block combines all parts (combined_statistics, Chan et al.'s
+// pairwise update). The backward's row sums go the same way (store_part_sums, combined_sums). One warp serves a
+// row (for_rows_by_warps): its lanes take every 32nd element of the part, or every 32nd block's part, so their
+// loads are in flight together, and meet in a butterfly of shuffles. The butterfly adds in a fixed pattern, and
+// both lanes of a pair combine their moments in lane order, so every lane of every block gets the same bits,
+// and two runs agree bit for bit. `moments` and `sums` are [B][blocks][2].
+
+// fn(r) for rows r of [0, 16) with b0 + r < batch, one warp to a row (warp w takes rows w and w + 8); every lane
+// of the warp calls it.
+template <typename Fn>
+__device__ __forceinline__ void for_rows_by_warps(int64_t b0, int64_t batch, const Fn& fn) {
+  for (int r = int(threadIdx.x) / 32; r < kPersistentRows && b0 + r < batch; r += kPersistentWarps) fn(r);
+}
+
+// The sum of every lane's value, in every lane (addition commutes exactly, so both lanes of a pair agree).
+template <typename C>
+__device__ __forceinline__ C warp_sum(C value) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+template <typename C, typename Load>
+__device__ void store_part_moments(C* moments, int64_t b, int count, const Load& load) {
+  const int lane = threadIdx.x % 32;
+  C sum = C(0);
+  for (int i = lane; i < count; i += 32) sum += load(i);
+  const C mean = warp_sum(sum) / C(count);
+  C squares = C(0);
+  for (int i = lane; i < count; i += 32) {
+    const C d = load(i) - mean;
+    squares += d * d;
+  }
+  squares = warp_sum(squares);
+  if (lane == 0) {
+    C* part = moments + (b * gridDim.x + blockIdx.x) * 2;
+    part[0] = mean;
+    part[1] = squares;
+  }
+}
+
+// Moments of a set of values: how many, their mean, and the sum of their squared deviations from it.
+template <typename C>
+struct Moments {
+  C count, mean, squares;
+};
+
+// The moments of the union of a and b (Chan et al.).
+template <typename C>
+__device__ __forceinline__ Moments<C> merged(const Moments<C>& a, const Moments<C>& b) {
+  if (b.count == C(0)) return a;
+  if (a.count == C(0)) return b;
+  const C count = a.count + b.count, delta = b.mean - a.mean;
+  const C squares = a.squares + b.squares + delta * delta * (a.count * b.count / count);
+  return {count, a.mean + delta * (b.count / count), squares};
+}
+
+template <typename C>
+__device__ RowStatistics<C> combined_statistics(const C* moments, int64_t b, int units, int64_t hidden,
+                                                int per_unit) {
+  const int lane = threadIdx.x % 32;
+  Moments<C> m{C(0), C(0), C(0)};
+  for (unsigned block = lane; block < gridDim.x; block += 32) {
+    const C* part = moments + (b * gridDim.x + block) * 2;
+    m = merged(m, {C(per_unit * units_of_block(units, int64_t(block) * units, hidden)), part[0], part[1]});
+  }
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const Moments<C> other{__shfl_xor_sync(0xffffffffu, m.count, offset), __shfl_xor_sync(0xffffffffu, m.mean, offset),
+                           __shfl_xor_sync(0xffffffffu, m.squares, offset)};
+    m = (lane & offset) == 0 ? merged(m, other) : merged(other, m);
+  }
+  return statistics_from_moments(m.mean, m.squares, m.count);
+}
+
+// Lane 0 stores the part's two sums (each already summed over the warp).
+template <typename C>
+__device__ void store_part_sums(C* sums, int64_t b, C first, C second) {
+  if (threadIdx.x % 32 != 0) return;
+  C* part = sums + (b * gridDim.x + blockIdx.x) * 2;
+  part[0] = first;
+  part[1] = second;
+}
+
+template <typename C>
+struct RowSums {
+  C first, second;
+};
+
+template <typename C>
+__device__ RowSums<C> combined_sums(const C* sums, int64_t b) {
+  RowSums<C> total{C(0), C(0)};
+  for (unsigned block = threadIdx.x % 32; block < gridDim.x; block += 32) {
+    total.first += sums[(b * gridDim.x + block) * 2];
+    total.second += sums[(b * gridDim.x + block) * 2 + 1];
+  }
+  return {warp_sum(total.first), warp_sum(total.second)};
+}
+
 // One product and epilogue over every batch row for the block's units: the product of gate blocks
 // [gate_first, gate_first + gates) over p.h_in (of type Input, masked by p.mask), then kEpilogue.
 // The same on tensor cores (tensor_core_forward) for an input of type S: the block stages 16 rows of h_{t-1}
 // (masked, rounded to S as the per-step kernels' inputs are not: they multiply the mask in float) in h_stage;
 // warp w takes the n8 tile w % n_tiles of the gate-unit columns and every (8 / n_tiles)-th K step of kMmaK;
 // the warps' partial tiles meet in tiles.product, and each unit's thread adds them in a fixed order.
-template <typename S, ForwardEpilogue kEpilogue, bool kRelu>
+template <typename S, typename Finish>
 __device__ void forward_pass_tensor_cores(const ForwardStep<S>& p, int units, int64_t j0, const S* r_slice, int ld,
-                                          S* h_stage, int gate_first, int gates, const PassTiles<float>& tiles) {
+                                          S* h_stage, int gate_first, int gates, const PassTiles<float>& tiles,
+                                          const Finish& finish) {
   const int64_t B = p.batch, H = p.hidden;
   const int columns = gates * units, n_tiles = (columns + 7) / 8;
   const int warps_per_tile = kPersistentWarps / n_tiles, k_steps = ld / kMmaK<S>;
@@ -315,22 +445,23 @@ __device__ void forward_pass_tensor_cores(const ForwardStep<S>& p, int units, in
         for (int gate = 0; gate < gates; ++gate) {
           product[gate] = sum_mma_parts(tiles, warps_per_tile, n_tiles, r, gate * units + u);
         }
-        forward_epilogue<S, kEpilogue, kRelu>(p, b, j, product);
+        finish(p, b, j, product);
       }
     }
+    finish_rows(p, b0, finish);
     __syncthreads();
   }
 }
 
 // The FMA product: 16 rows of the input staged in the compute type (a_stage [16][padded H]), times the slice's
 // gate-unit rows.
-template <typename S, ForwardEpilogue kEpilogue, bool kRelu, typename Input, bool kTensorCores>
+template <typename S, typename Input, bool kTensorCores, typename Finish>
 __device__ void forward_pass(const ForwardStep<S>& p, int units, int64_t j0, const S* r_slice, int ld, S* h_stage,
-                             Compute<S>* a_stage, int gate_first, int gates, const PassTiles<Compute<S>>& tiles) {
+                             Compute<S>* a_stage, int gate_first, int gates, const PassTiles<Compute<S>>& tiles,
+                             const Finish& finish) {
   using C = Compute<S>;
   if constexpr (kTensorCores && std::is_same_v<Input, S>) {
-    return forward_pass_tensor_cores<S, kEpilogue, kRelu>(p, units, j0, r_slice, ld, h_stage, gate_first, gates,
-                                                          tiles);
+    return forward_pass_tensor_cores<S>(p, units, j0, r_slice, ld, h_stage, gate_first, gates, tiles, finish);
   }
   const int64_t B = p.batch, H = p.hidden;
   const int a_ld = padded_hidden(H), chunks = a_ld / kChunk<C>;
@@ -356,9 +487,10 @@ __device__ void forward_pass(const ForwardStep<S>& p, int units, int64_t j0, con
       if (b < B && j < H) {
         C product[4];
         for (int g = 0; g < gates; ++g) product[g] = tiles.product[r][g * units + u];
-        forward_epilogue<S, kEpilogue, kRelu>(p, b, j, product);
+        finish(p, b, j, product);
       }
     }
+    finish_rows(p, b0, finish);
     __syncthreads();
   }
 }
@@ -371,7 +503,101 @@ __host__ __device__ constexpr bool forward_fma_products(bool tensor_cores, bool 
   return !tensor_cores || (reset_before && !std::is_same_v<S, Compute<S>>);
 }
 
-template <typename S, ForwardEpilogue kEpilogue, bool kRelu, bool kTf32>
+// Layer normalisation in the forward (ForwardWindow: recurrent, part_moments). A step takes three passes
+// with a grid barrier between each (two for the GRU): the product, kept raw (in w.recurrent, and in the cache's
+// last G*H columns) while each block stores the moments of its part of every row; the norm of each unit's
+// product with the combined statistics and the cell's epilogue (the LSTM's writes o and c_t for the output, and
+// the block stores the moments of its part of c_t); the LSTM's output o * act(LN(c_t)).
+template <typename S>
+struct RawRecurrentProduct {
+  static constexpr bool kFollowsRows = true;
+  Compute<S>* raw;
+  Compute<S>* moments;
+  int gates, units;
+  int64_t j0;
+
+  __device__ void operator()(const ForwardStep<S>& p, int64_t b, int64_t j, const Compute<S>* product) const {
+    const int64_t H = p.hidden, GH = p.gate_stride;
+    for (int g = 0; g < gates; ++g) {
+      raw[b * GH + g * H + j] = product[g];
+      if (p.cache != nullptr) p.cache[b * p.cache_stride + p.cache_stride - GH + g * H + j] = convert<S>(product[g]);
+    }
+  }
+  __device__ void rows_done(const ForwardStep<S>& p, int64_t b0) const {
+    const int64_t H = p.hidden, GH = p.gate_stride;
+    const int own = units_of_block(units, j0, H);
+    for_rows_by_warps(b0, p.batch, [&](int r) {
+      const Compute<S>* row = raw + (b0 + r) * GH + j0;
+      store_part_moments(moments, b0 + r, gates * own, [&](int i) { return row[i / own * H + i % own]; });
+    });
+  }
+};
+
+// Every row's statistics (of `per_unit` values a unit, from every block's moments) for rows b0 + [0, 16), into
+// stats [16][2] in shared memory; a barrier follows.
+template <typename C>
+__device__ void stage_statistics(const C* moments, int64_t b0, int64_t batch, int units, int64_t hidden,
+                                 int per_unit, C* stats) {
+  for_rows_by_warps(b0, batch, [&](int r) {
+    const RowStatistics<C> s = combined_statistics(moments, b0 + r, units, hidden, per_unit);
+    if (threadIdx.x % 32 == 0) {
+      stats[2 * r] = s.mean;
+      stats[2 * r + 1] = s.rstd;
+    }
+  });
+  __syncthreads();
+}
+
+template <typename S, ForwardEpilogue kEpilogue, bool kRelu, int kGates>
+__device__ void normalised_recurrent_pass(const ForwardWindow<S>& w, const ForwardStep<S>& p, int units, int64_t j0,
+                                          Compute<S>* stats) {
+  using C = Compute<S>;
+  constexpr bool kLstm = kEpilogue == ForwardEpilogue::lstm || kEpilogue == ForwardEpilogue::lstm_coupled;
+  const int64_t B = p.batch, H = p.hidden, GH = p.gate_stride;
+  C* cell_moments = w.part_moments + w.base.batch * gridDim.x * 2;
+  for (int64_t b0 = 0; b0 < B; b0 += kPersistentRows) {
+    stage_statistics(w.part_moments, b0, B, units, H, kGates, stats);
+    if (int(threadIdx.x) < kPersistentRows * units) {
+      const int r = threadIdx.x / units, u = threadIdx.x % units;
+      const int64_t b = b0 + r, j = j0 + u;
+      if (b < B && j < H) {
+        C product[kGates];
+        for (int g = 0; g < kGates; ++g) {
+          const C value = w.recurrent[b * GH + g * H + j];
+          product[g] = convert<C>(w.gamma_h[g * H + j]) * ((value - stats[2 * r]) * stats[2 * r + 1]);
+        }
+        forward_epilogue<S, kEpilogue, kRelu>(p, b, j, product);
+      }
+    }
+    if constexpr (kLstm) {
+      __syncthreads();
+      for_rows_by_warps(b0, B, [&](int r) {
+        const C* c = p.norm_inputs + (b0 + r) * 2 * H + H + j0;
+        store_part_moments(cell_moments, b0 + r, units_of_block(units, j0, H), [c](int i) { return c[i]; });
+      });
+    }
+    __syncthreads();
+  }
+}
+
+template <typename S, bool kRelu>
+__device__ void lstm_norm_output_pass(const ForwardWindow<S>& w, const ForwardStep<S>& p, int units, int64_t j0,
+                                      Compute<S>* stats) {
+  const int64_t B = p.batch, H = p.hidden;
+  for (int64_t b0 = 0; b0 < B; b0 += kPersistentRows) {
+    stage_statistics(w.part_moments + w.base.batch * gridDim.x * 2, b0, B, units, H, 1, stats);
+    if (int(threadIdx.x) < kPersistentRows * units) {
+      const int r = threadIdx.x / units, u = threadIdx.x % units;
+      const int64_t b = b0 + r, j = j0 + u;
+      if (b < B && j < H) {
+        lstm_norm_output_unit<S, kRelu>(p, b, j, {stats[2 * r], stats[2 * r + 1]}, w.gamma_c, w.beta_c);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename S, ForwardEpilogue kEpilogue, bool kRelu, bool kTf32, bool kLayerNorm>
 __global__ void __launch_bounds__(kPersistentThreads, sizeof(Compute<S>) == 4 ? 2 : 1)
     forward_persistent_kernel(ForwardWindow<S> w, int units) {
   using C = Compute<S>;
@@ -398,15 +624,24 @@ __global__ void __launch_bounds__(kPersistentThreads, sizeof(Compute<S>) == 4 ? 
   for (int64_t t = 0; t < w.steps; ++t) {
     ForwardStep<S> p = w.step(t);
     if constexpr (kResetBefore) {
-      forward_pass<S, ForwardEpilogue::gru_reset_before_gates, kRelu, S, kTensorCores>(p, units, j0, r_slice, ld,
-                                                                                       h_stage, a_stage, 0, 2, tiles);
+      forward_pass<S, S, kTensorCores>(p, units, j0, r_slice, ld, h_stage, a_stage, 0, 2, tiles,
+                                       CellEpilogue<S, ForwardEpilogue::gru_reset_before_gates, kRelu>{});
       grid.sync();  // every unit's r * h_{t-1} before the n block's product reads them
       ForwardWindow<S>::to_output_phase(p);
-      forward_pass<S, ForwardEpilogue::gru_reset_before_output, kRelu, C, kTensorCores>(p, units, j0, r_slice, ld,
-                                                                                        h_stage, a_stage, 2, 1, tiles);
+      forward_pass<S, C, kTensorCores>(p, units, j0, r_slice, ld, h_stage, a_stage, 2, 1, tiles,
+                                       CellEpilogue<S, ForwardEpilogue::gru_reset_before_output, kRelu>{});
+    } else if constexpr (kLayerNorm) {
+      forward_pass<S, S, kTensorCores>(p, units, j0, r_slice, ld, h_stage, a_stage, 0, kGates, tiles,
+                                       RawRecurrentProduct<S>{w.recurrent, w.part_moments, kGates, units, j0});
+      grid.sync();  // every block's moments of each row of R h_{t-1} before the norm
+      normalised_recurrent_pass<S, kEpilogue, kRelu, kGates>(w, p, units, j0, tiles.partial);
+      if constexpr (kEpilogue == ForwardEpilogue::lstm || kEpilogue == ForwardEpilogue::lstm_coupled) {
+        grid.sync();  // every block's moments of each row of c_t before LN(c_t)
+        lstm_norm_output_pass<S, kRelu>(w, p, units, j0, tiles.partial);
+      }
     } else {
-      forward_pass<S, kEpilogue, kRelu, S, kTensorCores>(p, units, j0, r_slice, ld, h_stage, a_stage, 0, kGates,
-                                                         tiles);
+      forward_pass<S, S, kTensorCores>(p, units, j0, r_slice, ld, h_stage, a_stage, 0, kGates, tiles,
+                                       CellEpilogue<S, kEpilogue, kRelu>{});
     }
     grid.sync();  // every unit of h_t before the next step reads it
   }
@@ -415,19 +650,29 @@ __global__ void __launch_bounds__(kPersistentThreads, sizeof(Compute<S>) == 4 ? 
 template <typename S, bool kRelu>
 using ForwardPersistentKernel = void (*)(ForwardWindow<S>, int);
 
+// Layer normalisation (the LSTM's and the GRU's with reset_after: the options refuse it elsewhere) has kernels of
+// its own.
 template <typename S, bool kRelu, bool kTf32>
 ForwardPersistentKernel<S, kRelu> forward_persistent_kernel_of(const CellOptions& options) {
+  const bool norm = options.layer_norm;
   switch (options.cell) {
     case CellType::lstm:
-      if (options.coupled_gates) return forward_persistent_kernel<S, ForwardEpilogue::lstm_coupled, kRelu, kTf32>;
-      return forward_persistent_kernel<S, ForwardEpilogue::lstm, kRelu, kTf32>;
+      if (options.coupled_gates) {
+        return norm ? forward_persistent_kernel<S, ForwardEpilogue::lstm_coupled, kRelu, kTf32, true>
+                    : forward_persistent_kernel<S, ForwardEpilogue::lstm_coupled, kRelu, kTf32, false>;
+      }
+      return norm ? forward_persistent_kernel<S, ForwardEpilogue::lstm, kRelu, kTf32, true>
+                  : forward_persistent_kernel<S, ForwardEpilogue::lstm, kRelu, kTf32, false>;
     case CellType::gru:
-      if (options.reset_after) return forward_persistent_kernel<S, ForwardEpilogue::gru_reset_after, kRelu, kTf32>;
-      return forward_persistent_kernel<S, ForwardEpilogue::gru_reset_before_gates, kRelu, kTf32>;
+      if (options.reset_after) {
+        return norm ? forward_persistent_kernel<S, ForwardEpilogue::gru_reset_after, kRelu, kTf32, true>
+                    : forward_persistent_kernel<S, ForwardEpilogue::gru_reset_after, kRelu, kTf32, false>;
+      }
+      return forward_persistent_kernel<S, ForwardEpilogue::gru_reset_before_gates, kRelu, kTf32, false>;
     case CellType::rnn:
       break;
   }
-  return forward_persistent_kernel<S, ForwardEpilogue::rnn, kRelu, kTf32>;
+  return forward_persistent_kernel<S, ForwardEpilogue::rnn, kRelu, kTf32, false>;
 }
 
 // kernel_of(std::bool_constant<kTf32>) with kTf32 = options.allow_tf32 for float32, the one type it concerns,
@@ -457,9 +702,10 @@ ForwardPersistentKernel<S, kRelu> forward_persistent_kernel_for(const CellOption
 // On tensor cores the 16 staged rows are the MMA's M and the block's units its N, 8 to an n8 tile (those past
 // `units` zero): warp w takes tile w % n_tiles and every (8 / n_tiles)-th K step of 8 of each slice, and the
 // warps' partial tiles meet in tiles.product, where each unit's thread adds them in a fixed order.
-template <typename S, BackwardEpilogue kEpilogue, bool kRelu, bool kTensorCores>
+template <typename S, bool kTensorCores, typename Finish>
 __device__ void backward_pass(const BackwardStep<S>& p, int units, int64_t j0, const S* r_columns, int ld,
-                              Compute<S>* a_stage, int width, const PassTiles<Compute<S>>& tiles) {
+                              Compute<S>* a_stage, int width, const PassTiles<Compute<S>>& tiles,
+                              const Finish& finish) {
   using C = Compute<S>;
   const int64_t B = p.batch, H = p.hidden;
   const int Hp = padded_hidden(H), K = int(p.K / H) * Hp, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -516,7 +762,7 @@ __device__ void backward_pass(const BackwardStep<S>& p, int units, int64_t j0, c
         const int r = threadIdx.x / units, u = threadIdx.x % units;
         const int64_t b = b0 + r, j = j0 + u;
         const float sum = sum_mma_parts(tiles, warps_per_tile, n_tiles, r, u);
-        if (b < B && j < H) backward_epilogue<S, kEpilogue, kRelu>(p, b, j, sum);
+        if (b < B && j < H) finish(p, b, j, sum);
       }
     } else {
       if (working) store_tile(work, tile, part, reduce_tile<kTileOutputs / 2>(acc), tiles);
@@ -525,14 +771,187 @@ __device__ void backward_pass(const BackwardStep<S>& p, int units, int64_t j0, c
       if (int(threadIdx.x) < kPersistentRows * units) {
         const int r = threadIdx.x / units, u = threadIdx.x % units;
         const int64_t b = b0 + r, j = j0 + u;
-        if (b < B && j < H) backward_epilogue<S, kEpilogue, kRelu>(p, b, j, tiles.product[r][u]);
+        if (b < B && j < H) finish(p, b, j, tiles.product[r][u]);
       }
+    }
+    finish_rows(p, b0, finish);
+    __syncthreads();
+  }
+}
+
+template <typename S, BackwardEpilogue kEpilogue, bool kRelu>
+struct BackwardCellEpilogue {
+  static constexpr bool kFollowsRows = false;
+  __device__ void operator()(const BackwardStep<S>& p, int64_t b, int64_t j, Compute<S> product) const {
+    backward_epilogue<S, kEpilogue, kRelu>(p, b, j, product);
+  }
+};
+
+// Layer normalisation in the backward (BackwardWindow: recurrent_statistics, cell_statistics, part_sums). A
+// step takes three passes with a grid barrier between each (two for the GRU): the product and the epilogue
+// before the norms (the LSTM's: dh_total, the gradient reaching h_t), while each block stores its sums over its
+// part of every row for the next norm's backward; for the LSTM, LN(c_t)'s backward and the cell's
+// (lstm_norm_cell_backward), then the sums for LN(R h_{t-1})'s; LN(R h_{t-1})'s backward into d_recurrent, which
+// the next step's product and dR take.
+
+// The gradient reaching LN(R h_{t-1}) at gate block g, unit j of row b: dax's, or the GRU's dar_n for the n block.
+template <typename S>
+__device__ __forceinline__ Compute<S> recurrent_norm_grad(const BackwardWindow<S>& w, const BackwardStep<S>& p,
+                                                          int64_t b, int g, int64_t j) {
+  return w.gru && g == 2 ? p.dar_n[b * p.hidden + j] : p.dax[b * p.gate_stride + g * p.hidden + j];
+}
+
+// R h_{t-1}'s normalised value at gate block g, unit j of row b, from the cache's raw product.
+template <typename S>
+__device__ __forceinline__ Compute<S> recurrent_norm_value(const BackwardStep<S>& p, RowStatistics<Compute<S>> s,
+                                                           int64_t b, int g, int64_t j) {
+  const S* raw = p.cache + b * p.cache_stride + p.cache_stride - p.gate_stride;
+  return (convert<Compute<S>>(raw[g * p.hidden + j]) - s.mean) * s.rstd;
+}
+
+template <typename C>
+__device__ __forceinline__ RowStatistics<C> saved_statistics(const C* statistics, int64_t row) {
+  return {statistics[2 * row], statistics[2 * row + 1]};
+}
+
+// Each block's sums over its part of rows b0 + [0, 16) for LN(R h_{t-1})'s backward, once the cell's gradients
+// of those rows are written.
+template <typename S>
+__device__ void store_recurrent_norm_sums(const BackwardWindow<S>& w, const BackwardStep<S>& p, int64_t t,
+                                          int64_t b0, int units, int64_t j0) {
+  using C = Compute<S>;
+  const int64_t H = p.hidden;
+  const int own = units_of_block(units, j0, H), count = int(p.gate_stride / H) * own;
+  for_rows_by_warps(b0, p.batch, [&](int r) {
+    const int64_t b = b0 + r;
+    const RowStatistics<C> s = saved_statistics(w.recurrent_statistics, w.rows.first(t) + b);
+    C sum_d = C(0), sum_dv = C(0);
+    for (int i = threadIdx.x % 32; i < count; i += 32) {
+      const int g = i / own;
+      const int64_t j = j0 + i % own;
+      const C d_hat = recurrent_norm_grad(w, p, b, g, j) * convert<C>(w.gamma_h[g * H + j]);
+      sum_d += d_hat;
+      sum_dv += d_hat * recurrent_norm_value(p, s, b, g, j);
+    }
+    store_part_sums(w.part_sums + w.base.batch * gridDim.x * 2, b, warp_sum(sum_d), warp_sum(sum_dv));
+  });
+}
+
+// The GRU's pass: its epilogue, then the sums for LN(R h_{t-1})'s backward.
+template <typename S, BackwardEpilogue kEpilogue, bool kRelu>
+struct RecurrentNormSums {
+  static constexpr bool kFollowsRows = true;
+  const BackwardWindow<S>& w;
+  int64_t t;
+  int units;
+  int64_t j0;
+
+  __device__ void operator()(const BackwardStep<S>& p, int64_t b, int64_t j, Compute<S> product) const {
+    backward_epilogue<S, kEpilogue, kRelu>(p, b, j, product);
+  }
+  __device__ void rows_done(const BackwardStep<S>& p, int64_t b0) const {
+    store_recurrent_norm_sums(w, p, t, b0, units, j0);
+  }
+};
+
+// The LSTM's first pass: dh_total (the projection epilogue's work), then the sums for LN(c_t)'s backward.
+template <typename S, bool kRelu>
+struct CellNormSums {
+  static constexpr bool kFollowsRows = true;
+  const BackwardWindow<S>& w;
+  int64_t t;
+  int units;
+  int64_t j0;
+
+  __device__ void operator()(const BackwardStep<S>& p, int64_t b, int64_t j, Compute<S> product) const {
+    backward_epilogue<S, BackwardEpilogue::projection, kRelu>(p, b, j, product);
+  }
+  __device__ void rows_done(const BackwardStep<S>& p, int64_t b0) const {
+    using C = Compute<S>;
+    const int64_t H = p.hidden;
+    const int own = units_of_block(units, j0, H);
+    for_rows_by_warps(b0, p.batch, [&](int r) {
+      const int64_t b = b0 + r;
+      const RowStatistics<C> s = saved_statistics(w.cell_statistics, w.rows.first(t) + b);
+      C sum_d = C(0), sum_dv = C(0);
+      for (int u = threadIdx.x % 32; u < own; u += 32) {
+        const int64_t j = j0 + u;
+        const LstmNormUnit<C> unit = lstm_norm_unit<S, kRelu>(p.cache + b * p.cache_stride, H, j, s, w.gamma_c,
+                                                              w.beta_c, p.dh_total[b * H + j]);
+        const C d_hat = unit.d_ln * convert<C>(w.gamma_c[j]);
+        sum_d += d_hat;
+        sum_dv += d_hat * unit.c_hat;
+      }
+      store_part_sums(w.part_sums, b, warp_sum(sum_d), warp_sum(sum_dv));
+    });
+  }
+};
+
+// Rows b0 + [0, 16)'s statistics (from `statistics`, packed rows from `first`) and means of the two sums over n
+// values (from every block's `sums`), into stats [16][4] in shared memory; a barrier follows.
+template <typename C>
+__device__ void stage_sums(const C* statistics, int64_t first, const C* sums, int64_t b0, int64_t batch, int64_t n,
+                           C* stats) {
+  for_rows_by_warps(b0, batch, [&](int r) {
+    const RowSums<C> total = combined_sums(sums, b0 + r);
+    if (threadIdx.x % 32 == 0) {
+      const RowStatistics<C> s = saved_statistics(statistics, first + b0 + r);
+      C* out = stats + 4 * r;
+      out[0] = s.mean;
+      out[1] = s.rstd;
+      out[2] = total.first / C(n);
+      out[3] = total.second / C(n);
+    }
+  });
+  __syncthreads();
+}
+
+template <typename S, bool kRelu>
+__device__ void lstm_norm_cell_pass(const BackwardWindow<S>& w, const BackwardStep<S>& p, int64_t t, int units,
+                                    int64_t j0, Compute<S>* stats) {
+  const int64_t B = p.batch, H = p.hidden, first = w.rows.first(t);
+  Compute<S>* d_gamma_c = w.d_gamma_c != nullptr ? w.d_gamma_c + first * H : nullptr;
+  Compute<S>* d_beta_c = w.d_beta_c != nullptr ? w.d_beta_c + first * H : nullptr;
+  for (int64_t b0 = 0; b0 < B; b0 += kPersistentRows) {
+    stage_sums(w.cell_statistics, first, w.part_sums, b0, B, H, stats);
+    if (int(threadIdx.x) < kPersistentRows * units) {
+      const int r = threadIdx.x / units, u = threadIdx.x % units;
+      const int64_t b = b0 + r, j = j0 + u;
+      const Compute<S>* row = stats + 4 * r;
+      if (b < B && j < H) {
+        lstm_norm_cell_backward<S, kRelu>(p, b, j, {row[0], row[1]}, row[2], row[3], p.dh_total[b * H + j],
+                                          w.gamma_c, w.beta_c, d_gamma_c, d_beta_c);
+      }
+    }
+    __syncthreads();
+    store_recurrent_norm_sums(w, p, t, b0, units, j0);
+    __syncthreads();
+  }
+}
+
+template <typename S>
+__device__ void recurrent_norm_gradient_pass(const BackwardWindow<S>& w, const BackwardStep<S>& p, int64_t t,
+                                             int units, int64_t j0, Compute<S>* stats) {
+  using C = Compute<S>;
+  const int64_t B = p.batch, H = p.hidden, GH = p.gate_stride, first = w.rows.first(t);
+  const int gates = int(GH / H);
+  for (int64_t b0 = 0; b0 < B; b0 += kPersistentRows) {
+    stage_sums(w.recurrent_statistics, first, w.part_sums + w.base.batch * gridDim.x * 2, b0, B, GH, stats);
+    for (int e = threadIdx.x; e < kPersistentRows * gates * units; e += kPersistentThreads) {
+      const int r = e / (gates * units), g = e / units % gates, u = e % units;
+      const int64_t b = b0 + r, j = j0 + u;
+      if (b >= B || j >= H) continue;
+      const C* row = stats + 4 * r;
+      const C d = recurrent_norm_grad(w, p, b, g, j), v_hat = recurrent_norm_value(p, {row[0], row[1]}, b, g, j);
+      const int64_t at = (first + b) * GH + g * H + j;
+      w.d_recurrent[at] = layer_norm_input_grad(d, convert<C>(w.gamma_h[g * H + j]), v_hat, row[1], row[2], row[3]);
+      if (w.d_gamma_h != nullptr) w.d_gamma_h[at] = d * v_hat;
     }
     __syncthreads();
   }
 }
 
-template <typename S, BackwardEpilogue kEpilogue, bool kRelu, bool kTf32>
+template <typename S, BackwardEpilogue kEpilogue, bool kRelu, bool kTf32, bool kLayerNorm>
 __global__ void __launch_bounds__(kPersistentThreads, sizeof(Compute<S>) == 4 ? 2 : 1)
     backward_persistent_kernel(BackwardWindow<S> w, int units, S* dh0) {
   using C = Compute<S>;
@@ -555,18 +974,33 @@ __global__ void __launch_bounds__(kPersistentThreads, sizeof(Compute<S>) == 4 ? 
   const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   for (int64_t t = w.steps - 1; t >= 0; --t) {
     BackwardStep<S> p = w.step(t);
-    backward_pass<S, kEpilogue, kRelu, kTensorCores>(p, units, j0, r_columns, ld, a_stage, width, tiles);
+    if constexpr (kLayerNorm && kEpilogue == BackwardEpilogue::lstm) {
+      backward_pass<S, kTensorCores>(p, units, j0, r_columns, ld, a_stage, width, tiles,
+                                     CellNormSums<S, kRelu>{w, t, units, j0});
+      grid.sync();  // every block's sums of each row for LN(c_t)'s backward
+      lstm_norm_cell_pass<S, kRelu>(w, p, t, units, j0, tiles.partial);
+      grid.sync();  // every block's sums of each row for LN(R h_{t-1})'s backward
+      recurrent_norm_gradient_pass(w, p, t, units, j0, tiles.partial);
+    } else if constexpr (kLayerNorm) {
+      backward_pass<S, kTensorCores>(p, units, j0, r_columns, ld, a_stage, width, tiles,
+                                     RecurrentNormSums<S, kEpilogue, kRelu>{w, t, units, j0});
+      grid.sync();  // every block's sums of each row for LN(R h_{t-1})'s backward
+      recurrent_norm_gradient_pass(w, p, t, units, j0, tiles.partial);
+    } else {
+      backward_pass<S, kTensorCores>(p, units, j0, r_columns, ld, a_stage, width, tiles,
+                                     BackwardCellEpilogue<S, kEpilogue, kRelu>{});
+    }
     if constexpr (kResetBefore) {
       grid.sync();  // every unit's dax_n of step t before d(r * h_{t-1}) = dax_n R_n reads them
       BackwardWindow<S>::to_reset_phase(p);
-      backward_pass<S, BackwardEpilogue::gru_reset_before_reset, kRelu, kTensorCores>(p, units, j0, r_columns, ld,
-                                                                                      a_stage, width, tiles);
+      backward_pass<S, kTensorCores>(p, units, j0, r_columns, ld, a_stage, width, tiles,
+                                     BackwardCellEpilogue<S, BackwardEpilogue::gru_reset_before_reset, kRelu>{});
     }
     grid.sync();  // step t's gradients before step t - 1's product reads them
   }
   if (dh0 != nullptr) {
-    backward_pass<S, BackwardEpilogue::initial_state, kRelu, kTensorCores>(w.initial_state(dh0), units, j0,
-                                                                           r_columns, ld, a_stage, width, tiles);
+    backward_pass<S, kTensorCores>(w.initial_state(dh0), units, j0, r_columns, ld, a_stage, width, tiles,
+                                   BackwardCellEpilogue<S, BackwardEpilogue::initial_state, kRelu>{});
   }
 }
 
@@ -575,16 +1009,21 @@ using BackwardPersistentKernel = void (*)(BackwardWindow<S>, int, S*);
 
 template <typename S, bool kRelu, bool kTf32>
 BackwardPersistentKernel<S, kRelu> backward_persistent_kernel_of(const CellOptions& options) {
+  const bool norm = options.layer_norm;
   switch (options.cell) {
     case CellType::lstm:
-      return backward_persistent_kernel<S, BackwardEpilogue::lstm, kRelu, kTf32>;
+      return norm ? backward_persistent_kernel<S, BackwardEpilogue::lstm, kRelu, kTf32, true>
+                  : backward_persistent_kernel<S, BackwardEpilogue::lstm, kRelu, kTf32, false>;
     case CellType::gru:
-      if (options.reset_after) return backward_persistent_kernel<S, BackwardEpilogue::gru_reset_after, kRelu, kTf32>;
-      return backward_persistent_kernel<S, BackwardEpilogue::gru_reset_before_update, kRelu, kTf32>;
+      if (options.reset_after) {
+        return norm ? backward_persistent_kernel<S, BackwardEpilogue::gru_reset_after, kRelu, kTf32, true>
+                    : backward_persistent_kernel<S, BackwardEpilogue::gru_reset_after, kRelu, kTf32, false>;
+      }
+      return backward_persistent_kernel<S, BackwardEpilogue::gru_reset_before_update, kRelu, kTf32, false>;
     case CellType::rnn:
       break;
   }
-  return backward_persistent_kernel<S, BackwardEpilogue::rnn, kRelu, kTf32>;
+  return backward_persistent_kernel<S, BackwardEpilogue::rnn, kRelu, kTf32, false>;
 }
 
 template <typename S, bool kRelu>
@@ -654,12 +1093,9 @@ PersistentPlan plan_for(const void* kernel, int64_t hidden, size_t bytes_per_uni
   return fallback.fits ? fallback : plan;
 }
 
-// Why the kernels cannot run a window whatever the device (persistent.cuh), or null when they can: a projection,
-// or layer normalisation, whose row statistics span every block's units.
-const char* per_step_only(const CellOptions& options, bool projection) {
-  if (projection) return "a projection (W_hr) runs on the per-step kernels";
-  if (options.layer_norm) return "layer normalisation (layer_norm) runs on the per-step kernels";
-  return nullptr;
+// Why the kernels cannot run a window whatever the device (persistent.cuh), or null when they can: a projection.
+const char* per_step_only(bool projection) {
+  return projection ? "a projection (W_hr) runs on the per-step kernels" : nullptr;
 }
 
 PersistentPlan refused_plan(const char* why) {
@@ -670,7 +1106,7 @@ PersistentPlan refused_plan(const char* why) {
 
 template <typename S, bool kRelu>
 PersistentPlan persistent_forward_plan(const CellOptions& options, int64_t hidden, bool projection) {
-  if (const char* why = per_step_only(options, projection)) return refused_plan(why);
+  if (const char* why = per_step_only(projection)) return refused_plan(why);
   const void* kernel = reinterpret_cast<const void*>(forward_persistent_kernel_for<S, kRelu>(options));
   const size_t ld = size_t(forward_slice_ld<S>(hidden));
   const bool reset_before = options.cell == CellType::gru && !options.reset_after;
@@ -684,7 +1120,7 @@ PersistentPlan persistent_forward_plan(const CellOptions& options, int64_t hidde
 
 template <typename S, bool kRelu>
 PersistentPlan persistent_backward_plan(const CellOptions& options, int64_t hidden, bool projection) {
-  if (const char* why = per_step_only(options, projection)) return refused_plan(why);
+  if (const char* why = per_step_only(projection)) return refused_plan(why);
   const void* kernel = reinterpret_cast<const void*>(backward_persistent_kernel_for<S, kRelu>(options));
   using C = Compute<S>;
   const int gates = gate_count(options);

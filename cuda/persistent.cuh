@@ -14,9 +14,9 @@ namespace conveyor::cuda {
 
 // How the persistent kernel would run a window's recurrence on the current device, or why it cannot. The LSTM's
 // projection (W_hr) it cannot: its h_t = W_hr m_t needs every block's m_t, one more grid barrier a step, and its
-// backward splits R's columns by P, not H. Nor layer normalisation (CellOptions::layer_norm), whose statistics
-// over each row's G*H pre-activations span every block. A window with either runs on the per-step kernels.
-// DropConnect (the window's R is R * M) and zoneout (in the epilogues, step.cuh) it runs.
+// backward splits R's columns by P, not H: such a window runs on the per-step kernels. DropConnect (the window's R
+// is R * M), zoneout (in the epilogues, step.cuh) and layer normalisation (its row statistics combined across the
+// blocks after a grid barrier, persistent.cu) it runs.
 struct PersistentPlan {
   bool fits = false;
   int units = 0;            // hidden units per block

@@ -503,8 +503,8 @@ constexpr int64_t kAutoPersistentMaxBatch = 32;
 
 // The persistent kernel's plan when the window runs on it (fits), else a plan that does not fit: per_step
 // asked for, auto at a batch the per-step kernels win, or auto where the persistent kernel cannot run the window
-// (its slices do not fit on the device, a projection, or layer normalisation; persistent asked for there throws
-// an ArgumentError saying why). The device is asked only when the persistent kernel is a candidate.
+// (its slices do not fit on the device, or a projection; persistent asked for there throws an ArgumentError
+// saying why). The device is asked only when the persistent kernel is a candidate.
 // CONVEYOR_LOG_ALGORITHM=1 prints the choice and why.
 template <typename S, bool kRelu>
 PersistentPlan persistent_plan_to_run(const CellOptions& options, int64_t batch, int64_t hidden, bool projection,
@@ -710,14 +710,17 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   Workspace<C> reset_hidden(reset_before ? B * H : 0, stream);
   Workspace<C> update_gate(reset_before ? B * H : 0, stream);
   Workspace<C> cell_output(W_hr != nullptr ? B * H : 0, stream);
-  // Layer normalisation's and zoneout's scratch of one step (ForwardWindow).
-  const bool masked_product = options.layer_norm && options.recurrent_dropout > 0;
+  const PersistentPlan plan = persistent_plan_to_run<S, kRelu>(options, B, H, W_hr != nullptr, true);
+  // Layer normalisation's and zoneout's scratch of one step (ForwardWindow); the persistent kernel's moments of
+  // each block's part of every row.
+  const bool masked_product = options.layer_norm && options.recurrent_dropout > 0 && !plan.fits;
   Workspace<C> recurrent(options.layer_norm ? B * z.GH : 0, stream);
   Workspace<C> masked_hidden(masked_product ? B * P : 0, stream);
   Workspace<C> R_compute(masked_product && !std::is_same_v<S, C> ? z.GH * P : 0, stream);
   if (R_compute.get() != nullptr) convert_copy(z.GH * P, R, R_compute.get(), stream);
   Workspace<C> norm_inputs(options.layer_norm && lstm ? B * 2 * H : 0, stream);
   Workspace<C> projected(W_hr != nullptr && options.zoneout > 0 ? B * P : 0, stream);
+  Workspace<C> part_moments(plan.fits && options.layer_norm ? 2 * B * int64_t(plan.blocks) * 2 : 0, stream);
 
   const RecurrentMasks<C> masks(options, z.T, B, P, rows, N, stream);
   NvtxRange range("conveyor::recurrence");
@@ -756,7 +759,7 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   w.masked_hidden = masked_hidden.get();
   w.R_compute = R_compute.get();
   w.projected = projected.get();
-  const PersistentPlan plan = persistent_plan_to_run<S, kRelu>(options, B, H, W_hr != nullptr, true);
+  w.part_moments = part_moments.get();
   if (plan.fits) {
     forward_persistent<S, kRelu>(options, plan, w, stream);
   } else {
@@ -886,6 +889,19 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
   {
     NvtxRange range("conveyor::recurrence");
     const PersistentPlan plan = persistent_plan_to_run<S, kRelu>(options, B, H, W_hr != nullptr, false);
+    // The persistent kernel's layer normalisation: every row's statistics of the raw R h_{t-1} and of c_t, from the
+    // cache before the loop, and each block's sums over its part of every row (BackwardWindow).
+    const bool persistent_norm = plan.fits && layer_norm;
+    Workspace<C> recurrent_statistics(persistent_norm ? 2 * N : 0, stream);
+    Workspace<C> cell_statistics(persistent_norm && lstm ? 2 * N : 0, stream);
+    Workspace<C> part_sums(persistent_norm ? 2 * B * int64_t(plan.blocks) * 2 : 0, stream);
+    if (persistent_norm) {
+      layer_norm_statistics<S>(N, GH, cache + z.cw - GH, z.cw, recurrent_statistics.get(), stream);
+      if (lstm) layer_norm_statistics<S>(N, H, cache + 4 * H, z.cw, cell_statistics.get(), stream);
+    }
+    w.recurrent_statistics = recurrent_statistics.get();
+    w.cell_statistics = cell_statistics.get();
+    w.part_sums = part_sums.get();
     if (plan.fits) {
       backward_persistent<S, kRelu>(options, plan, w, dh0, stream);
     } else {

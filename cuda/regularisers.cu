@@ -10,11 +10,11 @@
 
 #include "cells/dropout.h"
 #include "cells/lstm.h"
+#include "layer_norm.cuh"
 
 namespace conveyor::cuda {
 
 constexpr int kRowThreads = 128;
-constexpr double kLayerNormEpsilon = 1e-5;
 
 inline unsigned elementwise_blocks(int64_t count) {
   return count / 256 + 1 < 4096 ? unsigned(count / 256 + 1) : 4096u;
@@ -112,11 +112,6 @@ __device__ C block_sum(C value, C* scratch) {
   return total;
 }
 
-template <typename C>
-struct RowStatistics {
-  C mean, rstd;
-};
-
 // The mean of the n values load(i) of the block's row and 1 / sqrt(their biased variance + 1e-5), in two passes.
 template <typename C, typename Load>
 __device__ RowStatistics<C> row_statistics(int64_t n, const Load& load, C* scratch) {
@@ -128,8 +123,7 @@ __device__ RowStatistics<C> row_statistics(int64_t n, const Load& load, C* scrat
     const C d = load(i) - mean;
     squares += d * d;
   }
-  const C var = block_sum(squares, scratch) / C(n);
-  return {mean, C(1) / std::sqrt(var + C(kLayerNormEpsilon))};
+  return statistics_from_moments(mean, block_sum(squares, scratch), C(n));
 }
 
 template <typename S>
@@ -171,7 +165,7 @@ __global__ void __launch_bounds__(kRowThreads)
   for (int64_t i = threadIdx.x; i < n; i += kRowThreads) {
     const C v_hat = (convert<C>(v[i]) - s.mean) * s.rstd;
     if (d_gamma != nullptr) d_gamma[row * n + i] = d_out(i) * v_hat;
-    dv[row * n + i] = s.rstd * (d_out(i) * convert<C>(gamma[i]) - mean_d - v_hat * mean_dv);
+    dv[row * n + i] = layer_norm_input_grad(d_out(i), convert<C>(gamma[i]), v_hat, s.rstd, mean_d, mean_dv);
   }
 }
 
@@ -182,18 +176,9 @@ __global__ void __launch_bounds__(kRowThreads)
   using C = Compute<S>;
   CONVEYOR_SHARED(C, scratch, [kRowThreads]);
   const int64_t b = blockIdx.x, H = p.hidden;
-  const C* o = p.norm_inputs + b * 2 * H;
-  const C* c = o + H;
+  const C* c = p.norm_inputs + b * 2 * H + H;
   const RowStatistics<C> s = row_statistics<C>(H, [c](int64_t j) { return c[j]; }, scratch);
-  for (int64_t j = threadIdx.x; j < H; j += kRowThreads) {
-    const C m = cells::lstm_output(kRelu, o[j],
-                                   convert<C>(gamma_c[j]) * ((c[j] - s.mean) * s.rstd) + convert<C>(beta_c[j]));
-    if (p.cell_output != nullptr) {
-      p.cell_output[b * H + j] = m;
-    } else {
-      p.h[b * H + j] = convert<S>(hidden_after_zoneout(p, b, j, m));
-    }
-  }
+  for (int64_t j = threadIdx.x; j < H; j += kRowThreads) lstm_norm_output_unit<S, kRelu>(p, b, j, s, gamma_c, beta_c);
 }
 
 template <typename S, bool kRelu>
@@ -226,52 +211,33 @@ __global__ void __launch_bounds__(kRowThreads)
   const S* saved = p.cache + b * p.cache_stride;
   auto c_at = [saved, H](int64_t j) { return convert<C>(saved[4 * H + j]); };
   const RowStatistics<C> s = row_statistics<C>(H, c_at, scratch);
-  // LN(c_t)'s normalised value and act(LN(c_t)) at unit j.
-  auto c_hat_at = [&](int64_t j) { return (c_at(j) - s.mean) * s.rstd; };
-  auto act_at = [&](int64_t j, C c_hat) {
-    return cells::activate(kRelu, convert<C>(gamma_c[j]) * c_hat + convert<C>(beta_c[j]));
-  };
-  auto d_ln_at = [&](int64_t j, C act) {
-    return d_output[b * H + j] * convert<C>(saved[3 * H + j]) * cells::activation_grad_from_output(kRelu, act);
-  };
   C sum_d = C(0), sum_dv = C(0);
   for (int64_t j = threadIdx.x; j < H; j += kRowThreads) {
-    const C c_hat = c_hat_at(j);
-    const C d_hat = d_ln_at(j, act_at(j, c_hat)) * convert<C>(gamma_c[j]);
+    const LstmNormUnit<C> u = lstm_norm_unit<S, kRelu>(saved, H, j, s, gamma_c, beta_c, d_output[b * H + j]);
+    const C d_hat = u.d_ln * convert<C>(gamma_c[j]);
     sum_d += d_hat;
-    sum_dv += d_hat * c_hat;
+    sum_dv += d_hat * u.c_hat;
   }
   const C mean_d = block_sum(sum_d, scratch) / C(H);
   const C mean_dv = block_sum(sum_dv, scratch) / C(H);
-
-  cells::LstmOptions<C> opt = p.lstm;
-  opt.relu = kRelu;
-  const cells::LstmBlocks blocks = cells::lstm_blocks(opt.coupled);
-  C* dax = p.dax + b * p.gate_stride;
   for (int64_t j = threadIdx.x; j < H; j += kRowThreads) {
-    const int64_t unit = b * H + j;
-    const C c_hat = c_hat_at(j), act = act_at(j, c_hat), d_ln = d_ln_at(j, act);
-    if (d_beta_c != nullptr) d_beta_c[unit] = d_ln;
-    if (d_gamma_c != nullptr) d_gamma_c[unit] = d_ln * c_hat;
-    const C dc_output = s.rstd * (d_ln * convert<C>(gamma_c[j]) - mean_d - c_hat * mean_dv);
-    const cells::Peephole<C> peephole =
-        p.P != nullptr ? cells::Peephole<C>{convert<C>(p.P[j]), convert<C>(p.P[H + j]), convert<C>(p.P[2 * H + j])}
-                       : cells::Peephole<C>{C(0), C(0), C(0)};
-    const C c_prev = p.c_prev != nullptr ? convert<C>(p.c_prev[b * p.cache_stride + j]) : p.c0[unit];
-    C dc = p.dc[unit], dc_kept = C(0);
-    if (p.zoneout.c > 0) {
-      const C keep = C(p.zoneout.keep_c(b, j));
-      dc_kept = keep * dc;
-      dc = (C(1) - keep) * dc;
-    }
-    const auto d = cells::lstm_backward_from_output(
-        opt, convert<C>(saved[j]), convert<C>(saved[H + j]), convert<C>(saved[2 * H + j]),
-        convert<C>(saved[3 * H + j]), c_at(j), c_prev, d_output[unit] * act, dc_output, dc, peephole);
-    if (!opt.coupled) dax[j] = d.da_i;
-    dax[blocks.f * H + j] = d.da_f;
-    dax[blocks.g * H + j] = d.da_g;
-    dax[blocks.o * H + j] = d.da_o;
-    p.dc[unit] = p.zoneout.c > 0 ? d.dc_prev + dc_kept : d.dc_prev;
+    lstm_norm_cell_backward<S, kRelu>(p, b, j, s, mean_d, mean_dv, d_output[b * H + j], gamma_c, beta_c, d_gamma_c,
+                                      d_beta_c);
+  }
+}
+
+// The statistics of each row's n values (of leading dimension ld): out [rows][2] (=) each row's mean and rstd.
+template <typename S>
+__global__ void __launch_bounds__(kRowThreads)
+    layer_norm_statistics_kernel(int64_t n, const S* v, int64_t ld, Compute<S>* out) {
+  using C = Compute<S>;
+  CONVEYOR_SHARED(C, scratch, [kRowThreads]);
+  const int64_t row = blockIdx.x;
+  const S* values = v + row * ld;
+  const RowStatistics<C> s = row_statistics<C>(n, [values](int64_t i) { return convert<C>(values[i]); }, scratch);
+  if (threadIdx.x == 0) {
+    out[2 * row] = s.mean;
+    out[2 * row + 1] = s.rstd;
   }
 }
 
@@ -292,6 +258,13 @@ void layer_norm_backward(int64_t rows, int64_t n, const S* raw, int64_t raw_ld, 
   const NvtxRange range("conveyor::layer_norm_backward");
   launch("layer_norm_backward_kernel", layer_norm_backward_kernel<S>, unsigned(rows), kRowThreads, 0, stream, n, raw,
          raw_ld, gamma, d_first, first_ld, split, d_second, second_ld, dv, d_gamma);
+}
+
+template <typename S>
+void layer_norm_statistics(int64_t rows, int64_t n, const S* v, int64_t ld, Compute<S>* out, cudaStream_t stream) {
+  if (rows == 0) return;
+  launch("layer_norm_statistics_kernel", layer_norm_statistics_kernel<S>, unsigned(rows), kRowThreads, 0, stream, n,
+         v, ld, out);
 }
 
 template <typename S, bool kRelu>
@@ -332,6 +305,7 @@ void lstm_norm_backward(const BackwardStep<S>& p, const Compute<S>* d_output, co
   template void layer_norm_backward<S>(int64_t, int64_t, const S*, int64_t, const S*, const Compute<S>*, int64_t, \
                                        int64_t, const Compute<S>*, int64_t, Compute<S>*, Compute<S>*,            \
                                        cudaStream_t);                                                            \
+  template void layer_norm_statistics<S>(int64_t, int64_t, const S*, int64_t, Compute<S>*, cudaStream_t);        \
   CONVEYOR_INSTANTIATE_REGULARISERS_RELU(S, false)                                                               \
   CONVEYOR_INSTANTIATE_REGULARISERS_RELU(S, true)
 

@@ -59,6 +59,11 @@ void layer_norm_backward(int64_t rows, int64_t n, const S* raw, int64_t raw_ld, 
                          const Compute<S>* d_first, int64_t first_ld, int64_t split, const Compute<S>* d_second,
                          int64_t second_ld, Compute<S>* dv, Compute<S>* d_gamma, cudaStream_t stream);
 
+// The statistics of each of `rows` rows of n values (leading dimension ld): out [rows][2] (=) the row's mean and
+// rstd. The persistent backward takes them for every step at once, before its loop.
+template <typename S>
+void layer_norm_statistics(int64_t rows, int64_t n, const S* v, int64_t ld, Compute<S>* out, cudaStream_t stream);
+
 // The layer-normalised LSTM's output of a forward step, o * act(LN(c_t; gamma_c, beta_c)), from p.norm_inputs:
 // into p.cell_output with a projection, else into h_t, after zoneout.
 template <typename S, bool kRelu>

@@ -10,9 +10,10 @@
 //
 // Zoneout (h_t = d h_{t-1} + (1 - d) h~_t, the LSTM's c likewise) is part of the epilogues, on both paths; where
 // h~_t is formed after the step's kernel (a projection, layer normalisation's output), the kernel that forms it
-// (regularisers.cu) applies it. Layer normalisation runs on the per-step path only: its row statistics span
-// every unit of a row, so row kernels (regularisers.cu) run between the step's kernels, and the forward's step
-// kernel then takes the normalised recurrent pre-activations instead of forming the product (`recurrent`).
+// (regularisers.cu) applies it. Layer normalisation's row statistics span every unit of a row: on the per-step
+// path row kernels (regularisers.cu) run between the step's kernels, and the forward's step kernel then takes
+// the normalised recurrent pre-activations instead of forming the product (`recurrent`); the persistent kernels
+// combine each block's part of a row after a grid barrier (persistent.cu). Both use layer_norm.cuh's math.
 #pragma once
 
 #include "cells/dropout.h"
@@ -418,14 +419,17 @@ struct ForwardWindow {
   const C* masks;            // [T or 1, B, P] recurrent dropout masks, or null
   bool variational;          // one mask for every step
   const S* W_hr;             // [P, H] the LSTM's projection, or null (the per-step path's host code reads it)
-  // Layer normalisation, on the per-step path (else null): the gains the row kernels take (gamma_x's norm ran
-  // before the steps), and one step's scratch: every gate's R h_{t-1} [B, G*H], normalised in place
-  // (base.recurrent points at it), and under recurrent dropout m_t * h_{t-1} [B, P], the product's input.
+  // Layer normalisation (else null): the gains (gamma_x's norm ran before the steps), and one step's scratch:
+  // every gate's R h_{t-1} [B, G*H] (on the per-step path normalised in place, and base.recurrent points at it;
+  // the persistent kernel keeps it raw), and under recurrent dropout m_t * h_{t-1} [B, P], the per-step product's
+  // input. The persistent kernel's part_moments: each block's moments (mean, sum of squared deviations) of its
+  // part of every row, of R h_{t-1} [B][blocks][2] and then of the LSTM's c_t [B][blocks][2].
   const S* gamma_h;
   const S* gamma_c;
   const S* beta_c;
   C* recurrent;
   C* masked_hidden;
+  C* part_moments;
   // R in the compute type, for that product under recurrent dropout when S is a 16-bit type (its product with a
   // float m_t * h_{t-1} then runs in float, as the step kernels' does; gemm.cuh would round m_t * h_{t-1} to 16
   // bits or TF32 for a 16-bit R); else null.
@@ -478,9 +482,12 @@ struct BackwardWindow {
   const S* W_hr;
   C* dh_totals;
   C* d_cell_output;
-  // Layer normalisation, on the per-step path (else null): the gains; every step's gradient of R h_{t-1} before its
-  // norm [T, B, G*H], which the products with R (and dR) take; and each row's parts of the gains' gradients, of
-  // gamma_h [T, B, G*H], gamma_c and beta_c [T, B, H] (null where not wanted).
+  // Layer normalisation (else null): the gains; every step's gradient of R h_{t-1} before its norm [T, B, G*H],
+  // which the products with R (and dR) take; and each row's parts of the gains' gradients, of gamma_h
+  // [T, B, G*H], gamma_c and beta_c [T, B, H] (null where not wanted). The persistent kernel's too: every row's
+  // statistics (mean, rstd) of its raw R h_{t-1} and of the LSTM's c_t [T, B][2], formed before its loop, and
+  // each block's sums (of d * gamma and d * gamma * v_hat) over its part of every row, for LN(c_t)'s backward
+  // [B][blocks][2] and then for LN(R h_{t-1})'s [B][blocks][2].
   const S* gamma_h;
   const S* gamma_c;
   const S* beta_c;
@@ -488,6 +495,9 @@ struct BackwardWindow {
   C* d_gamma_h;
   C* d_gamma_c;
   C* d_beta_c;
+  const C* recurrent_statistics;
+  const C* cell_statistics;
+  C* part_sums;
 
   __host__ __device__ const C* mask(int64_t t) const {
     return recurrent_mask_at(masks, variational, rows, t, base.output_size);

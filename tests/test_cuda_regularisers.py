@@ -1,8 +1,8 @@
 """The regularisers (docs/math.md, "Regularisers": DropConnect on R, zoneout, layer normalisation) on the
 CUDA backend: each alone and all together, for every cell they apply to and the LSTM's options, with the
-projection and with lengths on the host and the device, on the per-step kernels and through ``"auto"`` (and
-the persistent kernels, which run DropConnect and zoneout and refuse layer normalisation, saying why), in
-training and in evaluation. float64 against the CPU backend (itself checked against the float64 reference in
+projection and with lengths on the host and the device, on the per-step kernels, the persistent ones (which
+combine layer normalisation's row statistics across their blocks) and through ``"auto"``, in training and in
+evaluation. float64 against the CPU backend (itself checked against the float64 reference in
 test_regularisers.py); float32 against the float64 reference fed the generator's masks; float16 and bfloat16
 within twice the error of a naive PyTorch computation in the same dtype, as test_cuda.py bounds them. The
 emulated build and a GPU alike (device_arrays.py); outputs NaN-poisoned (conftest.py), padded dy NaN."""
@@ -93,14 +93,12 @@ def settings_id(cell, options, regularisers):
 SETTINGS = [(c, o, r) for (c, o), r in itertools.product(CELLS, REGULARISERS) if applicable(c, o, r)]
 
 
-def algorithms(regularisers):
-    """The algorithms that run these regularisers: the persistent kernels refuse layer normalisation."""
-    return ["per_step", "auto"] + ([] if regularisers.get("layer_norm") else ["persistent"])
+ALGORITHMS = ["per_step", "auto", "persistent"]
 
 
 CPU_CASES = [pytest.param(c, o, r, algorithm, lengths_on,
                           id=f"{settings_id(c, o, r)}-{algorithm}-{lengths_on}")
-             for c, o, r in SETTINGS for algorithm in algorithms(r)
+             for c, o, r in SETTINGS for algorithm in ALGORITHMS
              for lengths_on in ("dense", "host", "device")]
 
 
@@ -136,7 +134,7 @@ EVALUATION_SETTINGS = [(c, o, r) for c, o, r in SETTINGS
 
 
 @pytest.mark.parametrize("mode", ["inference", "backward-kept"])
-@pytest.mark.parametrize("algorithm", ["per_step", "auto"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize(("cell", "options", "regularisers"), EVALUATION_SETTINGS,
                          ids=[settings_id(*s) for s in EVALUATION_SETTINGS])
 def test_evaluation_matches_the_cpu(cell, options, regularisers, algorithm, mode, rng):
@@ -200,7 +198,7 @@ def reference_cases():
         for shape in SHAPES:
             if shape != SHAPES[0] and r not in (REGULARISERS[3], REGULARISERS[-1]):
                 continue  # the larger shape: layer normalisation, alone and with everything
-            for algorithm in algorithms(r):
+            for algorithm in ALGORITHMS:
                 yield pytest.param(c, o, r, shape, algorithm,
                                    id="{}-T{}-B{}-I{}-H{}-{}".format(settings_id(c, o, r), *shape, algorithm))
 
@@ -231,31 +229,51 @@ def test_float32_with_a_projection_matches_the_reference(regularisers, P, algori
     assert_same(run("lstm", a, "float32", algorithm=algorithm, **regularisers), expected, np.float32)
 
 
-def test_persistent_refuses_layer_norm_and_auto_runs_it_per_step(rng):
-    """B <= 32, where 'auto' would take the persistent kernels: with layer normalisation it takes the per-step
-    ones, bit for bit; 'persistent' forced raises before any work, naming layer normalisation."""
+@pytest.mark.parametrize("units", [4, 8, 16])
+@pytest.mark.parametrize(("cell", "options"),
+                         [("lstm", {}), ("lstm", dict(coupled_gates=True)), ("gru", dict(reset_after=True))],
+                         ids=["lstm", "lstm-coupled", "gru"])
+def test_persistent_layer_norm_at_every_units_per_block(cell, options, units, monkeypatch, rng):
+    """The persistent kernels combine each block's part of a row's statistics and sums: at H = 37 with 4, 8
+    and 16 units a block (the last block's partly past H), B = 19 in two passes of 16 rows, float32 against
+    the reference."""
+    monkeypatch.setenv("CONVEYOR_PERSISTENT_UNITS", str(units))
+    T, B, I, H = 5, 19, 6, 37
+    G = gates(cell, options)
+    a = problem(cell, T, B, I, H, rng, G=G, peephole=cell == "lstm")
+    regularisers = dict(layer_norm=True, zoneout=0.2, recurrent_dropout=0.3, variational=True)
+    mask_options = {k: v for k, v in regularisers.items() if k != "layer_norm"}
+    expected = run_reference(cell, a, masks(cell, T, B, G, H, H, **mask_options), layer_norm=True, **options)
+    got = run(cell, a, "float32", algorithm="persistent", **options, **regularisers)
+    assert_same(got, expected, np.float32)
+
+
+def test_auto_runs_layer_norm_on_the_persistent_kernels(rng):
+    """B <= 32, where 'auto' takes the persistent kernels: with layer normalisation too, bit for bit as
+    'persistent' forced, and apart from the per-step kernels' results by rounding only (their statistics are
+    summed in another order)."""
     for cell in ("lstm", "gru"):
         a = problem(cell, 4, 3, 5, 6, rng)
-        refusal = (rf"algorithm: 'persistent' cannot run this {cell} forward window: "
-                   r"layer normalisation \(layer_norm\) runs on the per-step kernels")
-        with pytest.raises(ValueError, match=refusal):
-            run(cell, a, "float32", layer_norm=True, algorithm="persistent")
         auto = run(cell, a, "float32", layer_norm=True, zoneout=0.2, algorithm="auto")
+        persistent = run(cell, a, "float32", layer_norm=True, zoneout=0.2, algorithm="persistent")
         per_step = run(cell, a, "float32", layer_norm=True, zoneout=0.2, algorithm="per_step")
-        for name, value in per_step.items():
+        for name, value in persistent.items():
             if value is not None:
                 np.testing.assert_array_equal(auto[name], value, err_msg=f"{cell}: {name}")
+                assert_close(name, value.astype(np.float32), per_step[name], np.dtype(np.float32))
+        assert np.any(persistent["y"] != per_step["y"]) or np.any(persistent["dR"] != per_step["dR"]), \
+            f"{cell}: the persistent results equal the per-step ones bit for bit: did 'persistent' run?"
 
 
 @pytest.mark.parametrize(("cell", "regularisers", "algorithm"), [
     ("lstm", dict(REGULARISERS[-1]), "per_step"),
     ("gru", dict(layer_norm=True, weight_dropout=0.2, zoneout=0.15), "per_step"),
-    ("lstm", dict(weight_dropout=0.2, zoneout=0.15, zoneout_cell=0.3), "persistent"),
-    ("gru", dict(weight_dropout=0.2, zoneout=0.15), "persistent"),
+    ("lstm", dict(REGULARISERS[-1]), "persistent"),
+    ("gru", dict(layer_norm=True, weight_dropout=0.2, zoneout=0.15), "persistent"),
 ])
 def test_two_runs_agree_bit_for_bit(cell, regularisers, algorithm, rng):
-    """Deterministic kernels: the row kernels sum in a fixed order (the emulator runs the threads of the two
-    calls in different orders)."""
+    """Deterministic kernels: the row kernels and the persistent kernels' combination of the blocks' parts sum
+    in a fixed order (the emulator runs the threads of the two calls in different orders)."""
     a = problem(cell, 5, 19, 12, 37, rng)
     first = run(cell, a, "float32", algorithm=algorithm, **regularisers)
     second = run(cell, a, "float32", algorithm=algorithm, **regularisers)
@@ -343,8 +361,7 @@ def clear_of_saturation(a):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_within_twice_the_naive_error(dtype, cell, regularisers, algorithm, rng):
-    """'auto' runs DropConnect and zoneout on the persistent kernels here (B <= 32), layer normalisation on
-    the per-step ones."""
+    """'auto' runs the persistent kernels here (B <= 32)."""
     regularisers = dict(regularisers)
     if cell == "gru":
         regularisers.pop("zoneout_cell", None)

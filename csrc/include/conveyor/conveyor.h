@@ -119,11 +119,11 @@ enum class Activation : int { tanh = 0, relu = 1 };
 // How the CUDA backend runs a window's recurrence. per_step: one launch per step (two for the GRU with
 // reset_after = false), for any size. persistent: one cooperative launch for the whole window, each block
 // keeping its slice of R on chip for all T steps and the grid synchronising once per step (twice for that
-// GRU); it needs the slices to fit in shared memory and the blocks to be co-resident on the device, and runs
-// no projection (W_hr) and no layer normalisation (layer_norm): a window with either runs per_step
-// (DropConnect and zoneout run on both). automatic: persistent wherever it can run and B <= 32 (where it was
-// measured faster, on an H200), per_step elsewhere. The CPU backend has one algorithm: it takes automatic and
-// refuses the others.
+// GRU; layer normalisation adds one or two a step for its row statistics); it needs the slices to fit in shared
+// memory and the blocks to be co-resident on the device, and runs no projection (W_hr): such a window runs
+// per_step (DropConnect, zoneout and layer normalisation run on both). automatic: persistent wherever it can
+// run and B <= 32 (where it was measured faster, on an H200), per_step elsewhere. The CPU backend has one
+// algorithm: it takes automatic and refuses the others.
 enum class Algorithm : int { automatic = 0, per_step = 1, persistent = 2 };
 
 // What a window computes: the cell, its activation and its options (each documented below).
