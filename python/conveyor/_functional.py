@@ -271,11 +271,16 @@ def _layer_norm_gains(cell, layer_norm):
 
 
 def _forward(cell, options, x, W, R, bW, bR, h0, c0, P, W_hr, lengths, training, stream, packed=False,
-             layer_norm=None):
+             layer_norm=None, host=False):
     """One window through the core. ``packed`` (the stacks' and the drop-in's): x and y are a
     PackedSequence's data, ``[tokens, features]``, with ``lengths`` non-increasing on the host (C++ API,
-    ForwardArgs::packed)."""
+    ForwardArgs::packed). ``host``: the caller has made sure that every array is a NumPy array, that there
+    are no lengths and no stream (a StackPlan's small calls, where those checks are a tenth of the time)."""
     inputs = (x, W, R, bW, bR, h0, c0, P, W_hr)
+    if host:
+        y, h_T, c_T, cache = _conveyor.forward(cell, options, *inputs, layer_norm, None, packed, training)
+        saved = Saved(cell, options, *inputs, layer_norm, y, cache, None, packed) if training else None
+        return y, h_T, c_T, saved
     lengths = _arrays.lengths_argument(lengths)
     if _arrays.any_foreign(*inputs, *(layer_norm or ()), lengths):
         inputs = tuple(None if a is None else _arrays.for_export(a) for a in inputs)

@@ -246,7 +246,7 @@ class StackPlan:
     are held by reference: changes made to them in place show in the next call."""
 
     __slots__ = ("cell", "num_layers", "directions", "dropout", "variational", "training", "windows",
-                 "hidden", "cell_size", "stream")
+                 "hidden", "cell_size", "stream", "host_weights")
 
     def __init__(self, cell, weights, *, num_layers=1, bidirectional=False, dropout=0.0, variational=False,
                  recurrent_dropout=0.0, training=True, stream=None, **options):
@@ -281,6 +281,10 @@ class StackPlan:
                 mask_stream=mask_stream(k // self.directions, k % self.directions, RECURRENT_DROPOUT),
                 peephole=P is not None, layer_norm=gains is not None, **options)
             self.windows.append((window_options, W, R, bW, bR, P, W_hr, gains))
+        # Whether every weight is a NumPy array: then a call on NumPy arrays, without lengths or a stream,
+        # goes to the core directly (_functional._forward's `host`).
+        arrays = [a for _, *weights, gains in self.windows for a in (*weights, *(gains or ()))]
+        self.host_weights = self.stream is None and all(a is None or type(a) is np.ndarray for a in arrays)
 
     def window(self, k, seed):
         """Window k's core options for a call with this seed, and its weights ``(W, R, bW, bR, P, W_hr,
@@ -302,15 +306,18 @@ class StackPlan:
             # The first window's checks name x exactly; the states' shapes need B first.
             getattr(_functional, f"{cell}_forward")(x, *self.windows[0][1:5], training=False, lengths=lengths,
                                                     _packed=_packed)
+        host = (self.host_weights and lengths is None and type(x) is np.ndarray
+                and (h0 is None or type(h0) is np.ndarray) and (c0 is None or type(c0) is np.ndarray))
         if lengths is not None:
             lengths = _host_lengths(lengths)  # read once here, for the reversals and every window
         if _packed:
             steps, batch = int(lengths[0]), len(lengths)  # the core has checked them in the first window
         else:
             steps, batch = x.shape[0], x.shape[1]
-        h_meaning = "(num_layers * directions, B, proj_size)" if cell_size != hidden else \
-            "(num_layers * directions, B, hidden_size)"
-        _check_array("h0", h0, (num_layers * directions, batch, hidden), h_meaning, x)
+        if h0 is not None:
+            h_meaning = "(num_layers * directions, B, proj_size)" if cell_size != hidden else \
+                "(num_layers * directions, B, hidden_size)"
+            _check_array("h0", h0, (num_layers * directions, batch, hidden), h_meaning, x)
         _check_array("c0", c0, (num_layers * directions, batch, cell_size),
                      "(num_layers * directions, B, hidden_size)", x, cell_state=True)
         reversal, positions = None, None
@@ -331,7 +338,8 @@ class StackPlan:
                 inp = layer_input if direction == 0 else ops.flip_time(layer_input, reversal)
                 y, h_T, c_T, window = _functional._forward(
                     cell, options, inp, W, R, bW, bR, None if h0 is None else h0[k],
-                    None if c0 is None else c0[k], P, W_hr, lengths, training, self.stream, _packed, gains)
+                    None if c0 is None else c0[k], P, W_hr, lengths, training, self.stream, _packed, gains,
+                    host)
                 outputs.append(y if direction == 0 else ops.flip_time(y, reversal))
                 h_n.append(h_T)
                 if cell == "lstm":

@@ -69,9 +69,6 @@ def _numpy_path(x, *others) -> bool:
     return True
 
 
-_SAMPLED_REGULARISERS = ("weight_dropout", "zoneout", "zoneout_cell")  # masks drawn in training mode
-
-
 def _as_tensor(a):
     return a if a is None or isinstance(a, torch.Tensor) else torch.from_numpy(a)
 
@@ -456,6 +453,15 @@ class _ConveyorRNNBase(torch.nn.Module):
         return kwargs
 
     @property
+    def _layout_names(self) -> list:
+        """Every name of _layout in order, flat: made once (a call reads it), and made again for a module
+        unpickled from a version that did not keep it."""
+        names = self.__dict__.get("_layout_names_cache")
+        if names is None:
+            names = self.__dict__["_layout_names_cache"] = [name for names in self._layout for name in names]
+        return names
+
+    @property
     def _weight_counts(self) -> list:
         """How many of the flat parameters (absent ones included) each layer and direction has."""
         return [len(names) for names in self._layout]
@@ -559,13 +565,14 @@ class _ConveyorRNNBase(torch.nn.Module):
         # weight_norm, AWD-LSTM's weight drop), the module's attribute is the weight: getattr finds it.
         parameters = self._parameters
         flat = [parameters[name] if name in parameters else getattr(self, name)
-                for names in self._layout for name in names]
+                for name in self._layout_names]
         # Training-mode calls keep what the backward needs whenever a gradient may be asked for, and always
         # with dropout (its masks are drawn in training mode only); otherwise the kernels save nothing.
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                      for t in (x, h0, c0, *flat))
-        dropping = training and (self.dropout > 0 or self.recurrent_dropout > 0 or
-                                 any(key in self._cell_options for key in _SAMPLED_REGULARISERS))
+        options = self._cell_options  # the regularisers' masks are drawn in training mode only
+        dropping = training and (self.dropout > 0 or self.recurrent_dropout > 0 or "weight_dropout" in options
+                                 or "zoneout" in options or "zoneout_cell" in options)
         tracing = torch.jit.is_tracing()
         # torch.jit.trace checks a trace by a second run without gradients: a trace follows the module's mode.
         saving = (training if tracing else needs_grad) or dropping
