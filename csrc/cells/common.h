@@ -17,6 +17,18 @@
 
 namespace conveyor::cells {
 
+// a * b + c in one rounding where the hardware fuses it (every GPU; the CPU when built for a target with FMA),
+// else in two. The polynomials below take it: one instruction a term in place of two dependent ones. The build
+// turns off the compiler's own contraction (CMakeLists.txt) for the GEMMs' sake; a cell's math has one code path
+// a unit, so fusing it here changes no result between paths.
+CONVEYOR_HOST_DEVICE float multiply_add(float a, float b, float c) {
+#if defined(__CUDA_ARCH__) || defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // exp and tanh in float, from arithmetic alone (Cephes' expf and tanhf, single-precision minimax
 // polynomials, within 2 ulp of the exact value over the whole range). The CPU compiler vectorises loops that
 // call these, where the C library's expf/tanhf would be called one element at a time; the GPU runs the same
@@ -27,14 +39,18 @@ CONVEYOR_HOST_DEVICE float cell_exp(float x) {
   x = x > 88.3f ? 88.3f : x;
   // x = n ln2 + r with |r| <= ln2 / 2, ln2 split in two so that n * ln2_hi is exact. n is x / ln2 rounded
   // to the nearest integer by adding and removing 1.5 * 2^23 (no call to floor, which keeps the loops that
-  // call this vectorisable).
+  // call this vectorisable). NaN takes n = 0 (converting NaN to an integer would be undefined) and passes
+  // through r. Selected on the input, not on n: GCC split loops that selected on n into two paths, each with
+  // its own copy of the callers' divisions.
   constexpr float kRound = 12582912.0f;
-  float n = (x * 1.44269504088896341f + kRound) - kRound;
+  const float n = ((x == x ? x : 0.0f) * 1.44269504088896341f + kRound) - kRound;
   const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  const float p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
-                   1.6666665459e-1f) * r + 5.0000001201e-1f;
-  const float exp_r = p * (r * r) + r + 1.0f;
-  n = n == n ? n : 0.0f;  // NaN: exp_r is already NaN; converting NaN to an integer would be undefined
+  float p = multiply_add(1.9875691500e-4f, r, 1.3981999507e-3f);
+  p = multiply_add(p, r, 8.3334519073e-3f);
+  p = multiply_add(p, r, 4.1665795894e-2f);
+  p = multiply_add(p, r, 1.6666665459e-1f);
+  p = multiply_add(p, r, 5.0000001201e-1f);
+  const float exp_r = multiply_add(p, r * r, r) + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_to_n;
   std::memcpy(&two_to_n, &bits, sizeof(two_to_n));
@@ -44,8 +60,11 @@ CONVEYOR_HOST_DEVICE float cell_exp(float x) {
 CONVEYOR_HOST_DEVICE float cell_tanh(float x) {
   const float z = x * x;
   // |x| < 0.625: an odd polynomial, accurate where 1 - 2/(e^2x + 1) would cancel.
-  const float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
-                        1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
+  float q = multiply_add(-5.70498872745e-3f, z, 2.06390887954e-2f);
+  q = multiply_add(q, z, -5.37397155531e-2f);
+  q = multiply_add(q, z, 1.33314422036e-1f);
+  q = multiply_add(q, z, -3.33332819422e-1f);
+  const float small = multiply_add(q * z, x, x);
   const float magnitude = 1.0f - 2.0f / (cell_exp(2.0f * std::fabs(x)) + 1.0f);
   const float large = x < 0.0f ? -magnitude : magnitude;
   return std::fabs(x) < 0.625f ? small : large;
