@@ -318,9 +318,11 @@ def _run_plan(plan, x, h0, c0, seed, lengths):
     """A cached StackPlan on CPU tensors, through NumPy views: (y, h_n, c_n or None, saved)."""
     packed = lengths is not None
     x = (x.detach() if x.requires_grad else x).numpy()
-    y, h_n, c_n, saved = plan.run(x, _as_numpy(h0), _as_numpy(c0), seed=seed,
-                                  lengths=lengths.numpy() if packed else None, _packed=packed)
-    return torch.from_numpy(y), torch.from_numpy(h_n), _as_tensor(c_n), saved
+    h0 = None if h0 is None else _as_numpy(h0)
+    c0 = None if c0 is None else _as_numpy(c0)
+    y, h_n, c_n, saved = plan.run(x, h0, c0, seed=seed, lengths=lengths.numpy() if packed else None,
+                                  _packed=packed)
+    return torch.from_numpy(y), torch.from_numpy(h_n), None if c_n is None else torch.from_numpy(c_n), saved
 
 
 def _run_stack(x, h0, c0, flat, seed, lengths, spec):
@@ -479,8 +481,11 @@ class _ConveyorRNNBase(torch.nn.Module):
             if not all(p is None or p.is_cpu for p in flat):
                 return None
             cache = self.__dict__["_plans"] = (addresses, {})
+        options = self.__dict__.get("_cell_options_key")  # the cell's options are fixed when it is made
+        if options is None:
+            options = self.__dict__["_cell_options_key"] = tuple(self._cell_options.items())
         key = (training, saving, self.num_layers, self.bidirectional, self.dropout, self.variational,
-               self.recurrent_dropout, self.activation, tuple(self._cell_options.items()))
+               self.recurrent_dropout, self.activation, options)
         plan = cache[1].get(key)
         if plan is None:
             weights = _unflatten(self._weight_counts, flat, _as_numpy)
@@ -496,6 +501,15 @@ class _ConveyorRNNBase(torch.nn.Module):
         state = super().__getstate__().copy()
         state.pop("_plans", None)
         return state
+
+    def _state_layout(self, batch, dtype) -> tuple:
+        """h_0's and c_0's shapes, and the dtype of Conveyor's cell state: float32 beside 16-bit x
+        (torch.nn.LSTM's c_0 and c_n have x's dtype). Made only where a call needs them: a call through a plan
+        without hx does not."""
+        states = self.num_layers * (2 if self.bidirectional else 1)
+        cell_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        state_shape = (states, batch, self.proj_size or self.hidden_size)
+        return state_shape, (states, batch, self.hidden_size), cell_dtype
 
     def forward(self, input, hx=None):  # noqa: A002 (PyTorch's argument name)
         sequence, lengths = None, None
@@ -514,8 +528,9 @@ class _ConveyorRNNBase(torch.nn.Module):
         elif not isinstance(input, torch.Tensor):
             raise TypeError(f"input: expected a torch.Tensor or a PackedSequence, got {type(input).__name__}")
         else:
-            batched = input.dim() == 3
-            if input.dim() not in (2, 3):
+            dims = input.dim()
+            batched = dims == 3
+            if dims not in (2, 3):
                 raise ValueError(f"input: expected a 2-D (unbatched) or 3-D tensor, got shape "
                                  f"{tuple(input.shape)}")
             x = input if batched else input.unsqueeze(1)
@@ -531,14 +546,10 @@ class _ConveyorRNNBase(torch.nn.Module):
         autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
         if autocast:
             x = x.to(torch.get_autocast_dtype("cuda"))
-        directions = 2 if self.bidirectional else 1
-        state_shape = (self.num_layers * directions, batch, self.proj_size or self.hidden_size)
-        cell_shape = (self.num_layers * directions, batch, self.hidden_size)
         lstm = self._cell == "lstm"
-        # Conveyor's cell state is float32 beside 16-bit x; torch.nn.LSTM's c_0 and c_n have x's dtype.
-        cell_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         h0 = c0 = None  # zeros
         if hx is not None:
+            state_shape, cell_shape, cell_dtype = self._state_layout(batch, x.dtype)
             if lstm:
                 if not (isinstance(hx, tuple) and len(hx) == 2):
                     raise TypeError("hx: expected a tuple (h_0, c_0) for an LSTM")
@@ -587,6 +598,7 @@ class _ConveyorRNNBase(torch.nn.Module):
             else:
                 y, h_n, c_n, _ = _run_plan(plan, x, h0, c0, seed, lengths)
         else:
+            state_shape, cell_shape, cell_dtype = self._state_layout(batch, x.dtype)
             if h0 is None:
                 h0 = x.new_zeros(state_shape)
                 c0 = x.new_zeros(cell_shape, dtype=cell_dtype) if lstm else None
