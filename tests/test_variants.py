@@ -85,6 +85,29 @@ def test_lstm_options_with_recurrent_dropout_match_the_reference(o, variational,
     assert_all_close(got, expected, np.float64)
 
 
+WITHOUT_PEEPHOLES = [o for o in LSTM_OPTIONS if not o["peephole"] and not o["proj_size"]]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("o", WITHOUT_PEEPHOLES, ids=lstm_id)
+def test_forward_without_peepholes_equals_zero_peepholes_bit_for_bit(o, dtype, rng):
+    """The CPU forward runs a window without peepholes in two loops (the gates, then the cell), one with them
+    in one loop: with peephole weights of zero (whose terms add +-0) both are cells::lstm_forward's
+    arithmetic, so the outputs, and the gradients from the caches, are the same bits. H = 37: vector loops
+    and their scalar remainders."""
+    p = {k: None if v is None else v.astype(dtype) for k, v in lstm_problem(o, 6, 5, 4, 37, rng).items()}
+    options = dict(coupled_gates=o["coupled_gates"], forget_bias=o["forget_bias"], cell_clip=o["cell_clip"],
+                   activation=o["activation"])
+    args = [p[k] for k in ("x", "W", "R", "bW", "bR", "h0", "c0")]
+    plain = conveyor.lstm_forward(*args, **options)
+    zero = conveyor.lstm_forward(*args, P=np.zeros((3, 37), dtype), **options)
+    for name, a, b in zip(("y", "h_T", "c_T"), plain[:3], zero[:3]):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    grads = [conveyor.lstm_backward(run[3], p["dy"], None, None) for run in (plain, zero)]
+    for name in ("dx", "dW", "dR"):
+        np.testing.assert_array_equal(getattr(grads[0], name), getattr(grads[1], name), err_msg=name)
+
+
 def test_coupled_gates_weights_have_three_blocks(rng):
     o = dict(LSTM_OPTIONS[0], coupled_gates=True)
     p = lstm_problem(o, 2, 2, 3, 4, rng)
