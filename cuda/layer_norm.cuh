@@ -87,26 +87,17 @@ __device__ inline void lstm_norm_cell_backward(const BackwardStep<S>& p, int64_t
   cells::LstmOptions<C> opt = p.lstm;
   opt.relu = kRelu;
   const cells::LstmBlocks blocks = cells::lstm_blocks(opt.coupled);
-  const cells::Peephole<C> peephole =
-      p.P != nullptr ? cells::Peephole<C>{convert<C>(p.P[j]), convert<C>(p.P[H + j]), convert<C>(p.P[2 * H + j])}
-                     : cells::Peephole<C>{C(0), C(0), C(0)};
-  const C c_prev = p.c_prev != nullptr ? convert<C>(p.c_prev[b * p.cache_stride + j]) : p.c0[unit];
-  C dc = p.dc[unit], dc_kept = C(0);
-  if (p.zoneout.c > 0) {
-    const C keep = C(p.zoneout.keep_c(b, j));
-    dc_kept = keep * dc;
-    dc = (C(1) - keep) * dc;
-  }
+  const LstmBackwardInputs<C> in = lstm_backward_inputs(p, b, j);
   const auto d = cells::lstm_backward_from_output(opt, convert<C>(saved[j]), convert<C>(saved[H + j]),
                                                   convert<C>(saved[2 * H + j]), convert<C>(saved[3 * H + j]),
-                                                  convert<C>(saved[4 * H + j]), c_prev, d_output * u.act, dc_output,
-                                                  dc, peephole);
+                                                  convert<C>(saved[4 * H + j]), in.c_prev, d_output * u.act,
+                                                  dc_output, in.dc, in.peephole);
   C* dax = p.dax + b * p.gate_stride;
   if (!opt.coupled) dax[j] = d.da_i;
   dax[blocks.f * H + j] = d.da_f;
   dax[blocks.g * H + j] = d.da_g;
   dax[blocks.o * H + j] = d.da_o;
-  p.dc[unit] = p.zoneout.c > 0 ? d.dc_prev + dc_kept : d.dc_prev;
+  p.dc[unit] = p.zoneout.c > 0 ? d.dc_prev + in.dc_kept : d.dc_prev;
 }
 
 }  // namespace conveyor::cuda

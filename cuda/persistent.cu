@@ -837,42 +837,43 @@ __device__ void store_recurrent_norm_sums(const BackwardWindow<S>& w, const Back
   });
 }
 
-// The GRU's pass: its epilogue, then the sums for LN(R h_{t-1})'s backward.
-template <typename S, BackwardEpilogue kEpilogue, bool kRelu>
-struct RecurrentNormSums {
+// What a pass that stores a norm's row sums after its epilogue knows: the window, the step, and its block's
+// units.
+template <typename S>
+struct NormSumsPass {
   static constexpr bool kFollowsRows = true;
   const BackwardWindow<S>& w;
   int64_t t;
   int units;
   int64_t j0;
+};
 
+// The GRU's pass: its epilogue, then the sums for LN(R h_{t-1})'s backward.
+template <typename S, BackwardEpilogue kEpilogue, bool kRelu>
+struct RecurrentNormSums : NormSumsPass<S> {
   __device__ void operator()(const BackwardStep<S>& p, int64_t b, int64_t j, Compute<S> product) const {
     backward_epilogue<S, kEpilogue, kRelu>(p, b, j, product);
   }
   __device__ void rows_done(const BackwardStep<S>& p, int64_t b0) const {
-    store_recurrent_norm_sums(w, p, t, b0, units, j0);
+    store_recurrent_norm_sums(this->w, p, this->t, b0, this->units, this->j0);
   }
 };
 
 // The LSTM's first pass: dh_total (the projection epilogue's work), then the sums for LN(c_t)'s backward.
 template <typename S, bool kRelu>
-struct CellNormSums {
-  static constexpr bool kFollowsRows = true;
-  const BackwardWindow<S>& w;
-  int64_t t;
-  int units;
-  int64_t j0;
-
+struct CellNormSums : NormSumsPass<S> {
   __device__ void operator()(const BackwardStep<S>& p, int64_t b, int64_t j, Compute<S> product) const {
     backward_epilogue<S, BackwardEpilogue::projection, kRelu>(p, b, j, product);
   }
   __device__ void rows_done(const BackwardStep<S>& p, int64_t b0) const {
     using C = Compute<S>;
-    const int64_t H = p.hidden;
-    const int own = units_of_block(units, j0, H);
+    const NormSumsPass<S>& pass = *this;
+    const BackwardWindow<S>& w = pass.w;
+    const int64_t H = p.hidden, j0 = pass.j0;
+    const int own = units_of_block(pass.units, j0, H);
     for_rows_by_warps(b0, p.batch, [&](int r) {
       const int64_t b = b0 + r;
-      const RowStatistics<C> s = saved_statistics(w.cell_statistics, w.rows.first(t) + b);
+      const RowStatistics<C> s = saved_statistics(w.cell_statistics, w.rows.first(pass.t) + b);
       C sum_d = C(0), sum_dv = C(0);
       for (int u = threadIdx.x % 32; u < own; u += 32) {
         const int64_t j = j0 + u;
@@ -976,14 +977,14 @@ __global__ void __launch_bounds__(kPersistentThreads, sizeof(Compute<S>) == 4 ? 
     BackwardStep<S> p = w.step(t);
     if constexpr (kLayerNorm && kEpilogue == BackwardEpilogue::lstm) {
       backward_pass<S, kTensorCores>(p, units, j0, r_columns, ld, a_stage, width, tiles,
-                                     CellNormSums<S, kRelu>{w, t, units, j0});
+                                     CellNormSums<S, kRelu>{{w, t, units, j0}});
       grid.sync();  // every block's sums of each row for LN(c_t)'s backward
       lstm_norm_cell_pass<S, kRelu>(w, p, t, units, j0, tiles.partial);
       grid.sync();  // every block's sums of each row for LN(R h_{t-1})'s backward
       recurrent_norm_gradient_pass(w, p, t, units, j0, tiles.partial);
     } else if constexpr (kLayerNorm) {
       backward_pass<S, kTensorCores>(p, units, j0, r_columns, ld, a_stage, width, tiles,
-                                     RecurrentNormSums<S, kEpilogue, kRelu>{w, t, units, j0});
+                                     RecurrentNormSums<S, kEpilogue, kRelu>{{w, t, units, j0}});
       grid.sync();  // every block's sums of each row for LN(R h_{t-1})'s backward
       recurrent_norm_gradient_pass(w, p, t, units, j0, tiles.partial);
     } else {

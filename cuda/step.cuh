@@ -280,6 +280,34 @@ __host__ __device__ int64_t epilogue_units(const BackwardStep<S>& p) {
   return over_hidden_state(kEpilogue) ? p.output_size : p.hidden;
 }
 
+// What the LSTM's backward at unit j of row b takes besides the cache: the peephole weights, c_{t-1}, and dc_t
+// split by zoneout_cell into the cell's part (dc) and the part that goes straight on to c_{t-1} (dc_kept).
+template <typename C>
+struct LstmBackwardInputs {
+  cells::Peephole<C> peephole;
+  C c_prev, dc, dc_kept;
+};
+
+template <typename S>
+__device__ __forceinline__ LstmBackwardInputs<Compute<S>> lstm_backward_inputs(const BackwardStep<S>& p, int64_t b,
+                                                                               int64_t j) {
+  using C = Compute<S>;
+  const int64_t H = p.hidden, unit = b * H + j;
+  LstmBackwardInputs<C> in;
+  in.peephole = p.P != nullptr
+                    ? cells::Peephole<C>{convert<C>(p.P[j]), convert<C>(p.P[H + j]), convert<C>(p.P[2 * H + j])}
+                    : cells::Peephole<C>{C(0), C(0), C(0)};
+  in.c_prev = p.c_prev != nullptr ? convert<C>(p.c_prev[b * p.cache_stride + j]) : p.c0[unit];
+  in.dc = p.dc[unit];
+  in.dc_kept = C(0);
+  if (p.zoneout.c > 0) {
+    const C keep = C(p.zoneout.keep_c(b, j));
+    in.dc_kept = keep * in.dc;
+    in.dc = (C(1) - keep) * in.dc;
+  }
+  return in;
+}
+
 template <typename S, BackwardEpilogue kEpilogue, bool kRelu>
 __device__ __forceinline__ void backward_epilogue(const BackwardStep<S>& p, int64_t b, int64_t j,
                                                   Compute<S> product) {
@@ -322,25 +350,16 @@ __device__ __forceinline__ void backward_epilogue(const BackwardStep<S>& p, int6
     if constexpr (kEpilogue == BackwardEpilogue::lstm) {
       cells::LstmOptions<C> opt = p.lstm;
       opt.relu = kRelu;
-      const cells::Peephole<C> peephole =
-          p.P != nullptr ? cells::Peephole<C>{convert<C>(p.P[j]), convert<C>(p.P[H + j]), convert<C>(p.P[2 * H + j])}
-                         : cells::Peephole<C>{C(0), C(0), C(0)};
-      const C c_prev = p.c_prev != nullptr ? convert<C>(p.c_prev[b * p.cache_stride + j]) : p.c0[unit];
-      C dc = p.dc[unit], dc_kept = C(0);
-      if (p.zoneout.c > 0) {
-        const C keep = C(p.zoneout.keep_c(b, j));
-        dc_kept = keep * dc;
-        dc = (C(1) - keep) * dc;
-      }
+      const LstmBackwardInputs<C> in = lstm_backward_inputs(p, b, j);
       const auto d = cells::lstm_backward(opt, convert<C>(saved[j]), convert<C>(saved[H + j]),
                                           convert<C>(saved[2 * H + j]), convert<C>(saved[3 * H + j]),
-                                          convert<C>(saved[4 * H + j]), c_prev, dh, dc, peephole);
+                                          convert<C>(saved[4 * H + j]), in.c_prev, dh, in.dc, in.peephole);
       const cells::LstmBlocks blocks = cells::lstm_blocks(opt.coupled);
       if (!opt.coupled) dax[j] = d.da_i;
       dax[blocks.f * H + j] = d.da_f;
       dax[blocks.g * H + j] = d.da_g;
       dax[blocks.o * H + j] = d.da_o;
-      p.dc[unit] = p.zoneout.c > 0 ? d.dc_prev + dc_kept : d.dc_prev;
+      p.dc[unit] = p.zoneout.c > 0 ? d.dc_prev + in.dc_kept : d.dc_prev;
       if (!projected) p.dh_carry[unit] = dh_kept;  // with a projection, dh_carry is P wide and spent already
     } else if constexpr (kEpilogue == BackwardEpilogue::gru_reset_after) {
       const auto d = cells::gru_backward_reset_after(kRelu, convert<C>(saved[j]), convert<C>(saved[H + j]),
