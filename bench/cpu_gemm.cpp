@@ -1,0 +1,155 @@
+// The CPU backend's matrix product (csrc/cpu/gemm.cpp) on the shapes a recurrent layer runs, in GFLOP/s,
+// beside the core's own ceiling: a loop of independent vector multiply-adds on registers only.
+//
+//   cmake -S . -B build -DCONVEYOR_BUILD_BENCH=ON && cmake --build build --target cpu_gemm
+//   build/bench/cpu_gemm [threads] [seconds per shape] [only the shapes whose name contains this]
+//
+// Each shape runs for the given time (0.3 s by default) after a warm-up; the median of its timed batches is
+// printed. "packed" products read B from a PackedMatrix (the recurrent weights, packed once per window), as
+// the per-step products do.
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include "cpu/gemm.h"
+#include "cpu/thread_pool.h"
+
+namespace {
+
+using conveyor::cpu::gemm;
+using conveyor::cpu::MatrixRef;
+using conveyor::cpu::PackedMatrix;
+using Clock = std::chrono::steady_clock;
+
+// The core's float32 multiply-add ceiling: 16 independent accumulator chains, enough to cover the latency of
+// two pipes. Returns GFLOP/s (2 flops per lane per multiply-add).
+double fma_ceiling(double seconds) {
+#if defined(__AVX512F__)
+  using V = __m512;
+  constexpr int kLanes = 16;
+  const auto fma = [](V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); };
+  const auto set = [](float x) { return _mm512_set1_ps(x); };
+#elif defined(__FMA__)
+  using V = __m256;
+  constexpr int kLanes = 8;
+  const auto fma = [](V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); };
+  const auto set = [](float x) { return _mm256_set1_ps(x); };
+#else
+  (void)seconds;
+  return 0.0;
+#endif
+#if defined(__AVX512F__) || defined(__FMA__)
+  constexpr int kChains = 16;
+  constexpr int64_t kIterations = 1 << 20;
+  V acc[kChains];
+  for (int i = 0; i < kChains; ++i) acc[i] = set(float(i) * 1e-3f);
+  const V a = set(0.999999f), b = set(1e-7f);
+  double best = 0.0;
+  const auto until = Clock::now() + std::chrono::duration<double>(seconds);
+  while (Clock::now() < until) {
+    const auto start = Clock::now();
+    for (int64_t it = 0; it < kIterations; ++it) {
+      for (int i = 0; i < kChains; ++i) acc[i] = fma(acc[i], a, b);
+    }
+    const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    best = std::max(best, 2.0 * kLanes * kChains * kIterations / elapsed * 1e-9);
+  }
+  float lanes[kChains * kLanes], total = 0;
+  std::memcpy(lanes, acc, sizeof(lanes));
+  for (float x : lanes) total += x;
+  if (total == 12345.f) std::printf(" ");  // keeps the chains live
+  return best;
+#endif
+}
+
+struct Shape {
+  const char* what;
+  int64_t M, N, K;
+  bool a_transposed, b_transposed, packed;
+};
+
+double time_shape(const Shape& s, double seconds) {
+  std::mt19937 rng(1234);
+  std::uniform_real_distribution<float> uniform(-1.f, 1.f);
+  std::vector<float> a(static_cast<size_t>(s.M * s.K)), b(static_cast<size_t>(s.K * s.N)),
+      c(static_cast<size_t>(s.M * s.N));
+  for (auto& x : a) x = uniform(rng);
+  for (auto& x : b) x = uniform(rng);
+  const auto A = s.a_transposed ? MatrixRef<float>::transposed(a.data(), s.M) : MatrixRef<float>::rows(a.data(), s.K);
+  const auto B = s.b_transposed ? MatrixRef<float>::transposed(b.data(), s.K) : MatrixRef<float>::rows(b.data(), s.N);
+  const PackedMatrix<float> packed(s.K, s.N, B);
+  const auto run = [&] {
+    if (s.packed) {
+      gemm<float>(s.M, 1.f, A, packed, 0.f, c.data(), s.N);
+    } else {
+      gemm<float>(s.M, s.N, s.K, 1.f, A, B, 0.f, c.data(), s.N);
+    }
+  };
+  // Batches of about 5 ms each, so that the clock's resolution does not matter for the small shapes.
+  const double flops = 2.0 * s.M * s.N * s.K;
+  int64_t repeats = 1;
+  for (;;) {
+    const auto start = Clock::now();
+    for (int64_t r = 0; r < repeats; ++r) run();
+    if (std::chrono::duration<double>(Clock::now() - start).count() > 5e-3) break;
+    repeats *= 2;
+  }
+  std::vector<double> rates;
+  const auto until = Clock::now() + std::chrono::duration<double>(seconds);
+  while (Clock::now() < until || rates.size() < 3) {
+    const auto start = Clock::now();
+    for (int64_t r = 0; r < repeats; ++r) run();
+    const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    rates.push_back(flops * repeats / elapsed * 1e-9);
+  }
+  std::nth_element(rates.begin(), rates.begin() + rates.size() / 2, rates.end());
+  return rates[rates.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int threads = argc > 1 ? std::atoi(argv[1]) : 1;
+  const double seconds = argc > 2 ? std::atof(argv[2]) : 0.3;
+  const std::string only = argc > 3 ? argv[3] : "";
+  if (threads < 1 || seconds <= 0) {
+    std::fprintf(stderr, "usage: cpu_gemm [threads >= 1] [seconds per shape > 0] [name filter]\n");
+    return 2;
+  }
+  conveyor::cpu::set_pool_size(threads);
+  std::printf("float32, %d thread(s); one core's multiply-add ceiling %.0f GFLOP/s\n\n", threads, fma_ceiling(0.3));
+  // x W^T is A row-major times B transposed (the weights stored [4H, I]); dA R and dA W are A times B
+  // row-major; dW = dA^T x is A transposed. T B rows for the time-parallel products, B rows per step.
+  const Shape shapes[] = {
+      {"per step, LSTM B=32 H=256 (h R^T)", 32, 1024, 256, false, true, true},
+      {"per step, LSTM B=64 H=1024", 64, 4096, 1024, false, true, true},
+      {"per step, PTB small B=20 H=100", 20, 400, 100, false, true, true},
+      {"per step, JSB B=8 H=36", 8, 144, 36, false, true, true},
+      {"per step backward, B=32 H=256 (dA R)", 32, 256, 1024, false, false, true},
+      {"per step backward, B=64 H=1024", 64, 1024, 4096, false, false, true},
+      {"input projection, T B=2048 I=256 (x W^T)", 2048, 1024, 256, false, true, false},
+      {"input projection, T B=4096 I=1024", 4096, 4096, 1024, false, true, false},
+      {"backward dx, T B=2048 (dA W)", 2048, 256, 1024, false, false, false},
+      {"backward dx, T B=4096 I=1024", 4096, 1024, 4096, false, false, false},
+      {"backward dW, 4H=1024 (dA^T x)", 1024, 256, 2048, true, false, false},
+      {"backward dW, 4H=4096 I=1024", 4096, 1024, 4096, true, false, false},
+  };
+  std::printf("| product | M, N, K | GFLOP/s |\n| --- | --- | ---: |\n");
+  for (const Shape& s : shapes) {
+    if (std::string(s.what).find(only) == std::string::npos) continue;
+    std::printf("| %s | %lld, %lld, %lld | %.0f |\n", s.what, static_cast<long long>(s.M),
+                static_cast<long long>(s.N), static_cast<long long>(s.K), time_shape(s, seconds));
+    std::fflush(stdout);
+  }
+  return 0;
+}
