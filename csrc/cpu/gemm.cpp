@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <unistd.h>
@@ -24,19 +25,21 @@
 namespace conveyor::cpu {
 namespace {
 
-// MR x NR: the register tile of the micro-kernel. With AVX-512, 8 rows of two 64-byte vectors: 16
-// accumulators of the 32 registers, and 8 rows fit the batch sizes recurrent layers use (8, 16, 32, 64) with
-// no padded rows; with AVX2, 6 rows of two 32-byte vectors, 12 of the 16 registers.
+// MR x NR: the register tile of the micro-kernel. With AVX-512, 12 rows of two 64-byte vectors: 24
+// accumulators of the 32 registers, 24 multiply-adds for every two vectors of B read (8 rows, 16 of them,
+// ran the large products of the Xeon 10-18% slower: the B strips stream from L2). Strips of 8 and 4 rows
+// have kernels of their own, so the batch sizes recurrent layers use (8, 16, 32, 64) carry no padded rows.
+// With AVX2, 6 rows of two 32-byte vectors, 12 of the 16 registers (and kernels of 4 and 2 rows).
 template <typename T>
 struct Blocking;
 #if defined(__AVX512F__)
 template <>
 struct Blocking<float> {
-  static constexpr int MR = 8, NR = 32, KC = 256, MC = 96, NC = 256;
+  static constexpr int MR = 12, NR = 32, KC = 256, MC = 96, NC = 256;
 };
 template <>
 struct Blocking<double> {
-  static constexpr int MR = 8, NR = 16, KC = 256, MC = 96, NC = 128;
+  static constexpr int MR = 12, NR = 16, KC = 256, MC = 96, NC = 128;
 };
 #else
 template <>
@@ -98,34 +101,44 @@ inline void accumulate_into(T& c, T s, T alpha, T beta, bool first_slice) {
   }
 }
 
+// The rows of the micro-kernel that runs a strip of `rows` rows of A: MR, or for the last strip of a batch
+// that is not a multiple of MR, the next multiple of MR / 3 (its padded rows are computed, then dropped).
+template <typename T>
+constexpr int kernel_height(int rows) {
+  constexpr int MR = Blocking<T>::MR;
+  return rows <= MR / 3 ? MR / 3 : rows <= 2 * MR / 3 ? 2 * MR / 3 : MR;
+}
+
 template <typename T>
 void pack_a(const MatrixRef<T>& A, int64_t m0, int64_t mc, int64_t k0, int64_t kc, T* packed) {
   constexpr int MR = Blocking<T>::MR;
+  // Rows read along their length where A is row-major, columns copied whole where it is column-major (a
+  // transposed operand); with the row count a constant, the compiler unrolls the column copies.
+  const auto copy_strip = [&](const T* src, auto rows) {
+    if (A.col_stride == 1) {
+      for (int r = 0; r < rows; ++r)
+        for (int64_t k = 0; k < kc; ++k) packed[k * MR + r] = src[r * A.row_stride + k];
+    } else if (A.row_stride == 1) {
+      for (int64_t k = 0; k < kc; ++k)
+        for (int r = 0; r < rows; ++r) packed[k * MR + r] = src[k * A.col_stride + r];
+    } else {
+      for (int64_t k = 0; k < kc; ++k)
+        for (int r = 0; r < rows; ++r) packed[k * MR + r] = src[k * A.col_stride + r * A.row_stride];
+    }
+    // Zeros in the rows that the strip's kernel reads beyond A's (kernel_height()), row by row: a loop over
+    // a row's few padded elements became a call of memset for every k, 10% of a product at batch 8.
+    for (int r = rows; r < kernel_height<T>(rows); ++r)
+      for (int64_t k = 0; k < kc; ++k) packed[k * MR + r] = T(0);
+  };
   for (int64_t strip = 0; strip < mc; strip += MR) {
-    const int64_t rows = std::min<int64_t>(MR, mc - strip);
+    const T* src = A.data + (m0 + strip) * A.row_stride + k0 * A.col_stride;
+    const int rows = static_cast<int>(std::min<int64_t>(MR, mc - strip));
     if (rows == MR) {
-      // A whole strip, with MR a constant: rows read along their length where A is row-major, columns
-      // copied whole where it is column-major (a transposed operand).
-      const T* src = A.data + (m0 + strip) * A.row_stride + k0 * A.col_stride;
-      if (A.col_stride == 1) {
-        for (int r = 0; r < MR; ++r)
-          for (int64_t k = 0; k < kc; ++k) packed[k * MR + r] = src[r * A.row_stride + k];
-      } else if (A.row_stride == 1) {
-        for (int64_t k = 0; k < kc; ++k)
-          for (int r = 0; r < MR; ++r) packed[k * MR + r] = src[k * A.col_stride + r];
-      } else {
-        for (int64_t k = 0; k < kc; ++k)
-          for (int r = 0; r < MR; ++r) packed[k * MR + r] = src[k * A.col_stride + r * A.row_stride];
-      }
-      packed += kc * MR;
-      continue;
+      copy_strip(src, std::integral_constant<int, MR>());
+    } else {  // a last strip of a batch that is not a multiple of MR (8 of 12 at batch 8: every step's)
+      copy_strip(src, rows);
     }
-    for (int64_t k = 0; k < kc; ++k) {
-      const T* src = A.data + (m0 + strip) * A.row_stride + (k0 + k) * A.col_stride;
-      for (int64_t r = 0; r < rows; ++r) packed[r] = src[r * A.row_stride];
-      for (int64_t r = rows; r < MR; ++r) packed[r] = T(0);
-      packed += MR;
-    }
+    packed += kc * MR;
   }
 }
 
@@ -145,6 +158,16 @@ void pack_b(const MatrixRef<T>& B, int64_t k0, int64_t kc, int64_t n0, int64_t n
       packed += NR;
     }
   }
+}
+
+// How a micro-kernel call leaves its sums s: raw in an MR x NR buffer (a tile cut by C's edges, finished
+// element by element), or finished into a whole tile of C as accumulate_into() does.
+enum class TileStore { kRaw, kOverwrite, kScaleAdd, kAdd };
+
+template <typename T>
+TileStore tile_store(T beta, bool first_slice) {
+  if (!first_slice) return TileStore::kAdd;
+  return beta == T(0) ? TileStore::kOverwrite : TileStore::kScaleAdd;
 }
 
 #if defined(__FMA__)
@@ -205,60 +228,56 @@ struct Simd<double> {
 };
 #endif
 
-// acc[MR][NR] = sum over k of a[k][:] outer b[k][:], each element one fused multiply-add per k, in k order,
+// s[MR][NR] = sum over k of a[k][:] outer b[k][:], each element one fused multiply-add per k, in k order,
 // for the first kRows rows of the strip (a strip of A is MR wide whatever kRows is; kRows < MR serves a
 // last strip of few rows without the arithmetic of its padded ones, each row's sums the same). A strip of B
-// is two vectors, held in two named variables: as an array GCC kept them on the stack.
+// is two vectors, held in two named variables: as an array GCC kept them on the stack. The sums go to `out`
+// (ld elements a row) as `store` says, with accumulate_into()'s operations in vectors (the same roundings):
+// a whole tile straight into C, without a round trip through a buffer.
 template <typename T, int kRows = Blocking<T>::MR>
 __attribute__((noinline)) void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b,
-                                            T* __restrict acc) {
+                                            T* __restrict out, int64_t ld, TileStore store, T alpha, T beta) {
   using S = Simd<T>;
+  using V = typename S::Vector;
   constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR, L = S::kLanes;
   static_assert(NR == 2 * L, "a strip of B is two vectors");
   static_assert(kRows <= MR, "a strip of A has MR rows");
-  typename S::Vector c0[kRows], c1[kRows];
+  V c0[kRows], c1[kRows];
   for (int r = 0; r < kRows; ++r) c0[r] = c1[r] = S::zero();
   for (int64_t k = 0; k < kc; ++k) {
-    const typename S::Vector b0 = S::load(b), b1 = S::load(b + L);
+    // B's strip streams from L2 where many rows of A pass it (the time-parallel products); the hardware's
+    // next-line prefetch left the kernel waiting on it, and fetching 8 steps of k ahead took those products
+    // from 85-100 to 97-113 GFLOP/s on one core of the Xeon. (A prefetch never faults past the strip's end.)
+    _mm_prefetch(reinterpret_cast<const char*>(b + 8 * NR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b + 8 * NR + L), _MM_HINT_T0);
+    const V b0 = S::load(b), b1 = S::load(b + L);
     for (int r = 0; r < kRows; ++r) {
-      const typename S::Vector ar = S::broadcast(a + r);
+      const V ar = S::broadcast(a + r);
       c0[r] = S::multiply_add(ar, b0, c0[r]);
       c1[r] = S::multiply_add(ar, b1, c1[r]);
     }
     a += MR;
     b += NR;
   }
-  for (int r = 0; r < kRows; ++r) {
-    S::store(acc + r * NR, c0[r]);
-    S::store(acc + r * NR + L, c1[r]);
-  }
-}
-
-// A whole MR x NR tile of C (ldc elements per row) from acc, as accumulate_into() does element by element,
-// in vectors: the same operations, so the same roundings.
-template <typename T>
-void store_tile(const T* __restrict acc, T alpha, T beta, bool first_slice, T* __restrict C, int64_t ldc) {
-  using S = Simd<T>;
-  constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR, L = S::kLanes;
-  const typename S::Vector alpha_v = S::set(alpha), beta_v = S::set(beta);
-  for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < NR / L; ++v) {
-      T* c = C + r * ldc + v * L;
-      const typename S::Vector s = S::load(acc + r * NR + v * L);
-      if (!first_slice) {
-        S::store(c, S::multiply_add(alpha_v, s, S::load(c)));
-      } else if (beta == T(0)) {
-        S::store(c, S::multiply(alpha_v, s));
-      } else {
-        S::store(c, S::multiply_add(alpha_v, s, S::multiply(beta_v, S::load(c))));
-      }
+  const V alpha_v = S::set(alpha), beta_v = S::set(beta);
+  const auto finish = [&](T* c, V s) {
+    switch (store) {
+      case TileStore::kRaw: S::store(c, s); break;
+      case TileStore::kOverwrite: S::store(c, S::multiply(alpha_v, s)); break;
+      case TileStore::kScaleAdd: S::store(c, S::multiply_add(alpha_v, s, S::multiply(beta_v, S::load(c)))); break;
+      case TileStore::kAdd: S::store(c, S::multiply_add(alpha_v, s, S::load(c))); break;
     }
+  };
+  for (int r = 0; r < kRows; ++r) {
+    finish(out + r * ld, c0[r]);
+    finish(out + r * ld + L, c1[r]);
   }
 }
 #else
 // Without FMA: a multiply then an add, as multiply_add() does, through GCC/Clang vector extensions.
 template <typename T, int kRows = Blocking<T>::MR>
-void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict acc) {
+void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict out, int64_t ld,
+                  TileStore store, T alpha, T beta) {
   constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR;
   constexpr int kLanes = 32 / sizeof(T), kVectors = NR / kLanes;
   static_assert(NR % kLanes == 0, "a strip of B is a whole number of vectors");
@@ -275,7 +294,17 @@ void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* _
     a += MR;
     b += NR;
   }
-  std::memcpy(acc, c, sizeof(c));
+  T sums[MR][NR];
+  std::memcpy(sums, c, sizeof(c));
+  for (int r = 0; r < kRows; ++r) {
+    for (int j = 0; j < NR; ++j) {
+      if (store == TileStore::kRaw) {
+        out[r * ld + j] = sums[r][j];
+      } else {
+        accumulate_into(out[r * ld + j], sums[r][j], alpha, beta, store != TileStore::kAdd);
+      }
+    }
+  }
 }
 #endif
 
@@ -293,6 +322,7 @@ void gemm_block(int64_t m0, int64_t m1, int64_t n0, int64_t nc, int64_t K, T alp
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = std::min<int64_t>(KC, K - k0);
     const bool first = k0 == 0;
+    const TileStore store = tile_store(beta, first);
     const T* strips_b = packed_b.data();
     if (packed != nullptr) {
       strips_b = packed->slice(k0, n0);
@@ -304,17 +334,24 @@ void gemm_block(int64_t m0, int64_t m1, int64_t n0, int64_t nc, int64_t K, T alp
       pack_a(A, mb, mc, k0, kc, packed_a.data());
       const auto tile = [&](int64_t ms, int64_t ns) {
         const int64_t rows = std::min<int64_t>(MR, mc - ms), cols = std::min<int64_t>(NR, nc - ns);
-        if (rows <= MR / 2) {  // a last strip of few rows (a batch not a multiple of MR, a packed step's)
-          micro_kernel<T, MR / 2>(kc, packed_a.data() + ms * kc, strips_b + ns * kc, acc);
+        const T* strip_a = packed_a.data() + ms * kc;
+        const T* strip_b = strips_b + ns * kc;
+        // A strip of fewer rows (a batch not a multiple of MR) runs a lower kernel, without most of the
+        // arithmetic of its padded rows; each row's sums are the same at every height.
+        constexpr int kLow = MR / 3, kMid = 2 * MR / 3;
+        const int height = kernel_height<T>(static_cast<int>(rows));
+        const bool direct = rows == height && cols == NR;
+        T* out = direct ? C + (mb + ms) * ldc + n0 + ns : acc;
+        const int64_t ld = direct ? ldc : NR;
+        const TileStore how = direct ? store : TileStore::kRaw;
+        if (height == kLow) {
+          micro_kernel<T, kLow>(kc, strip_a, strip_b, out, ld, how, alpha, beta);
+        } else if (height == kMid) {
+          micro_kernel<T, kMid>(kc, strip_a, strip_b, out, ld, how, alpha, beta);
         } else {
-          micro_kernel<T>(kc, packed_a.data() + ms * kc, strips_b + ns * kc, acc);
+          micro_kernel<T>(kc, strip_a, strip_b, out, ld, how, alpha, beta);
         }
-#if defined(__FMA__)
-        if (rows == MR && cols == NR) {
-          store_tile(acc, alpha, beta, first, C + (mb + ms) * ldc + n0 + ns, ldc);
-          return;
-        }
-#endif
+        if (direct) return;
         for (int64_t r = 0; r < rows; ++r) {
           T* c = C + (mb + ms + r) * ldc + n0 + ns;
           const T* s = acc + r * NR;
