@@ -311,12 +311,15 @@ void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* _
 // One task's block of C: rows [m0, m1), columns [n0, n0 + nc). Each K slice of B's panel is packed once and
 // serves every MC-row block of the task's rows, so packing B costs 1/(m1 - m0) of the arithmetic, not 1/MC.
 // `packed`, when given, holds B already packed and the task packs nothing of it.
+// `rows`, when given, holds all of A's rows packed (PackedRows: m0 is 0) and the task packs none of them.
 template <typename T>
 void gemm_block(int64_t m0, int64_t m1, int64_t n0, int64_t nc, int64_t K, T alpha, const MatrixRef<T>& A,
-                const MatrixRef<T>& B, const PackedMatrix<T>* packed, T beta, T* C, int64_t ldc) {
+                const MatrixRef<T>& B, const PackedMatrix<T>* packed, T beta, T* C, int64_t ldc,
+                const T* rows = nullptr) {
   constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR, KC = Blocking<T>::KC, MC = Blocking<T>::MC;
   thread_local std::vector<T> packed_a, packed_b;
-  packed_a.resize(static_cast<size_t>(MC * KC));
+  if (rows == nullptr) packed_a.resize(static_cast<size_t>(MC * KC));
+  const int64_t padded_m = (m1 + MR - 1) / MR * MR;
   if (packed == nullptr) packed_b.resize(static_cast<size_t>(((nc + NR - 1) / NR) * NR * KC));
   T acc[MR * NR];
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
@@ -331,10 +334,13 @@ void gemm_block(int64_t m0, int64_t m1, int64_t n0, int64_t nc, int64_t K, T alp
     }
     for (int64_t mb = m0; mb < m1; mb += MC) {
       const int64_t mc = std::min<int64_t>(MC, m1 - mb);
-      pack_a(A, mb, mc, k0, kc, packed_a.data());
+      // A packed slice by slice, strip by strip (PackedRows::pack): block mb's strips start mb * kc into
+      // slice k0's.
+      const T* block_a = rows != nullptr ? rows + k0 * padded_m + mb * kc : packed_a.data();
+      if (rows == nullptr) pack_a(A, mb, mc, k0, kc, packed_a.data());
       const auto tile = [&](int64_t ms, int64_t ns) {
         const int64_t rows = std::min<int64_t>(MR, mc - ms), cols = std::min<int64_t>(NR, nc - ns);
-        const T* strip_a = packed_a.data() + ms * kc;
+        const T* strip_a = block_a + ms * kc;
         const T* strip_b = strips_b + ns * kc;
         // A strip of fewer rows (a batch not a multiple of MR) runs a lower kernel, without most of the
         // arithmetic of its padded rows; each row's sums are the same at every height.
@@ -379,39 +385,46 @@ void gemm_block(int64_t m0, int64_t m1, int64_t n0, int64_t nc, int64_t K, T alp
 // added to C in the same order, as the blocked path, so that a row of C comes out bit-for-bit the same
 // whichever path computed it (a window split in two gives exactly the outputs of the whole window).
 template <typename T>
+void few_rows_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, T alpha, const MatrixRef<T>& A,
+                      const MatrixRef<T>& B, T beta, T* C, int64_t ldc) {
+  constexpr int64_t KC = Blocking<T>::KC;
+  if (n0 >= n1) return;
+  std::vector<T> sum(static_cast<size_t>(n1 - n0));
+  for (int64_t m = 0; m < M; ++m) {
+    T* c = C + m * ldc;
+    const T* a = A.data + m * A.row_stride;
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t k1 = std::min(K, k0 + KC);
+      std::fill(sum.begin(), sum.end(), T(0));
+      if (B.col_stride == 1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const T ak = a[k * A.col_stride];
+          const T* b = B.data + k * B.row_stride;
+          for (int64_t n = n0; n < n1; ++n) sum[n - n0] = multiply_add(ak, b[n], sum[n - n0]);
+        }
+      } else {
+        for (int64_t n = n0; n < n1; ++n) {
+          const T* b = B.data + n * B.col_stride;
+          T dot = T(0);
+          for (int64_t k = k0; k < k1; ++k) dot = multiply_add(a[k * A.col_stride], b[k * B.row_stride], dot);
+          sum[n - n0] = dot;
+        }
+      }
+      for (int64_t n = n0; n < n1; ++n) accumulate_into(c[n], sum[n - n0], alpha, beta, k0 == 0);
+    }
+  }
+}
+
+template <typename T>
 void gemm_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const MatrixRef<T>& A, const MatrixRef<T>& B,
                    T beta, T* C, int64_t ldc) {
-  constexpr int64_t kColumnsPerChunk = 64, KC = Blocking<T>::KC;
+  constexpr int64_t kColumnsPerChunk = 64;
   const int64_t chunks = (N + kColumnsPerChunk - 1) / kColumnsPerChunk;
   const int64_t tasks = parallel_tasks_for(double(M) * N * K, chunks);
   const int64_t per_task = (chunks + tasks - 1) / tasks * kColumnsPerChunk;
   parallel_for(tasks, [&](int64_t task) {
-    const int64_t n0 = task * per_task, n1 = std::min(N, n0 + per_task);
-    if (n0 >= n1) return;
-    std::vector<T> sum(static_cast<size_t>(n1 - n0));
-    for (int64_t m = 0; m < M; ++m) {
-      T* c = C + m * ldc;
-      const T* a = A.data + m * A.row_stride;
-      for (int64_t k0 = 0; k0 < K; k0 += KC) {
-        const int64_t k1 = std::min(K, k0 + KC);
-        std::fill(sum.begin(), sum.end(), T(0));
-        if (B.col_stride == 1) {
-          for (int64_t k = k0; k < k1; ++k) {
-            const T ak = a[k * A.col_stride];
-            const T* b = B.data + k * B.row_stride;
-            for (int64_t n = n0; n < n1; ++n) sum[n - n0] = multiply_add(ak, b[n], sum[n - n0]);
-          }
-        } else {
-          for (int64_t n = n0; n < n1; ++n) {
-            const T* b = B.data + n * B.col_stride;
-            T dot = T(0);
-            for (int64_t k = k0; k < k1; ++k) dot = multiply_add(a[k * A.col_stride], b[k * B.row_stride], dot);
-            sum[n - n0] = dot;
-          }
-        }
-        for (int64_t n = n0; n < n1; ++n) accumulate_into(c[n], sum[n - n0], alpha, beta, k0 == 0);
-      }
-    }
+    const int64_t n0 = task * per_task;
+    few_rows_columns(M, n0, std::min(N, n0 + per_task), K, alpha, A, B, beta, C, ldc);
   });
 }
 
@@ -421,43 +434,51 @@ void gemm_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const MatrixRef<T>&
 // the same fused multiply-adds in the same order as on the other paths. (Dot products along k would be one
 // dependent chain of scalar multiply-adds per element, which the fixed order keeps from vectorising.)
 template <typename T>
-void gemm_few_rows_packed(int64_t M, int64_t N, int64_t K, T alpha, const MatrixRef<T>& A,
-                          const PackedMatrix<T>& packed, T beta, T* C, int64_t ldc) {
+void few_rows_packed_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, T alpha, const MatrixRef<T>& A,
+                             const PackedMatrix<T>& packed, T beta, T* C, int64_t ldc) {
   using S = Simd<T>;
   constexpr int NR = Blocking<T>::NR, KC = Blocking<T>::KC, L = S::kLanes;
   constexpr int kStripsAtOnce = 4;  // 8 independent accumulator chains hide the multiply-add latency
-  const int64_t strips = (N + NR - 1) / NR;
-  const int64_t groups = (strips + kStripsAtOnce - 1) / kStripsAtOnce;
-  const int64_t tasks = parallel_tasks_for(double(M) * N * K, groups);
-  const int64_t per_task = (groups + tasks - 1) / tasks;
-  parallel_for(tasks, [&](int64_t task) {
-    alignas(64) T sum[kStripsAtOnce * NR];
-    for (int64_t group = task * per_task; group < std::min(groups, (task + 1) * per_task); ++group) {
-      const int64_t s0 = group * kStripsAtOnce, count = std::min<int64_t>(kStripsAtOnce, strips - s0);
-      for (int64_t m = 0; m < M; ++m) {
-        const T* a = A.data + m * A.row_stride;
-        T* c_row = C + m * ldc;
-        for (int64_t k0 = 0; k0 < K; k0 += KC) {
-          const int64_t kc = std::min<int64_t>(KC, K - k0);
-          typename S::Vector acc[2 * kStripsAtOnce];
-          for (auto& v : acc) v = S::zero();
-          const T* b = packed.slice(k0, s0 * NR);  // the group's strips follow one another, kc * NR each
-          for (int64_t k = 0; k < kc; ++k) {
-            const typename S::Vector ak = S::broadcast(a + (k0 + k) * A.col_stride);
-            for (int s = 0; s < kStripsAtOnce; ++s) {
-              if (s < count) {
-                const T* strip = b + s * kc * NR + k * NR;
-                acc[2 * s] = S::multiply_add(ak, S::load(strip), acc[2 * s]);
-                acc[2 * s + 1] = S::multiply_add(ak, S::load(strip + L), acc[2 * s + 1]);
-              }
+  alignas(64) T sum[kStripsAtOnce * NR];
+  const int64_t strips_end = (n1 + NR - 1) / NR;
+  for (int64_t s0 = n0 / NR; s0 < strips_end; s0 += kStripsAtOnce) {
+    const int64_t count = std::min<int64_t>(kStripsAtOnce, strips_end - s0);
+    for (int64_t m = 0; m < M; ++m) {
+      const T* a = A.data + m * A.row_stride;
+      T* c_row = C + m * ldc;
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min<int64_t>(KC, K - k0);
+        typename S::Vector acc[2 * kStripsAtOnce];
+        for (auto& v : acc) v = S::zero();
+        const T* b = packed.slice(k0, s0 * NR);  // the group's strips follow one another, kc * NR each
+        for (int64_t k = 0; k < kc; ++k) {
+          const typename S::Vector ak = S::broadcast(a + (k0 + k) * A.col_stride);
+          for (int s = 0; s < kStripsAtOnce; ++s) {
+            if (s < count) {
+              const T* strip = b + s * kc * NR + k * NR;
+              acc[2 * s] = S::multiply_add(ak, S::load(strip), acc[2 * s]);
+              acc[2 * s + 1] = S::multiply_add(ak, S::load(strip + L), acc[2 * s + 1]);
             }
           }
-          for (int s = 0; s < 2 * kStripsAtOnce; ++s) S::store(sum + s * L, acc[s]);
-          const int64_t n0 = s0 * NR, n1 = std::min(N, (s0 + count) * NR);
-          for (int64_t n = n0; n < n1; ++n) accumulate_into(c_row[n], sum[n - n0], alpha, beta, k0 == 0);
         }
+        for (int s = 0; s < 2 * kStripsAtOnce; ++s) S::store(sum + s * L, acc[s]);
+        const int64_t c0 = s0 * NR, c1 = std::min(n1, (s0 + count) * NR);
+        for (int64_t n = c0; n < c1; ++n) accumulate_into(c_row[n], sum[n - c0], alpha, beta, k0 == 0);
       }
     }
+  }
+}
+
+template <typename T>
+void gemm_few_rows_packed(int64_t M, int64_t N, int64_t K, T alpha, const MatrixRef<T>& A,
+                          const PackedMatrix<T>& packed, T beta, T* C, int64_t ldc) {
+  constexpr int64_t kColumnsPerGroup = 4 * Blocking<T>::NR;  // few_rows_packed_columns' strips at once
+  const int64_t groups = (N + kColumnsPerGroup - 1) / kColumnsPerGroup;
+  const int64_t tasks = parallel_tasks_for(double(M) * N * K, groups);
+  const int64_t per_task = (groups + tasks - 1) / tasks * kColumnsPerGroup;
+  parallel_for(tasks, [&](int64_t task) {
+    const int64_t n0 = task * per_task;
+    if (n0 < N) few_rows_packed_columns(M, n0, std::min(N, n0 + per_task), K, alpha, A, packed, beta, C, ldc);
   });
 }
 #endif
@@ -517,6 +538,74 @@ void gemm(int64_t M, T alpha, MatrixRef<T> A, const PackedMatrix<T>& B, T beta, 
 }
 
 template <typename T>
+int64_t packed_strip_width() {
+  return Blocking<T>::NR;
+}
+
+template <typename T>
+void PackedRows<T>::reserve(int64_t M, int64_t K, MatrixRef<T> A) {
+  constexpr int MR = Blocking<T>::MR;
+  rows_ = M;
+  cols_ = K;
+  source_ = A;
+  if (M <= 2) return;  // few-rows products read A as it is
+  const int64_t padded_m = (M + MR - 1) / MR * MR;
+  if (packed_.size() < static_cast<size_t>(padded_m * K)) packed_.resize(static_cast<size_t>(padded_m * K));
+}
+
+template <typename T>
+void PackedRows<T>::pack_columns(int64_t k_begin, int64_t k_end) {
+  constexpr int MR = Blocking<T>::MR, KC = Blocking<T>::KC;
+  if (rows_ <= 2) return;
+  // Slice by slice of KC columns, each slice all the strips of MR rows, as gemm_block reads them: column k of
+  // slice k0 (kc wide) is at k0 * padded_m + strip * MR * kc + (k - k0) * MR. pack_a packs a whole slice; a
+  // part of one is packed as a slice of its own width, then moved to its place.
+  const int64_t padded_m = (rows_ + MR - 1) / MR * MR;
+  for (int64_t k0 = k_begin / KC * KC; k0 < k_end; k0 += KC) {
+    const int64_t kc = std::min<int64_t>(KC, cols_ - k0);
+    const int64_t lo = std::max(k_begin, k0), hi = std::min(k_end, k0 + kc);
+    T* slice = packed_.data() + k0 * padded_m;
+    if (lo == k0 && hi == k0 + kc) {
+      pack_a(source_, 0, rows_, k0, kc, slice);
+      continue;
+    }
+    thread_local std::vector<T> part;
+    part.resize(static_cast<size_t>(padded_m * (hi - lo)));
+    pack_a(source_, 0, rows_, lo, hi - lo, part.data());
+    for (int64_t strip = 0; strip < padded_m / MR; ++strip) {
+      std::memcpy(slice + strip * MR * kc + (lo - k0) * MR, part.data() + strip * MR * (hi - lo),
+                  sizeof(T) * MR * (hi - lo));
+    }
+  }
+}
+
+template <typename T>
+void gemm_columns(const PackedRows<T>& A, const PackedMatrix<T>& B, int64_t n0, int64_t nc, T alpha, T beta, T* C,
+                  int64_t ldc) {
+  const int64_t M = A.rows(), K = A.cols();
+  if (M <= 0 || nc <= 0) return;
+  if (K <= 0) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n0; n < n0 + nc; ++n) C[m * ldc + n] = beta == T(0) ? T(0) : beta * C[m * ldc + n];
+    return;
+  }
+  if (M <= 2) {
+#if defined(__FMA__)
+    few_rows_packed_columns(M, n0, n0 + nc, K, alpha, A.source(), B, beta, C, ldc);
+#else
+    few_rows_columns(M, n0, n0 + nc, K, alpha, A.source(), B.source(), beta, C, ldc);
+#endif
+    return;
+  }
+  // A panel at a time, as gemm() takes them: its tiles of C stay in cache while K's slices pass.
+  const int64_t panel = column_panel<T>();
+  for (int64_t n = n0; n < n0 + nc; n += panel) {
+    gemm_block<T>(0, M, n, std::min(panel, n0 + nc - n), K, alpha, A.source(), B.source(), &B, beta, C, ldc,
+                  A.data());
+  }
+}
+
+template <typename T>
 PackedMatrix<T>::PackedMatrix(int64_t K, int64_t N, MatrixRef<T> B)
     : rows_(K), cols_(N), padded_cols_((N + Blocking<T>::NR - 1) / Blocking<T>::NR * Blocking<T>::NR), source_(B) {
   constexpr int KC = Blocking<T>::KC;
@@ -544,5 +633,13 @@ template void gemm<double>(int64_t, double, MatrixRef<double>, const PackedMatri
                            int64_t);
 template class PackedMatrix<float>;
 template class PackedMatrix<double>;
+template class PackedRows<float>;
+template class PackedRows<double>;
+template int64_t packed_strip_width<float>();
+template int64_t packed_strip_width<double>();
+template void gemm_columns<float>(const PackedRows<float>&, const PackedMatrix<float>&, int64_t, int64_t, float,
+                                  float, float*, int64_t);
+template void gemm_columns<double>(const PackedRows<double>&, const PackedMatrix<double>&, int64_t, int64_t,
+                                   double, double, double*, int64_t);
 
 }  // namespace conveyor::cpu

@@ -49,4 +49,41 @@ class PackedMatrix {
 template <typename T>
 void gemm(int64_t M, T alpha, MatrixRef<T> A, const PackedMatrix<T>& B, T beta, T* C, int64_t ldc);
 
+// The columns of one packed strip of B: a column range of gemm_columns() starts at a multiple of it.
+template <typename T>
+int64_t packed_strip_width();
+
+// A[M, K] packed once for products with several column ranges of one packed B, each on its own thread: the
+// tasks of a recurrent step, which multiply the same h_{t-1} by their own columns of R^T. Refers to A (kept
+// as it is for M <= 2, whose products read it directly); A must outlive it, unchanged.
+template <typename T>
+class PackedRows {
+ public:
+  // Packs A[M, K] into the buffer of the previous call, grown as needed.
+  void pack(int64_t M, int64_t K, MatrixRef<T> A) {
+    reserve(M, K, A);
+    pack_columns(0, K);
+  }
+  // Or in parts: reserve(), then pack_columns() over ranges that together cover [0, K), from any threads at
+  // once (each writes only its own columns' places).
+  void reserve(int64_t M, int64_t K, MatrixRef<T> A);
+  void pack_columns(int64_t k_begin, int64_t k_end);
+
+  int64_t rows() const { return rows_; }
+  int64_t cols() const { return cols_; }
+  const MatrixRef<T>& source() const { return source_; }
+  const T* data() const { return packed_.data(); }
+
+ private:
+  int64_t rows_ = 0, cols_ = 0;
+  MatrixRef<T> source_{nullptr, 0, 0};
+  std::vector<T> packed_;
+};
+
+// Columns [n0, n0 + nc) of C[M, N] = beta * C + alpha * A * B, on the calling thread; n0 a multiple of
+// packed_strip_width(). The same numbers as gemm() gives those columns.
+template <typename T>
+void gemm_columns(const PackedRows<T>& A, const PackedMatrix<T>& B, int64_t n0, int64_t nc, T alpha, T beta, T* C,
+                  int64_t ldc);
+
 }  // namespace conveyor::cpu

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -451,11 +452,13 @@ cells::LstmOptions<T> fixed_options(cells::LstmOptions<T> opt) {
   return opt;
 }
 
+// Units [u0, u0 + n) of a row: every pointer starts at unit u0 (ar at the group's first column), and the gate
+// blocks are H apart, but in ar ar_H apart (a group's gates side by side: its width; or H, one group).
 // P: [3, H] peephole weights (zeros without peephole).
 template <typename T, bool kRelu, bool kCoupled, bool kPeephole, bool kClip>
-void lstm_forward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict P, const T* __restrict ax,
-                      const T* __restrict ar, const T* __restrict bR, T* __restrict c, T* __restrict h,
-                      T* __restrict saved) {
+void lstm_forward_row(int64_t n, int64_t H, int64_t ar_H, cells::LstmOptions<T> opt, const T* __restrict P,
+                      const T* __restrict ax, const T* __restrict ar, const T* __restrict bR, T* __restrict c,
+                      T* __restrict h, T* __restrict saved) {
   using K = Blocks<kCoupled>;
   opt = fixed_options<kRelu, kCoupled, kPeephole, kClip>(opt);
   if constexpr (!kPeephole) {
@@ -463,14 +466,15 @@ void lstm_forward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict 
     // cache, then the cell and the output from there. Each loop's chain of dependent operations is about
     // half the single loop's, so the processor overlaps more units; cells::lstm_forward's arithmetic, in its
     // order, so the results are the same bits.
-    for (int64_t j = 0; j < H; ++j) {
-      const T f = cells::sigmoid(ax[K::f * H + j] + ar[K::f * H + j] + bR[K::f * H + j] + T(0) + opt.forget_bias);
+    for (int64_t j = 0; j < n; ++j) {
+      const T f =
+          cells::sigmoid(ax[K::f * H + j] + ar[K::f * ar_H + j] + bR[K::f * H + j] + T(0) + opt.forget_bias);
       saved[H + j] = f;
       saved[j] = kCoupled ? T(1) - f : cells::sigmoid(ax[j] + ar[j] + bR[j] + T(0));
-      saved[2 * H + j] = cells::activate(kRelu, ax[K::g * H + j] + ar[K::g * H + j] + bR[K::g * H + j]);
-      saved[3 * H + j] = cells::sigmoid(ax[K::o * H + j] + ar[K::o * H + j] + bR[K::o * H + j] + T(0));
+      saved[2 * H + j] = cells::activate(kRelu, ax[K::g * H + j] + ar[K::g * ar_H + j] + bR[K::g * H + j]);
+      saved[3 * H + j] = cells::sigmoid(ax[K::o * H + j] + ar[K::o * ar_H + j] + bR[K::o * H + j] + T(0));
     }
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       T c_new = saved[H + j] * c[j] + saved[j] * saved[2 * H + j];
       if (kClip) {
         c_new = c_new > opt.cell_clip ? opt.cell_clip : c_new;
@@ -482,11 +486,11 @@ void lstm_forward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict 
     }
     return;
   }
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     const T a_i = kCoupled ? T(0) : ax[j] + ar[j] + bR[j];
-    const auto s = cells::lstm_forward(opt, a_i, ax[K::f * H + j] + ar[K::f * H + j] + bR[K::f * H + j],
-                                       ax[K::g * H + j] + ar[K::g * H + j] + bR[K::g * H + j],
-                                       ax[K::o * H + j] + ar[K::o * H + j] + bR[K::o * H + j], c[j],
+    const auto s = cells::lstm_forward(opt, a_i, ax[K::f * H + j] + ar[K::f * ar_H + j] + bR[K::f * H + j],
+                                       ax[K::g * H + j] + ar[K::g * ar_H + j] + bR[K::g * H + j],
+                                       ax[K::o * H + j] + ar[K::o * ar_H + j] + bR[K::o * H + j], c[j],
                                        cells::Peephole<T>{P[j], P[H + j], P[2 * H + j]});
     c[j] = s.c;
     h[j] = s.h;
@@ -498,13 +502,15 @@ void lstm_forward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict 
   }
 }
 
+// Units [u0, u0 + n), as lstm_forward_row.
 template <typename T, bool kRelu>
-void gru_reset_after_forward_row(int64_t H, const T* __restrict ax, const T* __restrict ar, const T* __restrict bR,
-                                 const T* __restrict h_prev, T* __restrict h, T* __restrict saved) {
-  for (int64_t j = 0; j < H; ++j) {
+void gru_reset_after_forward_row(int64_t n, int64_t H, int64_t ar_H, const T* __restrict ax, const T* __restrict ar,
+                                 const T* __restrict bR, const T* __restrict h_prev, T* __restrict h,
+                                 T* __restrict saved) {
+  for (int64_t j = 0; j < n; ++j) {
     const T r = cells::sigmoid(ax[j] + ar[j] + bR[j]);
-    const T z = cells::sigmoid(ax[H + j] + ar[H + j] + bR[H + j]);
-    const T ar_n = ar[2 * H + j] + bR[2 * H + j];
+    const T z = cells::sigmoid(ax[H + j] + ar[ar_H + j] + bR[H + j]);
+    const T ar_n = ar[2 * ar_H + j] + bR[2 * H + j];
     const T n = cells::gru_candidate_reset_after(kRelu, ax[2 * H + j], r, ar_n);
     h[j] = cells::gru_output(z, n, h_prev[j]);
     saved[j] = r;
@@ -540,9 +546,9 @@ void gru_reset_before_output_row(int64_t H, const T* __restrict ax_n, const T* _
 }
 
 template <typename T, bool kRelu>
-void rnn_forward_row(int64_t H, const T* __restrict ax, const T* __restrict ar, const T* __restrict bR,
+void rnn_forward_row(int64_t n, const T* __restrict ax, const T* __restrict ar, const T* __restrict bR,
                      T* __restrict h) {
-  for (int64_t j = 0; j < H; ++j) h[j] = cells::rnn_forward(kRelu, ax[j] + ar[j] + bR[j]);
+  for (int64_t j = 0; j < n; ++j) h[j] = cells::rnn_forward(kRelu, ax[j] + ar[j] + bR[j]);
 }
 
 // Backward rows. dh: the gradient reaching h_t from step t+1, replaced by the part of dh_{t-1} that does not
@@ -562,13 +568,14 @@ void store_lstm_grads(int64_t H, int64_t j, const cells::LstmGrads<T>& d, T* __r
 // Not inlined, as lstm_layer_norm_backward_row: inlined into the row lambdas of backward_window, GCC 12 left
 // this loop scalar (in 30 of its 32 instantiations, with cell_tanh called out of line, a call per unit); compiled
 // on its own, with its __restrict arguments, it vectorises (24 of 32: all but those of double that call exp).
+// Units [u0, u0 + n) of a row, every pointer starting at unit u0.
 template <typename T, bool kRelu, bool kCoupled, bool kPeephole, bool kClip>
-__attribute__((noinline)) void lstm_backward_row(int64_t H, cells::LstmOptions<T> opt, const T* __restrict P,
-                                                 const T* __restrict saved, const T* __restrict c_prev,
-                                                 const T* __restrict dy, const T* __restrict dh, T* __restrict dc,
-                                                 T* __restrict da) {
+__attribute__((noinline)) void lstm_backward_row(int64_t n, int64_t H, cells::LstmOptions<T> opt,
+                                                 const T* __restrict P, const T* __restrict saved,
+                                                 const T* __restrict c_prev, const T* __restrict dy,
+                                                 const T* __restrict dh, T* __restrict dc, T* __restrict da) {
   opt = fixed_options<kRelu, kCoupled, kPeephole, kClip>(opt);
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     const auto d = cells::lstm_backward(opt, saved[j], saved[H + j], saved[2 * H + j], saved[3 * H + j],
                                         saved[4 * H + j], c_prev[j], dh[j] + dy[j], dc[j],
                                         cells::Peephole<T>{P[j], P[H + j], P[2 * H + j]});
@@ -612,11 +619,12 @@ __attribute__((noinline)) void lstm_layer_norm_backward_row(int64_t H, cells::Ls
   }
 }
 
+// Units [u0, u0 + n), as lstm_backward_row.
 template <typename T, bool kRelu>
-void gru_reset_after_backward_row(int64_t H, const T* __restrict saved, const T* __restrict h_prev,
+void gru_reset_after_backward_row(int64_t n, int64_t H, const T* __restrict saved, const T* __restrict h_prev,
                                   const T* __restrict dy, T* __restrict dh, T* __restrict da,
                                   T* __restrict dar_n) {
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     const auto d = cells::gru_backward_reset_after(kRelu, saved[j], saved[H + j], saved[2 * H + j],
                                                    saved[3 * H + j], h_prev[j], dh[j] + dy[j]);
     da[j] = d.da_r;
@@ -652,9 +660,9 @@ void gru_reset_before_reset_grad_row(int64_t H, const T* __restrict saved, const
 }
 
 template <typename T, bool kRelu>
-void rnn_backward_row(int64_t H, const T* __restrict h, const T* __restrict dy, const T* __restrict dh,
+void rnn_backward_row(int64_t n, const T* __restrict h, const T* __restrict dy, const T* __restrict dh,
                       T* __restrict da) {
-  for (int64_t j = 0; j < H; ++j) da[j] = cells::rnn_backward(kRelu, h[j], dh[j] + dy[j]);
+  for (int64_t j = 0; j < n; ++j) da[j] = cells::rnn_backward(kRelu, h[j], dh[j] + dy[j]);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -665,6 +673,52 @@ void rnn_backward_row(int64_t H, const T* __restrict h, const T* __restrict dy, 
 // products and cell math cover only the rows still running. Without lengths that is the caller's own
 // layout (offsets t * B) and nothing is copied; with them, x (and backward's y and dy) are packed first and
 // the outputs unpacked after.
+
+// The units split into groups, each a task of every step. Forward, the task multiplies h_{t-1} by its units'
+// columns of R^T (all their gates) and runs the cell on those units; backward, it finishes its units' columns
+// of dh_t = da_{t+1} R, runs the cell's backward on them and packs their gradients for the next product. A
+// step is then one pass over the threads, where the product split over them and the cell rows after it were
+// two, with a wait between, and the cell ran on one thread wherever the rows were too little work to split.
+// Forward, with more than one group, R's rows are reordered so that each group's gates lie side by side
+// (group q, then gate g, then unit).
+struct UnitGroups {
+  int64_t width = 0;  // the units of a group; the last may have fewer
+  int64_t count = 1;
+
+  int64_t units(int64_t q, int64_t H) const { return std::min(width, H - q * width); }
+};
+
+// Groups of whole strips of R^T (G * width columns; the backward's product has G = 1) and of whole 64-byte
+// lines of a row's units, a few a thread (the threads that finish first take the rest: a thread can share its
+// core with another program); one on one thread, or where a step is too little work to split. The lines are
+// whole only where H is a multiple of a line's units: elsewhere two threads would write one line of h, c and
+// the cache at every group's edge, and the callers keep the product and the cell apart.
+template <typename T>
+UnitGroups unit_groups(int64_t B, int64_t K, int64_t G, int64_t H) {
+  constexpr int64_t kLineUnits = 64 / sizeof(T);
+  const int64_t strip = cpu::packed_strip_width<T>();
+  const int64_t quantum = std::lcm(strip / std::gcd(G, strip), kLineUnits);
+  const int64_t most = (H + quantum - 1) / quantum;
+  const int64_t threads = cpu::pool_size();
+  const int64_t wanted =
+      threads == 1 ? 1 : std::min<int64_t>(4 * threads, cpu::parallel_tasks_for(double(B) * K * G * H, most));
+  UnitGroups groups;
+  groups.width = ((H + wanted - 1) / wanted + quantum - 1) / quantum * quantum;
+  groups.count = (H + groups.width - 1) / groups.width;
+  return groups;
+}
+
+// R [G * H, K] with its rows in the order of the groups.
+template <typename T>
+void group_rows(const UnitGroups& groups, int64_t G, int64_t H, int64_t K, const T* R, T* grouped) {
+  for (int64_t q = 0; q < groups.count; ++q) {
+    const int64_t u0 = q * groups.width, n = groups.units(q, H);
+    for (int64_t g = 0; g < G; ++g) {
+      std::memcpy(grouped + (G * u0 + g * n) * K, R + (g * H + u0) * K, sizeof(T) * n * K);
+    }
+  }
+}
+
 template <typename T, bool kRelu>
 void forward_window(const CellOptions& options, const WindowSizes& sizes, const ForwardArgs& args) {
   const Window w = make_window(options, sizes);
@@ -732,7 +786,17 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
   // The recurrent weights, packed once for the T per-step products h_{t-1} R^T (the GRU without reset_after
   // multiplies its r, z rows and its n rows separately).
   const bool split_n = options.cell == CellType::gru && !options.reset_after;
-  const PackedMatrix<T> recurrent(O, split_n ? 2 * H : GH, MatrixRef<T>::transposed(R, O));
+  // Layer normalisation needs all of a row's gates for its statistics, and the GRU without reset_after two
+  // products: their steps keep the product and the cell apart.
+  const int64_t G = GH / H;
+  const UnitGroups split = unit_groups<T>(B, O, G, H);
+  const bool one_pass = !split_n && !layer_norm && (split.count == 1 || H % (64 / sizeof(T)) == 0);
+  const UnitGroups groups = one_pass ? split : UnitGroups{H, 1};
+  Scratch<T> grouped_R(groups.count > 1 ? GH * O : 0);
+  if (groups.count > 1) group_rows(groups, G, H, O, R, grouped_R.data());
+  const T* R_steps = groups.count > 1 ? grouped_R.data() : R;
+  const PackedMatrix<T> recurrent(O, split_n ? 2 * H : GH, MatrixRef<T>::transposed(R_steps, O));
+  cpu::PackedRows<T> step_rows;
   const PackedMatrix<T> recurrent_n(split_n ? H : 0, H, MatrixRef<T>::transposed(R + 2 * H * H, H));
   // A projection: the cell writes o * act(c_t) of a step's rows here, and their product with W_hr^T is h_t.
   Scratch<T> unprojected(W_hr != nullptr ? B * H : 0);
@@ -775,34 +839,48 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
       continue;
     }
 
-    gemm<T>(Bt, T(1), MatrixRef<T>::rows(h_product, O), recurrent, T(0), raw_in_cache ? cache_t + raw_h : ar.data(),
-            raw_in_cache ? cw : GH);
-    if (layer_norm) {
-      for_each_row(Bt, kElementCost * GH, [&](int64_t b) {
-        const T* raw = raw_in_cache ? cache_t + b * cw + raw_h : ar.data() + b * GH;
-        layer_norm_row(GH, raw, gamma_h, static_cast<const T*>(nullptr), ar.data() + b * GH);
-      });
-    }
     if (options.zoneout_cell > 0) std::memcpy(c_prev.data(), cell_state.data(), sizeof(T) * Bt * H);
-    for_each_row(Bt, kElementCost * H, [&](int64_t b) {
-      const T* ax_b = ax_t + b * GH;
-      const T* ar_b = ar.data() + b * GH;
+    // Units [u0, u0 + n) of row b, their pre-activations in ar from column G * u0, their gates n apart.
+    const auto cell_units = [&](int64_t b, int64_t u0, int64_t n) {
+      const T* ax_b = ax_t + b * GH + u0;
+      const T* ar_b = ar.data() + b * GH + G * u0;
+      const int64_t ar_H = groups.count > 1 ? n : H;
+      T* saved = cache_t + b * cw + u0;
       switch (options.cell) {
         case CellType::lstm:
           lstm_switch(lstm, options.coupled_gates, [&](auto kCoupled, auto kPeephole, auto kClip) {
-            lstm_forward_row<T, kRelu, kCoupled, kPeephole, kClip>(H, lstm, peephole, ax_b, ar_b, bR,
-                                                                   cell_state.data() + b * H,
-                                                                   cell_output + b * H, cache_t + b * cw);
+            lstm_forward_row<T, kRelu, kCoupled, kPeephole, kClip>(n, H, ar_H, lstm, peephole + u0, ax_b, ar_b,
+                                                                   bR + u0, cell_state.data() + b * H + u0,
+                                                                   cell_output + b * H + u0, saved);
           });
           break;
         case CellType::gru:  // reset_after
-          gru_reset_after_forward_row<T, kRelu>(H, ax_b, ar_b, bR, h_prev + b * H, h + b * H, cache_t + b * cw);
+          gru_reset_after_forward_row<T, kRelu>(n, H, ar_H, ax_b, ar_b, bR + u0, h_prev + b * H + u0,
+                                                h + b * H + u0, saved);
           break;
         case CellType::rnn:
-          rnn_forward_row<T, kRelu>(H, ax_b, ar_b, bR, h + b * H);
+          rnn_forward_row<T, kRelu>(n, ax_b, ar_b, bR + u0, h + b * H + u0);
           break;
       }
-    });
+    };
+    if (one_pass) {
+      step_rows.pack(Bt, O, MatrixRef<T>::rows(h_product, O));
+      cpu::parallel_for(groups.count, [&](int64_t q) {
+        const int64_t u0 = q * groups.width, n = groups.units(q, H);
+        cpu::gemm_columns(step_rows, recurrent, G * u0, G * n, T(1), T(0), ar.data(), GH);
+        for (int64_t b = 0; b < Bt; ++b) cell_units(b, u0, n);
+      });
+    } else {
+      gemm<T>(Bt, T(1), MatrixRef<T>::rows(h_product, O), recurrent, T(0),
+              raw_in_cache ? cache_t + raw_h : ar.data(), raw_in_cache ? cw : GH);
+      if (layer_norm) {
+        for_each_row(Bt, kElementCost * GH, [&](int64_t b) {
+          const T* raw = raw_in_cache ? cache_t + b * cw + raw_h : ar.data() + b * GH;
+          layer_norm_row(GH, raw, gamma_h, static_cast<const T*>(nullptr), ar.data() + b * GH);
+        });
+      }
+      for_each_row(Bt, kElementCost * H, [&](int64_t b) { cell_units(b, 0, H); });
+    }
     if (layer_norm && options.cell == CellType::lstm) {  // the output is o * act(LN(c_t)), not o * act(c_t)
       for_each_row(Bt, kElementCost * H, [&](int64_t b) {
         lstm_layer_norm_output_row<T, kRelu>(H, cache_t + b * cw, gamma_c, beta_c, cell_output + b * H);
@@ -932,111 +1010,178 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
     return dar_raw.data() + first * GH;
   };
 
-  for (int64_t t = rows.steps - 1; t >= 0; --t) {
-    const int64_t Bt = rows.rows_at(t), first = rows.offsets[t];
-    const T* h_prev = h_prev_of(t);
-    const T* h_product = dropout ? h_products.data() + first * O : h_prev;
-    const T* dy_t = dy.get() + first * O;
-    const T* cache_t = cache + first * cw;
-    T* dax_t = dax.data() + first * GH;
-    if (options.zoneout > 0) {  // dh becomes the cell's whole output gradient, (1 - d) (dy_t + dh)
-      keep_factors(options, options.zoneout, options.zoneout_stream, rows, t, O, keep_h.data());
-      for (int64_t j = 0; j < Bt * O; ++j) {
-        const T total = dy_t[j] + dh[j];
-        kept_h[j] = keep_h[j] * total;
-        dh[j] = (T(1) - keep_h[j]) * total;
-      }
-      dy_t = no_dy.data();
-    }
-    if (options.zoneout_cell > 0) {
-      keep_factors(options, options.zoneout_cell, options.zoneout_cell_stream, rows, t, H, keep_c.data());
-      for (int64_t j = 0; j < Bt * H; ++j) {
-        kept_c[j] = keep_c[j] * dc[j];
-        dc[j] = (T(1) - keep_c[j]) * dc[j];
-      }
-    }
-
-    switch (options.cell) {
-      case CellType::lstm: {
-        const T* d_output = dy_t;  // the cell's two gradients reaching o * act(c_t): these and dh
-        const T* d_later = dh.data();
-        if (W_hr != nullptr) {
-          T* total = dh_total.data() + first * O;
-          for (int64_t j = 0; j < Bt * O; ++j) total[j] = dy_t[j] + dh[j];
-          gemm<T>(Bt, T(1), MatrixRef<T>::rows(total, O), projection, T(0), d_unprojected.data(), H);
-          d_output = d_unprojected.data();
-          d_later = no_dy.data();
-        }
-        for_each_row(Bt, kElementCost * H, [&](int64_t b) {
+  // One pass over the threads a step, as in the forward, where the cells are plain: groups of units, each task
+  // finishing the product of step t+1's gradients with its units' columns of R (dh_t, through the dropout
+  // mask), running step t's cell on its units, and packing their gradients for the next pass's product. The
+  // same arithmetic as the steps below, in the same order: the same bits.
+  const UnitGroups groups = unit_groups<T>(B, GH, 1, H);
+  const bool one_pass = !layer_norm && W_hr == nullptr && options.zoneout == 0 && options.zoneout_cell == 0 &&
+                        !reset_before_gru && (groups.count == 1 || H % (64 / sizeof(T)) == 0);
+  if (one_pass) {
+    const int64_t K = gru ? 2 * H : GH;  // the GRU's n block goes through recurrent_n, from dar_n
+    cpu::PackedRows<T> grads[2], grads_n[2];  // a step's gradients, packed by its pass for the next one's product
+    const auto cell_units = [&](int64_t t, int64_t b, int64_t u0, int64_t n) {
+      const int64_t first = rows.offsets[t], row = first + b;
+      const T* dy_b = dy.get() + row * O + u0;
+      T* dh_b = dh.data() + b * H + u0;
+      T* da = dax.data() + row * GH + u0;
+      switch (options.cell) {
+        case CellType::lstm: {
           const T* c_prev = t == 0 ? c0.data() + b * H : cache + (rows.offsets[t - 1] + b) * cw + carried;
           lstm_switch(lstm, options.coupled_gates, [&](auto kCoupled, auto kPeephole, auto kClip) {
-            if (lstm_layer_norm) {
-              lstm_layer_norm_backward_row<T, kRelu, kCoupled, kPeephole, kClip>(
-                  H, lstm, peephole, cache_t + b * cw, c_prev, d_output + b * H, d_later + b * H, gamma_c, beta_c,
-                  dc.data() + b * H, dax_t + b * GH, gain_rows.data() + b * H, bias_rows.data() + b * H);
-            } else {
-              lstm_backward_row<T, kRelu, kCoupled, kPeephole, kClip>(H, lstm, peephole, cache_t + b * cw, c_prev,
-                                                                      d_output + b * H, d_later + b * H,
-                                                                      dc.data() + b * H, dax_t + b * GH);
-            }
+            lstm_backward_row<T, kRelu, kCoupled, kPeephole, kClip>(n, H, lstm, peephole + u0, cache + row * cw + u0,
+                                                                    c_prev + u0, dy_b, dh_b, dc.data() + b * H + u0,
+                                                                    da);
           });
-        });
-        if (lstm_layer_norm) {
-          column_sums(Bt, H, gain_rows.data(), H, true, d_gains[2].data());
-          column_sums(Bt, H, bias_rows.data(), H, true, d_gains[3].data());
+          break;
         }
-        const T* d_product = layer_norm ? recurrent_layer_norm_backward(t, Bt, dax_t, GH) : dax_t;
-        gemm<T>(Bt, T(1), MatrixRef<T>::rows(d_product, GH), recurrent, T(0), product.data(), O);
-        fold_product(t, Bt, false);
-        if (options.zoneout_cell > 0) {
-          for (int64_t j = 0; j < Bt * H; ++j) dc[j] += kept_c[j];
-        }
-        break;
+        case CellType::rnn:
+          rnn_backward_row<T, kRelu>(n, y.get() + row * H + u0, dy_b, dh_b, da);
+          break;
+        case CellType::gru:
+          gru_reset_after_backward_row<T, kRelu>(n, H, cache + row * cw + u0, h_prev_of(t) + b * H + u0, dy_b, dh_b,
+                                                 da, dar_n.data() + row * H + u0);
+          break;
       }
-      case CellType::rnn:
-        for_each_row(Bt, kElementCost * H, [&](int64_t b) {
-          rnn_backward_row<T, kRelu>(H, y.get() + (first + b) * H, dy_t + b * H, dh.data() + b * H, dax_t + b * H);
-        });
-        gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
-        fold_product(t, Bt, false);
-        break;
-      case CellType::gru:
-        if (options.reset_after) {
-          T* dar_n_t = dar_n.data() + first * H;
-          for_each_row(Bt, kElementCost * H, [&](int64_t b) {
-            gru_reset_after_backward_row<T, kRelu>(H, cache_t + b * cw, h_prev + b * H, dy_t + b * H,
-                                                   dh.data() + b * H, dax_t + b * GH, dar_n_t + b * H);
-          });
-          if (layer_norm) {  // one layer norm over the three blocks of R h: its backward sees them together
-            for (int64_t b = 0; b < Bt; ++b) {
-              std::memcpy(d_recurrent.data() + b * GH, dax_t + b * GH, sizeof(T) * 2 * H);
-              std::memcpy(d_recurrent.data() + b * GH + 2 * H, dar_n_t + b * H, sizeof(T) * H);
+    };
+    // Pass t finishes step t + 1's product; pass -1 is that of step 0 alone (dh_0).
+    for (int64_t t = rows.steps - 1; t >= -1; --t) {
+      const int64_t later = t + 1;
+      const bool has_later = later < rows.steps;
+      const int64_t B_later = has_later ? rows.rows_at(later) : 0, Bt = t >= 0 ? rows.rows_at(t) : 0;
+      const cpu::PackedRows<T>& in = grads[later % 2];
+      const cpu::PackedRows<T>& in_n = grads_n[later % 2];
+      cpu::PackedRows<T>& out = grads[(later + 1) % 2];
+      cpu::PackedRows<T>& out_n = grads_n[(later + 1) % 2];
+      if (t >= 0) {
+        out.reserve(Bt, K, MatrixRef<T>::rows(dax.data() + rows.offsets[t] * GH, GH));
+        if (gru) out_n.reserve(Bt, H, MatrixRef<T>::rows(dar_n.data() + rows.offsets[t] * H, H));
+      }
+      const T* m = has_later ? mask_of(later) : nullptr;
+      cpu::parallel_for(groups.count, [&](int64_t q) {
+        const int64_t u0 = q * groups.width, n = groups.units(q, H);
+        if (has_later) {
+          cpu::gemm_columns(in, recurrent, u0, n, T(1), T(0), product.data(), O);
+          if (gru) cpu::gemm_columns(in_n, recurrent_n, u0, n, T(1), T(1), product.data(), O);
+          for (int64_t b = 0; b < B_later; ++b) {
+            for (int64_t j = b * H + u0; j < b * H + u0 + n; ++j) {
+              dh[j] = gru ? dh[j] + m[j] * product[j] : m[j] * product[j];
             }
-            const T* d_product = recurrent_layer_norm_backward(t, Bt, d_recurrent.data(), GH);
-            gemm<T>(Bt, T(1), MatrixRef<T>::rows(d_product, GH), recurrent_all, T(0), product.data(), H);
-          } else {
-            gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
-            gemm<T>(Bt, T(1), MatrixRef<T>::rows(dar_n_t, H), recurrent_n, T(1), product.data(), H);
           }
-          fold_product(t, Bt, true);
-        } else {
+        }
+        if (t < 0) return;
+        for (int64_t b = 0; b < Bt; ++b) cell_units(t, b, u0, n);
+        for (int64_t k = u0; k < K; k += H) out.pack_columns(k, k + n);
+        if (gru) out_n.pack_columns(u0, u0 + n);
+      });
+    }
+  } else {
+    for (int64_t t = rows.steps - 1; t >= 0; --t) {
+      const int64_t Bt = rows.rows_at(t), first = rows.offsets[t];
+      const T* h_prev = h_prev_of(t);
+      const T* h_product = dropout ? h_products.data() + first * O : h_prev;
+      const T* dy_t = dy.get() + first * O;
+      const T* cache_t = cache + first * cw;
+      T* dax_t = dax.data() + first * GH;
+      if (options.zoneout > 0) {  // dh becomes the cell's whole output gradient, (1 - d) (dy_t + dh)
+        keep_factors(options, options.zoneout, options.zoneout_stream, rows, t, O, keep_h.data());
+        for (int64_t j = 0; j < Bt * O; ++j) {
+          const T total = dy_t[j] + dh[j];
+          kept_h[j] = keep_h[j] * total;
+          dh[j] = (T(1) - keep_h[j]) * total;
+        }
+        dy_t = no_dy.data();
+      }
+      if (options.zoneout_cell > 0) {
+        keep_factors(options, options.zoneout_cell, options.zoneout_cell_stream, rows, t, H, keep_c.data());
+        for (int64_t j = 0; j < Bt * H; ++j) {
+          kept_c[j] = keep_c[j] * dc[j];
+          dc[j] = (T(1) - keep_c[j]) * dc[j];
+        }
+      }
+
+      switch (options.cell) {
+        case CellType::lstm: {
+          const T* d_output = dy_t;  // the cell's two gradients reaching o * act(c_t): these and dh
+          const T* d_later = dh.data();
+          if (W_hr != nullptr) {
+            T* total = dh_total.data() + first * O;
+            for (int64_t j = 0; j < Bt * O; ++j) total[j] = dy_t[j] + dh[j];
+            gemm<T>(Bt, T(1), MatrixRef<T>::rows(total, O), projection, T(0), d_unprojected.data(), H);
+            d_output = d_unprojected.data();
+            d_later = no_dy.data();
+          }
           for_each_row(Bt, kElementCost * H, [&](int64_t b) {
-            gru_reset_before_backward_row<T, kRelu>(H, cache_t + b * cw, h_prev + b * H, dy_t + b * H,
-                                                    dh.data() + b * H, dax_t + b * GH);
+            const T* c_prev = t == 0 ? c0.data() + b * H : cache + (rows.offsets[t - 1] + b) * cw + carried;
+            lstm_switch(lstm, options.coupled_gates, [&](auto kCoupled, auto kPeephole, auto kClip) {
+              if (lstm_layer_norm) {
+                lstm_layer_norm_backward_row<T, kRelu, kCoupled, kPeephole, kClip>(
+                    H, lstm, peephole, cache_t + b * cw, c_prev, d_output + b * H, d_later + b * H, gamma_c, beta_c,
+                    dc.data() + b * H, dax_t + b * GH, gain_rows.data() + b * H, bias_rows.data() + b * H);
+              } else {
+                lstm_backward_row<T, kRelu, kCoupled, kPeephole, kClip>(H, H, lstm, peephole, cache_t + b * cw, c_prev,
+                                                                        d_output + b * H, d_later + b * H,
+                                                                        dc.data() + b * H, dax_t + b * GH);
+              }
+            });
           });
-          // d(r * h_{t-1}) = dar_n R_n, which r's gradient needs.
-          gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t + 2 * H, GH), recurrent_n, T(0), d_reset_hidden.data(), H);
+          if (lstm_layer_norm) {
+            column_sums(Bt, H, gain_rows.data(), H, true, d_gains[2].data());
+            column_sums(Bt, H, bias_rows.data(), H, true, d_gains[3].data());
+          }
+          const T* d_product = layer_norm ? recurrent_layer_norm_backward(t, Bt, dax_t, GH) : dax_t;
+          gemm<T>(Bt, T(1), MatrixRef<T>::rows(d_product, GH), recurrent, T(0), product.data(), O);
+          fold_product(t, Bt, false);
+          if (options.zoneout_cell > 0) {
+            for (int64_t j = 0; j < Bt * H; ++j) dc[j] += kept_c[j];
+          }
+          break;
+        }
+        case CellType::rnn:
           for_each_row(Bt, kElementCost * H, [&](int64_t b) {
-            gru_reset_before_reset_grad_row<T>(H, cache_t + b * cw, h_product + b * H, mask_of(t) + b * H,
-                                               d_reset_hidden.data() + b * H, dh.data() + b * H, dax_t + b * GH);
+            rnn_backward_row<T, kRelu>(H, y.get() + (first + b) * H, dy_t + b * H, dh.data() + b * H, dax_t + b * H);
           });
           gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
-          fold_product(t, Bt, true);
-        }
-        break;
-    }
-    if (options.zoneout > 0) {
-      for (int64_t j = 0; j < Bt * O; ++j) dh[j] += kept_h[j];
+          fold_product(t, Bt, false);
+          break;
+        case CellType::gru:
+          if (options.reset_after) {
+            T* dar_n_t = dar_n.data() + first * H;
+            for_each_row(Bt, kElementCost * H, [&](int64_t b) {
+              gru_reset_after_backward_row<T, kRelu>(H, H, cache_t + b * cw, h_prev + b * H, dy_t + b * H,
+                                                     dh.data() + b * H, dax_t + b * GH, dar_n_t + b * H);
+            });
+            if (layer_norm) {  // one layer norm over the three blocks of R h: its backward sees them together
+              for (int64_t b = 0; b < Bt; ++b) {
+                std::memcpy(d_recurrent.data() + b * GH, dax_t + b * GH, sizeof(T) * 2 * H);
+                std::memcpy(d_recurrent.data() + b * GH + 2 * H, dar_n_t + b * H, sizeof(T) * H);
+              }
+              const T* d_product = recurrent_layer_norm_backward(t, Bt, d_recurrent.data(), GH);
+              gemm<T>(Bt, T(1), MatrixRef<T>::rows(d_product, GH), recurrent_all, T(0), product.data(), H);
+            } else {
+              gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
+              gemm<T>(Bt, T(1), MatrixRef<T>::rows(dar_n_t, H), recurrent_n, T(1), product.data(), H);
+            }
+            fold_product(t, Bt, true);
+          } else {
+            for_each_row(Bt, kElementCost * H, [&](int64_t b) {
+              gru_reset_before_backward_row<T, kRelu>(H, cache_t + b * cw, h_prev + b * H, dy_t + b * H,
+                                                      dh.data() + b * H, dax_t + b * GH);
+            });
+            // d(r * h_{t-1}) = dar_n R_n, which r's gradient needs.
+            gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t + 2 * H, GH), recurrent_n, T(0), d_reset_hidden.data(), H);
+            for_each_row(Bt, kElementCost * H, [&](int64_t b) {
+              gru_reset_before_reset_grad_row<T>(H, cache_t + b * cw, h_product + b * H, mask_of(t) + b * H,
+                                                 d_reset_hidden.data() + b * H, dh.data() + b * H, dax_t + b * GH);
+            });
+            gemm<T>(Bt, T(1), MatrixRef<T>::rows(dax_t, GH), recurrent, T(0), product.data(), H);
+            fold_product(t, Bt, true);
+          }
+          break;
+      }
+      if (options.zoneout > 0) {
+        for (int64_t j = 0; j < Bt * O; ++j) dh[j] += kept_h[j];
+      }
     }
   }
 

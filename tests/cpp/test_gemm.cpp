@@ -5,7 +5,8 @@
 // 8 or 16 columns), K past the K blocking (256), M past the row tile (96), N past the column tile; every
 // transpose combination of A and B (MatrixRef::rows / MatrixRef::transposed), with padded leading
 // dimensions; alpha != 1; beta = 0 over a C poisoned with NaN (every element must be overwritten); beta = 1
-// accumulation and a general beta; a padded C whose padding must stay untouched; one and several threads.
+// accumulation and a general beta; a padded C whose padding must stay untouched; one and several threads; B
+// packed once (PackedMatrix), and A too, for products by column ranges (PackedRows, gemm_columns).
 //
 // Tolerance: for each element, |C - ref| <= c * eps(T) * (K + 4) * (|alpha| * sum_k |a_mk||b_kn| + |beta||C0|),
 // the standard bound for a sum of K products, so cancellation cannot hide a wrong result.
@@ -26,7 +27,10 @@ namespace {
 
 using conveyor::cpu::gemm;
 using conveyor::cpu::MatrixRef;
+using conveyor::cpu::gemm_columns;
+using conveyor::cpu::packed_strip_width;
 using conveyor::cpu::PackedMatrix;
+using conveyor::cpu::PackedRows;
 
 struct Case {
   int64_t M, N, K;
@@ -75,6 +79,18 @@ bool check_one(const Case& c, bool a_t, bool b_t, T alpha, T beta, bool nan_pois
   const PackedMatrix<T> packed_b(K, N, B);
   gemm<T>(M, alpha, A, packed_b, beta, C_packed.data(), ldc);
   const bool packed_same = std::memcmp(C.data(), C_packed.data(), sizeof(T) * C.size()) == 0;
+  // And by column ranges, with A packed once (a recurrent step's tasks): A's columns packed in ranges of 7
+  // (the last slice's ranges crossing the K blocking), then C's columns in ranges of whole strips, the last
+  // range cut short by N.
+  std::vector<T> C_columns = C0;
+  PackedRows<T> rows_a;
+  rows_a.reserve(M, K, A);
+  for (int64_t k = 0; k < K; k += 7) rows_a.pack_columns(k, std::min<int64_t>(K, k + 7));
+  const int64_t strip = packed_strip_width<T>();
+  for (int64_t n0 = 0; n0 < N; n0 += 2 * strip) {
+    gemm_columns<T>(rows_a, packed_b, n0, std::min<int64_t>(2 * strip, N - n0), alpha, beta, C_columns.data(), ldc);
+  }
+  const bool columns_same = std::memcmp(C.data(), C_columns.data(), sizeof(T) * C.size()) == 0;
 
   const double eps = std::numeric_limits<T>::epsilon();
   int64_t bad = 0;
@@ -116,6 +132,7 @@ bool check_one(const Case& c, bool a_t, bool b_t, T alpha, T beta, bool nan_pois
                            " pad=" + std::to_string(pad) + ": " + std::to_string(bad) + " bad elements; first: " +
                            first;
   CHECK_MSG(packed_same, what + " (the packed-B product differs from the plain one)");
+  CHECK_MSG(columns_same, what + " (the product by column ranges differs from the whole one)");
   return CHECK_MSG(bad == 0, what);
 }
 
