@@ -64,6 +64,52 @@ void bool_switch(bool flag, Fn&& fn) {
   }
 }
 
+// A row's element loop, kUnits(n, args...) over units [0, n): where the processor has AVX-512 (and GCC compiles),
+// the whole 64-byte vectors' worth of units go to a copy of the loop built for 512-bit vectors, and the rest to
+// one built for 256-bit ones. GCC builds loops for 256-bit vectors by default, and the cell math is most of a
+// row's work: a plain LSTM's forward row took 3.4-3.9 ns a unit in 512-bit vectors against 5.0-5.5 in 256-bit ones
+// (H = 32 to 112, Ice Lake Xeon). One copy of 512-bit vectors for the whole row is no good: the units past its
+// last whole vector (4 of them at H = 36 or 100) ran one at a time through branches, 30 ns a unit, where the
+// 256-bit copy takes them in 128-bit vectors. Every copy computes an element with the same operations: the same
+// bits whichever ran it. kUnits is inlined into each copy (CONVEYOR_INLINE_LOOP); its first argument is the
+// number of units, and every pointer argument starts at the first unit (the rest's pointers move on by as many).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
+#define CONVEYOR_INLINE_LOOP __attribute__((always_inline)) inline
+// Inlined, a loop's __restrict arguments lose their meaning to GCC 12, and the runtime checks of every pair of
+// arrays it would then need are more than it makes: the loop stays scalar. Iteration j reads and writes only
+// unit j of arrays that do not overlap (__restrict said it before): no iteration depends on another.
+#define CONVEYOR_INDEPENDENT_ITERATIONS _Pragma("GCC ivdep")
+template <auto kUnits, typename... Args>
+__attribute__((noinline, target("prefer-vector-width=512"))) void in_wide_vectors(int64_t n, Args... args) {
+  kUnits(n, args...);
+}
+template <auto kUnits, typename... Args>
+__attribute__((noinline, target("prefer-vector-width=256"))) void in_narrow_vectors(int64_t n, Args... args) {
+  kUnits(n, args...);
+}
+template <typename A>
+A moved_on(A arg, int64_t units) {
+  if constexpr (std::is_pointer_v<A>) {
+    return arg + units;
+  } else {
+    return arg;
+  }
+}
+template <typename T, auto kUnits, typename... Args>
+void over_units(int64_t n, Args... args) {
+  const int64_t whole = n / (64 / sizeof(T)) * (64 / sizeof(T));
+  if (whole > 0) in_wide_vectors<kUnits>(whole, args...);
+  if (whole < n) in_narrow_vectors<kUnits>(n - whole, moved_on(args, whole)...);
+}
+#else
+#define CONVEYOR_INLINE_LOOP inline
+#define CONVEYOR_INDEPENDENT_ITERATIONS
+template <typename T, auto kUnits, typename... Args>
+void over_units(int64_t n, Args... args) {
+  kUnits(n, args...);
+}
+#endif
+
 // Per-element work is weighted as this many multiply-adds when deciding whether to split it.
 constexpr double kElementCost = 16.0;
 
@@ -456,9 +502,10 @@ cells::LstmOptions<T> fixed_options(cells::LstmOptions<T> opt) {
 // blocks are H apart, but in ar ar_H apart (a group's gates side by side: its width; or H, one group).
 // P: [3, H] peephole weights (zeros without peephole).
 template <typename T, bool kRelu, bool kCoupled, bool kPeephole, bool kClip>
-void lstm_forward_row(int64_t n, int64_t H, int64_t ar_H, cells::LstmOptions<T> opt, const T* __restrict P,
-                      const T* __restrict ax, const T* __restrict ar, const T* __restrict bR, T* __restrict c,
-                      T* __restrict h, T* __restrict saved) {
+CONVEYOR_INLINE_LOOP void lstm_forward_units(int64_t n, int64_t H, int64_t ar_H, cells::LstmOptions<T> opt,
+                                             const T* __restrict P, const T* __restrict ax, const T* __restrict ar,
+                                             const T* __restrict bR, T* __restrict c, T* __restrict h,
+                                             T* __restrict saved) {
   using K = Blocks<kCoupled>;
   opt = fixed_options<kRelu, kCoupled, kPeephole, kClip>(opt);
   if constexpr (!kPeephole) {
@@ -466,6 +513,7 @@ void lstm_forward_row(int64_t n, int64_t H, int64_t ar_H, cells::LstmOptions<T> 
     // cache, then the cell and the output from there. Each loop's chain of dependent operations is about
     // half the single loop's, so the processor overlaps more units; cells::lstm_forward's arithmetic, in its
     // order, so the results are the same bits.
+    CONVEYOR_INDEPENDENT_ITERATIONS
     for (int64_t j = 0; j < n; ++j) {
       const T f =
           cells::sigmoid(ax[K::f * H + j] + ar[K::f * ar_H + j] + bR[K::f * H + j] + T(0) + opt.forget_bias);
@@ -474,6 +522,7 @@ void lstm_forward_row(int64_t n, int64_t H, int64_t ar_H, cells::LstmOptions<T> 
       saved[2 * H + j] = cells::activate(kRelu, ax[K::g * H + j] + ar[K::g * ar_H + j] + bR[K::g * H + j]);
       saved[3 * H + j] = cells::sigmoid(ax[K::o * H + j] + ar[K::o * ar_H + j] + bR[K::o * H + j] + T(0));
     }
+    CONVEYOR_INDEPENDENT_ITERATIONS
     for (int64_t j = 0; j < n; ++j) {
       T c_new = saved[H + j] * c[j] + saved[j] * saved[2 * H + j];
       if (kClip) {
@@ -486,6 +535,7 @@ void lstm_forward_row(int64_t n, int64_t H, int64_t ar_H, cells::LstmOptions<T> 
     }
     return;
   }
+  CONVEYOR_INDEPENDENT_ITERATIONS
   for (int64_t j = 0; j < n; ++j) {
     const T a_i = kCoupled ? T(0) : ax[j] + ar[j] + bR[j];
     const auto s = cells::lstm_forward(opt, a_i, ax[K::f * H + j] + ar[K::f * ar_H + j] + bR[K::f * H + j],
@@ -502,11 +552,18 @@ void lstm_forward_row(int64_t n, int64_t H, int64_t ar_H, cells::LstmOptions<T> 
   }
 }
 
-// Units [u0, u0 + n), as lstm_forward_row.
+template <typename T, bool kRelu, bool kCoupled, bool kPeephole, bool kClip>
+void lstm_forward_row(int64_t n, int64_t H, int64_t ar_H, cells::LstmOptions<T> opt, const T* P, const T* ax,
+                      const T* ar, const T* bR, T* c, T* h, T* saved) {
+  over_units<T, lstm_forward_units<T, kRelu, kCoupled, kPeephole, kClip>>(n, H, ar_H, opt, P, ax, ar, bR, c, h, saved);
+}
+
 template <typename T, bool kRelu>
-void gru_reset_after_forward_row(int64_t n, int64_t H, int64_t ar_H, const T* __restrict ax, const T* __restrict ar,
-                                 const T* __restrict bR, const T* __restrict h_prev, T* __restrict h,
-                                 T* __restrict saved) {
+CONVEYOR_INLINE_LOOP void gru_reset_after_forward_units(int64_t n, int64_t H, int64_t ar_H, const T* __restrict ax,
+                                                        const T* __restrict ar, const T* __restrict bR,
+                                                        const T* __restrict h_prev, T* __restrict h,
+                                                        T* __restrict saved) {
+  CONVEYOR_INDEPENDENT_ITERATIONS
   for (int64_t j = 0; j < n; ++j) {
     const T r = cells::sigmoid(ax[j] + ar[j] + bR[j]);
     const T z = cells::sigmoid(ax[H + j] + ar[ar_H + j] + bR[H + j]);
@@ -518,6 +575,13 @@ void gru_reset_after_forward_row(int64_t n, int64_t H, int64_t ar_H, const T* __
     saved[2 * H + j] = n;
     saved[3 * H + j] = ar_n;
   }
+}
+
+// Units [u0, u0 + n), as lstm_forward_row.
+template <typename T, bool kRelu>
+void gru_reset_after_forward_row(int64_t n, int64_t H, int64_t ar_H, const T* ax, const T* ar, const T* bR,
+                                 const T* h_prev, T* h, T* saved) {
+  over_units<T, gru_reset_after_forward_units<T, kRelu>>(n, H, ar_H, ax, ar, bR, h_prev, h, saved);
 }
 
 // reset_after=false, before the n block's product: r, z and r * h_{t-1} (into `reset_hidden` and the cache).
@@ -546,9 +610,15 @@ void gru_reset_before_output_row(int64_t H, const T* __restrict ax_n, const T* _
 }
 
 template <typename T, bool kRelu>
-void rnn_forward_row(int64_t n, const T* __restrict ax, const T* __restrict ar, const T* __restrict bR,
-                     T* __restrict h) {
+CONVEYOR_INLINE_LOOP void rnn_forward_units(int64_t n, const T* __restrict ax, const T* __restrict ar,
+                                            const T* __restrict bR, T* __restrict h) {
+  CONVEYOR_INDEPENDENT_ITERATIONS
   for (int64_t j = 0; j < n; ++j) h[j] = cells::rnn_forward(kRelu, ax[j] + ar[j] + bR[j]);
+}
+
+template <typename T, bool kRelu>
+void rnn_forward_row(int64_t n, const T* ax, const T* ar, const T* bR, T* h) {
+  over_units<T, rnn_forward_units<T, kRelu>>(n, ax, ar, bR, h);
 }
 
 // Backward rows. dh: the gradient reaching h_t from step t+1, replaced by the part of dh_{t-1} that does not
@@ -565,22 +635,31 @@ void store_lstm_grads(int64_t H, int64_t j, const cells::LstmGrads<T>& d, T* __r
   dc[j] = d.dc_prev;
 }
 
-// Not inlined, as lstm_layer_norm_backward_row: inlined into the row lambdas of backward_window, GCC 12 left
-// this loop scalar (in 30 of its 32 instantiations, with cell_tanh called out of line, a call per unit); compiled
-// on its own, with its __restrict arguments, it vectorises (24 of 32: all but those of double that call exp).
-// Units [u0, u0 + n) of a row, every pointer starting at unit u0.
 template <typename T, bool kRelu, bool kCoupled, bool kPeephole, bool kClip>
-__attribute__((noinline)) void lstm_backward_row(int64_t n, int64_t H, cells::LstmOptions<T> opt,
-                                                 const T* __restrict P, const T* __restrict saved,
-                                                 const T* __restrict c_prev, const T* __restrict dy,
-                                                 const T* __restrict dh, T* __restrict dc, T* __restrict da) {
+CONVEYOR_INLINE_LOOP void lstm_backward_units(int64_t n, int64_t H, cells::LstmOptions<T> opt, const T* __restrict P,
+                                              const T* __restrict saved, const T* __restrict c_prev,
+                                              const T* __restrict dy, const T* __restrict dh, T* __restrict dc,
+                                              T* __restrict da) {
   opt = fixed_options<kRelu, kCoupled, kPeephole, kClip>(opt);
+  CONVEYOR_INDEPENDENT_ITERATIONS
   for (int64_t j = 0; j < n; ++j) {
     const auto d = cells::lstm_backward(opt, saved[j], saved[H + j], saved[2 * H + j], saved[3 * H + j],
                                         saved[4 * H + j], c_prev[j], dh[j] + dy[j], dc[j],
                                         cells::Peephole<T>{P[j], P[H + j], P[2 * H + j]});
     store_lstm_grads<kCoupled>(H, j, d, da, dc);
   }
+}
+
+// Units [u0, u0 + n) of a row, every pointer starting at unit u0. Not inlined, as lstm_layer_norm_backward_row:
+// inlined into the row lambdas of backward_window, GCC 12 left this loop scalar (in 30 of its 32 instantiations,
+// with cell_tanh called out of line, a call per unit); compiled on its own, with its __restrict arguments, it
+// vectorises (24 of 32: all but those of double that call exp). With AVX-512, over_units() compiles the loop in
+// functions of its own anyway.
+template <typename T, bool kRelu, bool kCoupled, bool kPeephole, bool kClip>
+__attribute__((noinline)) void lstm_backward_row(int64_t n, int64_t H, cells::LstmOptions<T> opt, const T* P,
+                                                 const T* saved, const T* c_prev, const T* dy, const T* dh, T* dc,
+                                                 T* da) {
+  over_units<T, lstm_backward_units<T, kRelu, kCoupled, kPeephole, kClip>>(n, H, opt, P, saved, c_prev, dy, dh, dc, da);
 }
 
 // The layer-normalised LSTM (output o * act(LN(c_t))): as lstm_backward_row, with LN(c_t)'s backward between the
@@ -619,11 +698,11 @@ __attribute__((noinline)) void lstm_layer_norm_backward_row(int64_t H, cells::Ls
   }
 }
 
-// Units [u0, u0 + n), as lstm_backward_row.
 template <typename T, bool kRelu>
-void gru_reset_after_backward_row(int64_t n, int64_t H, const T* __restrict saved, const T* __restrict h_prev,
-                                  const T* __restrict dy, T* __restrict dh, T* __restrict da,
-                                  T* __restrict dar_n) {
+CONVEYOR_INLINE_LOOP void gru_reset_after_backward_units(int64_t n, int64_t H, const T* __restrict saved,
+                                                         const T* __restrict h_prev, const T* __restrict dy,
+                                                         T* __restrict dh, T* __restrict da, T* __restrict dar_n) {
+  CONVEYOR_INDEPENDENT_ITERATIONS
   for (int64_t j = 0; j < n; ++j) {
     const auto d = cells::gru_backward_reset_after(kRelu, saved[j], saved[H + j], saved[2 * H + j],
                                                    saved[3 * H + j], h_prev[j], dh[j] + dy[j]);
@@ -633,6 +712,13 @@ void gru_reset_after_backward_row(int64_t n, int64_t H, const T* __restrict save
     dar_n[j] = d.dar_n;
     dh[j] = d.dh_prev;
   }
+}
+
+// Units [u0, u0 + n), as lstm_backward_row.
+template <typename T, bool kRelu>
+void gru_reset_after_backward_row(int64_t n, int64_t H, const T* saved, const T* h_prev, const T* dy, T* dh, T* da,
+                                  T* dar_n) {
+  over_units<T, gru_reset_after_backward_units<T, kRelu>>(n, H, saved, h_prev, dy, dh, da, dar_n);
 }
 
 // reset_after=false, first half: all but r's gradient, which needs d(r * h_{t-1}) = dar_n R_n.
@@ -660,9 +746,15 @@ void gru_reset_before_reset_grad_row(int64_t H, const T* __restrict saved, const
 }
 
 template <typename T, bool kRelu>
-void rnn_backward_row(int64_t n, const T* __restrict h, const T* __restrict dy, const T* __restrict dh,
-                      T* __restrict da) {
+CONVEYOR_INLINE_LOOP void rnn_backward_units(int64_t n, const T* __restrict h, const T* __restrict dy,
+                                             const T* __restrict dh, T* __restrict da) {
+  CONVEYOR_INDEPENDENT_ITERATIONS
   for (int64_t j = 0; j < n; ++j) da[j] = cells::rnn_backward(kRelu, h[j], dh[j] + dy[j]);
+}
+
+template <typename T, bool kRelu>
+void rnn_backward_row(int64_t n, const T* h, const T* dy, const T* dh, T* da) {
+  over_units<T, rnn_backward_units<T, kRelu>>(n, h, dy, dh, da);
 }
 
 // ---------------------------------------------------------------------------------------------------------
