@@ -129,6 +129,14 @@ inline void pack_four_rows(const float* src, int64_t row_stride, int64_t kc, flo
 }
 #endif
 
+// A scratch buffer grown to hold at least `size` values, never shrunk: resized down for one product and up
+// for the next, a vector zero-fills the regrown part, and products of alternating widths (x W^T, then dA W)
+// spent 1-2% of an LSTM's forward + backward in memset.
+template <typename T>
+void grow(std::vector<T>& buffer, int64_t size) {
+  if (buffer.size() < static_cast<size_t>(size)) buffer.resize(static_cast<size_t>(size));
+}
+
 template <typename T>
 void pack_a(const MatrixRef<T>& A, int64_t m0, int64_t mc, int64_t k0, int64_t kc, T* packed) {
   constexpr int MR = Blocking<T>::MR;
@@ -268,7 +276,11 @@ __attribute__((noinline)) void micro_kernel(int64_t kc, const T* __restrict a, c
   constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR, L = S::kLanes;
   static_assert(NR == 2 * L, "a strip of B is two vectors");
   static_assert(kRows <= MR, "a strip of A has MR rows");
+  // Unrolled whole, so that the accumulators are registers only: with the loops kept, GCC also gave the
+  // arrays stack space, zeroed by two calls of memset in every call (a tile at batch 8 and H=36 is 36 steps
+  // of k; those products ran 8-10% faster without them).
   V c0[kRows], c1[kRows];
+#pragma GCC unroll 12
   for (int r = 0; r < kRows; ++r) c0[r] = c1[r] = S::zero();
   for (int64_t k = 0; k < kc; ++k) {
     // B's strip streams from L2 where many rows of A pass it (the time-parallel products); the hardware's
@@ -294,6 +306,7 @@ __attribute__((noinline)) void micro_kernel(int64_t kc, const T* __restrict a, c
       case TileStore::kAdd: S::store(c, S::multiply_add(alpha_v, s, S::load(c))); break;
     }
   };
+#pragma GCC unroll 12
   for (int r = 0; r < kRows; ++r) {
     finish(out + r * ld, c0[r]);
     finish(out + r * ld + L, c1[r]);
@@ -344,9 +357,9 @@ void gemm_block(int64_t m0, int64_t m1, int64_t n0, int64_t nc, int64_t K, T alp
                 const T* rows = nullptr) {
   constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR, KC = Blocking<T>::KC, MC = Blocking<T>::MC;
   thread_local std::vector<T> packed_a, packed_b;
-  if (rows == nullptr) packed_a.resize(static_cast<size_t>(MC * KC));
+  if (rows == nullptr) grow(packed_a, MC * KC);
   const int64_t padded_m = (m1 + MR - 1) / MR * MR;
-  if (packed == nullptr) packed_b.resize(static_cast<size_t>(((nc + NR - 1) / NR) * NR * KC));
+  if (packed == nullptr) grow(packed_b, ((nc + NR - 1) / NR) * NR * KC);
   T acc[MR * NR];
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = std::min<int64_t>(KC, K - k0);
@@ -596,7 +609,7 @@ void PackedRows<T>::pack_columns(int64_t k_begin, int64_t k_end) {
       continue;
     }
     thread_local std::vector<T> part;
-    part.resize(static_cast<size_t>(padded_m * (hi - lo)));
+    grow(part, padded_m * (hi - lo));
     pack_a(source_, 0, rows_, lo, hi - lo, part.data());
     for (int64_t strip = 0; strip < padded_m / MR; ++strip) {
       std::memcpy(slice + strip * MR * kc + (lo - k0) * MR, part.data() + strip * MR * (hi - lo),
