@@ -110,14 +110,16 @@ constexpr int kernel_height(int rows) {
 }
 
 #if defined(__SSE__)
-// Four rows of a row-major A into a strip `width` values wide, four values of k at a time: a 4 x 4 transpose
-// in registers, then four 16-byte stores. Value by value, each was a store of its own, and packing took 9% of
-// an LSTM's forward + backward on the Xeon (T=64, B=32, H=256, one thread); this cut that by a quarter.
-inline void pack_four_rows(const float* src, int64_t row_stride, int64_t kc, float* packed, int width) {
+// Four lines of an operand (kc values each, contiguous, `line_stride` apart: rows of a row-major A, columns of
+// a column-major B) across a strip `width` values wide, value k of line r to packed[k * width + r]; four
+// values of k at a time: a 4 x 4 transpose in registers, then four 16-byte stores. Value by value, each was a
+// store of its own, and packing A took 9% of an LSTM's forward + backward on the Xeon (T=64, B=32, H=256,
+// one thread); this cut that by a quarter.
+inline void pack_four_lines(const float* src, int64_t line_stride, int64_t kc, float* packed, int width) {
   int64_t k = 0;
   for (; k + 4 <= kc; k += 4) {
-    __m128 k0 = _mm_loadu_ps(src + k), k1 = _mm_loadu_ps(src + row_stride + k);
-    __m128 k2 = _mm_loadu_ps(src + 2 * row_stride + k), k3 = _mm_loadu_ps(src + 3 * row_stride + k);
+    __m128 k0 = _mm_loadu_ps(src + k), k1 = _mm_loadu_ps(src + line_stride + k);
+    __m128 k2 = _mm_loadu_ps(src + 2 * line_stride + k), k3 = _mm_loadu_ps(src + 3 * line_stride + k);
     _MM_TRANSPOSE4_PS(k0, k1, k2, k3);
     _mm_storeu_ps(packed + k * width, k0);
     _mm_storeu_ps(packed + (k + 1) * width, k1);
@@ -125,7 +127,7 @@ inline void pack_four_rows(const float* src, int64_t row_stride, int64_t kc, flo
     _mm_storeu_ps(packed + (k + 3) * width, k3);
   }
   for (; k < kc; ++k)
-    for (int r = 0; r < 4; ++r) packed[k * width + r] = src[r * row_stride + k];
+    for (int r = 0; r < 4; ++r) packed[k * width + r] = src[r * line_stride + k];
 }
 #endif
 
@@ -147,7 +149,7 @@ void pack_a(const MatrixRef<T>& A, int64_t m0, int64_t mc, int64_t k0, int64_t k
       int r = 0;
 #if defined(__SSE__)
       if constexpr (std::is_same_v<T, float>) {
-        for (; r + 4 <= rows; r += 4) pack_four_rows(src + r * A.row_stride, A.row_stride, kc, packed + r, MR);
+        for (; r + 4 <= rows; r += 4) pack_four_lines(src + r * A.row_stride, A.row_stride, kc, packed + r, MR);
       }
 #endif
       for (; r < rows; ++r)
@@ -181,6 +183,24 @@ void pack_b(const MatrixRef<T>& B, int64_t k0, int64_t kc, int64_t n0, int64_t n
   constexpr int NR = Blocking<T>::NR;
   for (int64_t strip = 0; strip < nc; strip += NR) {
     const int64_t cols = std::min<int64_t>(NR, nc - strip);
+    // Whole strips, the most of every product: a row-major B's rows copied at a constant width (two vector
+    // moves, where the general loop below spent a third of its time in its own bookkeeping); a column-major
+    // B's columns transposed four at a time.
+    const T* first = B.data + k0 * B.row_stride + (n0 + strip) * B.col_stride;
+    if (cols == NR && B.col_stride == 1) {
+      for (int64_t k = 0; k < kc; ++k) std::memcpy(packed + k * NR, first + k * B.row_stride, sizeof(T) * NR);
+      packed += kc * NR;
+      continue;
+    }
+#if defined(__SSE__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (cols == NR && B.row_stride == 1) {
+        for (int c = 0; c < NR; c += 4) pack_four_lines(first + c * B.col_stride, B.col_stride, kc, packed + c, NR);
+        packed += kc * NR;
+        continue;
+      }
+    }
+#endif
     for (int64_t k = 0; k < kc; ++k) {
       const T* src = B.data + (k0 + k) * B.row_stride + (n0 + strip) * B.col_stride;
       if (B.col_stride == 1) {
@@ -546,7 +566,8 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, T alpha, const MatrixRef<T>& A
   // Tasks are (row group, column panel) blocks: as few row groups as keep every worker busy (each group
   // repacks B), and narrower panels when N alone cannot give enough of them.
   const int64_t row_blocks = (M + MC - 1) / MC;
-  const int64_t wanted = 2 * static_cast<int64_t>(pool_size());
+  // (One thread gets one row group: with two, it packed each K slice of B twice.)
+  const int64_t wanted = pool_size() > 1 ? 2 * static_cast<int64_t>(pool_size()) : 1;
   int64_t nc = column_panel<T>();
   while (nc > NR && row_blocks * ((N + nc - 1) / nc) < wanted) nc /= 2;
   const int64_t col_panels = (N + nc - 1) / nc;
