@@ -5,10 +5,32 @@
 // without reading it (C may hold NaN poison).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <new>
 #include <vector>
 
 namespace conveyor::cpu {
+
+// A vector aligned to a cache line, for arrays whose rows the threads of a recurrent step write by groups of
+// units (whole lines of a row each): with malloc's 16-byte alignment the lines at a group's edges hold units
+// of two groups, which two threads then write at every step.
+template <typename T>
+struct LineAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kLine{64};
+  LineAllocator() = default;
+  template <typename U>
+  LineAllocator(const LineAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kLine)); }
+  void deallocate(T* p, size_t) { ::operator delete(p, kLine); }
+  template <typename U>
+  bool operator==(const LineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const LineAllocator<U>&) const { return false; }
+};
+template <typename T>
+using LineVector = std::vector<T, LineAllocator<T>>;
 
 template <typename T>
 struct MatrixRef {
@@ -77,7 +99,7 @@ class PackedRows {
  private:
   int64_t rows_ = 0, cols_ = 0;
   MatrixRef<T> source_{nullptr, 0, 0};
-  std::vector<T> packed_;
+  LineVector<T> packed_;  // each thread packs its own columns (pack_columns)
 };
 
 // Columns [n0, n0 + nc) of C[M, N] = beta * C + alpha * A * B, on the calling thread; n0 a multiple of
