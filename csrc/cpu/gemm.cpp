@@ -562,7 +562,7 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, T alpha, const MatrixRef<T>& A
     gemm_few_rows(M, N, K, alpha, A, B, beta, C, ldc);
     return;
   }
-  constexpr int MC = Blocking<T>::MC, NR = Blocking<T>::NR;
+  constexpr int MR = Blocking<T>::MR, MC = Blocking<T>::MC, NR = Blocking<T>::NR;
   // Tasks are (row group, column panel) blocks: as few row groups as keep every worker busy (each group
   // repacks B), and narrower panels when N alone cannot give enough of them.
   const int64_t row_blocks = (M + MC - 1) / MC;
@@ -572,15 +572,20 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, T alpha, const MatrixRef<T>& A
   while (nc > NR && row_blocks * ((N + nc - 1) / nc) < wanted) nc /= 2;
   const int64_t col_panels = (N + nc - 1) / nc;
   const int64_t row_groups = std::min(row_blocks, std::max<int64_t>(1, (wanted + col_panels - 1) / col_panels));
-  const int64_t blocks_per_group = (row_blocks + row_groups - 1) / row_groups;
+  // Row groups of nearly equal rows (whole strips of MR), not of whole MC-row blocks: 1024 rows in 4 groups of
+  // whole blocks were 288, 288, 288 and 160, and of two threads one had 576 rows to the other's 448 and
+  // waited for it (the backward's dW and dR at H = 256, x W^T where one panel holds all of N).
+  const auto group_start = [&](int64_t group) {
+    return group == row_groups ? M : group * M / row_groups / MR * MR;
+  };
   const int64_t tiles = row_groups * col_panels;
   const int64_t tasks = parallel_tasks_for(double(M) * N * K, tiles);
   parallel_for(tasks, [&](int64_t task) {
     for (int64_t tile = task; tile < tiles; tile += tasks) {
-      const int64_t m0 = (tile / col_panels) * blocks_per_group * MC, n0 = (tile % col_panels) * nc;
-      if (m0 >= M) continue;
-      gemm_block<T>(m0, std::min(M, m0 + blocks_per_group * MC), n0, std::min<int64_t>(nc, N - n0), K, alpha, A, B,
-                    packed, beta, C, ldc);
+      const int64_t group = tile / col_panels, n0 = (tile % col_panels) * nc;
+      const int64_t m0 = group_start(group), m1 = group_start(group + 1);
+      if (m0 >= m1) continue;
+      gemm_block<T>(m0, m1, n0, std::min<int64_t>(nc, N - n0), K, alpha, A, B, packed, beta, C, ldc);
     }
   });
 }
