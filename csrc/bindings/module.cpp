@@ -642,6 +642,8 @@ PYBIND11_MODULE(_conveyor, m) {
         py::arg("cell") = "lstm", py::arg("direction") = "forward");
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("share_openmp_threads", &share_openmp_threads, py::arg("share") = true);
+  m.def("sharing_openmp_threads", &sharing_openmp_threads);
   m.def("_set_poison_outputs", [](bool on) { poison_outputs = on; }, py::arg("on"));
   m.def("_poison_outputs", []() { return poison_outputs; });
   m.attr("__version__") = version();

@@ -1,7 +1,10 @@
 // The CPU worker pool: threads that sleep on a condition variable between calls, take each call's tasks
 // through atomic counters (a share of them for each thread, which the others finish if it falls behind),
 // and spin briefly before sleeping so that the per-step calls of a recurrence do not pay a wake-up each time.
+// Or, on request (share_openmp_threads), the same shares on the threads of an OpenMP runtime already loaded.
 #include "thread_pool.h"
+
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <atomic>
@@ -23,6 +26,36 @@ int default_pool_size() {
     if (n >= 1) return std::min(n, kMaxPoolSize);
   }
   return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// A thread's share of a call's tasks: [first, end), `next` the first not yet taken (by it or another thread).
+struct alignas(64) Share {
+  std::atomic<int64_t> next{0};
+  int64_t end = 0;
+};
+
+void divide(std::vector<Share>& shares, int64_t tasks) {
+  const int64_t parts = static_cast<int64_t>(shares.size());
+  for (int64_t p = 0; p < parts; ++p) {
+    shares[p].next.store(p * tasks / parts, std::memory_order_relaxed);
+    shares[p].end = (p + 1) * tasks / parts;
+  }
+}
+
+// Each thread runs its own share of the tasks first, in order, then takes what is left of the others'
+// (a thread that shares its core with another program falls behind, and the rest do its tasks). With
+// the same share at every call, a thread works on the same data each step of a recurrence, which stays
+// in its core's cache: R's columns of the step's task, for one. `done` is called after each task.
+template <typename Done>
+void run_shares(std::vector<Share>& shares, int participant, const std::function<void(int64_t)>& fn, Done done) {
+  const int parts = static_cast<int>(shares.size());
+  for (int i = 0; i < parts; ++i) {
+    Share& share = shares[(participant + i) % parts];
+    for (int64_t t = share.next.fetch_add(1); t < share.end; t = share.next.fetch_add(1)) {
+      fn(t);
+      done();
+    }
+  }
 }
 
 class Pool {
@@ -50,11 +83,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = &fn;
-      const int64_t parts = static_cast<int64_t>(shares_.size());
-      for (int64_t p = 0; p < parts; ++p) {
-        shares_[p].next.store(p * tasks / parts, std::memory_order_relaxed);
-        shares_[p].end = (p + 1) * tasks / parts;
-      }
+      divide(shares_, tasks);
       unfinished_.store(tasks);
       ++generation_;
     }
@@ -72,19 +101,8 @@ class Pool {
   }
 
  private:
-  // Each thread runs its own share of the tasks first, in order, then takes what is left of the others'
-  // (a thread that shares its core with another program falls behind, and the rest do its tasks). With
-  // the same share at every call, a thread works on the same data each step of a recurrence, which stays
-  // in its core's cache: R's columns of the step's task, for one.
   void run_tasks(const std::function<void(int64_t)>& fn, int participant) {
-    const int parts = static_cast<int>(shares_.size());
-    for (int i = 0; i < parts; ++i) {
-      Share& share = shares_[(participant + i) % parts];
-      for (int64_t t = share.next.fetch_add(1); t < share.end; t = share.next.fetch_add(1)) {
-        fn(t);
-        unfinished_.fetch_sub(1, std::memory_order_release);
-      }
-    }
+    run_shares(shares_, participant, fn, [this] { unfinished_.fetch_sub(1, std::memory_order_release); });
   }
 
   void worker_loop(int participant) {
@@ -114,44 +132,110 @@ class Pool {
   std::atomic<uint64_t> generation_{0};  // written under mutex_, read without it while spinning
   bool stopping_ = false;
   const std::function<void(int64_t)>* job_ = nullptr;
-  // A thread's share of the tasks: [first, end), `next` the first not yet taken (by it or another thread).
-  struct alignas(64) Share {
-    std::atomic<int64_t> next{0};
-    int64_t end = 0;
-  };
   std::vector<Share> shares_;
   std::atomic<int64_t> unfinished_{0};
   std::atomic<int> active_workers_{0};
 };
 
 std::mutex pool_mutex;
-std::shared_ptr<Pool> current_pool;
+std::shared_ptr<Pool> current_pool;  // made at first use, so that the OpenMP runtime's users start no threads
+std::atomic<int> threads_wanted{0};  // 0 until first asked: default_pool_size()
+
+int threads_asked() {
+  int n = threads_wanted.load(std::memory_order_relaxed);
+  if (n == 0) {
+    int unset = 0;
+    threads_wanted.compare_exchange_strong(unset, default_pool_size());
+    n = threads_wanted.load(std::memory_order_relaxed);
+  }
+  return n;
+}
 
 std::shared_ptr<Pool> pool() {
   std::lock_guard<std::mutex> lock(pool_mutex);
-  if (!current_pool) current_pool = std::make_shared<Pool>(default_pool_size());
+  if (!current_pool || current_pool->size() != threads_asked()) {
+    // Calls still running keep the old pool alive through their shared_ptr.
+    current_pool = std::make_shared<Pool>(threads_asked());
+  }
   return current_pool;
+}
+
+// GNU OpenMP's entry points (GCC's ABI since 4.9: what `#pragma omp parallel` compiles to), looked up in a
+// copy of libgomp already loaded by another library of the process.
+struct OpenMpRuntime {
+  void (*parallel)(void (*body)(void*), void* data, unsigned threads, unsigned flags) = nullptr;
+  int (*thread_num)() = nullptr;
+};
+std::atomic<const OpenMpRuntime*> openmp{nullptr};
+
+const OpenMpRuntime* find_openmp() {
+  static const OpenMpRuntime* const found = []() -> const OpenMpRuntime* {
+    // RTLD_NOLOAD: only a copy already loaded (Python loads extension modules' libraries locally, so their
+    // symbols are not in the global scope that dlsym(RTLD_DEFAULT) searches); it stays loaded from now on.
+    void* library = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (library == nullptr) return nullptr;
+    static OpenMpRuntime runtime;
+    runtime.parallel = reinterpret_cast<decltype(runtime.parallel)>(dlsym(library, "GOMP_parallel"));
+    runtime.thread_num = reinterpret_cast<decltype(runtime.thread_num)>(dlsym(library, "omp_get_thread_num"));
+    return runtime.parallel != nullptr && runtime.thread_num != nullptr ? &runtime : nullptr;
+  }();
+  return found;
+}
+
+struct OpenMpCall {
+  const OpenMpRuntime* runtime;
+  const std::function<void(int64_t)>* fn;
+  std::vector<Share> shares;
+};
+
+// A thread of the team. A team smaller than the shares (nested inside another parallel region, it is the
+// calling thread alone) still runs every task: each thread goes on to the others' shares after its own.
+void openmp_body(void* data) {
+  auto* call = static_cast<OpenMpCall*>(data);
+  const int parts = static_cast<int>(call->shares.size());
+  run_shares(call->shares, call->runtime->thread_num() % parts, *call->fn, [] {});
 }
 
 }  // namespace
 
-int pool_size() { return pool()->size(); }
+int pool_size() { return threads_asked(); }
 
 void set_pool_size(int threads) {
   if (threads < 1 || threads > kMaxPoolSize) {
     throw ArgumentError("n: expected a number of threads from 1 to " + std::to_string(kMaxPoolSize) + ", got " +
                         std::to_string(threads));
   }
+  threads_wanted.store(threads);
   std::lock_guard<std::mutex> lock(pool_mutex);
-  // Calls still running keep the old pool alive through their shared_ptr.
-  current_pool = std::make_shared<Pool>(threads);
+  current_pool.reset();  // the next call's pool has the new size
 }
+
+bool share_openmp_threads(bool share) {
+  if (!share) {
+    openmp.store(nullptr);
+    return false;
+  }
+  const OpenMpRuntime* runtime = find_openmp();
+  if (runtime == nullptr) return false;
+  openmp.store(runtime);
+  std::lock_guard<std::mutex> lock(pool_mutex);
+  current_pool.reset();  // its threads would only sleep
+  return true;
+}
+
+bool sharing_openmp_threads() { return openmp.load() != nullptr; }
 
 void parallel_for(int64_t tasks, const std::function<void(int64_t)>& fn) {
   if (tasks <= 0) return;
-  if (tasks > 1) {
-    const std::shared_ptr<Pool> p = pool();
-    if (p->size() > 1 && p->try_run(tasks, fn)) return;
+  const int threads = threads_asked();
+  if (tasks > 1 && threads > 1) {
+    if (const OpenMpRuntime* runtime = openmp.load(std::memory_order_acquire)) {
+      OpenMpCall call{runtime, &fn, std::vector<Share>(static_cast<size_t>(std::min<int64_t>(threads, tasks)))};
+      divide(call.shares, tasks);
+      runtime->parallel(openmp_body, &call, static_cast<unsigned>(call.shares.size()), 0);
+      return;
+    }
+    if (pool()->try_run(tasks, fn)) return;
   }
   for (int64_t t = 0; t < tasks; ++t) fn(t);
 }
@@ -171,5 +255,7 @@ namespace conveyor {
 
 int num_threads() { return cpu::pool_size(); }
 void set_num_threads(int n) { cpu::set_pool_size(n); }
+bool share_openmp_threads(bool share) { return cpu::share_openmp_threads(share); }
+bool sharing_openmp_threads() { return cpu::sharing_openmp_threads(); }
 
 }  // namespace conveyor

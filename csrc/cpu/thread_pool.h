@@ -14,6 +14,9 @@ constexpr int kMaxPoolSize = 1024;
 
 int pool_size();
 void set_pool_size(int threads);
+// conveyor::share_openmp_threads: parallel_for on a loaded OpenMP runtime's threads, or (false) the pool's.
+bool share_openmp_threads(bool share);
+bool sharing_openmp_threads();
 
 void parallel_for(int64_t tasks, const std::function<void(int64_t)>& fn);
 

@@ -113,7 +113,8 @@ def info(_args) -> int:
     if _conveyor.cuda_built():
         print("CUDA recurrence:    algorithm='auto' runs the persistent kernels where they fit on the "
               "device and B <= 32, else one launch per step (CONVEYOR_LOG_ALGORITHM=1 prints each choice)")
-    print(f"CPU threads:        {_conveyor.num_threads()}")
+    runtime = "the process's OpenMP runtime" if _conveyor.sharing_openmp_threads() else "Conveyor's own pool"
+    print(f"CPU threads:        {_conveyor.num_threads()} ({runtime})")
     return 0
 
 

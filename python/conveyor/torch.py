@@ -46,9 +46,14 @@ except ImportError as error:  # the extra is optional: say how to get it
     raise ImportError("conveyor.torch needs PyTorch: pip install torch (or, from a checkout of Conveyor, "
                       "pip install '.[torch]')") from error
 
-from . import _functional, _stack
+from . import _conveyor, _functional, _stack
 
 __all__ = ["GRU", "LSTM", "RNN"]
+
+# In a PyTorch program the CPU backend works on torch's OpenMP threads rather than on a pool of its own,
+# which would share cores with those threads while they spin after each torch operator
+# (conveyor.share_openmp_threads).
+_conveyor.share_openmp_threads(True)
 
 
 def _as_numpy(t):

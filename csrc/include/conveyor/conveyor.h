@@ -343,6 +343,15 @@ bool cuda_available();
 int num_threads();
 // Resizes the CPU worker pool; 1 <= n <= 1024.
 void set_num_threads(int n);
+// With `share` true: the CPU backend runs its calls' parallel work on the threads of the GNU OpenMP runtime
+// (libgomp) that another library of the process has loaded (PyTorch's CPU build does), num_threads() of
+// them, instead of on its own pool. Another library's OpenMP threads wait spinning on a core for some
+// milliseconds after each of its parallel regions, and a pool of Conveyor's own started right after shares
+// that core with them; on the same threads, each runs in turn. Returns whether the runtime was found (nothing
+// changes where it was not). With `share` false: back to the own pool.
+bool share_openmp_threads(bool share = true);
+// Whether the CPU backend runs on a loaded OpenMP runtime's threads (share_openmp_threads).
+bool sharing_openmp_threads();
 
 // The library version, "major.minor.patch".
 const char* version();

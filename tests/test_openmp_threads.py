@@ -1,0 +1,88 @@
+"""The CPU backend on the threads of the process's OpenMP runtime (conveyor.share_openmp_threads), which
+``import conveyor.torch`` turns on: found where PyTorch has loaded libgomp, the same bits as one thread and
+as Conveyor's own pool, concurrent calls from several Python threads included, and back to the pool on
+request."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import conveyor
+
+from support import CONFIGS, config_id, make_problem, run_conveyor
+
+torch = pytest.importorskip("torch")
+import conveyor.torch  # noqa: E402,F401  (turns the sharing on)
+
+# Several groups of units a step on 2 threads, the last narrower (as in test_unit_groups).
+T, B, I, H = 4, 24, 20, 176
+
+
+def libgomp_loaded() -> bool:
+    with open("/proc/self/maps") as maps:
+        return any("libgomp" in line for line in maps)
+
+
+@pytest.fixture
+def on_runtime():
+    """Runs fn on `threads` threads of the OpenMP runtime (share=True) or of the own pool, then restores."""
+    saved_threads, saved_sharing = conveyor.num_threads(), conveyor.sharing_openmp_threads()
+
+    def run(share, threads, fn):
+        assert conveyor.share_openmp_threads(share) == share
+        assert conveyor.sharing_openmp_threads() == share
+        conveyor.set_num_threads(threads)
+        return fn()
+
+    yield run
+    conveyor.set_num_threads(saved_threads)
+    conveyor.share_openmp_threads(saved_sharing)
+
+
+def assert_same_bits(got, expected, what):
+    y, h_T, c_T, grads = got
+    ey, eh_T, ec_T, egrads = expected
+    np.testing.assert_array_equal(y, ey, err_msg=f"{what}: y")
+    np.testing.assert_array_equal(h_T, eh_T, err_msg=f"{what}: h_T")
+    if c_T is not None:
+        np.testing.assert_array_equal(c_T, ec_T, err_msg=f"{what}: c_T")
+    for name, value in egrads.items():
+        if value is not None:
+            np.testing.assert_array_equal(grads[name], value, err_msg=f"{what}: {name}")
+
+
+def test_importing_conveyor_torch_shares_the_loaded_runtime():
+    # Linux builds of PyTorch load GNU OpenMP; where a build does not, sharing must stay off.
+    assert conveyor.sharing_openmp_threads() == libgomp_loaded()
+    assert conveyor.share_openmp_threads(False) is False
+    assert not conveyor.sharing_openmp_threads()
+    assert conveyor.share_openmp_threads(True) == libgomp_loaded()
+    with pytest.raises(TypeError, match="share: expected True or False, got 1"):
+        conveyor.share_openmp_threads(1)
+
+
+@pytest.mark.skipif(not libgomp_loaded(), reason="this PyTorch build loads no GNU OpenMP runtime")
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_openmp_threads_give_the_bits_of_one_thread_and_of_the_pool(config, threads, on_runtime, rng):
+    p = make_problem(*config, T, B, I, H, rng).cast(np.float32)
+    shared = on_runtime(True, threads, lambda: run_conveyor(p))
+    assert_same_bits(shared, on_runtime(False, 1, lambda: run_conveyor(p)), "one thread")
+    assert_same_bits(shared, on_runtime(False, threads, lambda: run_conveyor(p)), "own pool")
+
+
+@pytest.mark.skipif(not libgomp_loaded(), reason="this PyTorch build loads no GNU OpenMP runtime")
+def test_concurrent_calls_on_openmp_threads_equal_sequential_ones(on_runtime, rng):
+    sizes = [(5, 16 + k % 3, 12, 96 + 16 * (k % 2)) for k in range(8)]
+    problems = [make_problem(*CONFIGS[k % len(CONFIGS)], *size, rng).cast(np.float32)
+                for k, size in enumerate(sizes)]
+
+    def concurrently():
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            return list(pool.map(run_conveyor, problems))
+
+    sequential = on_runtime(False, 1, lambda: [run_conveyor(p) for p in problems])
+    concurrent = on_runtime(True, 2, concurrently)
+    for k, (got, expected) in enumerate(zip(concurrent, sequential)):
+        assert_same_bits(got, expected, f"problem {k}")
