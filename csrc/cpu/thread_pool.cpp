@@ -217,9 +217,7 @@ bool share_openmp_threads(bool share) {
   }
   const OpenMpRuntime* runtime = find_openmp();
   if (runtime == nullptr) return false;
-  openmp.store(runtime);
-  std::lock_guard<std::mutex> lock(pool_mutex);
-  current_pool.reset();  // its threads would only sleep
+  openmp.store(runtime);  // a pool already made stays, asleep, for share_openmp_threads(false)
   return true;
 }
 
