@@ -1451,6 +1451,7 @@ void cpu_dropout_mask(double p, bool variational, uint64_t seed, uint64_t mask_s
 }
 
 void cpu_forward(const CellOptions& options, const WindowSizes& sizes, const ForwardArgs& args) {
+  const cpu::WindowThreads threads;
   bool_switch(options.activation == Activation::relu, [&](auto relu) {
     if (args.x.dtype == DType::float64) {
       forward_window<double, decltype(relu)::value>(options, sizes, args);
@@ -1461,6 +1462,7 @@ void cpu_forward(const CellOptions& options, const WindowSizes& sizes, const For
 }
 
 void cpu_backward(const CellOptions& options, const WindowSizes& sizes, const BackwardArgs& args) {
+  const cpu::WindowThreads threads;
   bool_switch(options.activation == Activation::relu, [&](auto relu) {
     if (args.x.dtype == DType::float64) {
       backward_window<double, decltype(relu)::value>(options, sizes, args);

@@ -18,6 +18,20 @@ void set_pool_size(int threads);
 bool share_openmp_threads(bool share);
 bool sharing_openmp_threads();
 
+// Open for the parallel_for calls of one window (a forward or backward call) on this thread: where the
+// threads of a shared OpenMP runtime are asleep when it opens, the window runs on the own pool instead; a
+// window inside another keeps the outer one's choice.
+class WindowThreads {
+ public:
+  WindowThreads();
+  ~WindowThreads();
+  WindowThreads(const WindowThreads&) = delete;
+  WindowThreads& operator=(const WindowThreads&) = delete;
+
+ private:
+  int outer_;
+};
+
 void parallel_for(int64_t tasks, const std::function<void(int64_t)>& fn);
 
 // The number of tasks worth splitting `work` (a rough count of multiply-adds) into: 1 below the size where

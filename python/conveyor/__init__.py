@@ -106,7 +106,10 @@ def share_openmp_threads(share: bool = True) -> bool:
     Why: after each of its parallel regions an OpenMP runtime's threads wait spinning on their cores for some
     milliseconds, and a pool of Conveyor's started right after shares a core with them (LSTM T=64, B=32,
     H=256 on 2 threads: 10.4-10.9 ms a forward right after a torch.nn call against 8.2-8.5 on torch's
-    threads). On the same threads, each library's work runs in turn. Results are the same bits either way."""
+    threads). On the same threads, each library's work runs in turn. A call that starts while the runtime's
+    threads are asleep (after idle time) runs on the own pool instead: a parallel region waits for every
+    thread of its team, and a sleeping one took from 0.5 to 13 ms to join (``bench/openmp_threads.py``).
+    Results are the same bits on either."""
     if not isinstance(share, bool):
         raise TypeError(f"share: expected True or False, got {share!r} of type {type(share).__name__}")
     return _conveyor.share_openmp_threads(share)

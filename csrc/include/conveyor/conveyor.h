@@ -347,8 +347,10 @@ void set_num_threads(int n);
 // (libgomp) that another library of the process has loaded (PyTorch's CPU build does), num_threads() of
 // them, instead of on its own pool. Another library's OpenMP threads wait spinning on a core for some
 // milliseconds after each of its parallel regions, and a pool of Conveyor's own started right after shares
-// that core with them; on the same threads, each runs in turn. Returns whether the runtime was found (nothing
-// changes where it was not). With `share` false: back to the own pool.
+// that core with them; on the same threads, each runs in turn. A call that starts while the runtime's threads
+// are asleep (Linux: their state in /proc) runs on the own pool instead, which does not wait for sleeping
+// threads to wake. Returns whether the runtime was found (nothing changes where it was not). With `share`
+// false: back to the own pool.
 bool share_openmp_threads(bool share = true);
 // Whether the CPU backend runs on a loaded OpenMP runtime's threads (share_openmp_threads).
 bool sharing_openmp_threads();
