@@ -215,7 +215,9 @@ void openmp_body(void* data) {
 
 // The workers of this thread's last team, and this window's choice of threads (WindowThreads).
 thread_local std::vector<int> team_workers;
-thread_local int window_on_openmp = -1;  // -1: no window open, the shared runtime when sharing
+// -1: no window open (the shared runtime when sharing); 2: a window open, its choice not made yet (at its
+// first parallel work, so that calls with none, or on one thread, do not pay for it); 0 or 1: made.
+thread_local int window_on_openmp = -1;
 
 // Whether every worker of this thread's team is running (spinning after a parallel region), not asleep:
 // /proc's state of each. A region started on sleeping workers waits for each to wake and join it, often on
@@ -271,7 +273,7 @@ bool share_openmp_threads(bool share) {
 bool sharing_openmp_threads() { return openmp.load() != nullptr; }
 
 WindowThreads::WindowThreads() : outer_(window_on_openmp) {
-  if (openmp.load(std::memory_order_acquire) != nullptr && outer_ == -1) window_on_openmp = team_running();
+  if (outer_ == -1) window_on_openmp = 2;
 }
 
 WindowThreads::~WindowThreads() { window_on_openmp = outer_; }
@@ -281,6 +283,7 @@ void parallel_for(int64_t tasks, const std::function<void(int64_t)>& fn) {
   const int threads = threads_asked();
   if (tasks > 1 && threads > 1) {
     const OpenMpRuntime* runtime = openmp.load(std::memory_order_acquire);
+    if (runtime != nullptr && window_on_openmp == 2) window_on_openmp = team_running();
     if (runtime != nullptr && window_on_openmp != 0) {
       const size_t parts = static_cast<size_t>(std::min<int64_t>(threads, tasks));
       OpenMpCall call{runtime, &fn, std::vector<Share>(parts), std::vector<int>(parts, 0)};
