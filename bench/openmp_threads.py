@@ -7,7 +7,9 @@ After each parallel region GNU OpenMP's threads spin on their cores for some mil
 Conveyor's own started right after shares those cores with them. Prints the median and best ms of
 conveyor.torch.LSTM's forward (no_grad) in four settings, taken in turn call after call: {own pool, torch's
 threads} x {alone, right after torch.nn.LSTM's forward on the same input}, and torch.nn's own time in the
-second case (Conveyor's pool threads can be in its way too)."""
+second case (Conveyor's pool threads can be in its way too). Then calls after idle time: 15 forwards 50 ms
+apart for torch.nn and for Conveyor on each runtime, every time printed (a sleeping thread of the runtime
+can take milliseconds to join a parallel region)."""
 
 from __future__ import annotations
 
@@ -68,6 +70,17 @@ def main() -> None:
             theirs_times = torch_ms[(share, after)][2:]
             before = f"{statistics.median(theirs_times) * 1e3:.2f} / {min(theirs_times) * 1e3:.2f}"
         print(f"| {name} | {when} | {cell} | {before} |")
+
+    print("\nForwards 50 ms apart, ms, in order:")
+    for name, module, share in [("torch.nn", theirs, None), ("Conveyor, own pool", ours, False),
+                                ("Conveyor, torch's threads", ours, True)]:
+        if share is not None:
+            conveyor.share_openmp_threads(share)
+        times = []
+        for _ in range(15):
+            time.sleep(0.05)
+            times.append(timed(module) * 1e3)
+        print(f"- {name}: " + " ".join(f"{t:.2f}" for t in times))
 
 
 if __name__ == "__main__":
