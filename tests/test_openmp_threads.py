@@ -1,14 +1,17 @@
 """The CPU backend on the threads of the process's OpenMP runtime (conveyor.share_openmp_threads), which
 ``import conveyor.torch`` turns on: found where PyTorch has loaded libgomp, the same bits as one thread and
-as Conveyor's own pool, concurrent calls from several Python threads included, and back to the pool on
-request."""
+as Conveyor's own pool, concurrent calls from several Python threads included, a call whose OpenMP threads
+are asleep on the own pool, and back to the pool on request."""
 
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 import conveyor
+from conveyor import _conveyor
 
 from support import CONFIGS, config_id, make_problem, run_conveyor
 
@@ -20,20 +23,31 @@ T, B, I, H = 4, 24, 20, 176
 
 
 def libgomp_loaded() -> bool:
+    if not os.path.exists("/proc/self/maps"):
+        return False
     with open("/proc/self/maps") as maps:
         return any("libgomp" in line for line in maps)
 
 
 @pytest.fixture
 def on_runtime():
-    """Runs fn on `threads` threads of the OpenMP runtime (share=True) or of the own pool, then restores."""
+    """Runs fn on `threads` threads of the OpenMP runtime (share=True; every call there, whatever the state
+    of its threads) or of the own pool, checks which ran the last call's parallel work, then restores."""
     saved_threads, saved_sharing = conveyor.num_threads(), conveyor.sharing_openmp_threads()
 
-    def run(share, threads, fn):
+    def run(share, threads, fn, *, on_this_thread=True):
         assert conveyor.share_openmp_threads(share) == share
         assert conveyor.sharing_openmp_threads() == share
         conveyor.set_num_threads(threads)
-        return fn()
+        _conveyor._set_check_openmp_team(False)
+        try:
+            result = fn()
+        finally:
+            _conveyor._set_check_openmp_team(True)
+        if on_this_thread:  # what ran the work is known to the thread that called
+            expected = "none" if threads == 1 else "openmp" if share else "pool"
+            assert _conveyor._last_parallel_runtime() == expected
+        return result
 
     yield run
     conveyor.set_num_threads(saved_threads)
@@ -83,6 +97,26 @@ def test_concurrent_calls_on_openmp_threads_equal_sequential_ones(on_runtime, rn
             return list(pool.map(run_conveyor, problems))
 
     sequential = on_runtime(False, 1, lambda: [run_conveyor(p) for p in problems])
-    concurrent = on_runtime(True, 2, concurrently)
+    concurrent = on_runtime(True, 2, concurrently, on_this_thread=False)
     for k, (got, expected) in enumerate(zip(concurrent, sequential)):
         assert_same_bits(got, expected, f"problem {k}")
+
+
+@pytest.mark.skipif(not libgomp_loaded(), reason="this PyTorch build loads no GNU OpenMP runtime")
+@pytest.mark.skipif("OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ,
+                    reason="the runtime's threads spin as the environment says, not for their default time")
+def test_a_call_whose_openmp_threads_sleep_runs_on_the_pool(on_runtime, rng):
+    p = make_problem(*CONFIGS[0], T, B, I, H, rng).cast(np.float32)
+    expected = on_runtime(False, 1, lambda: run_conveyor(p))
+    saved_threads = conveyor.num_threads()
+    conveyor.set_num_threads(2)
+    try:
+        assert conveyor.share_openmp_threads(True)
+        run_conveyor(p)  # a region on the team, so that its workers are known
+        # GNU OpenMP's threads spin for a few milliseconds after a region by default, then sleep.
+        time.sleep(0.5)
+        asleep = run_conveyor(p)
+        assert _conveyor._last_parallel_runtime() == "pool"
+        assert_same_bits(asleep, expected, "threads asleep")
+    finally:
+        conveyor.set_num_threads(saved_threads)

@@ -20,6 +20,7 @@
 
 #include "conveyor/conveyor.h"
 #include "core/backends.h"
+#include "cpu/thread_pool.h"
 
 namespace py = pybind11;
 using namespace conveyor;
@@ -644,6 +645,14 @@ PYBIND11_MODULE(_conveyor, m) {
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("share_openmp_threads", &share_openmp_threads, py::arg("share") = true);
   m.def("sharing_openmp_threads", &sharing_openmp_threads);
+  m.def("_last_parallel_runtime", []() {
+    switch (cpu::last_parallel_runtime()) {
+      case cpu::ParallelRuntime::pool: return "pool";
+      case cpu::ParallelRuntime::openmp: return "openmp";
+      default: return "none";
+    }
+  });
+  m.def("_set_check_openmp_team", &cpu::set_check_openmp_team, py::arg("check"));
   m.def("_set_poison_outputs", [](bool on) { poison_outputs = on; }, py::arg("on"));
   m.def("_poison_outputs", []() { return poison_outputs; });
   m.attr("__version__") = version();

@@ -218,12 +218,15 @@ thread_local std::vector<int> team_workers;
 // -1: no window open (the shared runtime when sharing); 2: a window open, its choice not made yet (at its
 // first parallel work, so that calls with none, or on one thread, do not pay for it); 0 or 1: made.
 thread_local int window_on_openmp = -1;
+thread_local ParallelRuntime last_runtime = ParallelRuntime::none;
+std::atomic<bool> check_team{true};  // false (tests): a window takes the shared runtime whatever its state
 
 // Whether every worker of this thread's team is running (spinning after a parallel region), not asleep:
-// /proc's state of each. A region started on sleeping workers waits for each to wake and join it, often on
-// the caller's own core in this virtual machine, where the whole call then ran at half speed (LSTM T=64,
-// B=32, H=256, 2 threads, calls 50 ms apart: 17-21 ms against 10 on the own pool; torch.nn's own calls do the
-// same). Unknown workers (no team yet, or one gone) count as running, so that the next region learns them.
+// /proc's state of each. A region started on sleeping workers waits for each to wake and join it; on the
+// 2-core virtual machine of bench/NOTES.md (2026-12-06) that took 0.5-13 ms, and a worker often woke on the
+// caller's own core, where the whole call then ran at half speed (LSTM T=64, B=32, H=256, calls 50 ms apart:
+// 17-21 ms against 10 on the own pool; torch.nn's own calls did the same). Unknown workers (no team yet, or
+// one gone) count as running, so that the next region learns them.
 bool team_running() {
 #if defined(__linux__)
   for (int tid : team_workers) {
@@ -272,8 +275,14 @@ bool share_openmp_threads(bool share) {
 
 bool sharing_openmp_threads() { return openmp.load() != nullptr; }
 
+ParallelRuntime last_parallel_runtime() { return last_runtime; }
+void set_check_openmp_team(bool check) { check_team.store(check); }
+
 WindowThreads::WindowThreads() : outer_(window_on_openmp) {
-  if (outer_ == -1) window_on_openmp = 2;
+  if (outer_ == -1) {
+    window_on_openmp = 2;
+    last_runtime = ParallelRuntime::none;
+  }
 }
 
 WindowThreads::~WindowThreads() { window_on_openmp = outer_; }
@@ -283,8 +292,9 @@ void parallel_for(int64_t tasks, const std::function<void(int64_t)>& fn) {
   const int threads = threads_asked();
   if (tasks > 1 && threads > 1) {
     const OpenMpRuntime* runtime = openmp.load(std::memory_order_acquire);
-    if (runtime != nullptr && window_on_openmp == 2) window_on_openmp = team_running();
+    if (runtime != nullptr && window_on_openmp == 2) window_on_openmp = !check_team.load() || team_running();
     if (runtime != nullptr && window_on_openmp != 0) {
+      last_runtime = ParallelRuntime::openmp;
       const size_t parts = static_cast<size_t>(std::min<int64_t>(threads, tasks));
       OpenMpCall call{runtime, &fn, std::vector<Share>(parts), std::vector<int>(parts, 0)};
       divide(call.shares, tasks);
@@ -295,6 +305,7 @@ void parallel_for(int64_t tasks, const std::function<void(int64_t)>& fn) {
       }
       return;
     }
+    last_runtime = ParallelRuntime::pool;
     if (pool()->try_run(tasks, fn)) return;
   }
   for (int64_t t = 0; t < tasks; ++t) fn(t);

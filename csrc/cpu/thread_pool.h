@@ -18,6 +18,12 @@ void set_pool_size(int threads);
 bool share_openmp_threads(bool share);
 bool sharing_openmp_threads();
 
+// For tests: what ran the parallel work of this thread's last window (none: it had none, or one thread), and
+// whether a window reads its OpenMP team's state (false: it always takes the shared runtime when sharing).
+enum class ParallelRuntime { none, pool, openmp };
+ParallelRuntime last_parallel_runtime();
+void set_check_openmp_team(bool check);
+
 // Open for the parallel_for calls of one window (a forward or backward call) on this thread: where the
 // threads of a shared OpenMP runtime are asleep when it opens, the window runs on the own pool instead; a
 // window inside another keeps the outer one's choice.
