@@ -4,6 +4,8 @@ as Conveyor's own pool, concurrent calls from several Python threads included, a
 are asleep on the own pool, and back to the pool on request."""
 
 import os
+import select
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -120,3 +122,32 @@ def test_a_call_whose_openmp_threads_sleep_runs_on_the_pool(on_runtime, rng):
         assert_same_bits(asleep, expected, "threads asleep")
     finally:
         conveyor.set_num_threads(saved_threads)
+
+
+@pytest.mark.skipif(not libgomp_loaded() or not hasattr(os, "fork"), reason="needs GNU OpenMP and fork()")
+def test_a_forked_child_runs_on_its_own_pool(on_runtime, rng):
+    """A child of fork() has no OpenMP threads, and GNU OpenMP waits for them forever: the child must not
+    hang, and must give the parent's bits."""
+    p = make_problem(*CONFIGS[0], T, B, I, H, rng).cast(np.float32)
+    expected = on_runtime(True, 2, lambda: run_conveyor(p))  # the parent's team exists and is used
+    assert conveyor.sharing_openmp_threads()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        try:
+            got = run_conveyor(p)
+            same = all(np.array_equal(a, b) for a, b in zip(got[:2], expected[:2]))
+            report = f"{same} {conveyor.sharing_openmp_threads()} {_conveyor._last_parallel_runtime()}"
+            os.write(write_end, report.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], 60)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the forked child did not finish its call in 60 s")
+        assert os.read(read_end, 100).decode() == "True False pool"
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)

@@ -5,6 +5,7 @@
 #include "thread_pool.h"
 
 #include <dlfcn.h>
+#include <pthread.h>
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -261,6 +262,27 @@ void set_pool_size(int threads) {
   std::lock_guard<std::mutex> lock(pool_mutex);
   current_pool.reset();  // the next call's pool has the new size
 }
+
+namespace {
+
+// A child of fork() has only the thread that forked. The OpenMP runtime's threads are gone, and GNU OpenMP
+// waits for them at the child's first parallel region forever (torch's own operators hang there too): the
+// child goes back to the own pool. The pool's threads are gone as well: its object is left behind unfreed
+// (its destructor would join them) and the child makes a pool of its own at its first parallel work.
+// pool_mutex is held across fork() so that the child finds it free and current_pool whole.
+void before_fork() { pool_mutex.lock(); }
+void after_fork_in_parent() { pool_mutex.unlock(); }
+void after_fork_in_child() {
+  openmp.store(nullptr);
+  team_workers.clear();
+  new std::shared_ptr<Pool>(std::move(current_pool));  // NOLINT: left behind on purpose
+  pool_mutex.unlock();
+}
+const bool fork_handlers_registered = [] {
+  return pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child) == 0;
+}();
+
+}  // namespace
 
 bool share_openmp_threads(bool share) {
   if (!share) {
