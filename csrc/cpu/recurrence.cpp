@@ -133,9 +133,9 @@ class ScratchCache {
  public:
   static constexpr size_t kSmallest = size_t(1) << 16;  // below it, malloc's own free lists serve (no mmap)
   static constexpr size_t kHeld = size_t(256) << 20;    // at most this many bytes kept
-  static constexpr std::align_val_t kAlignment{64};  // a cache line, as cpu::LineAllocator's
+  // Blocks start on a cache line (cpu::LineAllocator), as the arrays threads write by groups of units must.
   struct Free {
-    void operator()(std::byte* block) const { ::operator delete(block, kAlignment); }
+    void operator()(std::byte* block) const { cpu::LineAllocator<std::byte>().deallocate(block, 0); }
   };
 
   static ScratchCache& instance() {
@@ -163,7 +163,7 @@ class ScratchCache {
       }
     }
     capacity = bytes;
-    return static_cast<std::byte*>(::operator new(bytes, kAlignment));
+    return cpu::LineAllocator<std::byte>().allocate(bytes);
   }
 
   // Keeps the block (newest last), then frees the oldest while more than kHeld bytes are kept.

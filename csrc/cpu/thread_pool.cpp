@@ -216,9 +216,10 @@ void openmp_body(void* data) {
 
 // The workers of this thread's last team, and this window's choice of threads (WindowThreads).
 thread_local std::vector<int> team_workers;
-// -1: no window open (the shared runtime when sharing); 2: a window open, its choice not made yet (at its
-// first parallel work, so that calls with none, or on one thread, do not pay for it); 0 or 1: made.
-thread_local int window_on_openmp = -1;
+// A window's choice is made at its first parallel work, so that calls with none, or on one thread, do not
+// pay for it. Outside windows, parallel work goes to the shared runtime when sharing.
+enum class WindowChoice { no_window, undecided, pool, openmp };
+thread_local WindowChoice window_choice = WindowChoice::no_window;
 thread_local ParallelRuntime last_runtime = ParallelRuntime::none;
 std::atomic<bool> check_team{true};  // false (tests): a window takes the shared runtime whatever its state
 
@@ -300,22 +301,26 @@ bool sharing_openmp_threads() { return openmp.load() != nullptr; }
 ParallelRuntime last_parallel_runtime() { return last_runtime; }
 void set_check_openmp_team(bool check) { check_team.store(check); }
 
-WindowThreads::WindowThreads() : outer_(window_on_openmp) {
-  if (outer_ == -1) {
-    window_on_openmp = 2;
+WindowThreads::WindowThreads() : outer_(window_choice != WindowChoice::no_window) {
+  if (!outer_) {
+    window_choice = WindowChoice::undecided;
     last_runtime = ParallelRuntime::none;
   }
 }
 
-WindowThreads::~WindowThreads() { window_on_openmp = outer_; }
+WindowThreads::~WindowThreads() {
+  if (!outer_) window_choice = WindowChoice::no_window;
+}
 
 void parallel_for(int64_t tasks, const std::function<void(int64_t)>& fn) {
   if (tasks <= 0) return;
   const int threads = threads_asked();
   if (tasks > 1 && threads > 1) {
     const OpenMpRuntime* runtime = openmp.load(std::memory_order_acquire);
-    if (runtime != nullptr && window_on_openmp == 2) window_on_openmp = !check_team.load() || team_running();
-    if (runtime != nullptr && window_on_openmp != 0) {
+    if (runtime != nullptr && window_choice == WindowChoice::undecided) {
+      window_choice = !check_team.load() || team_running() ? WindowChoice::openmp : WindowChoice::pool;
+    }
+    if (runtime != nullptr && window_choice != WindowChoice::pool) {
       last_runtime = ParallelRuntime::openmp;
       const size_t parts = static_cast<size_t>(std::min<int64_t>(threads, tasks));
       OpenMpCall call{runtime, &fn, std::vector<Share>(parts), std::vector<int>(parts, 0)};

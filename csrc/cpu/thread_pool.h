@@ -35,7 +35,7 @@ class WindowThreads {
   WindowThreads& operator=(const WindowThreads&) = delete;
 
  private:
-  int outer_;
+  bool outer_;  // inside another window, whose choice it keeps
 };
 
 void parallel_for(int64_t tasks, const std::function<void(int64_t)>& fn);
