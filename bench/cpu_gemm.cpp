@@ -6,9 +6,12 @@
 //
 // Each shape runs for the given time (0.3 s by default) after a warm-up; the median of its timed batches is
 // printed. "packed" products read B from a PackedMatrix (the recurrent weights, packed once per window), as
-// the per-step products do.
+// the per-step products do. Where the processor has AMX, float32 products run on its tiles too (csrc/cpu/
+// amx.h: at least 128 columns and a depth of 128), and both paths are printed, each with its worst error
+// against float64 over 256 elements, in units of sum_k |a_mk b_kn| (what a float32 sum's rounding scales with).
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -21,6 +24,7 @@
 #include <immintrin.h>
 #endif
 
+#include "conveyor/conveyor.h"
 #include "cpu/gemm.h"
 #include "cpu/thread_pool.h"
 
@@ -93,7 +97,11 @@ struct Shape {
   bool a_transposed, b_transposed, packed;
 };
 
-double time_shape(const Shape& s, double seconds) {
+struct Result {
+  double gflops, error;
+};
+
+Result time_shape(const Shape& s, double seconds) {
   std::mt19937 rng(1234);
   std::uniform_real_distribution<float> uniform(-1.f, 1.f);
   std::vector<float> a(static_cast<size_t>(s.M * s.K)), b(static_cast<size_t>(s.K * s.N)),
@@ -128,7 +136,18 @@ double time_shape(const Shape& s, double seconds) {
     rates.push_back(flops * repeats / elapsed * 1e-9);
   }
   std::nth_element(rates.begin(), rates.begin() + rates.size() / 2, rates.end());
-  return rates[rates.size() / 2];
+  double error = 0;
+  for (int sample = 0; sample < 256; ++sample) {
+    const int64_t m = rng() % s.M, n = rng() % s.N;
+    double exact = 0, scale = 0;
+    for (int64_t k = 0; k < s.K; ++k) {
+      const double p = double(A.data[m * A.row_stride + k * A.col_stride]) * B.data[k * B.row_stride + n * B.col_stride];
+      exact += p;
+      scale += std::fabs(p);
+    }
+    error = std::max(error, std::fabs(c[m * s.N + n] - exact) / scale);
+  }
+  return {rates[rates.size() / 2], error};
 }
 
 }  // namespace
@@ -159,12 +178,24 @@ int main(int argc, char** argv) {
       {"backward dW, 4H=1024 (dA^T x)", 1024, 256, 2048, true, false, false},
       {"backward dW, 4H=4096 I=1024", 4096, 1024, 4096, true, false, false},
   };
-  std::printf("| product | M, N, K | GFLOP/s |\n| --- | --- | ---: |\n");
+  const bool amx = conveyor::use_amx(true) && conveyor::using_amx();
+  std::printf("| product | M, N, K | AVX GFLOP/s | AVX error | AMX GFLOP/s | AMX error |\n"
+              "| --- | --- | ---: | ---: | ---: | ---: |\n");
   for (const Shape& s : shapes) {
     if (std::string(s.what).find(only) == std::string::npos) continue;
-    std::printf("| %s | %lld, %lld, %lld | %.0f |\n", s.what, static_cast<long long>(s.M),
-                static_cast<long long>(s.N), static_cast<long long>(s.K), time_shape(s, seconds));
+    conveyor::use_amx(false);
+    const Result avx = time_shape(s, seconds);
+    std::printf("| %s | %lld, %lld, %lld | %.0f | %.1e |", s.what, static_cast<long long>(s.M),
+                static_cast<long long>(s.N), static_cast<long long>(s.K), avx.gflops, avx.error);
+    if (amx && s.N >= 128 && s.K >= 128) {
+      conveyor::use_amx(true);
+      const Result tiles = time_shape(s, seconds);
+      std::printf(" %.0f | %.1e |\n", tiles.gflops, tiles.error);
+    } else {
+      std::printf(" %s | |\n", amx ? "(under 128: AVX)" : "(no AMX here)");
+    }
     std::fflush(stdout);
   }
+  conveyor::use_amx(amx);
   return 0;
 }

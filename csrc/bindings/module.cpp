@@ -645,6 +645,8 @@ PYBIND11_MODULE(_conveyor, m) {
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("share_openmp_threads", &share_openmp_threads, py::arg("share") = true);
   m.def("sharing_openmp_threads", &sharing_openmp_threads);
+  m.def("use_amx", &use_amx, py::arg("on") = true);
+  m.def("using_amx", &using_amx);
   m.def("_last_parallel_runtime", []() {
     switch (cpu::last_parallel_runtime()) {
       case cpu::ParallelRuntime::pool: return "pool";

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -20,6 +21,7 @@
 #include <immintrin.h>
 #endif
 
+#include "amx.h"
 #include "thread_pool.h"
 
 namespace conveyor::cpu {
@@ -439,6 +441,70 @@ void gemm_block(int64_t m0, int64_t m1, int64_t n0, int64_t nc, int64_t K, T alp
   }
 }
 
+// A float product on AMX tiles (amx.h): B's parts from its PackedMatrix, or split here over the threads for
+// this product alone; then tasks of (row group, column panel), rows first, so that each row of A is split
+// once. A task walks its rows in blocks and K in slices, the block's parts of a slice in L2 while B's pass
+// them; the sums of a slice continue those of the one before (kept exact in float32 between slices), so
+// every element's sum runs in k order whatever the blocking, the task or the path.
+void amx_driver(int64_t M, int64_t N, int64_t K, float alpha, const MatrixRef<float>& A, const MatrixRef<float>& B,
+                const PackedMatrix<float>* packed, float beta, float* C, int64_t ldc) {
+  constexpr int64_t kSliceChunks = 16, kBlockRows = 256;  // 512 of K; a block's parts of a slice: 768 KB
+  constexpr int64_t kChunkValues = 3 * 512;
+  const int64_t block_b = amx::block_size(K), block_a = kSliceChunks * kChunkValues;
+  LineVector<uint16_t> own_parts;
+  const uint16_t* parts_b = nullptr;
+  if (packed != nullptr) {
+    parts_b = packed->parts();
+  } else {
+    own_parts.resize(static_cast<size_t>(amx::parts_size(N, K)));
+    const int64_t col_blocks = (N + 15) / 16;
+    const int64_t split_tasks = parallel_tasks_for(double(N) * K * 8, col_blocks);
+    parallel_for(split_tasks, [&](int64_t task) {
+      const int64_t n0 = task * col_blocks / split_tasks * 16;
+      const int64_t n1 = std::min(N, (task + 1) * col_blocks / split_tasks * 16);
+      if (n0 < n1) amx::split_columns(B, K, N, n0, n1, own_parts.data());
+    });
+    parts_b = own_parts.data();
+  }
+  const int64_t row_tiles = (M + 31) / 32, col_tiles = (N + 31) / 32;
+  const int64_t wanted = pool_size() > 1 ? 2 * static_cast<int64_t>(pool_size()) : 1;
+  int64_t panel = col_tiles;  // tiles of 32 columns
+  while (panel > 1 && row_tiles * ((col_tiles + panel - 1) / panel) < wanted) panel = (panel + 1) / 2;
+  const int64_t col_panels = (col_tiles + panel - 1) / panel;
+  const int64_t row_groups = std::min(row_tiles, std::max<int64_t>(1, (wanted + col_panels - 1) / col_panels));
+  const int64_t tiles = row_groups * col_panels;
+  const int64_t tasks = parallel_tasks_for(double(M) * N * K, tiles);
+  parallel_for(tasks, [&](int64_t task) {
+    thread_local LineVector<uint16_t> parts_a;
+    thread_local LineVector<float> sums;  // a block's sums so far, `width` floats a row
+    for (int64_t tile = task; tile < tiles; tile += tasks) {
+      const int64_t group = tile / col_panels, n0 = (tile % col_panels) * panel * 32;
+      const int64_t m0 = group * row_tiles / row_groups * 32;
+      const int64_t m1 = std::min(M, (group + 1) * row_tiles / row_groups * 32);
+      const int64_t n1 = std::min(N, n0 + panel * 32), width = (n1 - n0 + 31) / 32 * 32;
+      for (int64_t mb = m0; mb < m1; mb += kBlockRows) {
+        const int64_t me = std::min(m1, mb + kBlockRows), height = (me - mb + 31) / 32 * 32;
+        if (parts_a.size() < static_cast<size_t>(height / 16 * block_a)) parts_a.resize(height / 16 * block_a);
+        if (sums.size() < static_cast<size_t>(height * width)) sums.resize(height * width);
+        for (int64_t k0 = 0; k0 < K; k0 += kSliceChunks * 32) {
+          const int64_t k1 = std::min(K, k0 + kSliceChunks * 32), count = amx::chunks(k1 - k0);
+          amx::split_rows(A, M, K, mb, me, k0, k1, parts_a.data(), k0, block_a);
+          for (int64_t n = n0; n < n1; n += 32) {
+            for (int64_t m = mb; m < me; m += 32) {
+              float* s = sums.data() + (m - mb) * width + (n - n0);
+              amx::tile_sums(parts_a.data() + (m - mb) / 16 * block_a, block_a,
+                             parts_b + n / 16 * block_b + k0 / 32 * kChunkValues, block_b, count,
+                             std::min<int64_t>(32, me - m), std::min<int64_t>(32, n1 - n), k0 == 0 ? nullptr : s, s,
+                             width);
+            }
+          }
+        }
+        amx::finish(sums.data(), width, me - mb, n1 - n0, alpha, beta, C + mb * ldc + n0, ldc);
+      }
+    }
+  });
+}
+
 // Few rows: each row of C is a combination of rows of B (B row-contiguous) or a set of dot products
 // (B column-contiguous). Tasks split the columns. K is walked in the same KC slices, and each slice's sum
 // added to C in the same order, as the blocked path, so that a row of C comes out bit-for-bit the same
@@ -552,6 +618,12 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, T alpha, const MatrixRef<T>& A
       for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == T(0) ? T(0) : beta * C[m * ldc + n];
     return;
   }
+  if constexpr (std::is_same_v<T, float>) {
+    if (packed != nullptr ? packed->on_amx() : amx::eligible(N, K)) {
+      amx_driver(M, N, K, alpha, A, B, packed, beta, C, ldc);
+      return;
+    }
+  }
   if (M <= 2) {
 #if defined(__FMA__)
     if (packed != nullptr) {
@@ -608,11 +680,17 @@ int64_t packed_strip_width() {
 }
 
 template <typename T>
-void PackedRows<T>::reserve(int64_t M, int64_t K, MatrixRef<T> A) {
+void PackedRows<T>::reserve(int64_t M, int64_t K, MatrixRef<T> A, const PackedMatrix<T>& B) {
   constexpr int MR = Blocking<T>::MR;
   rows_ = M;
   cols_ = K;
   source_ = A;
+  on_amx_ = B.on_amx();
+  if (on_amx_) {
+    const auto size = static_cast<size_t>(amx::parts_size(M, K));
+    if (parts_.size() < size) parts_.resize(size);
+    return;
+  }
   if (M <= 2) return;  // few-rows products read A as it is
   const int64_t padded_m = (M + MR - 1) / MR * MR;
   if (packed_.size() < static_cast<size_t>(padded_m * K)) packed_.resize(static_cast<size_t>(padded_m * K));
@@ -621,6 +699,12 @@ void PackedRows<T>::reserve(int64_t M, int64_t K, MatrixRef<T> A) {
 template <typename T>
 void PackedRows<T>::pack_columns(int64_t k_begin, int64_t k_end) {
   constexpr int MR = Blocking<T>::MR, KC = Blocking<T>::KC;
+  if constexpr (std::is_same_v<T, float>) {
+    if (on_amx_) {
+      amx::split_rows(source_, rows_, cols_, 0, rows_, k_begin, k_end, parts_.data(), 0, amx::block_size(cols_));
+      return;
+    }
+  }
   if (rows_ <= 2) return;
   // Slice by slice of KC columns, each slice all the strips of MR rows, as gemm_block reads them: column k of
   // slice k0 (kc wide) is at k0 * padded_m + strip * MR * kc + (k - k0) * MR. pack_a packs a whole slice; a
@@ -654,6 +738,19 @@ void gemm_columns(const PackedRows<T>& A, const PackedMatrix<T>& B, int64_t n0, 
       for (int64_t n = n0; n < n0 + nc; ++n) C[m * ldc + n] = beta == T(0) ? T(0) : beta * C[m * ldc + n];
     return;
   }
+  if (A.on_amx() != B.on_amx()) throw std::logic_error("gemm_columns: A was packed for another B");
+  if constexpr (std::is_same_v<T, float>) {
+    if (B.on_amx()) {
+      const int64_t block = amx::block_size(K);
+      for (int64_t n = n0; n < n0 + nc; n += 32) {
+        for (int64_t m = 0; m < M; m += 32) {
+          amx::tile_product(A.parts() + m / 16 * block, B.parts() + n / 16 * block, K, std::min<int64_t>(32, M - m),
+                            std::min<int64_t>(32, n0 + nc - n), alpha, beta, C + m * ldc + n, ldc);
+        }
+      }
+      return;
+    }
+  }
   if (M <= 2) {
 #if defined(__FMA__)
     few_rows_packed_columns(M, n0, n0 + nc, K, alpha, A.source(), B, beta, C, ldc);
@@ -674,6 +771,18 @@ template <typename T>
 PackedMatrix<T>::PackedMatrix(int64_t K, int64_t N, MatrixRef<T> B)
     : rows_(K), cols_(N), padded_cols_((N + Blocking<T>::NR - 1) / Blocking<T>::NR * Blocking<T>::NR), source_(B) {
   constexpr int KC = Blocking<T>::KC;
+  if constexpr (std::is_same_v<T, float>) {
+    if (amx::eligible(N, K)) {
+      parts_.resize(static_cast<size_t>(amx::parts_size(N, K)));
+      const int64_t col_blocks = (N + 15) / 16;
+      const int64_t tasks = parallel_tasks_for(double(N) * K * 8, col_blocks);
+      parallel_for(tasks, [&](int64_t task) {
+        const int64_t n0 = task * col_blocks / tasks * 16, n1 = std::min(N, (task + 1) * col_blocks / tasks * 16);
+        if (n0 < n1) amx::split_columns(B, K, N, n0, n1, parts_.data());
+      });
+      return;
+    }
+  }
   packed_.resize(static_cast<size_t>(std::max<int64_t>(K, 0) * padded_cols_));
   const int64_t slices = (K + KC - 1) / KC;
   parallel_for(slices, [&](int64_t slice) {

@@ -982,9 +982,9 @@ void forward_window(const CellOptions& options, const WindowSizes& sizes, const 
     if (one_pass) {
       cpu::PackedRows<T>& packed_h = step_rows[t % 2];
       cpu::PackedRows<T>& packed_next = step_rows[(t + 1) % 2];
-      if (!pack_in_pass || t == 0) packed_h.pack(Bt, O, MatrixRef<T>::rows(h_product, O));
+      if (!pack_in_pass || t == 0) packed_h.pack(Bt, O, MatrixRef<T>::rows(h_product, O), recurrent);
       const bool pack_next = pack_in_pass && t + 1 < rows.steps;
-      if (pack_next) packed_next.reserve(rows.rows_at(t + 1), O, MatrixRef<T>::rows(h, O));
+      if (pack_next) packed_next.reserve(rows.rows_at(t + 1), O, MatrixRef<T>::rows(h, O), recurrent);
       cpu::parallel_for(groups.count, [&](int64_t q) {
         const int64_t u0 = q * groups.width, n = groups.units(q, H);
         if (groups.count > 1) prefetch_units(ax_t, Bt, GH, G, H, u0, n);
@@ -1177,8 +1177,8 @@ void backward_window(const CellOptions& options, const WindowSizes& sizes, const
       cpu::PackedRows<T>& out = grads[(later + 1) % 2];
       cpu::PackedRows<T>& out_n = grads_n[(later + 1) % 2];
       if (t >= 0) {
-        out.reserve(Bt, K, MatrixRef<T>::rows(dax.data() + rows.offsets[t] * GH, GH));
-        if (gru) out_n.reserve(Bt, H, MatrixRef<T>::rows(dar_n.data() + rows.offsets[t] * H, H));
+        out.reserve(Bt, K, MatrixRef<T>::rows(dax.data() + rows.offsets[t] * GH, GH), recurrent);
+        if (gru) out_n.reserve(Bt, H, MatrixRef<T>::rows(dar_n.data() + rows.offsets[t] * H, H), recurrent_n);
       }
       const T* m = has_later ? mask_of(later) : nullptr;
       cpu::parallel_for(groups.count, [&](int64_t q) {

@@ -84,7 +84,7 @@ bool check_one(const Case& c, bool a_t, bool b_t, T alpha, T beta, bool nan_pois
   // range cut short by N.
   std::vector<T> C_columns = C0;
   PackedRows<T> rows_a;
-  rows_a.reserve(M, K, A);
+  rows_a.reserve(M, K, A, packed_b);
   for (int64_t k = 0; k < K; k += 7) rows_a.pack_columns(k, std::min<int64_t>(K, k + 7));
   const int64_t strip = packed_strip_width<T>();
   for (int64_t n0 = 0; n0 < N; n0 += 2 * strip) {
@@ -183,6 +183,57 @@ int main() {
   run_all<float>(cases, 3000);
   run_all<double>(cases, 4000);
   conveyor::set_num_threads(threads);
+
+  // Products that AMX takes where the processor has it (csrc/cpu/amx.h: at least 128 columns, a depth of at
+  // least 128), edges of every kind: one and two rows, rows and columns not whole tiles, K not whole chunks.
+  // With AMX on, then off (where there is none, both run on the AVX path, and the line below says so).
+  {
+    const std::vector<Case> amx_cases = {{1, 128, 128},  {2, 130, 200},  {17, 144, 130}, {33, 257, 300},
+                                         {70, 300, 129}, {3, 1000, 128}, {40, 160, 1030}};
+    std::printf("AMX %s\n", conveyor::using_amx() ? "present and on: the AMX cases run on its tiles, then without"
+                                                  : "absent or off: the AMX cases run on the AVX path only");
+    const bool was_on = conveyor::use_amx(true);
+    conveyor::set_num_threads(std::max(threads, 3));
+    run_all<float>(amx_cases, 5000);
+    conveyor::set_num_threads(1);
+    run_all<float>(amx_cases, 6000);
+    conveyor::use_amx(false);
+    CHECK_MSG(!conveyor::using_amx(), "use_amx(false): expected using_amx() false");
+    run_all<float>(amx_cases, 7000);
+
+    // The splits are exact: A times the identity is A and the identity times B is B, bit for bit, on the
+    // tiles as on the AVX path (a part dropped or rounded shows here, where tolerances cannot see it). Values
+    // from 2^-100 to 2^127 with full mantissas (below 2^-110 a value's last part is subnormal, which the tiles
+    // flush). An infinity in A leaves its product non-finite.
+    for (const bool on : {true, false}) {
+      conveyor::use_amx(on);
+      const int64_t n = 160, m = 37, wide = 200;
+      std::mt19937 rng(99);
+      std::uniform_real_distribution<float> mantissa(1.f, 2.f);
+      std::uniform_int_distribution<int> exponent(-100, 126);
+      const auto value = [&] { return std::ldexp(mantissa(rng), exponent(rng)) * (rng() % 2 ? 1.f : -1.f); };
+      std::vector<float> a(static_cast<size_t>(m * n)), b(static_cast<size_t>(n * wide));
+      std::vector<float> eye(static_cast<size_t>(n * n), 0.f), c(static_cast<size_t>(m * n)),
+          d(static_cast<size_t>(n * wide));
+      for (float& v : a) v = value();
+      for (float& v : b) v = value();
+      for (int64_t i = 0; i < n; ++i) eye[i * n + i] = 1.f;
+      a[3 * n + 5] = std::numeric_limits<float>::infinity();
+      gemm<float>(m, n, n, 1.f, MatrixRef<float>::rows(a.data(), n), MatrixRef<float>::rows(eye.data(), n), 0.f,
+                  c.data(), n);
+      gemm<float>(n, wide, n, 1.f, MatrixRef<float>::rows(eye.data(), n), MatrixRef<float>::rows(b.data(), wide), 0.f,
+                  d.data(), wide);
+      CHECK_MSG(!std::isfinite(c[3 * n + 5]), std::string("AMX ") + (on ? "on" : "off") + ": inf times 1 came out finite");
+      c[3 * n + 5] = a[3 * n + 5];
+      bool a_same = true;
+      for (int64_t i = 0; i < m * n; ++i) a_same = a_same && (i / n == 3 || c[i] == a[i]);  // row 3: inf * 0
+      CHECK_MSG(a_same, std::string("AMX ") + (on ? "on" : "off") + ": A times the identity is not A");
+      CHECK_MSG(std::memcmp(b.data(), d.data(), sizeof(float) * b.size()) == 0,
+                std::string("AMX ") + (on ? "on" : "off") + ": the identity times B is not B");
+    }
+    conveyor::use_amx(was_on);
+    conveyor::set_num_threads(threads);
+  }
 
   // K == 0 is a valid product: C = beta * C (and 0 when beta == 0, even over NaN).
   {
