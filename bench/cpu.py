@@ -7,9 +7,10 @@ Conveyor repetition, one torch repetition, and so on), and reports medians: forw
 mode: the inference path) and forward+backward (training mode, the gradient of sum(y) into every weight),
 float32, with 1 and 2 threads each (torch.set_num_threads and conveyor.set_num_threads). The ratio is torch
 time / Conveyor time: above 1, Conveyor is faster. The floor is the point's multiply-add flops at the peak
-that NumPy's BLAS reaches here on a large float32 product (the best GEMM on this machine, measured on all
-cores and scaled to the thread count), printed beside each measurement. Last, the overhead of one tiny call
-(T=1, B=1, H=8) through conveyor.torch, the functional API and torch.nn."""
+that NumPy's BLAS reaches here on a large float32 product (the best float32 multiply-add GEMM on this
+machine, measured on all cores and scaled to the thread count), printed beside each measurement; where the
+processor has AMX, Conveyor's float32 products run on its tiles (conveyor.use_amx) and can beat it. Last,
+the overhead of one tiny call (T=1, B=1, H=8) through conveyor.torch, the functional API and torch.nn."""
 
 from __future__ import annotations
 
@@ -156,8 +157,10 @@ def main() -> int:
             machine = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    products = "AMX tiles" if conveyor.using_amx() else "AVX/FMA units"
     lines = [f"Conveyor {conveyor.__version__} beside torch {torch.__version__} on {machine} "
-             f"({os.cpu_count()} cores), float32; `python bench/cpu.py {' '.join(sys.argv[1:])}`", ""]
+             f"({os.cpu_count()} cores), float32 (Conveyor's products on {products}); "
+             f"`python bench/cpu.py {' '.join(sys.argv[1:])}`", ""]
 
     def emit(line=""):
         print(line, flush=True)

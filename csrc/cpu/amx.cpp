@@ -369,8 +369,12 @@ CONVEYOR_AVX512 void finish(const float* sums, int64_t ld, int64_t rows, int64_t
 
 CONVEYOR_TILES void tile_product(const uint16_t* a, const uint16_t* b, int64_t K, int64_t rows, int64_t cols,
                                  float alpha, float beta, float* C, int64_t ldc) {
-  alignas(64) float sums[32 * 32];
   const int64_t block = block_size(K);
+  if (stores_sums(rows, cols, alpha, beta)) {
+    tile_sums(a, block, b, block, chunks(K), rows, cols, nullptr, C, ldc);
+    return;
+  }
+  alignas(64) float sums[32 * 32];
   tile_sums(a, block, b, block, chunks(K), rows, cols, nullptr, sums, 32);
   finish(sums, 32, rows, cols, alpha, beta, C, ldc);
 }

@@ -486,20 +486,24 @@ void amx_driver(int64_t M, int64_t N, int64_t K, float alpha, const MatrixRef<fl
         const int64_t me = std::min(m1, mb + kBlockRows), height = (me - mb + 31) / 32 * 32;
         if (parts_a.size() < static_cast<size_t>(height / 16 * block_a)) parts_a.resize(height / 16 * block_a);
         if (sums.size() < static_cast<size_t>(height * width)) sums.resize(height * width);
+        // With one slice of K, whole tiles whose sums are C as they stand go straight into C.
+        const bool one_slice = K <= kSliceChunks * 32;
         for (int64_t k0 = 0; k0 < K; k0 += kSliceChunks * 32) {
           const int64_t k1 = std::min(K, k0 + kSliceChunks * 32), count = amx::chunks(k1 - k0);
           amx::split_rows(A, M, K, mb, me, k0, k1, parts_a.data(), k0, block_a);
           for (int64_t n = n0; n < n1; n += 32) {
             for (int64_t m = mb; m < me; m += 32) {
-              float* s = sums.data() + (m - mb) * width + (n - n0);
+              const int64_t rows = std::min<int64_t>(32, me - m), cols = std::min<int64_t>(32, n1 - n);
+              const bool into_c = one_slice && amx::stores_sums(rows, cols, alpha, beta);
+              float* s = into_c ? C + m * ldc + n : sums.data() + (m - mb) * width + (n - n0);
               amx::tile_sums(parts_a.data() + (m - mb) / 16 * block_a, block_a,
-                             parts_b + n / 16 * block_b + k0 / 32 * kChunkValues, block_b, count,
-                             std::min<int64_t>(32, me - m), std::min<int64_t>(32, n1 - n), k0 == 0 ? nullptr : s, s,
-                             width);
+                             parts_b + n / 16 * block_b + k0 / 32 * kChunkValues, block_b, count, rows, cols,
+                             k0 == 0 ? nullptr : s, s, into_c ? ldc : width);
+              if (into_c || k1 < K) continue;
+              amx::finish(s, width, rows, cols, alpha, beta, C + m * ldc + n, ldc);
             }
           }
         }
-        amx::finish(sums.data(), width, me - mb, n1 - n0, alpha, beta, C + mb * ldc + n0, ldc);
       }
     }
   });
