@@ -474,6 +474,28 @@ void amx_driver(int64_t M, int64_t N, int64_t K, float alpha, const MatrixRef<fl
   const int64_t row_groups = std::min(row_tiles, std::max<int64_t>(1, (wanted + col_panels - 1) / col_panels));
   const int64_t tiles = row_groups * col_panels;
   const int64_t tasks = parallel_tasks_for(double(M) * N * K, tiles);
+  if (col_panels > 1) {
+    // Too few rows for the threads (a step's product): A split once, all of K, for every task's columns (each
+    // task splitting its own copy took longer than its product: dA R at B = 32, H = 256 on 2 threads).
+    LineVector<uint16_t> all_rows(static_cast<size_t>(amx::parts_size(M, K)));
+    amx::split_rows(A, M, K, 0, M, 0, K, all_rows.data(), 0, block_b);
+    parallel_for(tasks, [&](int64_t task) {
+      for (int64_t tile = task; tile < tiles; tile += tasks) {
+        const int64_t group = tile / col_panels, n0 = (tile % col_panels) * panel * 32;
+        const int64_t m0 = group * row_tiles / row_groups * 32;
+        const int64_t m1 = std::min(M, (group + 1) * row_tiles / row_groups * 32);
+        const int64_t n1 = std::min(N, n0 + panel * 32);
+        for (int64_t n = n0; n < n1; n += 32) {
+          for (int64_t m = m0; m < m1; m += 32) {
+            amx::tile_product(all_rows.data() + m / 16 * block_b, parts_b + n / 16 * block_b, K,
+                              std::min<int64_t>(32, m1 - m), std::min<int64_t>(32, n1 - n), alpha, beta,
+                              C + m * ldc + n, ldc);
+          }
+        }
+      }
+    });
+    return;
+  }
   parallel_for(tasks, [&](int64_t task) {
     thread_local LineVector<uint16_t> parts_a;
     thread_local LineVector<float> sums;  // a block's sums so far, `width` floats a row
