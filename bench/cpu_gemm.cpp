@@ -8,7 +8,8 @@
 // printed. "packed" products read B from a PackedMatrix (the recurrent weights, packed once per window), as
 // the per-step products do. Where the processor has AMX, float32 products run on its tiles too (csrc/cpu/
 // amx.h: at least 128 columns and a depth of 128), and both paths are printed, each with its worst error
-// against float64 over 256 elements, in units of sum_k |a_mk b_kn| (what a float32 sum's rounding scales with).
+// against float64 over 256 elements, in units of sum_k |a_mk b_kn| (what a float32 sum's rounding scales with),
+// and the tiles' own ceiling: their kernel on parts held in L1.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -25,6 +26,7 @@
 #endif
 
 #include "conveyor/conveyor.h"
+#include "cpu/amx.h"
 #include "cpu/gemm.h"
 #include "cpu/thread_pool.h"
 
@@ -89,6 +91,28 @@ double fma_ceiling(double seconds) {
   (void)seconds;
   return 0.0;
 #endif
+}
+
+// The tiles' float32-equivalent ceiling in GFLOP/s: amx::tile_sums over 32 x 32 of C and 256 of K, its parts
+// in L1, repeated (the kernel's own loads included; 0 where the products do not run on AMX).
+double amx_ceiling(double seconds) {
+  if (!conveyor::using_amx()) return 0.0;
+  constexpr int64_t K = 256;
+  const int64_t block = conveyor::cpu::amx::block_size(K);
+  conveyor::cpu::LineVector<uint16_t> a(static_cast<size_t>(2 * block), 0x3F80), b(static_cast<size_t>(2 * block), 0x3F80);
+  alignas(64) float sums[32 * 32];
+  constexpr int64_t kCalls = 4096;
+  double best = 0.0;
+  const auto until = Clock::now() + std::chrono::duration<double>(seconds);
+  while (Clock::now() < until) {
+    const auto start = Clock::now();
+    for (int64_t i = 0; i < kCalls; ++i) {
+      conveyor::cpu::amx::tile_sums(a.data(), block, b.data(), block, K / 32, 32, 32, nullptr, sums, 32);
+    }
+    const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    best = std::max(best, 2.0 * 32 * 32 * K * kCalls / elapsed * 1e-9);
+  }
+  return best;
 }
 
 struct Shape {
@@ -161,7 +185,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   conveyor::cpu::set_pool_size(threads);
-  std::printf("float32, %d thread(s); one core's multiply-add ceiling %.0f GFLOP/s\n\n", threads, fma_ceiling(0.3));
+  std::printf("float32, %d thread(s); one core's multiply-add ceiling %.0f GFLOP/s\n", threads, fma_ceiling(0.3));
   // x W^T is A row-major times B transposed (the weights stored [4H, I]); dA R and dA W are A times B
   // row-major; dW = dA^T x is A transposed. T B rows for the time-parallel products, B rows per step.
   const Shape shapes[] = {
@@ -178,7 +202,10 @@ int main(int argc, char** argv) {
       {"backward dW, 4H=1024 (dA^T x)", 1024, 256, 2048, true, false, false},
       {"backward dW, 4H=4096 I=1024", 4096, 1024, 4096, true, false, false},
   };
-  const bool amx = conveyor::use_amx(true) && conveyor::using_amx();
+  const bool was_on = conveyor::use_amx(true);
+  const bool amx = conveyor::using_amx();
+  if (amx) std::printf("one core's AMX tiles, float32 in six bfloat16 passes: ceiling %.0f GFLOP/s\n", amx_ceiling(0.3));
+  std::printf("\n");
   std::printf("| product | M, N, K | AVX GFLOP/s | AVX error | AMX GFLOP/s | AMX error |\n"
               "| --- | --- | ---: | ---: | ---: | ---: |\n");
   for (const Shape& s : shapes) {
@@ -196,6 +223,6 @@ int main(int argc, char** argv) {
     }
     std::fflush(stdout);
   }
-  conveyor::use_amx(amx);
+  conveyor::use_amx(was_on);
   return 0;
 }

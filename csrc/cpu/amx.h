@@ -6,7 +6,7 @@
 // dropped, a3 b2, a2 b3, a3 b3, are below 2^-21 of a b together, under the rounding of the float32 sums
 // around them. bench/cpu_gemm measures the worst errors of both paths against float64 (2e-8 to 2e-7 of
 // sum |a b|, of the same order on either). One tile instruction does 16 x 16 x 32 multiply-adds, so six
-// passes still run 1.2-1.5 times the rate of the AVX-512 path on the recurrent layers' shapes (bench/NOTES.md,
+// passes still run 1.1-1.6 times the rate of the AVX-512 path on the recurrent layers' shapes (bench/NOTES.md,
 // "AMX"). Where they differ from float32's
 // products: below 2^-110 a value's last part is subnormal, and the tiles flush subnormal inputs and results
 // to zero; an infinity times a value whose second or third part is zero gives NaN, not an infinity.

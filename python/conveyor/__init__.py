@@ -130,7 +130,7 @@ def use_amx(on: bool = True) -> bool:
 
     Each float is split into three bfloat16 parts whose sum is the float exactly, and the six largest of the
     nine part products are summed in float32: float32's accuracy (worst errors against float64 of the same
-    order as the AVX-512 products', ``bench/cpu_gemm``) at 1.2-1.5 times their speed on a recurrent layer's
+    order as the AVX-512 products', ``bench/cpu_gemm``) at 1.1-1.6 times their speed on a recurrent layer's
     shapes. The bits differ from the AVX-512 products'; within either, every path and batch gives the same."""
     if not isinstance(on, bool):
         raise TypeError(f"on: expected True or False, got {on!r} of type {type(on).__name__}")

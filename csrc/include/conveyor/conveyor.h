@@ -358,7 +358,7 @@ bool sharing_openmp_threads();
 // off): the CPU backend's float32 matrix products of at least 128 columns and a depth of 128 run on the
 // processor's AMX tiles (Intel Xeon, Sapphire Rapids and later). Each float is split into three bfloat16
 // parts whose sum is the float exactly, and the six largest of the nine part products are summed in float32:
-// float32's accuracy (worst errors against float64 of the same order as the AVX-512 products'), at 1.2-1.5
+// float32's accuracy (worst errors against float64 of the same order as the AVX-512 products'), at 1.1-1.6
 // times their speed. The bits differ from the AVX-512 products'. Returns the previous setting; products
 // begun after the call follow it. Where the processor has no AMX, nothing changes.
 bool use_amx(bool on = true);
