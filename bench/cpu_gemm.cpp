@@ -101,6 +101,7 @@ double amx_ceiling(double seconds) {
   const int64_t block = conveyor::cpu::amx::block_size(K);
   conveyor::cpu::LineVector<uint16_t> a(static_cast<size_t>(2 * block), 0x3F80), b(static_cast<size_t>(2 * block), 0x3F80);
   alignas(64) float sums[32 * 32];
+  conveyor::cpu::amx::configure_tiles();
   constexpr int64_t kCalls = 4096;
   double best = 0.0;
   const auto until = Clock::now() + std::chrono::duration<double>(seconds);
@@ -112,6 +113,7 @@ double amx_ceiling(double seconds) {
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     best = std::max(best, 2.0 * 32 * 32 * K * kCalls / elapsed * 1e-9);
   }
+  conveyor::cpu::amx::release_tiles();
   return best;
 }
 

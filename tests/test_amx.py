@@ -89,6 +89,32 @@ def test_amx_windows_give_the_same_bits_on_one_thread_and_two_and_split_in_two(a
     np.testing.assert_array_equal(np.concatenate([first[0], second[0]]), one[0])
 
 
+# In a child process: a tile instruction of ours on unconfigured tiles is SIGILL, which would end the run.
+BESIDE_ONEDNN = """
+import numpy as np, torch, conveyor, conveyor.torch
+torch.set_num_threads(2)
+conveyor.set_num_threads(2)
+assert conveyor.sharing_openmp_threads() and conveyor.using_amx()
+rng = np.random.default_rng(0)
+x = rng.uniform(-1, 1, (8, 32, 256)).astype(np.float32)
+W, R = (rng.uniform(-0.06, 0.06, (1024, 256)).astype(np.float32) for _ in range(2))
+expected = conveyor.lstm_forward(x, W, R, None, None)[0]
+a = torch.randn(512, 512, dtype=torch.bfloat16)
+for _ in range(5):
+    a @ a  # oneDNN's bfloat16 product: the tiles, on the OpenMP threads our work shares, released after
+    assert np.array_equal(conveyor.lstm_forward(x, W, R, None, None)[0], expected)
+print("ok")
+"""
+
+
+@needs_amx
+def test_amx_windows_run_after_another_library_released_the_tiles_on_their_threads():
+    pytest.importorskip("torch")
+    out = subprocess.run([sys.executable, "-c", BESIDE_ONEDNN], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stdout,
+                                                                out.stderr[-2000:])
+
+
 @pytest.mark.parametrize("setting", [None, "0"])
 def test_info_names_the_products_and_the_environment_turns_amx_off(setting):
     env = {k: v for k, v in os.environ.items() if k != "CONVEYOR_CPU_AMX"}

@@ -271,10 +271,13 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Every thread that runs tiles loads the configuration once: 8 tiles of 16 rows of 64 bytes.
-CONVEYOR_TILES void configure_thread() {
-  thread_local bool configured = false;
-  if (configured) return;
+}  // namespace
+
+// Loaded at the start of every call's work on a thread, not once a thread: another library may use the
+// tiles on the same thread between two of ours (oneDNN's bfloat16 products in PyTorch do, on the OpenMP
+// threads the CPU work shares), and it releases them after, leaving them unconfigured: a tile instruction
+// of ours then faulted (SIGILL). 8 tiles of 16 rows of 64 bytes.
+CONVEYOR_TILES void configure_tiles() {
   static const TileConfig config = [] {
     TileConfig c;
     for (int t = 0; t < 8; ++t) {
@@ -284,8 +287,11 @@ CONVEYOR_TILES void configure_thread() {
     return c;
   }();
   _tile_loadconfig(&config);
-  configured = true;
 }
+
+CONVEYOR_TILES void release_tiles() { _tile_release(); }
+
+namespace {
 
 // tile_sums() for one shape: tiles 0-3 hold rows 0-15 and 16-31, columns 0-15 and 16-31 of C (kRows2 /
 // kColumns2: the second block of rows or columns is there). A through tiles 4-5, B through 6-7; per chunk
@@ -338,7 +344,6 @@ CONVEYOR_TILES void sums_of(const uint16_t* a, int64_t a_next, const uint16_t* b
 
 CONVEYOR_TILES void tile_sums(const uint16_t* a, int64_t a_next, const uint16_t* b, int64_t b_next, int64_t count,
                               int64_t rows, int64_t cols, const float* start, float* sums, int64_t ld) {
-  configure_thread();
   const bool rows2 = rows > 16, columns2 = cols > 16;
   if (rows2 && columns2) {
     sums_of<true, true>(a, a_next, b, b_next, count, start, sums, ld);
@@ -384,6 +389,8 @@ CONVEYOR_TILES void tile_product(const uint16_t* a, const uint16_t* b, int64_t K
 void split_rows(const MatrixRef<float>&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*, int64_t,
                 int64_t) {}
 void split_columns(const MatrixRef<float>&, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
+void configure_tiles() {}
+void release_tiles() {}
 void tile_sums(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, int64_t, const float*, float*,
                int64_t) {}
 void finish(const float*, int64_t, int64_t, int64_t, float, float, float*, int64_t) {}

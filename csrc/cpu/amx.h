@@ -52,6 +52,13 @@ void split_columns(const MatrixRef<float>& B, int64_t K, int64_t N, int64_t n0, 
 void split_rows(const MatrixRef<float>& A, int64_t M, int64_t K, int64_t m0, int64_t m1, int64_t k0, int64_t k1,
                 uint16_t* parts, int64_t k_first, int64_t block);
 
+// Loads the tile configuration tile_sums() uses on the calling thread: first in every call's work on a
+// thread (tasks, a step's columns), since another library may have released or reconfigured the tiles there.
+void configure_tiles();
+// Back to the tiles' initial state at the end of that work, as other users of the tiles leave them: the system
+// then saves no tile data at a switch of threads, and code that expects them released finds them so.
+void release_tiles();
+
 // The sums of a block of C (rows <= 32, cols <= 32) over `count` chunks of K: A's blocks of rows at `a` and
 // a + a_next, B's blocks of columns at `b` and b + b_next (each at its first chunk), continued from `start`
 // (the sums of the chunks before, in the same order) where given, into `sums`; both `ld` floats a row.
@@ -65,7 +72,8 @@ void finish(const float* sums, int64_t ld, int64_t rows, int64_t cols, float alp
 inline bool stores_sums(int64_t rows, int64_t cols, float alpha, float beta) {
   return rows == 32 && cols == 32 && alpha == 1.f && beta == 0.f;
 }
-// Both over all of K: A's and B's parts in the layouts of all of K, from their first blocks.
+// Both over all of K: A's and B's parts in the layouts of all of K, from their first blocks. tile_sums and
+// tile_product need configure_tiles() on the thread first.
 void tile_product(const uint16_t* a, const uint16_t* b, int64_t K, int64_t rows, int64_t cols, float alpha,
                   float beta, float* C, int64_t ldc);
 

@@ -480,6 +480,7 @@ void amx_driver(int64_t M, int64_t N, int64_t K, float alpha, const MatrixRef<fl
     LineVector<uint16_t> all_rows(static_cast<size_t>(amx::parts_size(M, K)));
     amx::split_rows(A, M, K, 0, M, 0, K, all_rows.data(), 0, block_b);
     parallel_for(tasks, [&](int64_t task) {
+      amx::configure_tiles();
       for (int64_t tile = task; tile < tiles; tile += tasks) {
         const int64_t group = tile / col_panels, n0 = (tile % col_panels) * panel * 32;
         const int64_t m0 = group * row_tiles / row_groups * 32;
@@ -493,10 +494,12 @@ void amx_driver(int64_t M, int64_t N, int64_t K, float alpha, const MatrixRef<fl
           }
         }
       }
+      amx::release_tiles();
     });
     return;
   }
   parallel_for(tasks, [&](int64_t task) {
+    amx::configure_tiles();
     thread_local LineVector<uint16_t> parts_a;
     thread_local LineVector<float> sums;  // a block's sums so far, `width` floats a row
     for (int64_t tile = task; tile < tiles; tile += tasks) {
@@ -528,6 +531,7 @@ void amx_driver(int64_t M, int64_t N, int64_t K, float alpha, const MatrixRef<fl
         }
       }
     }
+    amx::release_tiles();
   });
 }
 
@@ -767,6 +771,7 @@ void gemm_columns(const PackedRows<T>& A, const PackedMatrix<T>& B, int64_t n0, 
   if (A.on_amx() != B.on_amx()) throw std::logic_error("gemm_columns: A was packed for another B");
   if constexpr (std::is_same_v<T, float>) {
     if (B.on_amx()) {
+      amx::configure_tiles();
       const int64_t block = amx::block_size(K);
       for (int64_t n = n0; n < n0 + nc; n += 32) {
         for (int64_t m = 0; m < M; m += 32) {
@@ -774,6 +779,7 @@ void gemm_columns(const PackedRows<T>& A, const PackedMatrix<T>& B, int64_t n0, 
                             std::min<int64_t>(32, n0 + nc - n), alpha, beta, C + m * ldc + n, ldc);
         }
       }
+      amx::release_tiles();
       return;
     }
   }
