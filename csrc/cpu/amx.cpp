@@ -23,7 +23,6 @@ namespace conveyor::cpu::amx {
 namespace {
 
 constexpr int kTileValues = 512;  // bfloat16 values in a tile of 16 rows of 64 bytes
-constexpr int kChunkValues = 3 * kTileValues;  // one 32-wide chunk of K of 16 lines: three parts
 
 // -1: not yet decided; 0 off; 1 on.
 std::atomic<int> g_enabled{-1};

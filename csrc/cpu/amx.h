@@ -37,10 +37,11 @@ bool set_enabled(bool on);
 constexpr int64_t kMinColumns = 128, kMinDepth = 128;
 bool eligible(int64_t N, int64_t K);
 
+constexpr int64_t kChunkValues = 3 * 512;  // one chunk (32 of K) of 16 lines: three parts, a tile each
 inline int64_t chunks(int64_t K) { return (K + 31) / 32; }
 // uint16 values of the parts of `lines` lines (rows of A, columns of B) over all of K.
-inline int64_t parts_size(int64_t lines, int64_t K) { return (lines + 15) / 16 * chunks(K) * 3 * 512; }
-inline int64_t block_size(int64_t K) { return chunks(K) * 3 * 512; }  // 16 lines' parts
+inline int64_t parts_size(int64_t lines, int64_t K) { return (lines + 15) / 16 * chunks(K) * kChunkValues; }
+inline int64_t block_size(int64_t K) { return chunks(K) * kChunkValues; }  // 16 lines' parts
 
 // Columns [n0, n1) of B [K, N] into their blocks (n0 a multiple of 16; from N on, zeros up to the next 16);
 // `parts` holds all of B's blocks, from column 0.

@@ -449,22 +449,27 @@ void gemm_block(int64_t m0, int64_t m1, int64_t n0, int64_t nc, int64_t K, T alp
 void amx_driver(int64_t M, int64_t N, int64_t K, float alpha, const MatrixRef<float>& A, const MatrixRef<float>& B,
                 const PackedMatrix<float>* packed, float beta, float* C, int64_t ldc) {
   constexpr int64_t kSliceChunks = 16, kBlockRows = 256;  // 512 of K; a block's parts of a slice: 768 KB
-  constexpr int64_t kChunkValues = 3 * 512;
-  const int64_t block_b = amx::block_size(K), block_a = kSliceChunks * kChunkValues;
-  LineVector<uint16_t> own_parts;
+  const int64_t block_b = amx::block_size(K), block_a = kSliceChunks * amx::kChunkValues;
+  // The calling thread's scratch, grown and kept (no allocation a call in steady state); the tasks on other
+  // threads read it while the caller waits in parallel_for.
+  thread_local LineVector<uint16_t> own_parts, all_rows;
+  const auto grow_parts = [](LineVector<uint16_t>& parts, int64_t size) {
+    if (parts.size() < static_cast<size_t>(size)) parts.resize(static_cast<size_t>(size));
+  };
   const uint16_t* parts_b = nullptr;
   if (packed != nullptr) {
     parts_b = packed->parts();
   } else {
-    own_parts.resize(static_cast<size_t>(amx::parts_size(N, K)));
+    grow_parts(own_parts, amx::parts_size(N, K));
+    uint16_t* const split_b = own_parts.data();  // the caller's: a task naming own_parts gets its thread's
     const int64_t col_blocks = (N + 15) / 16;
     const int64_t split_tasks = parallel_tasks_for(double(N) * K * 8, col_blocks);
     parallel_for(split_tasks, [&](int64_t task) {
       const int64_t n0 = task * col_blocks / split_tasks * 16;
       const int64_t n1 = std::min(N, (task + 1) * col_blocks / split_tasks * 16);
-      if (n0 < n1) amx::split_columns(B, K, N, n0, n1, own_parts.data());
+      if (n0 < n1) amx::split_columns(B, K, N, n0, n1, split_b);
     });
-    parts_b = own_parts.data();
+    parts_b = split_b;
   }
   const int64_t row_tiles = (M + 31) / 32, col_tiles = (N + 31) / 32;
   const int64_t wanted = pool_size() > 1 ? 2 * static_cast<int64_t>(pool_size()) : 1;
@@ -477,7 +482,8 @@ void amx_driver(int64_t M, int64_t N, int64_t K, float alpha, const MatrixRef<fl
   if (col_panels > 1) {
     // Too few rows for the threads (a step's product): A split once, all of K, for every task's columns (each
     // task splitting its own copy took longer than its product: dA R at B = 32, H = 256 on 2 threads).
-    LineVector<uint16_t> all_rows(static_cast<size_t>(amx::parts_size(M, K)));
+    grow_parts(all_rows, amx::parts_size(M, K));
+    const uint16_t* const parts_a = all_rows.data();
     amx::split_rows(A, M, K, 0, M, 0, K, all_rows.data(), 0, block_b);
     parallel_for(tasks, [&](int64_t task) {
       amx::configure_tiles();
@@ -488,7 +494,7 @@ void amx_driver(int64_t M, int64_t N, int64_t K, float alpha, const MatrixRef<fl
         const int64_t n1 = std::min(N, n0 + panel * 32);
         for (int64_t n = n0; n < n1; n += 32) {
           for (int64_t m = m0; m < m1; m += 32) {
-            amx::tile_product(all_rows.data() + m / 16 * block_b, parts_b + n / 16 * block_b, K,
+            amx::tile_product(parts_a + m / 16 * block_b, parts_b + n / 16 * block_b, K,
                               std::min<int64_t>(32, m1 - m), std::min<int64_t>(32, n1 - n), alpha, beta,
                               C + m * ldc + n, ldc);
           }
@@ -522,7 +528,7 @@ void amx_driver(int64_t M, int64_t N, int64_t K, float alpha, const MatrixRef<fl
               const bool into_c = one_slice && amx::stores_sums(rows, cols, alpha, beta);
               float* s = into_c ? C + m * ldc + n : sums.data() + (m - mb) * width + (n - n0);
               amx::tile_sums(parts_a.data() + (m - mb) / 16 * block_a, block_a,
-                             parts_b + n / 16 * block_b + k0 / 32 * kChunkValues, block_b, count, rows, cols,
+                             parts_b + n / 16 * block_b + k0 / 32 * amx::kChunkValues, block_b, count, rows, cols,
                              k0 == 0 ? nullptr : s, s, into_c ? ldc : width);
               if (into_c || k1 < K) continue;
               amx::finish(s, width, rows, cols, alpha, beta, C + m * ldc + n, ldc);
