@@ -33,6 +33,11 @@ bool detect() {
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
   const bool tile = (edx >> 24) & 1u, bf16 = (edx >> 22) & 1u;
   if (!tile || !bf16) return false;
+  // The parts are split with AVX-512 (these checks include the system's saving of its registers).
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+      !__builtin_cpu_supports("avx512vl")) {
+    return false;
+  }
   // Linux gives a process the 8 KB of tile state only once it asks (ARCH_REQ_XCOMP_PERM for XTILEDATA);
   // the permission holds for all of its threads.
   constexpr long kRequestPermission = 0x1023, kTileData = 18;
