@@ -7,9 +7,9 @@
 // around them. bench/cpu_gemm measures the worst errors of both paths against float64 (2e-8 to 2e-7 of
 // sum |a b|, of the same order on either). One tile instruction does 16 x 16 x 32 multiply-adds, so six
 // passes still run 1.1-1.6 times the rate of the AVX-512 path on the recurrent layers' shapes (bench/NOTES.md,
-// "AMX"). Where they differ from float32's
-// products: below 2^-110 a value's last part is subnormal, and the tiles flush subnormal inputs and results
-// to zero; an infinity times a value whose second or third part is zero gives NaN, not an infinity.
+// "Float32 products on AMX tiles"). Where they differ from float32's products: below 2^-110 a value's last
+// part is subnormal, and the tiles flush subnormal inputs and results to zero; an infinity times a value
+// whose second or third part is zero gives NaN, not an infinity.
 //
 // The packed layouts: B (k rows, n columns) as [n / 16][k / 32][part][16 pairs of k][16 columns][2], and A
 // (m rows) as [m / 16][k / 32][part][16 rows][32 of k], zero-padded to whole tiles; a block of 16 lines (rows
