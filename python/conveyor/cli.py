@@ -115,7 +115,7 @@ def info(_args) -> int:
               "device and B <= 32, else one launch per step (CONVEYOR_LOG_ALGORITHM=1 prints each choice)")
     runtime = "the process's OpenMP runtime" if _conveyor.sharing_openmp_threads() else "Conveyor's own pool"
     print(f"CPU threads:        {_conveyor.num_threads()} ({runtime})")
-    products = "AMX tiles (float32 in three bfloat16 parts)" if _conveyor.using_amx() else "AVX/FMA units"
+    products = "AMX tiles (each float in three bfloat16 parts)" if _conveyor.using_amx() else "AVX/FMA units"
     print(f"CPU products:       float32 on {products}")
     return 0
 
