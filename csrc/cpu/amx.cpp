@@ -138,6 +138,13 @@ CONVEYOR_AVX512 inline void transpose16(__m512i v[16]) {
   }
 }
 
+// Lane i: i * 16, the 32-bit lanes of a tile's row i (a row is 64 bytes): the scatter of a value's place
+// in each of the 16 rows.
+CONVEYOR_AVX512 inline __m512i tile_row_lanes() {
+  return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                            _mm512_set1_epi32(16));
+}
+
 // 16 values of a line `stride` apart (stride 1: a vector load), lanes outside `valid` zero.
 CONVEYOR_AVX512 inline __m512 load16(const float* p, int64_t stride, __mmask16 valid) {
   if (stride == 1) return _mm512_maskz_loadu_ps(valid, p);
@@ -156,12 +163,11 @@ CONVEYOR_AVX512 void split_rows(const MatrixRef<float>& A, int64_t M, int64_t K,
     // Columns contiguous (dW's and dR's A, a transpose): 16 rows of one k in a vector, and two values of k
     // side by side in each row's 32-bit lane, scattered to the block's 16 rows. A k whose partner is outside
     // [k0, k1) (another thread's) is stored value by value.
-    const __m512i row_lanes = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(16));
+    const __m512i row_lanes = tile_row_lanes();
     for (int64_t m = m0; m < m_end; m += 16) {
       const __mmask16 rows = lanes(0, std::clamp<int64_t>(M - m, 0, 16));
       uint16_t* dst = parts + (m - m0) / 16 * block;
-      const float* column = A.data + std::min(m, M) ;
+      const float* column = A.data + std::min(m, M);
       const auto split_k = [&](int64_t k, __m256i split[3]) {
         split16(load16(column + std::min(k, K) * A.col_stride, 1, k < K ? rows : __mmask16(0)), split);
       };
@@ -247,8 +253,7 @@ CONVEYOR_AVX512 void split_columns(const MatrixRef<float>& B, int64_t K, int64_t
   }
   // Columns of B contiguous (or neither): 32 values of k of one column are the column's 16 pairs, one 32-bit
   // lane in each of the tile's 16 rows.
-  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                          _mm512_set1_epi32(16));  // 32-bit lanes a tile row apart
+  const __m512i row_lanes = tile_row_lanes();
   for (int64_t n = n0; n < n_end; ++n) {
     uint16_t* dst = parts + (n / 16) * block + (n % 16) * 2;
     const float* column = n < N ? B.data + n * B.col_stride : B.data;
@@ -261,7 +266,7 @@ CONVEYOR_AVX512 void split_columns(const MatrixRef<float>& B, int64_t K, int64_t
       split16(load16(column + (k + 16) * B.row_stride, B.row_stride, high), second);
       for (int p = 0; p < 3; ++p) {
         const __m512i pairs = _mm512_inserti64x4(_mm512_castsi256_si512(first[p]), second[p], 1);
-        _mm512_i32scatter_epi32(dst + c * kChunkValues + p * kTileValues, rows, pairs, 4);
+        _mm512_i32scatter_epi32(dst + c * kChunkValues + p * kTileValues, row_lanes, pairs, 4);
       }
     }
   }

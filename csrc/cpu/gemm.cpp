@@ -479,6 +479,14 @@ void amx_driver(int64_t M, int64_t N, int64_t K, float alpha, const MatrixRef<fl
   const int64_t row_groups = std::min(row_tiles, std::max<int64_t>(1, (wanted + col_panels - 1) / col_panels));
   const int64_t tiles = row_groups * col_panels;
   const int64_t tasks = parallel_tasks_for(double(M) * N * K, tiles);
+  struct Block {
+    int64_t m0, m1, n0, n1;  // rows [m0, m1), columns [n0, n1) of C
+  };
+  const auto block_of = [&](int64_t tile) {
+    const int64_t group = tile / col_panels, n0 = (tile % col_panels) * panel * 32;
+    return Block{group * row_tiles / row_groups * 32, std::min(M, (group + 1) * row_tiles / row_groups * 32), n0,
+                 std::min(N, n0 + panel * 32)};
+  };
   if (col_panels > 1) {
     // Too few rows for the threads (a step's product): A split once, all of K, for every task's columns (each
     // task splitting its own copy took longer than its product: dA R at B = 32, H = 256 on 2 threads).
@@ -488,10 +496,7 @@ void amx_driver(int64_t M, int64_t N, int64_t K, float alpha, const MatrixRef<fl
     parallel_for(tasks, [&](int64_t task) {
       amx::configure_tiles();
       for (int64_t tile = task; tile < tiles; tile += tasks) {
-        const int64_t group = tile / col_panels, n0 = (tile % col_panels) * panel * 32;
-        const int64_t m0 = group * row_tiles / row_groups * 32;
-        const int64_t m1 = std::min(M, (group + 1) * row_tiles / row_groups * 32);
-        const int64_t n1 = std::min(N, n0 + panel * 32);
+        const auto [m0, m1, n0, n1] = block_of(tile);
         for (int64_t n = n0; n < n1; n += 32) {
           for (int64_t m = m0; m < m1; m += 32) {
             amx::tile_product(parts_a + m / 16 * block_b, parts_b + n / 16 * block_b, K,
@@ -509,10 +514,8 @@ void amx_driver(int64_t M, int64_t N, int64_t K, float alpha, const MatrixRef<fl
     thread_local LineVector<uint16_t> parts_a;
     thread_local LineVector<float> sums;  // a block's sums so far, `width` floats a row
     for (int64_t tile = task; tile < tiles; tile += tasks) {
-      const int64_t group = tile / col_panels, n0 = (tile % col_panels) * panel * 32;
-      const int64_t m0 = group * row_tiles / row_groups * 32;
-      const int64_t m1 = std::min(M, (group + 1) * row_tiles / row_groups * 32);
-      const int64_t n1 = std::min(N, n0 + panel * 32), width = (n1 - n0 + 31) / 32 * 32;
+      const auto [m0, m1, n0, n1] = block_of(tile);
+      const int64_t width = (n1 - n0 + 31) / 32 * 32;
       for (int64_t mb = m0; mb < m1; mb += kBlockRows) {
         const int64_t me = std::min(m1, mb + kBlockRows), height = (me - mb + 31) / 32 * 32;
         if (parts_a.size() < static_cast<size_t>(height / 16 * block_a)) parts_a.resize(height / 16 * block_a);
