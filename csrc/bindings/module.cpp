@@ -39,7 +39,8 @@ TensorView view_of(const char* name, const py::object& obj) {
   }
   const auto array = py::reinterpret_borrow<py::array>(obj);
   TensorView v;
-  const char kind = array.dtype().kind();
+  const py::dtype dtype = array.dtype();
+  const char kind = dtype.kind();
   const auto itemsize = array.itemsize();
   if (kind == 'f' && itemsize == 4) {
     v.dtype = DType::float32;
@@ -49,11 +50,19 @@ TensorView view_of(const char* name, const py::object& obj) {
     v.dtype = DType::float16;
   } else {
     throw py::type_error(std::string(name) + ": expected a float32 or float64 array, got dtype " +
-                         std::string(py::str(array.dtype())));
+                         std::string(py::str(dtype)));
   }
-  if (!array.dtype().attr("isnative").cast<bool>()) {
+  // NumPy's isnative from the descriptor's byte order: '=' native, '|' not applicable, '<' or '>' spelled out
+  // (a Python attribute lookup for each of a call's arrays cost more than the rest of the view).
+  const char order = dtype.byteorder();
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  constexpr char native = '>';
+#else
+  constexpr char native = '<';
+#endif
+  if (order != '=' && order != '|' && order != native) {
     throw py::type_error(std::string(name) + ": expected native byte order, got dtype " +
-                         std::string(py::str(array.dtype().attr("str"))) + " (convert with .astype(np.float32))");
+                         std::string(py::str(dtype.attr("str"))) + " (convert with .astype(np.float32))");
   }
   if (array.ndim() > kMaxRank) {
     throw py::value_error(std::string(name) + ": expected at most " + std::to_string(kMaxRank) +
@@ -330,7 +339,8 @@ using Output = std::pair<py::object, TensorView>;
 // made).
 struct NumpyOutputs {
   Output operator()(const std::vector<py::ssize_t>& shape, DType dtype) const {
-    py::array out = new_output(py::dtype(std::string(dtype_name(dtype))), shape);
+    // py::dtype::of, not the dtype's name: NumPy parses a name anew on every call.
+    py::array out = new_output(dtype == DType::float64 ? py::dtype::of<double>() : py::dtype::of<float>(), shape);
     return {out, output_view(out)};
   }
 };
