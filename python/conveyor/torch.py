@@ -39,6 +39,7 @@ from __future__ import annotations
 import ast
 import functools
 import math
+import operator
 
 try:
     import torch
@@ -460,6 +461,14 @@ class _ConveyorRNNBase(torch.nn.Module):
         return kwargs
 
     @property
+    def _flat_getter(self) -> operator.itemgetter:
+        """Every parameter of _layout_names from a dict of parameters, as a tuple: made once."""
+        getter = self.__dict__.get("_flat_getter_cache")
+        if getter is None:  # at least W, R, bW and bR: itemgetter returns a tuple from two names up
+            getter = self.__dict__["_flat_getter_cache"] = operator.itemgetter(*self._layout_names)
+        return getter
+
+    @property
     def _layout_names(self) -> list:
         """Every name of _layout in order, flat: made once (a call reads it), and made again for a module
         unpickled from a version that did not keep it."""
@@ -580,8 +589,11 @@ class _ConveyorRNNBase(torch.nn.Module):
         # None: an option that is off. Where a name is not a registered parameter (torch.nn.utils.parametrize,
         # weight_norm, AWD-LSTM's weight drop), the module's attribute is the weight: getattr finds it.
         parameters = self._parameters
-        flat = [parameters[name] if name in parameters else getattr(self, name)
-                for name in self._layout_names]
+        try:  # one C call where every name is a registered parameter (None for an option that is off)
+            flat = self._flat_getter(parameters)
+        except KeyError:
+            flat = [parameters[name] if name in parameters else getattr(self, name)
+                    for name in self._layout_names]
         # Training-mode calls keep what the backward needs whenever a gradient may be asked for, and always
         # with dropout (its masks are drawn in training mode only); otherwise the kernels save nothing.
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
