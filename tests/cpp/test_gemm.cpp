@@ -172,6 +172,9 @@ int main() {
       {2, 130, 7},  {1, 9, 300},   {2, 33, 513}, {5, 7, 11},    {6, 8, 16},    {7, 9, 17},   {13, 17, 19},
       {6, 16, 256}, {7, 17, 257},  {11, 23, 300}, {4, 5, 513},  {97, 9, 5},    {100, 33, 20}, {193, 19, 31},
       {97, 130, 7}, {50, 257, 13}, {23, 300, 9}, {101, 67, 259}, {130, 45, 600}, {3, 1, 1000}, {1, 1, 700},
+      // The batches of 8, 20 and 32 (a last strip of 2 rows with AVX2, of 8 with AVX-512), K over two slices,
+      // and a last MC-row block of 8 and of 2.
+      {8, 40, 33},  {20, 400, 100}, {32, 50, 300}, {104, 20, 7},  {98, 17, 9},
   };
 
   // Several workers, then one (the tiling of C depends on the pool size).
