@@ -51,8 +51,8 @@ Vector broadcast(float x) { return _mm256_set1_ps(x); }
 
 #if defined(__AVX512F__) || defined(__FMA__)
 // Independent accumulator chains: enough to cover the latency of two pipes (4 cycles x 2), and with a and b
-// no more than the registers hold: 16 chains of the 16 AVX2 registers spilled, and the loop ran at 59 of
-// the 96 GFLOP/s a Zen 3 core has (the GEMM itself reached 81).
+// no more than the registers hold: 16 chains of the 16 AVX2 registers spilled, and the loop read 59 GFLOP/s
+// on a Zen 3 core where 12 read 104 (and the GEMM itself reached 81).
 #if defined(__AVX512F__)
 constexpr int kChains = 16;
 #else
